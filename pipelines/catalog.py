@@ -1,0 +1,133 @@
+"""One entry per model the Studio serves: where it comes from and how to run it.
+
+Parameter counts are state-dict elements of the real architecture, built from
+the real config files in ``assets/model-configs`` on the meta device (see
+``assets/model-configs/SOURCES.md``); they are facts about the architecture,
+not about any download. Presets are the settings each model was tuned for,
+with a one-line reason per value. BLIP's decoding defaults are the BLIP
+paper's and live with the other limits in ``pipelines/settings.py``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipelines.tiny import TINY_BLIP_DIR, TINY_SD3_DIRS
+
+MODEL_CONFIGS_DIR = Path(__file__).resolve().parent.parent / "assets" / "model-configs"
+
+
+@dataclass(frozen=True)
+class ImagePreset:
+    """SD3.5 sampling defaults per checkpoint, following Stability AI's reference settings."""
+
+    steps: int
+    guidance: float
+    min_pixels: int  # width x height bounds; sizes snap to multiples of 16
+    max_pixels: int
+    default_size: int = 1024  # square side used when the user gives no size
+    max_sequence_length: int = 256  # T5 tokens; the pipeline's default, 512 is the encoder's limit
+    skip_layer_guidance_layers: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What the Studio knows about one model before loading it."""
+
+    key: str  # the name the app, the CLI flags and the API use
+    repo_id: str  # Hugging Face Hub repo id
+    kind: str  # which loader builds it: "blip-caption" or "sd3"
+    title: str
+    parameters: int  # state-dict elements of the real architecture (meta-device count)
+    licence: str
+    gated: bool  # True: the Hub asks the user to accept the licence first (needs HF_TOKEN)
+    tiny_dir: str  # folder of its tiny stand-in under the tiny-model root
+    config_dir: str  # folder of its real config files under assets/model-configs
+    image_preset: ImagePreset | None = None
+    notes: str = ""
+
+    @property
+    def hub_url(self) -> str:
+        return f"https://huggingface.co/{self.repo_id}"
+
+
+_MEGAPIXEL = 1024 * 1024
+
+CATALOG: dict[str, ModelSpec] = {
+    spec.key: spec
+    for spec in (
+        ModelSpec(
+            key="blip-caption",
+            repo_id="Salesforce/blip-image-captioning-base",
+            kind="blip-caption",
+            title="BLIP base (captioning)",
+            parameters=247_444_600,  # 223,971,644 unique; the LM head is tied to the embeddings
+            licence="bsd-3-clause",
+            gated=False,
+            tiny_dir=TINY_BLIP_DIR,
+            config_dir="Salesforce__blip-image-captioning-base",
+            notes="ViT-B/16 at 384 px + a 12-layer BERT-style text decoder.",
+        ),
+        ModelSpec(
+            key="sd35-large",
+            repo_id="stabilityai/stable-diffusion-3.5-large",
+            kind="sd3",
+            title="Stable Diffusion 3.5 Large",
+            parameters=13_810_721_251,  # 8.15B MMDiT + T5-XXL 4.76B + CLIP-G + CLIP-L + VAE
+            licence="stabilityai-ai-community",
+            gated=True,
+            tiny_dir=TINY_SD3_DIRS["large"],
+            config_dir="stabilityai__stable-diffusion-3.5-large",
+            image_preset=ImagePreset(
+                steps=28,  # Stability's reference uses 28-40; 28 is where quality plateaus
+                guidance=3.5,  # 3.5-4.5 recommended; higher burns colours
+                min_pixels=_MEGAPIXEL // 4,  # trained from 0.25 MP upwards
+                max_pixels=int(1.1 * _MEGAPIXEL),  # ~1 MP; larger sizes repeat subjects
+            ),
+        ),
+        ModelSpec(
+            key="sd35-large-turbo",
+            repo_id="stabilityai/stable-diffusion-3.5-large-turbo",
+            kind="sd3",
+            title="Stable Diffusion 3.5 Large Turbo",
+            parameters=13_810_721_251,  # same architecture as Large, distilled weights
+            licence="stabilityai-ai-community",
+            gated=True,
+            tiny_dir=TINY_SD3_DIRS["large-turbo"],
+            config_dir="stabilityai__stable-diffusion-3.5-large-turbo",
+            image_preset=ImagePreset(
+                steps=4,  # adversarially distilled for 4 steps
+                guidance=0.0,  # distilled without CFG: guidance 0, so no negative prompt
+                min_pixels=_MEGAPIXEL // 4,
+                max_pixels=int(1.1 * _MEGAPIXEL),
+            ),
+        ),
+        ModelSpec(
+            key="sd35-medium",
+            repo_id="stabilityai/stable-diffusion-3.5-medium",
+            kind="sd3",
+            title="Stable Diffusion 3.5 Medium",
+            parameters=8_134_104_419,  # 2.47B MMDiT-X + the same text encoders and VAE
+            licence="stabilityai-ai-community",
+            gated=True,
+            tiny_dir=TINY_SD3_DIRS["medium"],
+            config_dir="stabilityai__stable-diffusion-3.5-medium",
+            image_preset=ImagePreset(
+                steps=40,  # Stability's reference setting for Medium
+                guidance=4.5,
+                min_pixels=_MEGAPIXEL // 4,
+                max_pixels=2 * _MEGAPIXEL,  # Medium was trained up to 1440 px (~2 MP)
+                skip_layer_guidance_layers=(7, 8, 9),  # SLG helps Medium's anatomy; ruins Large
+            ),
+        ),
+    )
+}
+
+
+def get_spec(key: str) -> ModelSpec:
+    """The catalog entry for ``key``; ValueError listing the valid keys otherwise."""
+    try:
+        return CATALOG[key]
+    except KeyError:
+        raise ValueError(f"Unknown model {key!r}; choose one of: {', '.join(CATALOG)}.") from None

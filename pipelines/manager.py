@@ -1,0 +1,239 @@
+"""Loads models on first use, keeps them, and explains why a load failed.
+
+One ``ModelManager`` is built by ``app.py`` (or a test, or a CLI) and passed to
+whoever needs a model; there are no module-level model globals. Each model has
+its own lock, so two requests for the same model load it once, while a request
+for another model is not held up.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipelines.catalog import CATALOG, ModelSpec
+from pipelines.runtime import Runtime
+
+logger = logging.getLogger(__name__)
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be loaded. The message is one sentence for the user."""
+
+
+@dataclass
+class LoadedModel:
+    key: str
+    source: str
+    model: Any
+    load_seconds: float
+    footprint_bytes: int
+
+
+def _loaders() -> dict[str, Callable[[str, Runtime], Any]]:
+    # Imported here so that importing the manager stays cheap (no diffusers import
+    # until an SD3 model is actually wanted).
+    from pipelines import loaders
+
+    return {"blip-caption": loaders.load_blip_captioner, "sd3": loaders.load_sd3_pipeline}
+
+
+class ModelManager:
+    """Lazy, cached, per-model-locked access to the catalog's models.
+
+    ``source_overrides`` maps a catalog key to a local folder (or another repo
+    id) to load instead of the catalog's repo. With ``tiny_root`` set, every
+    model without an override loads from its tiny stand-in there.
+    """
+
+    def __init__(
+        self,
+        runtime: Runtime,
+        *,
+        tiny_root: Path | None = None,
+        source_overrides: dict[str, str] | None = None,
+        catalog: dict[str, ModelSpec] = CATALOG,
+        loaders: dict[str, Callable[[str, Runtime], Any]] | None = None,
+    ) -> None:
+        self.runtime = runtime
+        self.tiny_root = Path(tiny_root) if tiny_root is not None else None
+        self.catalog = catalog
+        self._loaders = loaders
+        self.source_overrides = dict(source_overrides or {})
+        for key in self.source_overrides:
+            if key not in catalog:
+                raise ValueError(f"--model {key}=...: unknown model {key!r}; choose one of: {', '.join(catalog)}.")
+        self._loaded: dict[str, LoadedModel] = {}
+        self._locks = {key: threading.Lock() for key in catalog}
+        self._registry_lock = threading.Lock()
+
+    def _spec(self, key: str) -> ModelSpec:
+        try:
+            return self.catalog[key]
+        except KeyError:
+            raise ValueError(f"Unknown model {key!r}; choose one of: {', '.join(self.catalog)}.") from None
+
+    @property
+    def tiny(self) -> bool:
+        return self.tiny_root is not None
+
+    def source_for(self, key: str) -> str:
+        """Where ``key`` loads from: an override, its tiny stand-in, or its Hub repo."""
+        spec = self._spec(key)
+        if key in self.source_overrides:
+            return self.source_overrides[key]
+        if self.tiny_root is not None:
+            return str(self.tiny_root / spec.tiny_dir)
+        return spec.repo_id
+
+    def get(self, key: str) -> Any:
+        """The loaded model for ``key``, loading it on first use.
+
+        Raises ModelLoadError with a sentence that names the model and the fix.
+        A failed load caches nothing, so the next request tries again cleanly.
+        """
+        spec = self._spec(key)
+        loaded = self._loaded.get(key)
+        if loaded is not None:
+            return loaded.model
+        with self._locks[key]:
+            loaded = self._loaded.get(key)  # another request may have loaded it meanwhile
+            if loaded is not None:
+                return loaded.model
+            source = self.source_for(key)
+            loader = (self._loaders or _loaders())[spec.kind]
+            started = time.perf_counter()
+            try:
+                _check_local_source(spec, source)
+                model = loader(source, self.runtime)
+            except ModelLoadError:
+                raise
+            except Exception as error:  # any failure becomes one actionable sentence
+                logger.warning("loading %s from %s failed", key, source, exc_info=True)
+                raise ModelLoadError(explain_load_failure(spec, source, error, tiny=self.tiny)) from error
+            elapsed = time.perf_counter() - started
+            with self._registry_lock:
+                self._loaded[key] = LoadedModel(key, source, model, elapsed, _footprint_bytes(model))
+            logger.info("loaded %s from %s in %.1f s", key, source, elapsed)
+            return model
+
+    def is_loaded(self, key: str) -> bool:
+        return key in self._loaded
+
+    def loaded_models(self) -> list[LoadedModel]:
+        with self._registry_lock:
+            return list(self._loaded.values())
+
+    def unload(self, key: str) -> bool:
+        """Drop ``key`` from the cache; True if it was loaded."""
+        self._spec(key)
+        with self._locks[key], self._registry_lock:
+            removed = self._loaded.pop(key, None)
+        if removed is not None:
+            _release_memory()
+        return removed is not None
+
+
+def _footprint_bytes(model: Any) -> int:
+    """Bytes held by the parameters and buffers of every torch module inside ``model``."""
+    import torch
+
+    seen: set[int] = set()
+    total = 0
+    attributes = getattr(model, "__dict__", {})
+    modules = [value for value in attributes.values() if isinstance(value, torch.nn.Module)]
+    if isinstance(model, torch.nn.Module):
+        modules.append(model)
+    components = getattr(model, "components", None)  # diffusers pipelines
+    if isinstance(components, dict):
+        modules += [value for value in components.values() if isinstance(value, torch.nn.Module)]
+    for module in modules:
+        for tensor in list(module.parameters()) + list(module.buffers()):
+            if tensor.data_ptr() in seen or tensor.is_meta:
+                continue
+            seen.add(tensor.data_ptr())
+            total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def _release_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _looks_like_path(source: str) -> bool:
+    return source.startswith(("/", "./", "../", "~")) or "\\" in source or Path(source).exists()
+
+
+def _check_local_source(spec: ModelSpec, source: str) -> None:
+    """Fail early, in plain words, when a local folder is missing or is not a model."""
+    if not _looks_like_path(source):
+        return
+    folder = Path(source).expanduser()
+    if not folder.is_dir():
+        raise ModelLoadError(
+            f"{spec.title}: the local folder {folder} does not exist; "
+            f"pass a folder that holds the model's files, or the Hub id {spec.repo_id}."
+        )
+    expected = "model_index.json" if spec.kind == "sd3" else "config.json"
+    if not (folder / expected).is_file():
+        raise ModelLoadError(
+            f"{spec.title}: the folder {folder} holds no {expected}, so it is not a saved "
+            f"{spec.repo_id} model; point to the folder that save_pretrained() wrote."
+        )
+
+
+def explain_load_failure(spec: ModelSpec, source: str, error: BaseException, *, tiny: bool = False) -> str:
+    """Turn any load failure into one sentence naming the model and the fix."""
+    from huggingface_hub import errors as hub_errors
+
+    chain = []
+    current: BaseException | None = error
+    while current is not None and len(chain) < 10:
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    kinds = tuple(type(item) for item in chain)
+    text = " ".join(str(item) for item in chain).lower()
+    local_alternative = f"or pass a local copy with --model {spec.key}=DIR"
+    if not tiny:
+        local_alternative += ", or try the whole app offline with --tiny"
+
+    def any_of(*classes: type) -> bool:
+        return any(issubclass(kind, classes) for kind in kinds)
+
+    if any_of(hub_errors.GatedRepoError) or ("gated" in text and "access" in text):
+        return (
+            f"{spec.title} ({spec.repo_id}) is gated: accept its licence at {spec.hub_url} and set HF_TOKEN "
+            f"to a token of that account, {local_alternative}."
+        )
+    if any_of(hub_errors.RepositoryNotFoundError, hub_errors.HFValidationError):
+        return (
+            f"{spec.title} could not be found at {source!r}: check the repo id (the catalog uses "
+            f"{spec.repo_id}); if it is private, set HF_TOKEN, {local_alternative}."
+        )
+    if any_of(hub_errors.LocalEntryNotFoundError, hub_errors.OfflineModeIsEnabled) or any(
+        word in text for word in ("offline", "couldn't connect", "connection", "not fully cached")
+    ):
+        return (
+            f"{spec.title} ({source}) is not in the local Hugging Face cache and could not be downloaded "
+            f"(no network, or HF_HUB_OFFLINE is set): download it once with network access, {local_alternative}."
+        )
+    import torch
+
+    if any_of(torch.OutOfMemoryError, MemoryError):
+        return (
+            f"Not enough memory to load {spec.title}: unload other models in the System tab, "
+            f"use a smaller model, or choose a memory-saving mode."
+        )
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return f"{spec.title} could not be loaded from {source}: {first_line[:300]}. Check the files, {local_alternative}."

@@ -1,0 +1,66 @@
+"""Limits and defaults, in one place.
+
+The UI's sliders and the pipelines' own checks both import these, so a limit
+is never stated twice. Operators of a public instance can tighten the
+server-side limits with environment variables; values are clamped so an
+environment variable can lower a limit but never lift it past what is safe.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def _env_int(name: str, default: int, ceiling: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None or not raw.strip():
+        return default
+    try:
+        value = int(raw)
+    except ValueError as error:
+        raise ValueError(f"{name}={raw!r} is not a whole number; unset it or give e.g. {name}={default}.") from error
+    return max(1, min(value, ceiling))
+
+
+# --- uploads (pipelines/images) ---------------------------------------------------
+# Bytes accepted for one uploaded image. Larger files are refused before decoding.
+MAX_UPLOAD_BYTES = _env_int("STUDIO_MAX_UPLOAD_MB", 50, ceiling=200) * 1024 * 1024
+# Pixels (width x height) that may be decoded at all. Pillow's bomb warning
+# (~89 MP, which we treat as an error) caps it; 64 MP by default because a decoded 64 MP RGB image
+# already takes 190 MB.
+MAX_DECODE_PIXELS = _env_int("STUDIO_MAX_DECODE_MEGAPIXELS", 64, ceiling=89) * 1_000_000
+# Longest side kept after decoding. BLIP looks at 384 px and SD3.5 at most ~1.4k,
+# so anything larger is downscaled (aspect kept) right after decoding.
+MAX_IMAGE_SIDE = 2048
+# Animated files: only the first frame is used; a file claiming more frames than
+# this is still accepted, because only frame 0 is ever decoded.
+
+# --- BLIP captioning (pipelines/blip) -----------------------------------------------
+CAPTION_STRATEGIES = ("greedy", "beam", "diverse_beam", "sampling")
+DEFAULT_CAPTION_STRATEGY = "beam"
+DEFAULT_CAPTION_PREFIX = ""  # the BLIP paper prompts with "a picture of"; empty = unconditional
+MAX_CAPTION_PREFIX_CHARS = 300
+MAX_CAPTIONS_PER_IMAGE = 10
+DEFAULT_NUM_BEAMS = 3  # the BLIP paper's setting
+MAX_NUM_BEAMS = 10
+DEFAULT_LENGTH_PENALTY = 1.0
+DEFAULT_NUM_BEAM_GROUPS = 3
+DEFAULT_DIVERSITY_PENALTY = 1.0
+DEFAULT_TOP_K = 50
+DEFAULT_TOP_P = 0.9
+DEFAULT_TEMPERATURE = 1.0
+MAX_TEMPERATURE = 5.0
+DEFAULT_MIN_NEW_TOKENS = 5  # the BLIP paper's min length
+DEFAULT_MAX_NEW_TOKENS = 20  # the BLIP paper's max length
+MAX_NEW_TOKENS = 75
+DEFAULT_REPETITION_PENALTY = 1.0
+MAX_REPETITION_PENALTY = 3.0
+DEFAULT_NO_REPEAT_NGRAM = 0  # 0 = off
+MAX_NO_REPEAT_NGRAM = 5
+MAX_SEED = 2**32 - 1
+
+# --- serving (app.py) ---------------------------------------------------------------
+# Requests that may run at once per event, and requests that may wait. Past
+# QUEUE_MAX_SIZE a request is refused with Gradio's "queue is full" message.
+CONCURRENCY_LIMIT = _env_int("STUDIO_CONCURRENCY", 1, ceiling=8)
+QUEUE_MAX_SIZE = _env_int("STUDIO_QUEUE_SIZE", 32, ceiling=512)

@@ -1,0 +1,305 @@
+"""Tiny offline stand-ins for every model the Studio serves.
+
+The real checkpoints cannot be downloaded where the Studio is developed and
+tested, so `--tiny` mode and the test suite run on miniature models with the
+same classes, the same file layout and the same `from_pretrained` code path as
+the real ones. Their weights are random (fixed seeds), so their captions are
+gibberish and their images are noise: they prove the plumbing, not the quality.
+
+    python -m pipelines.tiny --out DIR     # build them anywhere
+    python -m pipelines.tiny               # build them into the cache dir
+
+The cache dir is ``$STUDIO_TINY_DIR`` or ``~/.cache/blip-sd3-studio/tiny-v<N>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+# Bump when anything below changes, so stale caches are rebuilt, never reused.
+TINY_BUILD_VERSION = 1
+
+TINY_BLIP_DIR = "blip-caption"
+TINY_SD3_DIRS = {"large": "sd35-large", "large-turbo": "sd35-large-turbo", "medium": "sd35-medium"}
+
+# A small caption vocabulary: enough words that the tiny BLIP's gibberish reads as
+# words, and that common prompts ("a picture of") tokenise without [UNK].
+_CAPTION_WORDS = ["a", "an", "the", "of", "in", "on", "with", "and", "at", "by", "to", "from", "near", "under", "over", "next", "behind", "front", "picture", "photo", "photograph", "image", "painting", "drawing", "close", "up", "view", "top", "cat", "cats", "dog", "dogs", "kitten", "person", "man", "woman", "child", "people", "astronaut", "rocket", "launch", "cup", "coffee", "mug", "table", "wooden", "plate", "food", "sky", "cloud", "clouds", "smoke", "fire", "building", "sitting", "standing", "lying", "holding", "wearing", "looking", "flying", "sleeping", "drinking", "white", "black", "brown", "red", "blue", "green", "yellow", "orange", "gray", "grey", "large", "small", "big", "little", "two", "three", "one", "is", "are", "there", "it", "its", "his", "her", "suit", "helmet", "space", "flag", "sign", "reads", "hello", "world", "capybara", "tree", "grass", "road", "street", "car", "window", "room", "wall", "floor", "bed", "couch"]
+_WORDPIECE_SUFFIXES = ["##s", "##ing", "##ed", "##er", "##ly"]
+_BERT_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def default_tiny_root() -> Path:
+    """Where tiny models are cached when no ``--out`` is given."""
+    configured = os.environ.get("STUDIO_TINY_DIR")
+    if configured:
+        return Path(configured).expanduser()
+    return Path.home() / ".cache" / "blip-sd3-studio" / f"tiny-v{TINY_BUILD_VERSION}"
+
+
+# ----------------------------------------------------------------------------- BLIP
+
+
+def build_tiny_blip(out_dir: Path) -> None:
+    """Save a tiny ``BlipForConditionalGeneration`` + ``BlipProcessor`` in the Hub layout.
+
+    The layout mirrors Salesforce/blip-image-captioning-base: the tokenizer holds
+    only BERT's specials, and ``[DEC]`` (bos) lives in the model just past the
+    tokenizer's vocabulary, as 30522 does in the real model.
+    """
+    from transformers import (
+        BertTokenizer,
+        BlipConfig,
+        BlipForConditionalGeneration,
+        BlipImageProcessor,
+        BlipProcessor,
+    )
+
+    vocab_tokens = _BERT_SPECIALS + sorted(set(_CAPTION_WORDS)) + _WORDPIECE_SUFFIXES
+    vocab = {token: index for index, token in enumerate(vocab_tokens)}
+    tokenizer = BertTokenizer(vocab=vocab, do_lower_case=True, model_max_length=512)
+    image_processor = BlipImageProcessor(
+        size={"height": 64, "width": 64},
+        image_mean=[0.48145466, 0.4578275, 0.40821073],
+        image_std=[0.26862954, 0.26130258, 0.27577711],
+    )
+    processor = BlipProcessor(image_processor=image_processor, tokenizer=tokenizer)
+
+    text_config = {
+        "vocab_size": len(vocab) + 2,  # + [DEC] and [ENC], as 30522/30523 in the real model
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "encoder_hidden_size": 32,
+        "max_position_embeddings": 64,
+        "bos_token_id": len(vocab),  # [DEC]
+        "sep_token_id": vocab["[SEP]"],
+        "eos_token_id": vocab["[SEP]"],
+        "pad_token_id": vocab["[PAD]"],
+        "is_decoder": True,
+    }
+    vision_config = {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "image_size": 64,
+        "patch_size": 8,  # an 8x8 grid, so attention maps have some resolution
+    }
+    config = BlipConfig(
+        text_config=text_config,
+        vision_config=vision_config,
+        projection_dim=32,
+        image_text_hidden_size=32,
+    )
+    torch.manual_seed(0)
+    model = BlipForConditionalGeneration(config).eval()
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+
+
+# ----------------------------------------------------------------------------- SD3
+
+
+def _tiny_clip_tokenizer(pad_token: str):
+    """A byte-level BPE CLIP tokenizer whose merges spell out the caption words."""
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import CLIPTokenizer
+
+    specials = ["<|startoftext|>", "<|endoftext|>"]
+    byte_chars = sorted(ByteLevel.alphabet())
+    vocab_list = specials + byte_chars + [char + "</w>" for char in byte_chars]
+    merges: list[tuple[str, str]] = []
+    for word in sorted(set(_CAPTION_WORDS)):
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        merged = pieces[0]
+        for piece in pieces[1:]:
+            merge = (merged, piece)
+            merged += piece
+            if merge not in merges:
+                merges.append(merge)
+            if merged not in vocab_list:
+                vocab_list.append(merged)
+    vocab = {token: index for index, token in enumerate(vocab_list)}
+    # A tokenizer built from a small vocab defaults to model_max_length ~1e30; CLIP needs 77.
+    return CLIPTokenizer(vocab=vocab, merges=merges, pad_token=pad_token, model_max_length=77)
+
+
+def _tiny_t5_tokenizer():
+    """A Unigram T5 tokenizer: whole caption words, then single characters as a fallback."""
+    from transformers import T5Tokenizer
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    pieces += [("\u2581" + word, -2.0) for word in sorted(set(_CAPTION_WORDS))]
+    pieces += [("\u2581", -3.0)]
+    pieces += [(chr(code), -5.0) for code in range(33, 127)]
+    return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=512)
+
+
+# Per variant: what makes each tiny pipeline shaped like its real counterpart.
+_TINY_SD3_SHAPES = {
+    # Large and Large Turbo share one MMDiT architecture (38 plain joint blocks).
+    "large": {"num_layers": 2, "dual_attention_layers": (), "seed": 1},
+    "large-turbo": {"num_layers": 2, "dual_attention_layers": (), "seed": 2},
+    # Medium is MMDiT-X: dual attention in its first blocks. Ten layers so that
+    # skip-layer guidance's real layers (7, 8, 9) exist and act.
+    "medium": {"num_layers": 10, "dual_attention_layers": (0, 1, 2), "seed": 3},
+}
+
+
+def build_tiny_sd3(out_dir: Path, variant: str) -> None:
+    """Save a tiny ``StableDiffusion3Pipeline`` shaped like the given SD3.5 variant.
+
+    Latents have the real 16 channels, the MMDiT uses patch size 2 and RMS
+    qk-norm, and the scheduler is the real one (flow matching, shift 3.0). The
+    VAE downsamples 4x (the real one 8x), so with ``pos_embed_max_size=64`` the
+    tiny pipelines draw at most 512x512.
+    """
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    shape = _TINY_SD3_SHAPES[variant]
+    torch.manual_seed(shape["seed"])
+    transformer = SD3Transformer2DModel(
+        sample_size=32,
+        patch_size=2,
+        in_channels=16,
+        out_channels=16,
+        num_layers=shape["num_layers"],
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=64,  # must equal T5's d_model
+        caption_projection_dim=32,
+        pooled_projection_dim=64,  # CLIP-L projection + CLIP-G projection
+        pos_embed_max_size=64,
+        qk_norm="rms_norm",
+        dual_attention_layers=shape["dual_attention_layers"],
+    )
+    clip_config = {
+        "hidden_size": 32,
+        "intermediate_size": 37,
+        "num_attention_heads": 4,
+        "num_hidden_layers": 2,
+        "projection_dim": 32,
+        "max_position_embeddings": 77,
+        "hidden_act": "gelu",
+    }
+    tokenizer = _tiny_clip_tokenizer(pad_token="<|endoftext|>")
+    tokenizer_2 = _tiny_clip_tokenizer(pad_token="!")  # the real CLIP-G tokenizer pads with "!"
+    special_ids = {
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "vocab_size": len(tokenizer),
+    }
+    text_encoder = CLIPTextModelWithProjection(
+        CLIPTextConfig(**clip_config, **special_ids, pad_token_id=tokenizer.pad_token_id)
+    )
+    text_encoder_2 = CLIPTextModelWithProjection(
+        CLIPTextConfig(**clip_config, **special_ids, pad_token_id=tokenizer_2.pad_token_id)
+    )
+    tokenizer_3 = _tiny_t5_tokenizer()
+    text_encoder_3 = T5EncoderModel(
+        T5Config(
+            vocab_size=len(tokenizer_3),
+            d_model=64,
+            d_ff=64,
+            d_kv=16,
+            num_layers=2,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            pad_token_id=tokenizer_3.pad_token_id,
+            eos_token_id=tokenizer_3.eos_token_id,
+        )
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(8, 16, 16),
+        layers_per_block=1,
+        latent_channels=16,
+        norm_num_groups=4,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        shift_factor=0.0609,  # the real SD3 VAE's latent statistics
+        scaling_factor=1.5305,
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    pipeline = StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=text_encoder.eval(),
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2.eval(),
+        tokenizer_2=tokenizer_2,
+        text_encoder_3=text_encoder_3.eval(),
+        tokenizer_3=tokenizer_3,
+    )
+    pipeline.save_pretrained(out_dir)
+
+
+# ----------------------------------------------------------------------------- building
+
+
+def _builders() -> dict[str, callable]:
+    builders = {TINY_BLIP_DIR: build_tiny_blip}
+    for variant, dirname in TINY_SD3_DIRS.items():
+        builders[dirname] = lambda out_dir, variant=variant: build_tiny_sd3(out_dir, variant)
+    return builders
+
+
+def ensure_tiny_models(root: Path | None = None) -> Path:
+    """Build every tiny model that is missing under ``root``; return ``root``.
+
+    Each model is built in a temporary folder and renamed into place, so a
+    concurrent or interrupted build never leaves a half-written model behind.
+    """
+    root = Path(root) if root is not None else default_tiny_root()
+    root.mkdir(parents=True, exist_ok=True)
+    for dirname, build in _builders().items():
+        target = root / dirname
+        if (target / ".complete").exists():
+            continue
+        staging = Path(tempfile.mkdtemp(prefix=f".{dirname}-", dir=root))
+        try:
+            build(staging)
+            (staging / ".complete").write_text(f"tiny build v{TINY_BUILD_VERSION}\n")
+            if target.exists():
+                shutil.rmtree(target, ignore_errors=True)
+            try:
+                staging.rename(target)
+            except OSError:
+                # Another process finished the same model first; keep theirs.
+                if not (target / ".complete").exists():
+                    raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return root
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=None, help=f"target folder (default: {default_tiny_root()})")
+    args = parser.parse_args(argv)
+    started = time.perf_counter()
+    root = ensure_tiny_models(args.out)
+    print(f"tiny models ready in {root} ({time.perf_counter() - started:.1f} s)")
+
+
+if __name__ == "__main__":
+    main()
