@@ -122,6 +122,23 @@ class ModelManager:
             logger.info("loaded %s from %s in %.1f s", key, source, elapsed)
             return model
 
+    def preload(self, key: str) -> threading.Thread:
+        """Start loading ``key`` in the background, so the first request finds it ready.
+
+        A failure is only logged here: the next request that needs the model
+        tries again and shows the user the sentence explaining it.
+        """
+
+        def load() -> None:
+            try:
+                self.get(key)
+            except Exception as error:
+                logger.warning("preloading %s failed: %s", key, error)
+
+        thread = threading.Thread(target=load, name=f"preload-{key}", daemon=True)
+        thread.start()
+        return thread
+
     def is_loaded(self, key: str) -> bool:
         return key in self._loaded
 

@@ -24,14 +24,122 @@ from pathlib import Path
 import torch
 
 # Bump when anything below changes, so stale caches are rebuilt, never reused.
-TINY_BUILD_VERSION = 1
+TINY_BUILD_VERSION = 2
 
 TINY_BLIP_DIR = "blip-caption"
 TINY_SD3_DIRS = {"large": "sd35-large", "large-turbo": "sd35-large-turbo", "medium": "sd35-medium"}
 
 # A small caption vocabulary: enough words that the tiny BLIP's gibberish reads as
 # words, and that common prompts ("a picture of") tokenise without [UNK].
-_CAPTION_WORDS = ["a", "an", "the", "of", "in", "on", "with", "and", "at", "by", "to", "from", "near", "under", "over", "next", "behind", "front", "picture", "photo", "photograph", "image", "painting", "drawing", "close", "up", "view", "top", "cat", "cats", "dog", "dogs", "kitten", "person", "man", "woman", "child", "people", "astronaut", "rocket", "launch", "cup", "coffee", "mug", "table", "wooden", "plate", "food", "sky", "cloud", "clouds", "smoke", "fire", "building", "sitting", "standing", "lying", "holding", "wearing", "looking", "flying", "sleeping", "drinking", "white", "black", "brown", "red", "blue", "green", "yellow", "orange", "gray", "grey", "large", "small", "big", "little", "two", "three", "one", "is", "are", "there", "it", "its", "his", "her", "suit", "helmet", "space", "flag", "sign", "reads", "hello", "world", "capybara", "tree", "grass", "road", "street", "car", "window", "room", "wall", "floor", "bed", "couch"]
+_CAPTION_WORDS = [
+    "a",
+    "an",
+    "the",
+    "of",
+    "in",
+    "on",
+    "with",
+    "and",
+    "at",
+    "by",
+    "to",
+    "from",
+    "near",
+    "under",
+    "over",
+    "next",
+    "behind",
+    "front",
+    "picture",
+    "photo",
+    "photograph",
+    "image",
+    "painting",
+    "drawing",
+    "close",
+    "up",
+    "view",
+    "top",
+    "cat",
+    "cats",
+    "dog",
+    "dogs",
+    "kitten",
+    "person",
+    "man",
+    "woman",
+    "child",
+    "people",
+    "astronaut",
+    "rocket",
+    "launch",
+    "cup",
+    "coffee",
+    "mug",
+    "table",
+    "wooden",
+    "plate",
+    "food",
+    "sky",
+    "cloud",
+    "clouds",
+    "smoke",
+    "fire",
+    "building",
+    "sitting",
+    "standing",
+    "lying",
+    "holding",
+    "wearing",
+    "looking",
+    "flying",
+    "sleeping",
+    "drinking",
+    "white",
+    "black",
+    "brown",
+    "red",
+    "blue",
+    "green",
+    "yellow",
+    "orange",
+    "gray",
+    "grey",
+    "large",
+    "small",
+    "big",
+    "little",
+    "two",
+    "three",
+    "one",
+    "is",
+    "are",
+    "there",
+    "it",
+    "its",
+    "his",
+    "her",
+    "suit",
+    "helmet",
+    "space",
+    "flag",
+    "sign",
+    "reads",
+    "hello",
+    "world",
+    "capybara",
+    "tree",
+    "grass",
+    "road",
+    "street",
+    "car",
+    "window",
+    "room",
+    "wall",
+    "floor",
+    "bed",
+    "couch",
+]
 _WORDPIECE_SUFFIXES = ["##s", "##ing", "##ed", "##er", "##ly"]
 _BERT_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
@@ -93,6 +201,9 @@ def build_tiny_blip(out_dir: Path) -> None:
         "num_attention_heads": 4,
         "image_size": 64,
         "patch_size": 8,  # an 8x8 grid, so attention maps have some resolution
+        # BLIP's vision default (1e-10) embeds every image to ~0, so every image would get
+        # the same caption; a normal init makes captions depend on the image.
+        "initializer_range": 0.02,
     }
     config = BlipConfig(
         text_config=text_config,
@@ -102,6 +213,13 @@ def build_tiny_blip(out_dir: Path) -> None:
     )
     torch.manual_seed(0)
     model = BlipForConditionalGeneration(config).eval()
+    # A random init gives near-uniform next-token distributions that barely depend on
+    # the image. Sharpen the output head and amplify what cross-attention carries, so
+    # captions differ per image and beams differ from greedy, as with a trained model.
+    with torch.no_grad():
+        model.text_decoder.cls.predictions.transform.LayerNorm.weight.mul_(8.0)
+        for layer in model.text_decoder.bert.encoder.layer:
+            layer.crossattention.self.value.weight.mul_(30.0)
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
 

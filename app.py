@@ -1,0 +1,119 @@
+"""BLIP x SD3.5 Studio: flags, the Blocks assembled from components/, the queue, launch.
+
+python app.py                 # the real models, downloaded from the Hub on first use
+python app.py --tiny          # tiny offline models: no network, no GPU, seconds to start
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+
+import gradio as gr
+
+from components.caption import build_caption_tab
+from pipelines import settings
+from pipelines.catalog import CATALOG
+from pipelines.manager import ModelManager
+from pipelines.runtime import choose_runtime
+from pipelines.studio import TINY_MODE_NOTICE, Studio
+
+TITLE = "BLIP × SD3.5 Studio"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=TITLE)
+    parser.add_argument("--tiny", action="store_true", help="serve tiny offline models (no network, no GPU)")
+    parser.add_argument("--tiny-dir", type=Path, default=None, help="where tiny models are built/cached")
+    parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
+    parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")))
+    parser.add_argument("--share", action="store_true", help="also serve through a public Gradio share link")
+    parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N or mps")
+    parser.add_argument(
+        "--no-preload",
+        action="store_true",
+        help="do not load BLIP in the background at start (it then loads on the first request)",
+    )
+    parser.add_argument(
+        "--model",
+        action="append",
+        default=[],
+        metavar="KEY=SOURCE",
+        help=f"load KEY from a local folder or another repo id; keys: {', '.join(CATALOG)}. "
+        "Also STUDIO_MODEL_<KEY> (e.g. STUDIO_MODEL_BLIP_CAPTION=/models/blip).",
+    )
+    return parser.parse_args(argv)
+
+
+def model_overrides(pairs: list[str], environ: dict[str, str] = os.environ) -> dict[str, str]:
+    """KEY=SOURCE pairs from the environment, then the command line (which wins)."""
+    overrides = {}
+    for key in CATALOG:
+        value = environ.get("STUDIO_MODEL_" + key.upper().replace("-", "_"))
+        if value:
+            overrides[key] = value
+    for pair in pairs:
+        key, separator, source = pair.partition("=")
+        if not separator or not source:
+            raise SystemExit(f"--model {pair!r}: write KEY=SOURCE, e.g. --model blip-caption=/models/blip.")
+        overrides[key.strip()] = source.strip()
+    return overrides
+
+
+def build_studio(argv: list[str] | None = None) -> Studio:
+    """The shared state for the tabs, from command-line flags."""
+    args = parse_args(argv)
+    return _studio_from_args(args)
+
+
+def _studio_from_args(args: argparse.Namespace) -> Studio:
+    try:
+        runtime = choose_runtime(args.device)
+        tiny_root = None
+        if args.tiny:
+            import torch
+
+            from pipelines.tiny import ensure_tiny_models
+
+            # Tiny models are latency-bound: one intra-op thread is faster than several
+            # and leaves the other cores to concurrent requests.
+            torch.set_num_threads(1)
+            tiny_root = ensure_tiny_models(args.tiny_dir)
+        manager = ModelManager(runtime, tiny_root=tiny_root, source_overrides=model_overrides(args.model))
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
+    return Studio(manager=manager)
+
+
+def build_app(studio: Studio) -> gr.Blocks:
+    """Assemble one tab per module."""
+    with gr.Blocks(title=TITLE) as demo:
+        gr.Markdown(f"# {TITLE}\nBLIP captions images; Stable Diffusion 3.5 draws them. Every tab is also an API.")
+        if studio.tiny:
+            gr.Markdown(f"**{TINY_MODE_NOTICE}**")
+        with gr.Tab("Caption"):
+            build_caption_tab(studio)
+    return demo
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    studio = _studio_from_args(args)
+    if not args.no_preload:
+        studio.manager.preload("blip-caption")  # BLIP is small; the first click should not wait for it
+    demo = build_app(studio)
+    demo.queue(max_size=settings.QUEUE_MAX_SIZE, default_concurrency_limit=settings.CONCURRENCY_LIMIT)
+    demo.launch(
+        server_name=args.host,
+        server_port=args.port,
+        share=args.share,
+        max_file_size=settings.MAX_UPLOAD_BYTES,
+        theme=gr.themes.Soft(),
+    )
+
+
+if __name__ == "__main__":
+    main()

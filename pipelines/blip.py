@@ -1,0 +1,324 @@
+"""BLIP captioning with every decoding strategy, and a score for each caption.
+
+Every caption is scored the same way whatever the strategy: the mean
+log-probability, under the model's own (unprocessed) distribution, of the
+tokens it generated, end-of-caption token included. Higher is better; 0 is the
+maximum. Beam search's internal score is length-penalised and sampling's is
+temperature-warped, so neither would compare across strategies.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+import time
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+
+from pipelines import settings
+from pipelines.diverse_beam import diverse_beam_search
+
+
+@dataclass(frozen=True)
+class CaptionRequest:
+    """How to caption. Fields that do not apply to ``strategy`` are ignored."""
+
+    strategy: str = settings.DEFAULT_CAPTION_STRATEGY  # greedy | beam | diverse_beam | sampling
+    prefix: str = settings.DEFAULT_CAPTION_PREFIX  # conditional captioning starts from this text
+    num_captions: int = 1
+    num_beams: int = settings.DEFAULT_NUM_BEAMS  # beam and diverse_beam
+    length_penalty: float = settings.DEFAULT_LENGTH_PENALTY  # beam and diverse_beam; >1 favours longer
+    early_stopping: bool = True  # beam: stop once num_beams captions are finished
+    num_beam_groups: int = settings.DEFAULT_NUM_BEAM_GROUPS  # diverse_beam
+    diversity_penalty: float = settings.DEFAULT_DIVERSITY_PENALTY  # diverse_beam
+    top_k: int = settings.DEFAULT_TOP_K  # sampling; 0 disables
+    top_p: float = settings.DEFAULT_TOP_P  # sampling; 1 disables
+    temperature: float = settings.DEFAULT_TEMPERATURE  # sampling
+    seed: int = 0  # sampling; -1 picks a random seed, reported back
+    min_new_tokens: int = settings.DEFAULT_MIN_NEW_TOKENS
+    max_new_tokens: int = settings.DEFAULT_MAX_NEW_TOKENS
+    repetition_penalty: float = settings.DEFAULT_REPETITION_PENALTY
+    no_repeat_ngram_size: int = settings.DEFAULT_NO_REPEAT_NGRAM
+
+    def validated(self) -> CaptionRequest:
+        """This request with numbers coerced, the prefix cleaned and a concrete seed.
+
+        Raises ValueError naming the bad value and the allowed range. API callers
+        can send anything, so nothing here trusts the UI's sliders.
+        """
+        if self.strategy not in settings.CAPTION_STRATEGIES:
+            raise ValueError(
+                f"Unknown decoding strategy {self.strategy!r}; choose one of: {', '.join(settings.CAPTION_STRATEGIES)}."
+            )
+        num_captions = _as_int("num_captions", self.num_captions, 1, settings.MAX_CAPTIONS_PER_IMAGE)
+        max_new_tokens = _as_int("max_new_tokens", self.max_new_tokens, 1, settings.MAX_NEW_TOKENS)
+        min_new_tokens = _as_int("min_new_tokens", self.min_new_tokens, 0, max_new_tokens)
+        prefix = " ".join(str(self.prefix or "").split())
+        if len(prefix) > settings.MAX_CAPTION_PREFIX_CHARS:
+            raise ValueError(
+                f"The caption prefix has {len(prefix)} characters; keep it under "
+                f"{settings.MAX_CAPTION_PREFIX_CHARS} (a few words such as 'a picture of')."
+            )
+        if self.strategy == "greedy" and num_captions > 1:
+            raise ValueError(
+                "Greedy decoding always gives one caption; ask for 1 caption, or choose beam, "
+                "diverse_beam or sampling to get several."
+            )
+        num_beams = _as_int("num_beams", self.num_beams, 1, settings.MAX_NUM_BEAMS)
+        if self.strategy in ("beam", "diverse_beam") and num_captions > num_beams:
+            raise ValueError(
+                f"Beam search returns at most one caption per beam: raise num_beams to "
+                f"{num_captions} or ask for {num_beams} caption(s)."
+            )
+        num_beam_groups = _as_int("num_beam_groups", self.num_beam_groups, 1, settings.MAX_NUM_BEAMS)
+        if self.strategy == "diverse_beam" and (num_beam_groups < 2 or num_beams % num_beam_groups):
+            raise ValueError(
+                f"Diverse beam search needs num_beams ({num_beams}) to be a multiple of num_beam_groups "
+                f"({num_beam_groups}), with at least 2 groups: e.g. 6 beams in 3 groups."
+            )
+        seed = _as_int("seed", self.seed, -1, settings.MAX_SEED)
+        if seed == -1:
+            seed = random.randint(0, settings.MAX_SEED)
+        return dataclasses.replace(
+            self,
+            prefix=prefix,
+            num_captions=num_captions,
+            num_beams=num_beams,
+            length_penalty=_as_float("length_penalty", self.length_penalty, -5.0, 5.0),
+            early_stopping=bool(self.early_stopping),
+            num_beam_groups=num_beam_groups,
+            diversity_penalty=_as_float("diversity_penalty", self.diversity_penalty, 0.0, 100.0),
+            top_k=_as_int("top_k", self.top_k, 0, 100_000),
+            top_p=_as_float("top_p", self.top_p, 0.0, 1.0, low_open=True),
+            temperature=_as_float("temperature", self.temperature, 0.0, settings.MAX_TEMPERATURE, low_open=True),
+            seed=seed,
+            min_new_tokens=min_new_tokens,
+            max_new_tokens=max_new_tokens,
+            repetition_penalty=_as_float(
+                "repetition_penalty", self.repetition_penalty, 0.0, settings.MAX_REPETITION_PENALTY, low_open=True
+            ),
+            no_repeat_ngram_size=_as_int(
+                "no_repeat_ngram_size", self.no_repeat_ngram_size, 0, settings.MAX_NO_REPEAT_NGRAM
+            ),
+        )
+
+    def generate_kwargs(self) -> dict:
+        """The ``generate()`` arguments for greedy, beam and sampling (diverse beam has its own loop)."""
+        common = {
+            "max_new_tokens": self.max_new_tokens,
+            "min_new_tokens": self.min_new_tokens,
+            "repetition_penalty": self.repetition_penalty,
+            "no_repeat_ngram_size": self.no_repeat_ngram_size,
+            "num_return_sequences": self.num_captions,
+        }
+        if self.strategy == "greedy":
+            return {**common, "do_sample": False, "num_beams": 1}
+        if self.strategy == "beam":
+            return {
+                **common,
+                "do_sample": False,
+                "num_beams": self.num_beams,
+                "length_penalty": self.length_penalty,
+                "early_stopping": self.early_stopping,
+            }
+        if self.strategy == "sampling":
+            return {
+                **common,
+                "do_sample": True,
+                "num_beams": 1,
+                "top_k": self.top_k,
+                "top_p": self.top_p,
+                "temperature": self.temperature,
+            }
+        raise ValueError(f"{self.strategy} decoding does not go through generate().")
+
+
+def _as_int(name: str, value, low: int, high: int) -> int:
+    """``value`` as an int in [low, high]; ValueError otherwise (floats like 3.0 are accepted)."""
+    if isinstance(value, str):
+        value = value.strip()
+        try:
+            value = float(value)
+        except ValueError:
+            raise ValueError(f"{name} must be a whole number between {low} and {high}, not {value!r}.") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not float(value).is_integer():
+        raise ValueError(f"{name} must be a whole number between {low} and {high}, not {value!r}.")
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be between {low} and {high}, not {value:g}.")
+    return int(value)
+
+
+def _as_float(name: str, value, low: float, high: float, *, low_open: bool = False) -> float:
+    """``value`` as a finite float in [low, high] (or (low, high] with low_open); ValueError otherwise."""
+    if isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            raise ValueError(f"{name} must be a number between {low} and {high}, not {value!r}.") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a number between {low} and {high}, not {value!r}.")
+    if value > high or value < low or (low_open and value == low):
+        bound = f"above {low}" if low_open else f"at least {low}"
+        raise ValueError(f"{name} must be {bound} and at most {high}, not {value:g}.")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class Caption:
+    text: str
+    score: float  # mean log-probability per generated token (<= 0; higher is better)
+    num_tokens: int  # generated tokens, end-of-caption included
+
+
+@dataclass(frozen=True)
+class CaptionResult:
+    captions: list[Caption]  # best score first
+    request: CaptionRequest  # the validated request, with the seed actually used
+    seconds: float  # wall time for this image (a batch's time is split evenly)
+
+
+class BlipCaptioner:
+    """A loaded BLIP captioning model with its processor.
+
+    ``caption`` handles one image, ``caption_batch`` several in true batches.
+    Images must already be RGB ``PIL.Image`` objects (see ``pipelines.images``).
+    """
+
+    def __init__(self, model, processor, source: str = "") -> None:
+        self.model = model
+        self.processor = processor
+        self.source = source
+        text_config = model.config.text_config
+        self.bos_token_id = text_config.bos_token_id  # [DEC]; not in the tokenizer's vocabulary
+        self.eos_token_id = text_config.sep_token_id  # BLIP ends captions with [SEP]
+        self.pad_token_id = text_config.pad_token_id
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    def caption(self, image: Image.Image, request: CaptionRequest | None = None) -> CaptionResult:
+        """Caption one image."""
+        return self.caption_batch([image], request)[0]
+
+    def caption_batch(self, images: list[Image.Image], request: CaptionRequest | None = None) -> list[CaptionResult]:
+        """Caption several images in one batch; one CaptionResult per image, in order."""
+        if not images:
+            return []
+        return self.caption_pixels(self.pixel_values(images), request)
+
+    def pixel_values(self, images: list[Image.Image]) -> torch.Tensor:
+        """The processor's (batch, 3, H, W) tensor; cheap CPU work that data-loader workers can do."""
+        return self.processor(images=images, return_tensors="pt")["pixel_values"]
+
+    @torch.inference_mode()
+    def caption_pixels(self, pixel_values: torch.Tensor, request: CaptionRequest | None = None) -> list[CaptionResult]:
+        """Caption a preprocessed batch; one CaptionResult per image, in order."""
+        request = (request or CaptionRequest()).validated()
+        started = time.perf_counter()
+        batch_size = pixel_values.shape[0]
+
+        # 1. Encode the images once; every strategy decodes from these features.
+        image_embeds = self.encode_pixels(pixel_values)
+
+        # 2. The decoder's prompt: [DEC] followed by the prefix tokens.
+        prompt_ids = self.prompt_ids(request.prefix).repeat(batch_size, 1)
+
+        # 3. Decode.
+        if request.strategy == "diverse_beam":
+            decoded = diverse_beam_search(
+                self.model.text_decoder,
+                prompt_ids,
+                image_embeds,
+                num_beams=request.num_beams,
+                num_beam_groups=request.num_beam_groups,
+                diversity_penalty=request.diversity_penalty,
+                max_new_tokens=request.max_new_tokens,
+                min_new_tokens=request.min_new_tokens,
+                eos_token_id=self.eos_token_id,
+                pad_token_id=self.pad_token_id,
+                length_penalty=request.length_penalty,
+                repetition_penalty=request.repetition_penalty,
+                no_repeat_ngram_size=request.no_repeat_ngram_size,
+                num_return_sequences=request.num_captions,
+                early_stopping=request.early_stopping,
+            )
+            sequences, token_logprobs, generated = decoded.sequences, decoded.token_logprobs, decoded.generated_mask
+        else:
+            sequences, token_logprobs, generated = self._generate(prompt_ids, image_embeds, request)
+
+        # 4. Decode text and score; best first within each image.
+        texts = self.processor.tokenizer.batch_decode(sequences[:, 1:], skip_special_tokens=True)
+        counts = generated.sum(dim=1)
+        means = (token_logprobs * generated).sum(dim=1) / counts.clamp(min=1)
+        seconds = (time.perf_counter() - started) / batch_size
+        results = []
+        per_image = request.num_captions
+        for index in range(batch_size):
+            rows = range(index * per_image, (index + 1) * per_image)
+            captions = [
+                Caption(text=" ".join(texts[row].split()), score=float(means[row]), num_tokens=int(counts[row]))
+                for row in rows
+            ]
+            captions.sort(key=lambda caption: caption.score, reverse=True)
+            results.append(CaptionResult(captions=captions, request=request, seconds=seconds))
+        return results
+
+    def encode_images(self, images: list[Image.Image]) -> torch.Tensor:
+        """Vision-encoder features, (batch, 1 + grid², hidden)."""
+        return self.encode_pixels(self.pixel_values(images))
+
+    def encode_pixels(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Vision-encoder features for preprocessed pixels, (batch, 1 + grid², hidden)."""
+        pixel_values = pixel_values.to(self.device, self.model.dtype)
+        return self.model.vision_model(pixel_values=pixel_values)[0]
+
+    def prompt_ids(self, prefix: str) -> torch.LongTensor:
+        """(1, P) decoder prompt: [DEC] then the prefix's word pieces, without [CLS]/[SEP]."""
+        prefix_ids = self.processor.tokenizer(prefix, add_special_tokens=False)["input_ids"] if prefix else []
+        return torch.tensor([[self.bos_token_id, *prefix_ids]], dtype=torch.long, device=self.device)
+
+    def _generate(self, prompt_ids: torch.LongTensor, image_embeds: torch.Tensor, request: CaptionRequest):
+        """Greedy, beam or sampling through ``generate()``; returns sequences and raw token log-probs."""
+        kwargs = request.generate_kwargs()
+        fork_devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=fork_devices):  # a seeded run leaves the global RNG untouched
+            torch.manual_seed(request.seed)
+            output = self.model.text_decoder.generate(
+                input_ids=prompt_ids,
+                attention_mask=torch.ones_like(prompt_ids),
+                encoder_hidden_states=image_embeds,
+                encoder_attention_mask=torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=self.device),
+                eos_token_id=self.eos_token_id,
+                pad_token_id=self.pad_token_id,
+                return_dict_in_generate=True,
+                output_logits=True,
+                **kwargs,
+            )
+        sequences = output.sequences
+        generated_ids = sequences[:, prompt_ids.shape[1] :]
+        # Raw (unprocessed) log-probabilities, so scores mean the same for every strategy.
+        raw_logprobs = torch.stack([logits.float().log_softmax(dim=-1) for logits in output.logits], dim=1)
+        steps = generated_ids.shape[1]
+        beam_indices = getattr(output, "beam_indices", None)
+        if beam_indices is not None:
+            # Row r's token at step t was chosen from beam beam_indices[r, t] of that step.
+            rows = beam_indices[:, :steps].clamp(min=0)
+            picked = raw_logprobs[rows, torch.arange(steps, device=rows.device)]  # (R, steps, vocab)
+        else:
+            picked = raw_logprobs[:, :steps]
+        token_logprobs = picked.gather(-1, generated_ids.unsqueeze(-1)).squeeze(-1)
+        generated = _mask_after_eos(generated_ids, self.eos_token_id)
+        if beam_indices is not None:
+            generated &= beam_indices[:, :steps] >= 0
+        return sequences, token_logprobs * generated, generated
+
+
+def _mask_after_eos(generated_ids: torch.LongTensor, eos_token_id: int) -> torch.BoolTensor:
+    """True for each generated token up to and including the first eos."""
+    is_eos = generated_ids == eos_token_id
+    eos_seen_before = (is_eos.cumsum(dim=1) - is_eos.long()) > 0
+    return ~eos_seen_before

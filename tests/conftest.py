@@ -1,0 +1,94 @@
+"""Shared fixtures: the tiny models are built once per test session, offline."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from pipelines.manager import ModelManager  # noqa: E402
+from pipelines.runtime import choose_runtime  # noqa: E402
+from pipelines.tiny import ensure_tiny_models  # noqa: E402
+
+# Tiny models are latency-bound: one thread beats two, and it keeps OpenMP from
+# spinning against a second process (an app under test) on a 2-core machine.
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def tiny_root(tmp_path_factory):
+    """All tiny models, built once into a fresh folder (never a developer's cache)."""
+    return ensure_tiny_models(tmp_path_factory.mktemp("tiny-models"))
+
+
+@pytest.fixture(scope="session")
+def tiny_manager(tiny_root):
+    return ModelManager(choose_runtime("cpu"), tiny_root=tiny_root)
+
+
+@pytest.fixture(scope="session")
+def tiny_captioner(tiny_manager):
+    return tiny_manager.get("blip-caption")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_app_url(tiny_root, tmp_path_factory):
+    """`python app.py --tiny` running on a loopback port for the whole session."""
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+    from pathlib import Path
+
+    port = _free_port()
+    log_path = tmp_path_factory.mktemp("app") / "app.log"
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(
+            [sys.executable, "app.py", "--tiny", "--tiny-dir", str(tiny_root), "--port", str(port)],
+            cwd=Path(__file__).resolve().parent.parent,
+            env=environment,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.monotonic() + 120
+    try:
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"app.py --tiny exited early:\n{log_path.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(url + "config", timeout=2):
+                    break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"app.py --tiny did not start in 120 s:\n{log_path.read_text()[-3000:]}"
+                    ) from None
+                time.sleep(0.5)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+@pytest.fixture(scope="session")
+def tiny_client(tiny_app_url):
+    from gradio_client import Client
+
+    return Client(tiny_app_url, verbose=False)
