@@ -13,6 +13,7 @@ from pathlib import Path
 
 import gradio as gr
 
+from components.batch import build_batch_tab
 from components.caption import build_caption_tab
 from pipelines import settings
 from pipelines.catalog import CATALOG
@@ -95,6 +96,8 @@ def build_app(studio: Studio) -> gr.Blocks:
             gr.Markdown(f"**{TINY_MODE_NOTICE}**")
         with gr.Tab("Caption"):
             build_caption_tab(studio)
+        with gr.Tab("Batch"):
+            build_batch_tab(studio)
     return demo
 
 

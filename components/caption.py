@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import fields
 from pathlib import Path
 
 import gradio as gr
 
-from components.common import UploadedImage, user_errors
-from components.decoding import build_decoding_controls, request_from_values
+from components.common import UploadedImage, named_endpoint, parameter
+from components.decoding import build_decoding_controls, decoding_parameters, request_from_values
 from pipelines.blip import CaptionRequest, CaptionResult
 from pipelines.images import describe_image, load_image
 from pipelines.studio import Studio
@@ -45,12 +44,11 @@ def caption_details(result: CaptionResult, studio: Studio, image_description: st
 def make_caption_function(studio: Studio):
     """The `/caption` endpoint: ``image`` is required, every decoding setting has a default."""
 
-    def caption(image, *values):
+    def caption(image, **settings):
         if image is None:
             raise ValueError("Upload an image (PNG, JPEG, WebP, GIF, BMP or TIFF) first.")
         picture = load_image(image)
-        names = [field.name for field in fields(CaptionRequest)]
-        request = request_from_values(**dict(zip(names, values, strict=True))).validated()
+        request = request_from_values(settings).validated()
         result = studio.captioner().caption(picture, request)
         details = caption_details(result, studio, describe_image(picture))
         summary = f"{len(result.captions)} caption(s) in {result.seconds:.2f} s · {request.strategy}"
@@ -60,16 +58,7 @@ def make_caption_function(studio: Studio):
             summary += " · tiny random model: the words are gibberish by design"
         return caption_table(result), summary, details
 
-    # Name the API parameters after CaptionRequest's fields, with its defaults, so that
-    # `client.predict(image, num_beams=5, api_name="/caption")` works as it reads.
-    defaults = CaptionRequest()
-    parameters = [inspect.Parameter("image", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
-    parameters += [
-        inspect.Parameter(field.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=getattr(defaults, field.name))
-        for field in fields(CaptionRequest)
-    ]
-    caption.__signature__ = inspect.Signature(parameters)
-    return user_errors(caption)
+    return named_endpoint(caption, [parameter("image"), *decoding_parameters()])
 
 
 def build_caption_tab(studio: Studio) -> dict:
@@ -103,7 +92,7 @@ def build_caption_tab(studio: Studio) -> dict:
     gr.on(
         triggers=[run.click],
         fn=make_caption_function(studio),
-        inputs=[image, *controls.inputs],
+        inputs=[image, *controls.inputs()],
         outputs=[table, summary, details],
         api_name="caption",
         concurrency_id="blip",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 from collections.abc import Callable
 
@@ -73,3 +74,34 @@ def user_errors(function: Callable) -> Callable:
             ) from None
 
     return wrapper
+
+
+def named_endpoint(function: Callable, parameters: list[inspect.Parameter]) -> Callable:
+    """Wrap ``function(**kwargs)`` as a Gradio event function whose API parameters are ``parameters``.
+
+    Gradio passes component values positionally and names API parameters after
+    the function's signature; this lets one keyword function serve any list of
+    inputs (e.g. every CaptionRequest field) while API clients see real names
+    and defaults: ``client.predict(image, num_beams=5, api_name="/caption")``.
+    Parameters annotated ``gr.Request`` or defaulting to ``gr.Progress()`` are
+    filled in by Gradio, as usual. Errors go through ``user_errors``.
+    """
+    names = [parameter.name for parameter in parameters]
+
+    def endpoint(*values):
+        return function(**dict(zip(names, values, strict=True)))
+
+    endpoint.__name__ = function.__name__
+    endpoint.__doc__ = function.__doc__
+    endpoint.__signature__ = inspect.Signature(parameters)
+    endpoint.__annotations__ = {
+        parameter.name: parameter.annotation
+        for parameter in parameters
+        if parameter.annotation is not inspect.Parameter.empty
+    }
+    return user_errors(endpoint)
+
+
+def parameter(name: str, default=inspect.Parameter.empty, annotation=inspect.Parameter.empty) -> inspect.Parameter:
+    """A positional-or-keyword parameter for ``named_endpoint``."""
+    return inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default, annotation=annotation)

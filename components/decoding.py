@@ -11,6 +11,7 @@ from dataclasses import dataclass, fields
 
 import gradio as gr
 
+from components.common import parameter
 from pipelines import settings
 from pipelines.blip import CaptionRequest
 
@@ -44,15 +45,25 @@ class DecodingControls:
     diverse_group: gr.Group
     sampling_group: gr.Group
 
-    @property
-    def inputs(self) -> list[gr.components.Component]:
-        """The request's controls, in CaptionRequest's field order."""
-        return [getattr(self, field.name) for field in fields(CaptionRequest)]
+    def inputs(self, skip: tuple[str, ...] = ()) -> list[gr.components.Component]:
+        """The request's controls, in CaptionRequest's field order (as ``decoding_parameters``)."""
+        return [getattr(self, field.name) for field in fields(CaptionRequest) if field.name not in skip]
 
 
-def request_from_values(**values) -> CaptionRequest:
-    """A CaptionRequest from control values keyed by field name (unvalidated)."""
-    return CaptionRequest(**{field.name: values[field.name] for field in fields(CaptionRequest)})
+def request_from_values(values: dict, **overrides) -> CaptionRequest:
+    """A CaptionRequest (unvalidated) from endpoint values keyed by field name; other keys are ignored."""
+    chosen = {field.name: values[field.name] for field in fields(CaptionRequest) if field.name in values}
+    return CaptionRequest(**{**chosen, **overrides})
+
+
+def decoding_parameters(skip: tuple[str, ...] = ()) -> list:
+    """API parameters for CaptionRequest's fields, named and defaulted as the request is."""
+    defaults = CaptionRequest()
+    return [
+        parameter(field.name, getattr(defaults, field.name))
+        for field in fields(CaptionRequest)
+        if field.name not in skip
+    ]
 
 
 def _visible_groups(strategy: str) -> tuple[dict, dict, dict]:
@@ -63,8 +74,13 @@ def _visible_groups(strategy: str) -> tuple[dict, dict, dict]:
     )
 
 
-def build_decoding_controls(defaults: CaptionRequest | None = None) -> DecodingControls:
-    """Create the decoding controls inside the current Blocks context."""
+def build_decoding_controls(
+    defaults: CaptionRequest | None = None, *, show_num_captions: bool = True
+) -> DecodingControls:
+    """Create the decoding controls inside the current Blocks context.
+
+    ``show_num_captions=False`` hides the caption-count slider (the Batch tab keeps one caption per image).
+    """
     defaults = defaults or CaptionRequest()
     strategy = gr.Radio(
         choices=[(label, key) for key, label in STRATEGY_LABELS.items()],
@@ -77,7 +93,14 @@ def build_decoding_controls(defaults: CaptionRequest | None = None) -> DecodingC
         placeholder="e.g. a picture of — leave empty for unconditional captions",
         max_length=settings.MAX_CAPTION_PREFIX_CHARS,
     )
-    num_captions = gr.Slider(1, settings.MAX_CAPTIONS_PER_IMAGE, value=defaults.num_captions, step=1, label="Captions")
+    num_captions = gr.Slider(
+        1,
+        settings.MAX_CAPTIONS_PER_IMAGE,
+        value=defaults.num_captions,
+        step=1,
+        label="Captions",
+        visible=show_num_captions,
+    )
     with gr.Accordion("Decoding settings", open=False):
         with gr.Group(visible=defaults.strategy in ("beam", "diverse_beam")) as beam_group:
             num_beams = gr.Slider(1, settings.MAX_NUM_BEAMS, value=defaults.num_beams, step=1, label="Beams")

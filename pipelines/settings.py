@@ -58,6 +58,15 @@ MAX_REPETITION_PENALTY = 3.0
 DEFAULT_NO_REPEAT_NGRAM = 0  # 0 = off
 MAX_NO_REPEAT_NGRAM = 5
 MAX_SEED = 2**32 - 1
+CPU_VISION_CHUNK = 1  # images per ViT pass on the CPU (see BlipCaptioner.encode_pixels)
+
+# --- batch captioning (pipelines/batch_caption, caption_folder) ----------------------
+DEFAULT_BATCH_SIZE = 8  # images per forward pass; 8 keeps BLIP base under 2 GB of activations
+MAX_BATCH_SIZE = 64
+BATCH_LOADER_WORKERS = 2  # DataLoader processes decoding images ahead of the model
+MAX_BATCH_FILES = 2000  # images per Batch-tab run (the command line has no limit)
+MAX_ZIP_UNCOMPRESSED_BYTES = 2 * 1024**3  # a zip that would unpack past this is refused (zip bombs)
+MAX_ZIP_RATIO = 200  # a member that compresses more than this is a bomb, not a photo
 
 # --- serving (app.py) ---------------------------------------------------------------
 # Requests that may run at once per event, and requests that may wait. Past

@@ -1,0 +1,185 @@
+"""Batch tab: caption many images or a zip for LoRA training (API ``/caption_batch``)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import gradio as gr
+from PIL import Image
+
+from components.common import named_endpoint, parameter
+from components.decoding import build_decoding_controls, decoding_parameters, request_from_values
+from pipelines import settings
+from pipelines.batch_caption import CaptionedImage, FailedImage, caption_files, collect_uploads, dataset_zip
+from pipelines.studio import Studio
+
+TABLE_HEADERS = ["image", "file", "caption", "score"]
+THUMBNAIL_SIDE = 64
+MAX_THUMBNAILS = 200  # rows past this show no thumbnail, keeping the page light
+
+
+def thumbnail_markdown(path: Path) -> str:
+    """A small inline JPEG, so the table shows what was captioned without serving files."""
+    try:
+        with Image.open(path) as image:
+            image.draft("RGB", (THUMBNAIL_SIDE * 2, THUMBNAIL_SIDE * 2))
+            image = image.convert("RGB")
+            image.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE))
+            buffer = io.BytesIO()
+            image.save(buffer, format="JPEG", quality=80)
+    except Exception:  # the caption row already says whether the file was readable
+        return ""
+    return f"![]({'data:image/jpeg;base64,' + base64.b64encode(buffer.getvalue()).decode()})"
+
+
+def result_rows(results: list[CaptionedImage | FailedImage], root: Path) -> list[list]:
+    rows = []
+    for index, item in enumerate(results):
+        thumbnail = thumbnail_markdown(root / item.file_name) if index < MAX_THUMBNAILS else ""
+        if isinstance(item, CaptionedImage):
+            rows.append([thumbnail, item.file_name, item.text, round(item.score, 4)])
+        else:
+            rows.append([thumbnail, item.file_name, f"⚠ {item.reason}", None])
+    return rows
+
+
+def summary_markdown(captioned: int, failures: list[FailedImage], total: int, seconds: float, stopped: bool) -> str:
+    lines = [f"**{captioned} of {total} images captioned** in {seconds:.1f} s."]
+    if stopped:
+        lines.append("Stopped on request: the captions made so far are in the zip.")
+    if failures:
+        lines.append(f"**{len(failures)} file(s) could not be used:**")
+        lines += [f"- `{failure.file_name}`: {failure.reason}" for failure in failures]
+    return "\n".join(lines)
+
+
+def build_batch_tab(studio: Studio) -> dict:
+    """Build the Batch tab inside the current Blocks; returns its main components."""
+    stop_requests: dict[str, threading.Event] = {}  # session -> the Stop button's flag for its running batch
+
+    def caption_batch(files, batch_size, trigger, suffix, include_images, progress, request, **decoding):
+        if not files:
+            raise ValueError("Upload some images, or a .zip of images, first.")
+        caption_request = request_from_values(decoding, num_captions=1).validated()
+        batch_size = int(batch_size)
+        if not 1 <= batch_size <= settings.MAX_BATCH_SIZE:
+            raise ValueError(f"batch_size must be between 1 and {settings.MAX_BATCH_SIZE}, not {batch_size}.")
+        session = getattr(request, "session_hash", None) or "api"
+        stop = stop_requests.setdefault(session, threading.Event())
+        stop.clear()
+
+        work_dir = Path(tempfile.mkdtemp(prefix="studio-batch-"))
+        uploads = collect_uploads(
+            [getattr(file, "name", file) for file in files],
+            work_dir / "dataset",
+            max_files=settings.MAX_BATCH_FILES,
+            max_unpacked_bytes=settings.MAX_ZIP_UNCOMPRESSED_BYTES,
+            max_ratio=settings.MAX_ZIP_RATIO,
+        )
+        if not uploads.files and not uploads.failures:
+            raise ValueError("No images were found in the upload; use PNG, JPEG, WebP, GIF, BMP or TIFF files.")
+        captioner = studio.captioner()
+        results: list[CaptionedImage | FailedImage] = []
+        started = time.perf_counter()
+        total = len(uploads.files)
+        progress((0, total), desc="captioning", unit="images")
+        error_note = ""
+        try:
+            for batch in caption_files(
+                captioner,
+                uploads.files,
+                uploads.root,
+                caption_request,
+                batch_size=batch_size,
+                num_workers=settings.BATCH_LOADER_WORKERS,
+                trigger=trigger,
+                suffix=suffix,
+                should_stop=stop.is_set,
+            ):
+                results.extend(batch)
+                progress((len(results), total), desc="captioning", unit="images")
+        except Exception as error:  # keep every caption already made, and say what stopped the rest
+            gr.Warning(f"The batch stopped early ({type(error).__name__}: {error}); the captions made so far are kept.")
+            error_note = f"\n\nStopped early by an error: {error}"
+        captioned = [item for item in results if isinstance(item, CaptionedImage)]
+        images = {item.file_name: uploads.root / item.file_name for item in captioned} if include_images else None
+        archive = dataset_zip(results + uploads.failures, work_dir / "captions.zip", images=images)
+        failures = [item for item in results if isinstance(item, FailedImage)] + uploads.failures
+        summary = summary_markdown(len(captioned), failures, total, time.perf_counter() - started, stop.is_set())
+        if studio.tiny:
+            summary += "\n\nTiny random model: the captions are gibberish by design."
+        return result_rows(results + uploads.failures, uploads.root), str(archive), summary + error_note
+
+    def stop_batch(request: gr.Request):
+        session = getattr(request, "session_hash", None) or "api"
+        stop_requests.setdefault(session, threading.Event()).set()
+        gr.Info("Stopping after the current batch; the captions made so far will be downloadable.")
+
+    gr.Markdown(
+        "Caption a dataset for LoRA training. Drop images or a .zip; get a zip with one `<stem>.txt` per image "
+        "(kohya-ss, taggui), `metadata.jsonl` (Hugging Face `imagefolder`) and `captions.csv`. "
+        "For folders on disk use `python -m pipelines.caption_folder DIR` (see the README)."
+    )
+    with gr.Row():
+        with gr.Column(scale=1):
+            files = gr.File(
+                label="Images or .zip files",
+                file_count="multiple",
+                file_types=["image", ".zip"],
+                type="filepath",
+            )
+            with gr.Row():
+                trigger = gr.Textbox(value="", label="Trigger word(s) before each caption", placeholder="e.g. sks")
+                suffix = gr.Textbox(value="", label="Text after each caption", placeholder="e.g. high quality photo")
+            with gr.Row():
+                batch_size = gr.Slider(
+                    1, settings.MAX_BATCH_SIZE, value=settings.DEFAULT_BATCH_SIZE, step=1, label="Batch size"
+                )
+                include_images = gr.Checkbox(value=True, label="Put the images in the zip (a ready dataset)")
+            controls = build_decoding_controls(show_num_captions=False)
+            with gr.Row():
+                run = gr.Button("Caption all", variant="primary")
+                stop = gr.Button("Stop", variant="stop")
+        with gr.Column(scale=2):
+            summary = gr.Markdown()
+            archive = gr.File(label="Dataset zip")
+            table = gr.Dataframe(
+                headers=TABLE_HEADERS,
+                datatype=["markdown", "str", "str", "number"],
+                label="Captions",
+                interactive=False,
+                wrap=True,
+                column_widths=["12%", "20%", "56%", "12%"],
+            )
+    parameters = [
+        parameter("files"),
+        parameter("batch_size", settings.DEFAULT_BATCH_SIZE),
+        parameter("trigger", ""),
+        parameter("suffix", ""),
+        parameter("include_images", True),
+        parameter("progress", gr.Progress()),
+        parameter("request", None, gr.Request),
+        *decoding_parameters(skip=("num_captions",)),
+    ]
+    run.click(
+        named_endpoint(caption_batch, parameters),
+        inputs=[files, batch_size, trigger, suffix, include_images, *controls.inputs(skip=("num_captions",))],
+        outputs=[table, archive, summary],
+        api_name="caption_batch",
+        concurrency_id="blip",
+    )
+    stop.click(stop_batch, inputs=None, outputs=None, queue=False, api_name="caption_batch_stop")
+    return {"files": files, "table": table, "archive": archive, "summary": summary, "run": run, "stop": stop}
+
+
+if __name__ == "__main__":
+    from app import build_studio
+
+    with gr.Blocks(title="Batch captioning") as demo:
+        build_batch_tab(build_studio(["--tiny"]))
+    demo.queue().launch()

@@ -1,0 +1,347 @@
+"""Caption many images: a background loader, true batches, and the two export conventions.
+
+Used by the Batch tab and by ``python -m pipelines.caption_folder``. Images are
+decoded and preprocessed in DataLoader worker processes while the model
+captions the previous batch. A file that cannot be read becomes a
+``FailedImage`` with the reason; it never stops the batch.
+
+Exports, both keyed by ``file_name`` (the image's path relative to the dataset
+root, with forward slashes):
+
+- a sidecar ``<stem>.txt`` next to each image (kohya-ss, taggui, OneTrainer);
+- ``metadata.jsonl`` with ``file_name`` and ``text`` per line (Hugging Face
+  ``datasets.load_dataset("imagefolder")``);
+- ``captions.csv`` with the score and any failure, for people who read them.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import shutil
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from pipelines.blip import BlipCaptioner, CaptionRequest
+from pipelines.images import load_image
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff")
+METADATA_FILE = "metadata.jsonl"
+CSV_FILE = "captions.csv"
+
+
+@dataclass(frozen=True)
+class CaptionedImage:
+    file_name: str  # relative to the dataset root, forward slashes
+    text: str  # the caption with trigger/suffix applied
+    score: float  # mean token log-prob of the caption BLIP wrote
+
+
+@dataclass(frozen=True)
+class FailedImage:
+    file_name: str
+    reason: str  # one sentence for the user
+
+
+def find_images(root: Path, *, recursive: bool = False) -> list[Path]:
+    """Image files under ``root`` (by suffix), sorted by relative path; hidden files skipped."""
+    root = Path(root)
+    if not root.is_dir():
+        raise ValueError(f"{root} is not a folder; give the folder that holds the images.")
+    pattern = "**/*" if recursive else "*"
+    found = [
+        path
+        for path in root.glob(pattern)
+        if path.is_file()
+        and path.suffix.lower() in IMAGE_SUFFIXES
+        and not any(part.startswith(".") for part in path.relative_to(root).parts)
+    ]
+    return sorted(found, key=lambda path: relative_name(path, root))
+
+
+def relative_name(path: Path, root: Path) -> str:
+    """The ``file_name`` of ``path`` in a dataset rooted at ``root``."""
+    return Path(path).relative_to(root).as_posix()
+
+
+def decorate_caption(caption: str, trigger: str = "", suffix: str = "") -> str:
+    """``trigger, caption, suffix``: how LoRA trainers expect trigger words (kohya's caption prefix)."""
+    parts = [part.strip().strip(",").strip() for part in (trigger, caption, suffix)]
+    return ", ".join(part for part in parts if part)
+
+
+class _ImageFiles(Dataset):
+    """Decodes and preprocesses one image per item, inside a loader worker."""
+
+    def __init__(self, files: list[Path], root: Path, image_processor) -> None:
+        self.files = files
+        self.root = root
+        self.image_processor = image_processor
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int):
+        path = self.files[index]
+        name = relative_name(path, self.root)
+        try:
+            image = load_image(path, name=name)
+            pixels = self.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
+        except ValueError as error:
+            return name, None, str(error)
+        return name, pixels, None
+
+
+def _as_list(batch: list) -> list:
+    return batch
+
+
+def caption_files(
+    captioner: BlipCaptioner,
+    files: list[Path],
+    root: Path,
+    request: CaptionRequest | None = None,
+    *,
+    batch_size: int = 8,
+    num_workers: int = 2,
+    trigger: str = "",
+    suffix: str = "",
+    should_stop: Callable[[], bool] | None = None,
+) -> Iterator[list[CaptionedImage | FailedImage]]:
+    """Caption ``files`` (paths under ``root``); yield one list of results per batch, in file order.
+
+    ``request`` decides the decoding (its best caption is kept). ``num_workers``
+    loader processes decode images ahead of the model (0 decodes inline).
+    ``should_stop`` is polled between batches; when it returns True the
+    iteration ends after the batch in hand, so nothing captioned is lost.
+    """
+    request = (request or CaptionRequest()).validated()
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, not {batch_size}.")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # workers are forked; see tokenizers' warning
+    loader = DataLoader(
+        _ImageFiles(list(files), Path(root), captioner.processor.image_processor),
+        batch_size=batch_size,
+        num_workers=num_workers if len(files) > batch_size else 0,  # a single batch gains nothing from workers
+        collate_fn=_as_list,
+        prefetch_factor=2 if num_workers and len(files) > batch_size else None,
+    )
+    for batch in loader:
+        results: list[CaptionedImage | FailedImage] = []
+        readable = [(name, pixels) for name, pixels, error in batch if error is None]
+        captions = {}
+        if readable:
+            pixel_values = torch.stack([pixels for _, pixels in readable])
+            for (name, _), result in zip(readable, captioner.caption_pixels(pixel_values, request), strict=True):
+                best = result.captions[0]
+                captions[name] = CaptionedImage(name, decorate_caption(best.text, trigger, suffix), best.score)
+        for name, _, error in batch:
+            results.append(captions[name] if error is None else FailedImage(name, error))
+        yield results
+        if should_stop is not None and should_stop():
+            return
+
+
+# ----------------------------------------------------------------------------- exports
+
+
+def sidecar_path(file_name: str, out_dir: Path) -> Path:
+    """Where ``<stem>.txt`` for ``file_name`` goes under ``out_dir``."""
+    return (Path(out_dir) / file_name).with_suffix(".txt")
+
+
+def write_sidecar(item: CaptionedImage, out_dir: Path) -> Path:
+    path = sidecar_path(item.file_name, out_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(item.text + "\n", encoding="utf-8")
+    return path
+
+
+def metadata_line(item: CaptionedImage) -> str:
+    return json.dumps({"file_name": item.file_name, "text": item.text}, ensure_ascii=False)
+
+
+def read_metadata(path: Path) -> dict[str, str]:
+    """``file_name -> text`` from a metadata.jsonl; a malformed line raises ValueError naming it."""
+    entries: dict[str, str] = {}
+    if not Path(path).is_file():
+        return entries
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            entries[str(record["file_name"])] = str(record["text"])
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise ValueError(
+                f"{path}, line {number}, is not a JSON object with file_name and text; fix or delete that line."
+            ) from None
+    return entries
+
+
+def write_metadata(entries: dict[str, str], path: Path) -> None:
+    """Write ``file_name -> text`` as metadata.jsonl, sorted by file_name, atomically."""
+    lines = [
+        json.dumps({"file_name": name, "text": text}, ensure_ascii=False) for name, text in sorted(entries.items())
+    ]
+    temporary = Path(path).with_suffix(".jsonl.tmp")
+    temporary.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    temporary.replace(path)
+
+
+def captions_csv(results: Iterable[CaptionedImage | FailedImage]) -> str:
+    """captions.csv text: file_name, caption, score, error."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["file_name", "caption", "score", "error"])
+    for item in sorted(results, key=lambda item: item.file_name):
+        if isinstance(item, CaptionedImage):
+            writer.writerow([item.file_name, item.text, f"{item.score:.4f}", ""])
+        else:
+            writer.writerow([item.file_name, "", "", item.reason])
+    return buffer.getvalue()
+
+
+def dataset_zip(
+    results: Iterable[CaptionedImage | FailedImage],
+    zip_path: Path,
+    *,
+    images: dict[str, Path] | None = None,
+) -> Path:
+    """Write a training-ready zip: sidecars, metadata.jsonl, captions.csv (and the images, if given).
+
+    With ``images`` (file_name -> path) the zip is a complete imagefolder
+    dataset: unzip it and ``load_dataset("imagefolder", data_dir=...)`` or point
+    kohya-ss at it.
+    """
+    import zipfile
+
+    results = sorted(results, key=lambda item: item.file_name)
+    captioned = [item for item in results if isinstance(item, CaptionedImage)]
+    with zipfile.ZipFile(zip_path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        for item in captioned:
+            archive.writestr(Path(item.file_name).with_suffix(".txt").as_posix(), item.text + "\n")
+            if images and item.file_name in images:
+                archive.write(images[item.file_name], item.file_name, compress_type=zipfile.ZIP_STORED)
+        archive.writestr(METADATA_FILE, "".join(metadata_line(item) + "\n" for item in captioned))
+        archive.writestr(CSV_FILE, captions_csv(results))
+    return zip_path
+
+
+# ----------------------------------------------------------------------------- uploads
+
+
+@dataclass(frozen=True)
+class UploadedDataset:
+    root: Path  # a work folder holding every image under its file_name
+    files: list[Path]  # the images to caption, sorted by file_name
+    failures: list[FailedImage]  # zip members and files refused before captioning
+
+
+def collect_uploads(
+    paths: Iterable[str | Path],
+    work_dir: Path,
+    *,
+    max_files: int,
+    max_unpacked_bytes: int,
+    max_ratio: int,
+) -> UploadedDataset:
+    """Lay uploaded images and the images inside uploaded zips out under ``work_dir``.
+
+    Names are the uploads' own (``a (2).png`` for a repeated name); zip members
+    keep their folders. A zip member with an absolute or ``..`` path (zip-slip),
+    an archive that would unpack past ``max_unpacked_bytes``, or a member that
+    compresses more than ``max_ratio`` times (a zip bomb) is refused by name.
+    Files that are neither images nor zips are listed as failures.
+    """
+    import zipfile
+
+    work_dir = Path(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    taken: set[str] = set()
+    failures: list[FailedImage] = []
+    unpacked_bytes = 0
+
+    def claim(name: str) -> str:
+        candidate, counter = name, 2
+        path = Path(name)
+        while candidate.lower() in taken:
+            candidate = (path.parent / f"{path.stem} ({counter}){path.suffix}").as_posix()
+            counter += 1
+        taken.add(candidate.lower())
+        return candidate
+
+    for upload in paths:
+        upload = Path(upload)
+        suffix = upload.suffix.lower()
+        if suffix in IMAGE_SUFFIXES:
+            name = claim(upload.name)
+            shutil.copyfile(upload, work_dir / name)
+            continue
+        if suffix != ".zip":
+            failures.append(FailedImage(upload.name, f"{upload.name} is neither an image nor a .zip; it was skipped."))
+            continue
+        try:
+            archive = zipfile.ZipFile(upload)
+        except (zipfile.BadZipFile, OSError):
+            failures.append(FailedImage(upload.name, f"{upload.name} is not a readable zip file; re-create it."))
+            continue
+        with archive:
+            for member in archive.infolist():
+                if member.is_dir() or Path(member.filename).suffix.lower() not in IMAGE_SUFFIXES:
+                    continue
+                label = f"{upload.name}:{member.filename}"
+                parts = Path(member.filename.replace("\\", "/")).parts
+                if member.filename.startswith(("/", "\\")) or ".." in parts or ":" in parts[0]:
+                    failures.append(FailedImage(label, f"{label} points outside the archive (zip-slip); refused."))
+                    continue
+                if member.compress_size and member.file_size / member.compress_size > max_ratio:
+                    failures.append(
+                        FailedImage(
+                            label,
+                            f"{label} expands {member.file_size // max(member.compress_size, 1)}x; refused as a zip bomb.",
+                        )
+                    )
+                    continue
+                if unpacked_bytes + member.file_size > max_unpacked_bytes:
+                    failures.append(
+                        FailedImage(
+                            label,
+                            f"{upload.name} unpacks past {max_unpacked_bytes // 1024**2} MB; split it into smaller zips.",
+                        )
+                    )
+                    break
+                name = claim(Path(*parts).as_posix())
+                target = work_dir / name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    _copy_at_most(archive, member, target)
+                except (zipfile.BadZipFile, OSError, ValueError) as error:
+                    target.unlink(missing_ok=True)
+                    failures.append(FailedImage(label, f"{label} could not be unpacked ({error}); re-create the zip."))
+                    continue
+                unpacked_bytes += member.file_size
+    files = find_images(work_dir, recursive=True)
+    if len(files) > max_files:
+        raise ValueError(
+            f"{len(files)} images were uploaded; one run takes at most {max_files}. Split them into several runs."
+        )
+    return UploadedDataset(root=work_dir, files=files, failures=failures)
+
+
+def _copy_at_most(archive, member, target: Path, chunk_bytes: int = 1024 * 1024) -> None:
+    """Unpack ``member`` in chunks, never past its declared size (a lying header cannot write more)."""
+    remaining = member.file_size
+    with archive.open(member) as source, open(target, "wb") as sink:
+        while remaining > 0:
+            chunk = source.read(min(chunk_bytes, remaining))
+            if not chunk:
+                break
+            sink.write(chunk)
+            remaining -= len(chunk)

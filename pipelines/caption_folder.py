@@ -1,0 +1,236 @@
+"""Caption a folder of images for training: sidecar .txt files and/or metadata.jsonl.
+
+    python -m pipelines.caption_folder DIR [--recursive] [--out OUT] [--trigger sks]
+    accelerate launch --num_processes 2 -m pipelines.caption_folder DIR     # several GPUs/processes
+
+Images that already have a caption are skipped unless ``--overwrite``, so an
+interrupted run resumes where it stopped. Under ``accelerate launch`` the files
+are split between processes; each writes its own part and the main process
+merges the parts into one sorted metadata.jsonl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+from pipelines import settings
+from pipelines.batch_caption import (
+    METADATA_FILE,
+    FailedImage,
+    caption_files,
+    find_images,
+    metadata_line,
+    read_metadata,
+    relative_name,
+    sidecar_path,
+    write_metadata,
+    write_sidecar,
+)
+from pipelines.blip import CaptionRequest
+from pipelines.manager import ModelLoadError
+
+FORMATS = ("sidecar", "jsonl")
+PARTS_DIR = ".caption-parts"  # per-process metadata parts, merged and removed at the end
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m pipelines.caption_folder", description=__doc__.split("\n\n")[0])
+    parser.add_argument("folder", type=Path, help="folder of images")
+    parser.add_argument("--recursive", action="store_true", help="also caption images in subfolders")
+    parser.add_argument("--out", type=Path, default=None, help="write captions here instead of next to the images")
+    parser.add_argument(
+        "--format", default="sidecar,jsonl", help="comma-separated: sidecar (<stem>.txt), jsonl (metadata.jsonl)"
+    )
+    parser.add_argument("--overwrite", action="store_true", help="caption again images that already have one")
+    parser.add_argument("--limit", type=int, default=None, help="caption at most this many new images this run")
+    parser.add_argument("--batch-size", type=int, default=settings.DEFAULT_BATCH_SIZE)
+    parser.add_argument("--workers", type=int, default=settings.BATCH_LOADER_WORKERS, help="image loader processes")
+    parser.add_argument("--trigger", default="", help="text put before every caption, e.g. a LoRA trigger word")
+    parser.add_argument("--suffix", default="", help="text put after every caption")
+    parser.add_argument("--tiny", action="store_true", help="use the tiny offline BLIP (for trying things out)")
+    parser.add_argument("--tiny-dir", type=Path, default=None)
+    parser.add_argument("--model", default=None, help="a local BLIP folder or repo id instead of the default")
+    parser.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:N (default: accelerate's choice)")
+    decoding = parser.add_argument_group("decoding (as in the Caption tab)")
+    for field in dataclasses.fields(CaptionRequest):
+        if field.name == "num_captions":
+            continue  # one caption per image
+        default = field.default
+        flag = "--" + field.name.replace("_", "-")
+        if isinstance(default, bool):
+            decoding.add_argument(flag, type=_parse_bool, default=default, metavar="true|false")
+        else:
+            decoding.add_argument(flag, type=type(default), default=default)
+    args = parser.parse_args(argv)
+    args.formats = [item.strip() for item in args.format.split(",") if item.strip()]
+    unknown = set(args.formats) - set(FORMATS)
+    if unknown or not args.formats:
+        parser.error(f"--format takes a comma-separated subset of {', '.join(FORMATS)}, not {args.format!r}")
+    return args
+
+
+def _parse_bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, not {text!r}")
+
+
+def already_captioned(out_dir: Path, names: list[str], formats: list[str]) -> set[str]:
+    """Names that have a caption from an earlier (possibly interrupted) run in every requested format."""
+    done_in_jsonl = set(read_metadata(out_dir / METADATA_FILE))
+    for part in sorted((out_dir / PARTS_DIR).glob("*.jsonl")):
+        done_in_jsonl |= set(read_metadata(part))
+    done = set(names)
+    if "sidecar" in formats:
+        done &= {name for name in names if sidecar_path(name, out_dir).is_file()}
+    if "jsonl" in formats:
+        done &= done_in_jsonl
+    return done
+
+
+def merge_metadata(out_dir: Path, keep: set[str]) -> int:
+    """Fold every process's part into metadata.jsonl (sorted, one entry per file); return its size.
+
+    Entries for files that no longer exist are dropped; a part's entry replaces an older one.
+    """
+    entries = read_metadata(out_dir / METADATA_FILE)
+    parts = sorted((out_dir / PARTS_DIR).glob("*.jsonl"))
+    for part in parts:
+        entries.update(read_metadata(part))
+    entries = {name: text for name, text in entries.items() if name in keep}
+    write_metadata(entries, out_dir / METADATA_FILE)
+    for part in parts:
+        part.unlink()
+    if (out_dir / PARTS_DIR).is_dir() and not any((out_dir / PARTS_DIR).iterdir()):
+        (out_dir / PARTS_DIR).rmdir()
+    return len(entries)
+
+
+def load_captioner(args: argparse.Namespace, device: str):
+    from pipelines.manager import ModelManager
+    from pipelines.runtime import choose_runtime
+
+    tiny_root = None
+    if args.tiny:
+        from pipelines.tiny import ensure_tiny_models
+
+        tiny_root = ensure_tiny_models(args.tiny_dir)
+    overrides = {"blip-caption": args.model} if args.model else None
+    manager = ModelManager(choose_runtime(device), tiny_root=tiny_root, source_overrides=overrides)
+    return manager.get("blip-caption")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Caption the folder; return the process exit code (1 if any image failed)."""
+    from accelerate import PartialState
+    from tqdm.auto import tqdm
+
+    state = PartialState(cpu=args.device == "cpu")
+    root = args.folder.resolve()
+    out_dir = (args.out or args.folder).resolve()
+    request = CaptionRequest(
+        **{
+            field.name: getattr(args, field.name)
+            for field in dataclasses.fields(CaptionRequest)
+            if field.name != "num_captions"
+        }
+    ).validated()
+
+    # 1. Decide what is left to do (every process computes the same list).
+    files = find_images(root, recursive=args.recursive)
+    names = [relative_name(path, root) for path in files]
+    done = set() if args.overwrite else already_captioned(out_dir, names, args.formats)
+    pending = [path for path, name in zip(files, names, strict=True) if name not in done]
+    if args.limit is not None:
+        pending = pending[: max(args.limit, 0)]
+
+    # 2. Caption this process's share, writing as it goes so an interruption keeps everything done.
+    device = args.device or str(state.device)
+    captioner = load_captioner(args, device)
+    part_path = out_dir / PARTS_DIR / f"part-{state.process_index:05d}.jsonl"
+    if "jsonl" in args.formats:
+        part_path.parent.mkdir(parents=True, exist_ok=True)
+    captioned, failures = 0, []
+    started = time.perf_counter()
+    with state.split_between_processes(pending) as my_files:
+        progress = tqdm(total=len(my_files), unit="img", disable=not state.is_local_main_process, desc="captioning")
+        batches = caption_files(
+            captioner,
+            my_files,
+            root,
+            request,
+            batch_size=args.batch_size,
+            num_workers=args.workers,
+            trigger=args.trigger,
+            suffix=args.suffix,
+        )
+        with open(part_path, "a", encoding="utf-8") if "jsonl" in args.formats else nullcontext() as part:
+            for batch in batches:
+                for item in batch:
+                    if isinstance(item, FailedImage):
+                        failures.append(item)
+                        continue
+                    if "sidecar" in args.formats:
+                        write_sidecar(item, out_dir)
+                    if part is not None:
+                        part.write(metadata_line(item) + "\n")
+                    captioned += 1
+                if part is not None:
+                    part.flush()
+                progress.update(len(batch))
+        progress.close()
+
+    # 3. Merge the parts on the main process once every process is done.
+    per_process = _gather_objects(state, [(captioned, failures)])
+    state.wait_for_everyone()
+    if state.is_main_process:
+        total_captioned = sum(count for count, _ in per_process)
+        all_failures = [failure for _, failed in per_process for failure in failed]
+        summary = (
+            f"{total_captioned} captioned, {len(done)} already had captions, {len(all_failures)} failed "
+            f"({len(files)} images found) in {time.perf_counter() - started:.1f} s"
+        )
+        if "jsonl" in args.formats:
+            entries = merge_metadata(out_dir, keep=set(names))
+            summary += f"; {out_dir / METADATA_FILE} holds {entries} captions"
+        print(summary)
+        for failure in sorted(all_failures, key=lambda item: item.file_name):
+            print(f"  failed: {failure.file_name}: {failure.reason}", file=sys.stderr)
+    state.wait_for_everyone()
+    return 1 if any(failed for _, failed in per_process) else 0
+
+
+def _gather_objects(state, items: list) -> list:
+    if state.num_processes == 1:
+        return list(items)
+    from accelerate.utils import gather_object
+
+    return gather_object(list(items))
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.WARNING)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = parse_args(argv)
+    try:
+        code = run(args)
+    except (ValueError, ModelLoadError) as error:  # bad folder, bad settings, a model that cannot be loaded
+        print(f"error: {error}", file=sys.stderr)
+        code = 2
+    except KeyboardInterrupt:
+        print("interrupted: captions written so far are kept; run the same command again to resume", file=sys.stderr)
+        code = 130
+    raise SystemExit(code)
+
+
+if __name__ == "__main__":
+    main()

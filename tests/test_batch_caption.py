@@ -1,0 +1,188 @@
+"""Batch captioning: the loader, exports, uploads (zips included) and the /caption_batch API."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import shutil
+import zipfile
+from pathlib import Path
+
+import pytest
+from gradio_client import handle_file
+from PIL import Image
+
+from pipelines import settings
+from pipelines.batch_caption import (
+    CaptionedImage,
+    FailedImage,
+    caption_files,
+    collect_uploads,
+    dataset_zip,
+    decorate_caption,
+    find_images,
+)
+from pipelines.blip import CaptionRequest
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "assets" / "examples"
+PHOTOS = ["astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg"]
+
+
+def collect(paths, work_dir, **limits):
+    limits = {
+        "max_files": settings.MAX_BATCH_FILES,
+        "max_unpacked_bytes": settings.MAX_ZIP_UNCOMPRESSED_BYTES,
+        "max_ratio": settings.MAX_ZIP_RATIO,
+        **limits,
+    }
+    return collect_uploads(paths, work_dir, **limits)
+
+
+@pytest.fixture
+def photo_root(tmp_path):
+    root = tmp_path / "photos"
+    root.mkdir()
+    for name in PHOTOS:
+        shutil.copy(EXAMPLES / name, root / name)
+    (root / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    return root
+
+
+def test_batches_equal_one_image_at_a_time_and_keep_file_order(tiny_captioner, photo_root):
+    files = find_images(photo_root)
+    request = CaptionRequest(strategy="beam", num_beams=3)
+    batched = [
+        item for batch in caption_files(tiny_captioner, files, photo_root, request, batch_size=3) for item in batch
+    ]
+    single = [
+        item
+        for batch in caption_files(tiny_captioner, files, photo_root, request, batch_size=1, num_workers=0)
+        for item in batch
+    ]
+    assert [item.file_name for item in batched] == sorted(PHOTOS + ["corrupt.jpg"])
+    assert batched == single
+    failed = [item for item in batched if isinstance(item, FailedImage)]
+    assert [item.file_name for item in failed] == ["corrupt.jpg"] and "corrupt.jpg" in failed[0].reason
+    direct = tiny_captioner.caption(Image.open(photo_root / "chelsea.png").convert("RGB"), request)
+    (chelsea,) = [item for item in batched if item.file_name == "chelsea.png"]
+    assert chelsea.text == direct.captions[0].text
+
+
+def test_should_stop_ends_after_the_batch_in_hand(tiny_captioner, photo_root):
+    batches = list(
+        caption_files(
+            tiny_captioner, find_images(photo_root), photo_root, batch_size=2, num_workers=0, should_stop=lambda: True
+        )
+    )
+    assert len(batches) == 1 and len(batches[0]) == 2
+
+
+@pytest.mark.parametrize(
+    ("trigger", "caption", "suffix", "expected"),
+    [
+        ("sks", "a cat", "", "sks, a cat"),
+        ("sks,", "a cat", " photo ", "sks, a cat, photo"),
+        ("", "a cat", "", "a cat"),
+    ],
+)
+def test_trigger_and_suffix(trigger, caption, suffix, expected):
+    assert decorate_caption(caption, trigger, suffix) == expected
+
+
+def test_dataset_zip_files_agree(tmp_path, photo_root):
+    results = [
+        CaptionedImage("chelsea.png", "sks, a cat", -1.25),
+        CaptionedImage("sub/rocket.jpg", "a rocket, launch", -2.5),
+        FailedImage("corrupt.jpg", "not an image"),
+    ]
+    archive = dataset_zip(results, tmp_path / "out.zip", images={"chelsea.png": photo_root / "chelsea.png"})
+    with zipfile.ZipFile(archive) as zipped:
+        names = set(zipped.namelist())
+        assert names == {"chelsea.txt", "chelsea.png", "sub/rocket.txt", "metadata.jsonl", "captions.csv"}
+        metadata = [json.loads(line) for line in zipped.read("metadata.jsonl").decode().splitlines()]
+        rows = list(csv.DictReader(io.StringIO(zipped.read("captions.csv").decode())))
+        assert metadata == [
+            {"file_name": "chelsea.png", "text": "sks, a cat"},
+            {"file_name": "sub/rocket.jpg", "text": "a rocket, launch"},
+        ]
+        assert zipped.read("sub/rocket.txt").decode() == "a rocket, launch\n"
+        assert [(row["file_name"], row["caption"], row["error"]) for row in rows] == [
+            ("chelsea.png", "sks, a cat", ""),
+            ("corrupt.jpg", "", "not an image"),
+            ("sub/rocket.jpg", "a rocket, launch", ""),
+        ]
+
+
+def make_zip(path: Path, members: dict[str, bytes]) -> Path:
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+    return path
+
+
+def test_uploads_keep_zip_folders_rename_duplicates_and_skip_other_files(tmp_path):
+    photo = (EXAMPLES / "chelsea.png").read_bytes()
+    archive = make_zip(tmp_path / "set.zip", {"cats/chelsea.png": photo, "chelsea.png": photo, "readme.txt": b"hi"})
+    notes = tmp_path / "notes.pdf"
+    notes.write_bytes(b"%PDF")
+    uploads = collect([EXAMPLES / "chelsea.png", archive, notes], tmp_path / "work")
+    names = sorted(path.relative_to(uploads.root).as_posix() for path in uploads.files)
+    assert names == ["cats/chelsea.png", "chelsea (2).png", "chelsea.png"]
+    assert [failure.file_name for failure in uploads.failures] == ["notes.pdf"]
+
+
+@pytest.mark.parametrize(
+    ("member", "words"),
+    [("../escape.png", "zip-slip"), ("/etc/absolute.png", "zip-slip"), ("C:/windows.png", "zip-slip")],
+)
+def test_zip_slip_is_refused_by_name(tmp_path, member, words):
+    uploads = collect([make_zip(tmp_path / "evil.zip", {member: b"x"})], tmp_path / "work")
+    assert uploads.files == [] and words in uploads.failures[0].reason
+    assert not (tmp_path / "escape.png").exists()
+
+
+def test_zip_bombs_and_oversized_archives_are_refused(tmp_path):
+    bomb = make_zip(tmp_path / "bomb.zip", {"zeros.png": b"\0" * 5_000_000})
+    uploads = collect([bomb], tmp_path / "work1")
+    assert uploads.files == [] and "zip bomb" in uploads.failures[0].reason
+    big = make_zip(tmp_path / "big.zip", {f"{index}.png": (EXAMPLES / "coffee.png").read_bytes() for index in range(3)})
+    uploads = collect([big], tmp_path / "work2", max_unpacked_bytes=600_000)
+    assert len(uploads.files) == 1 and "split it into smaller zips" in uploads.failures[0].reason
+    with pytest.raises(ValueError, match="at most 2"):
+        collect([big], tmp_path / "work3", max_files=2)
+
+
+@pytest.mark.api
+def test_caption_batch_api_three_images_and_a_corrupt_file(tiny_client, tmp_path):
+    corrupt = tmp_path / "corrupt.png"
+    corrupt.write_bytes(b"\x89PNG\r\n\x1a\ngarbage")
+    uploads = [handle_file(str(EXAMPLES / name)) for name in ("chelsea.png", "coffee.png", "rocket.jpg")]
+    table, archive, summary = tiny_client.predict(
+        [*uploads, handle_file(str(corrupt))], trigger="sks", suffix="photo", api_name="/caption_batch"
+    )
+    rows = {row[1]: row for row in table["data"]}
+    assert set(rows) == {"chelsea.png", "coffee.png", "rocket.jpg", "corrupt.png"}
+    assert rows["corrupt.png"][2].startswith("⚠") and rows["corrupt.png"][3] is None
+    assert "3 of 4 images captioned" in summary and "corrupt.png" in summary
+    with zipfile.ZipFile(archive) as zipped:
+        metadata = {
+            entry["file_name"]: entry["text"]
+            for entry in map(json.loads, zipped.read("metadata.jsonl").decode().splitlines())
+        }
+        csv_rows = {row["file_name"]: row for row in csv.DictReader(io.StringIO(zipped.read("captions.csv").decode()))}
+        assert set(metadata) == {"chelsea.png", "coffee.png", "rocket.jpg"}
+        for name, text in metadata.items():
+            assert text.startswith("sks, ") and text.endswith(", photo")
+            assert zipped.read(Path(name).with_suffix(".txt").as_posix()).decode().strip() == text
+            assert csv_rows[name]["caption"] == text == rows[name][2]
+            assert zipped.read(name) == (EXAMPLES / name).read_bytes()
+        assert csv_rows["corrupt.png"]["error"]
+
+
+@pytest.mark.api
+def test_caption_batch_api_without_files_says_what_to_do(tiny_client):
+    from gradio_client.exceptions import AppError
+
+    with pytest.raises(AppError, match="Upload some images"):
+        tiny_client.predict([], api_name="/caption_batch")
