@@ -10,7 +10,6 @@ temperature-warped, so neither would compare across strategies.
 from __future__ import annotations
 
 import dataclasses
-import math
 import random
 import time
 from dataclasses import dataclass
@@ -20,6 +19,8 @@ from PIL import Image
 
 from pipelines import settings
 from pipelines.diverse_beam import diverse_beam_search
+from pipelines.feature_cache import ImageFeatureCache, model_identity
+from pipelines.validation import as_float, as_int
 
 
 @dataclass(frozen=True)
@@ -53,9 +54,9 @@ class CaptionRequest:
             raise ValueError(
                 f"Unknown decoding strategy {self.strategy!r}; choose one of: {', '.join(settings.CAPTION_STRATEGIES)}."
             )
-        num_captions = _as_int("num_captions", self.num_captions, 1, settings.MAX_CAPTIONS_PER_IMAGE)
-        max_new_tokens = _as_int("max_new_tokens", self.max_new_tokens, 1, settings.MAX_NEW_TOKENS)
-        min_new_tokens = _as_int("min_new_tokens", self.min_new_tokens, 0, max_new_tokens)
+        num_captions = as_int("num_captions", self.num_captions, 1, settings.MAX_CAPTIONS_PER_IMAGE)
+        max_new_tokens = as_int("max_new_tokens", self.max_new_tokens, 1, settings.MAX_NEW_TOKENS)
+        min_new_tokens = as_int("min_new_tokens", self.min_new_tokens, 0, max_new_tokens)
         prefix = " ".join(str(self.prefix or "").split())
         if len(prefix) > settings.MAX_CAPTION_PREFIX_CHARS:
             raise ValueError(
@@ -67,19 +68,19 @@ class CaptionRequest:
                 "Greedy decoding always gives one caption; ask for 1 caption, or choose beam, "
                 "diverse_beam or sampling to get several."
             )
-        num_beams = _as_int("num_beams", self.num_beams, 1, settings.MAX_NUM_BEAMS)
+        num_beams = as_int("num_beams", self.num_beams, 1, settings.MAX_NUM_BEAMS)
         if self.strategy in ("beam", "diverse_beam") and num_captions > num_beams:
             raise ValueError(
                 f"Beam search returns at most one caption per beam: raise num_beams to "
                 f"{num_captions} or ask for {num_beams} caption(s)."
             )
-        num_beam_groups = _as_int("num_beam_groups", self.num_beam_groups, 1, settings.MAX_NUM_BEAMS)
+        num_beam_groups = as_int("num_beam_groups", self.num_beam_groups, 1, settings.MAX_NUM_BEAMS)
         if self.strategy == "diverse_beam" and (num_beam_groups < 2 or num_beams % num_beam_groups):
             raise ValueError(
                 f"Diverse beam search needs num_beams ({num_beams}) to be a multiple of num_beam_groups "
                 f"({num_beam_groups}), with at least 2 groups: e.g. 6 beams in 3 groups."
             )
-        seed = _as_int("seed", self.seed, -1, settings.MAX_SEED)
+        seed = as_int("seed", self.seed, -1, settings.MAX_SEED)
         if seed == -1:
             seed = random.randint(0, settings.MAX_SEED)
         return dataclasses.replace(
@@ -87,20 +88,20 @@ class CaptionRequest:
             prefix=prefix,
             num_captions=num_captions,
             num_beams=num_beams,
-            length_penalty=_as_float("length_penalty", self.length_penalty, -5.0, 5.0),
+            length_penalty=as_float("length_penalty", self.length_penalty, -5.0, 5.0),
             early_stopping=bool(self.early_stopping),
             num_beam_groups=num_beam_groups,
-            diversity_penalty=_as_float("diversity_penalty", self.diversity_penalty, 0.0, 100.0),
-            top_k=_as_int("top_k", self.top_k, 0, 100_000),
-            top_p=_as_float("top_p", self.top_p, 0.0, 1.0, low_open=True),
-            temperature=_as_float("temperature", self.temperature, 0.0, settings.MAX_TEMPERATURE, low_open=True),
+            diversity_penalty=as_float("diversity_penalty", self.diversity_penalty, 0.0, 100.0),
+            top_k=as_int("top_k", self.top_k, 0, 100_000),
+            top_p=as_float("top_p", self.top_p, 0.0, 1.0, low_open=True),
+            temperature=as_float("temperature", self.temperature, 0.0, settings.MAX_TEMPERATURE, low_open=True),
             seed=seed,
             min_new_tokens=min_new_tokens,
             max_new_tokens=max_new_tokens,
-            repetition_penalty=_as_float(
+            repetition_penalty=as_float(
                 "repetition_penalty", self.repetition_penalty, 0.0, settings.MAX_REPETITION_PENALTY, low_open=True
             ),
-            no_repeat_ngram_size=_as_int(
+            no_repeat_ngram_size=as_int(
                 "no_repeat_ngram_size", self.no_repeat_ngram_size, 0, settings.MAX_NO_REPEAT_NGRAM
             ),
         )
@@ -128,36 +129,6 @@ class CaptionRequest:
         raise ValueError(f"{self.strategy} decoding runs through pipelines.diverse_beam, not generate().")
 
 
-def _as_int(name: str, value, low: int, high: int) -> int:
-    """``value`` as an int in [low, high]; ValueError otherwise (floats like 3.0 are accepted)."""
-    if isinstance(value, str):
-        value = value.strip()
-        try:
-            value = float(value)
-        except ValueError:
-            raise ValueError(f"{name} must be a whole number between {low} and {high}, not {value!r}.") from None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not float(value).is_integer():
-        raise ValueError(f"{name} must be a whole number between {low} and {high}, not {value!r}.")
-    if not low <= value <= high:
-        raise ValueError(f"{name} must be between {low} and {high}, not {value:g}.")
-    return int(value)
-
-
-def _as_float(name: str, value, low: float, high: float, *, low_open: bool = False) -> float:
-    """``value`` as a finite float in [low, high] (or (low, high] with low_open); ValueError otherwise."""
-    if isinstance(value, str):
-        try:
-            value = float(value.strip())
-        except ValueError:
-            raise ValueError(f"{name} must be a number between {low} and {high}, not {value!r}.") from None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a number between {low} and {high}, not {value!r}.")
-    if value > high or value < low or (low_open and value == low):
-        bound = f"above {low}" if low_open else f"at least {low}"
-        raise ValueError(f"{name} must be {bound} and at most {high}, not {value:g}.")
-    return float(value)
-
-
 @dataclass(frozen=True)
 class Caption:
     text: str
@@ -179,10 +150,11 @@ class BlipCaptioner:
     Images must already be RGB ``PIL.Image`` objects (see ``pipelines.images``).
     """
 
-    def __init__(self, model, processor, source: str = "") -> None:
+    def __init__(self, model, processor, source: str = "", feature_cache: ImageFeatureCache | None = None) -> None:
         self.model = model
         self.processor = processor
         self.source = source
+        self.feature_cache = feature_cache if feature_cache is not None else ImageFeatureCache()
         text_config = model.config.text_config
         self.bos_token_id = text_config.bos_token_id  # [DEC]; not in the tokenizer's vocabulary
         self.eos_token_id = text_config.sep_token_id  # BLIP ends captions with [SEP]
@@ -267,8 +239,26 @@ class BlipCaptioner:
         """Vision-encoder features, (batch, 1 + grid², hidden)."""
         return self.encode_pixels(self.pixel_values(images))
 
-    def encode_pixels(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def encode_pixels(self, pixel_values: torch.Tensor, *, cache: bool | None = None) -> torch.Tensor:
         """Vision-encoder features for preprocessed pixels, (batch, 1 + grid², hidden).
+
+        ``cache`` (default: only when ``pixel_values`` holds one image) looks each
+        image up in ``self.feature_cache`` first and stores what it computes. Single
+        images are what the Caption, Match and Attention tabs send, often the same
+        one in turn. A batch of several is left out by default: batch captioning sees
+        each image once, hashing it would slow a GPU batch down, and storing it would
+        only push the images a user is exploring out of the cache. The returned
+        tensor may be shared with the cache: read it, never modify it in place.
+        """
+        if cache is None:
+            cache = pixel_values.shape[0] == 1
+        if not cache:
+            return self._run_vision_encoder(pixel_values)
+        identity = model_identity(self.model, self.source)
+        return self.feature_cache.features(identity, pixel_values, self._run_vision_encoder)
+
+    def _run_vision_encoder(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The ViT's last hidden state for every image, with no cache involved.
 
         On the CPU images go through the ViT a few at a time: one 384 px image is
         already 577 tokens, and larger batches only add cache misses (measured:
@@ -283,6 +273,28 @@ class BlipCaptioner:
         """(1, P) decoder prompt: [DEC] then the prefix's word pieces, without [CLS]/[SEP]."""
         prefix_ids = self.processor.tokenizer(prefix, add_special_tokens=False)["input_ids"] if prefix else []
         return torch.tensor([[self.bos_token_id, *prefix_ids]], dtype=torch.long, device=self.device)
+
+    @property
+    def max_text_tokens(self) -> int:
+        """Word pieces a text may have so that [DEC] + text + [SEP] fits the decoder's positions."""
+        return self.model.config.text_config.max_position_embeddings - 2
+
+    def text_ids(self, text: str, label: str = "The text") -> list[int]:
+        """``text``'s word pieces, without [CLS]/[SEP]; ValueError if it has none or too many.
+
+        ``label`` starts the error sentences (e.g. "Text 3", "The caption").
+        """
+        ids = self.processor.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise ValueError(
+                f"{label} ({text!r}) holds nothing BLIP can read (only spaces, control or zero-width "
+                "characters); type some words."
+            )
+        if len(ids) > self.max_text_tokens:
+            raise ValueError(
+                f"{label} is {len(ids)} word pieces long, over BLIP's limit of {self.max_text_tokens}; shorten it."
+            )
+        return ids
 
     def _generate(self, prompt_ids: torch.LongTensor, image_embeds: torch.Tensor, request: CaptionRequest):
         """Greedy or sampling through ``generate()``; returns sequences and raw token log-probs."""

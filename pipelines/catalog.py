@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipelines.tiny import TINY_BLIP_DIR, TINY_SD3_DIRS
+from pipelines.tiny import TINY_BLIP_DIR, TINY_BLIP_ITM_DIR, TINY_SD3_DIRS
 
 MODEL_CONFIGS_DIR = Path(__file__).resolve().parent.parent / "assets" / "model-configs"
 
@@ -37,7 +37,7 @@ class ModelSpec:
 
     key: str  # the name the app, the CLI flags and the API use
     repo_id: str  # Hugging Face Hub repo id
-    kind: str  # which loader builds it: "blip-caption" or "sd3"
+    kind: str  # which loader builds it: "blip-caption", "blip-itm" or "sd3"
     title: str
     parameters: int  # state-dict elements of the real architecture (meta-device count)
     licence: str
@@ -68,6 +68,18 @@ CATALOG: dict[str, ModelSpec] = {
             tiny_dir=TINY_BLIP_DIR,
             config_dir="Salesforce__blip-image-captioning-base",
             notes="ViT-B/16 at 384 px + a 12-layer BERT-style text decoder.",
+        ),
+        ModelSpec(
+            key="blip-itm",
+            repo_id="Salesforce/blip-itm-base-coco",
+            kind="blip-itm",
+            title="BLIP base (image-text retrieval)",
+            parameters=223_744_258,  # no tied head here: parameters and state dict agree
+            licence="bsd-3-clause",
+            gated=False,
+            tiny_dir=TINY_BLIP_ITM_DIR,
+            config_dir="Salesforce__blip-itm-base-coco",
+            notes="The same ViT-B/16 + BERT text encoder, fine-tuned on COCO for ITM and ITC: the Match tab's second opinion.",
         ),
         ModelSpec(
             key="sd35-large",

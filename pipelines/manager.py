@@ -40,7 +40,11 @@ def _loaders() -> dict[str, Callable[[str, Runtime], Any]]:
     # until an SD3 model is actually wanted).
     from pipelines import loaders
 
-    return {"blip-caption": loaders.load_blip_captioner, "sd3": loaders.load_sd3_pipeline}
+    return {
+        "blip-caption": loaders.load_blip_captioner,
+        "blip-itm": loaders.load_blip_retrieval,
+        "sd3": loaders.load_sd3_pipeline,
+    }
 
 
 class ModelManager:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from pipelines.blip import BlipCaptioner
 from pipelines.manager import ModelManager
+from pipelines.matching import ImageTextMatcher
 
 TINY_MODE_NOTICE = (
     "Tiny mode: every model here is a miniature with random weights, built offline. Captions are "
@@ -16,6 +18,7 @@ TINY_MODE_NOTICE = (
 @dataclass
 class Studio:
     manager: ModelManager
+    outputs_dir: Path | None = None  # --outputs: generated PNGs are also saved here
 
     @property
     def tiny(self) -> bool:
@@ -24,3 +27,7 @@ class Studio:
     def captioner(self) -> BlipCaptioner:
         """The BLIP captioning model, loaded on first use."""
         return self.manager.get("blip-caption")
+
+    def matcher(self) -> ImageTextMatcher:
+        """Image-text matching with the captioner; the retrieval model loads only if a request asks for it."""
+        return ImageTextMatcher(self.captioner(), retrieval=lambda: self.manager.get("blip-itm"))

@@ -24,9 +24,10 @@ from pathlib import Path
 import torch
 
 # Bump when anything below changes, so stale caches are rebuilt, never reused.
-TINY_BUILD_VERSION = 2
+TINY_BUILD_VERSION = 3
 
 TINY_BLIP_DIR = "blip-caption"
+TINY_BLIP_ITM_DIR = "blip-itm"
 TINY_SD3_DIRS = {"large": "sd35-large", "large-turbo": "sd35-large-turbo", "medium": "sd35-medium"}
 
 # A small caption vocabulary: enough words that the tiny BLIP's gibberish reads as
@@ -155,20 +156,14 @@ def default_tiny_root() -> Path:
 # ----------------------------------------------------------------------------- BLIP
 
 
-def build_tiny_blip(out_dir: Path) -> None:
-    """Save a tiny ``BlipForConditionalGeneration`` + ``BlipProcessor`` in the Hub layout.
+def _tiny_blip_processor_and_config():
+    """The tiny BLIP's processor and config, shared by the captioning and retrieval stand-ins.
 
     The layout mirrors Salesforce/blip-image-captioning-base: the tokenizer holds
     only BERT's specials, and ``[DEC]`` (bos) lives in the model just past the
     tokenizer's vocabulary, as 30522 does in the real model.
     """
-    from transformers import (
-        BertTokenizer,
-        BlipConfig,
-        BlipForConditionalGeneration,
-        BlipImageProcessor,
-        BlipProcessor,
-    )
+    from transformers import BertTokenizer, BlipConfig, BlipImageProcessor, BlipProcessor
 
     vocab_tokens = _BERT_SPECIALS + sorted(set(_CAPTION_WORDS)) + _WORDPIECE_SUFFIXES
     vocab = {token: index for index, token in enumerate(vocab_tokens)}
@@ -192,6 +187,7 @@ def build_tiny_blip(out_dir: Path) -> None:
         "sep_token_id": vocab["[SEP]"],
         "eos_token_id": vocab["[SEP]"],
         "pad_token_id": vocab["[PAD]"],
+        # True for retrieval too, as on the Hub: it is what gives the text encoder cross-attention.
         "is_decoder": True,
     }
     vision_config = {
@@ -211,6 +207,14 @@ def build_tiny_blip(out_dir: Path) -> None:
         projection_dim=32,
         image_text_hidden_size=32,
     )
+    return processor, config
+
+
+def build_tiny_blip(out_dir: Path) -> None:
+    """Save a tiny ``BlipForConditionalGeneration`` + ``BlipProcessor`` in the Hub layout."""
+    from transformers import BlipForConditionalGeneration
+
+    processor, config = _tiny_blip_processor_and_config()
     torch.manual_seed(0)
     model = BlipForConditionalGeneration(config).eval()
     # A random init gives near-uniform next-token distributions that barely depend on
@@ -220,6 +224,20 @@ def build_tiny_blip(out_dir: Path) -> None:
         model.text_decoder.cls.predictions.transform.LayerNorm.weight.mul_(8.0)
         for layer in model.text_decoder.bert.encoder.layer:
             layer.crossattention.self.value.weight.mul_(30.0)
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+
+
+def build_tiny_blip_itm(out_dir: Path) -> None:
+    """Save a tiny ``BlipForImageTextRetrieval`` (Salesforce/blip-itm-base-coco's class) with its processor.
+
+    Same sizes and tokenizer as the tiny captioner, its own random weights.
+    """
+    from transformers import BlipForImageTextRetrieval
+
+    processor, config = _tiny_blip_processor_and_config()
+    torch.manual_seed(4)
+    model = BlipForImageTextRetrieval(config).eval()
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
 
@@ -375,7 +393,7 @@ def build_tiny_sd3(out_dir: Path, variant: str) -> None:
 
 
 def _builders() -> dict[str, callable]:
-    builders = {TINY_BLIP_DIR: build_tiny_blip}
+    builders = {TINY_BLIP_DIR: build_tiny_blip, TINY_BLIP_ITM_DIR: build_tiny_blip_itm}
     for variant, dirname in TINY_SD3_DIRS.items():
         builders[dirname] = lambda out_dir, variant=variant: build_tiny_sd3(out_dir, variant)
     return builders
