@@ -1,0 +1,71 @@
+"""The System tab through gradio_client: machine info, loaded models, unloading, the memory planner."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from gradio_client import handle_file
+
+pytestmark = pytest.mark.api
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "assets" / "examples"
+
+
+def _loaded(details: dict) -> dict[str, dict]:
+    return {item["key"]: item for item in details["loaded_models"]}
+
+
+def test_system_answers_with_only_defaults(tiny_client):
+    device, loaded, table, auto, details = tiny_client.predict(api_name="/system")
+    machine, planner = details["machine"], details["planner"]
+    assert machine["torch"] and machine["device"] in device
+    if machine["gpu"] is None:  # CI and developer machines
+        assert "no GPU" in device and planner["gpu_gb"] == 24.0
+    else:
+        assert planner["gpu_gb"] == round(machine["gpu"]["total_bytes"] / 1024**3, 1)
+    assert planner["height"] == planner["width"] == 1024
+    modes = {(plan["model"], plan["mode"]) for plan in planner["plans"]}
+    assert {("sd35-large", "bf16"), ("sd35-large", "nf4-t5nf4"), ("sd35-medium", "bf16-sequential")} <= modes
+    assert ("blip-caption", "int8") in modes
+    large = next(plan for plan in planner["plans"] if (plan["model"], plan["mode"]) == ("sd35-large", "bf16"))
+    assert large["peak_bytes"] > large["weight_bytes"] > 25 * 1024**3
+    assert large["fits"] == (large["peak_bytes"] + planner["margin_bytes"] <= planner["gpu_gb"] * 1024**3)
+    assert len(table["data"]) == len(planner["plans"]) and table["headers"][-1] == "fits"
+    assert planner["auto"]["sd35-large"]["mode"] in {mode for _, mode in modes} and "sd35-large" in auto
+    assert "estimates" in planner["note"].lower()
+
+
+def test_system_plans_for_a_typed_gpu_and_size(tiny_client):
+    *_, details = tiny_client.predict(gpu_gb=80, height=512, width=768, api_name="/system")
+    planner = details["planner"]
+    assert planner["gpu_gb"] == 80 and (planner["height"], planner["width"]) == (512, 768)
+    assert planner["auto"]["sd35-large"]["mode"] == "bf16"
+
+
+def test_system_refuses_a_size_sd3_cannot_draw(tiny_client):
+    from gradio_client.exceptions import AppError
+
+    with pytest.raises(AppError, match="multiple of 16"):
+        tiny_client.predict(height=1000, api_name="/system")
+
+
+def test_unload_removes_a_loaded_model(tiny_client):
+    tiny_client.predict(handle_file(str(EXAMPLES / "chelsea.png")), api_name="/caption")
+    *_, details = tiny_client.predict(api_name="/system")
+    blip = _loaded(details)["blip-caption"]
+    assert blip["footprint_bytes"] > 0 and blip["load_seconds"] >= 0
+    message, loaded = tiny_client.predict("blip-caption", api_name="/unload")
+    assert "Unloaded" in message
+    assert "blip-caption" not in [row[0] for row in loaded["data"]]
+    *_, details = tiny_client.predict(api_name="/system")
+    assert "blip-caption" not in _loaded(details)
+    message, _ = tiny_client.predict("blip-caption", api_name="/unload")
+    assert "was not loaded" in message
+
+
+def test_unload_refuses_an_unknown_model(tiny_client):
+    from gradio_client.exceptions import AppError
+
+    with pytest.raises(AppError, match="choose one of"):
+        tiny_client.predict("sd35-huge", api_name="/unload")
