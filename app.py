@@ -13,8 +13,12 @@ from pathlib import Path
 
 import gradio as gr
 
+from components.attention import build_attention_tab
 from components.batch import build_batch_tab
 from components.caption import build_caption_tab
+from components.generate import build_generate_tab
+from components.match import build_match_tab
+from components.system import build_system_tab
 from pipelines import settings
 from pipelines.catalog import CATALOG
 from pipelines.manager import ModelManager
@@ -32,6 +36,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")))
     parser.add_argument("--share", action="store_true", help="also serve through a public Gradio share link")
     parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N or mps")
+    parser.add_argument("--outputs", type=Path, default=None, help="also save every generated PNG in this folder")
     parser.add_argument(
         "--no-preload",
         action="store_true",
@@ -85,7 +90,7 @@ def _studio_from_args(args: argparse.Namespace) -> Studio:
         manager = ModelManager(runtime, tiny_root=tiny_root, source_overrides=model_overrides(args.model))
     except ValueError as error:
         raise SystemExit(str(error)) from None
-    return Studio(manager=manager)
+    return Studio(manager=manager, outputs_dir=args.outputs)
 
 
 def build_app(studio: Studio) -> gr.Blocks:
@@ -94,10 +99,27 @@ def build_app(studio: Studio) -> gr.Blocks:
         gr.Markdown(f"# {TITLE}\nBLIP captions images; Stable Diffusion 3.5 draws them. Every tab is also an API.")
         if studio.tiny:
             gr.Markdown(f"**{TINY_MODE_NOTICE}**")
-        with gr.Tab("Caption"):
-            build_caption_tab(studio)
-        with gr.Tab("Batch"):
-            build_batch_tab(studio)
+        with gr.Tabs() as tabs:
+            with gr.Tab("Caption", id="caption"):
+                caption = build_caption_tab(studio)
+            with gr.Tab("Batch", id="batch"):
+                build_batch_tab(studio)
+            with gr.Tab("Match", id="match"):
+                build_match_tab(studio)
+            with gr.Tab("Attention", id="attention"):
+                build_attention_tab(studio)
+            with gr.Tab("Generate", id="generate"):
+                generate = build_generate_tab(studio, outputs_dir=studio.outputs_dir)
+            with gr.Tab("System", id="system") as system_tab:
+                build_system_tab(studio, system_tab)
+        # Close the loop: a generated image goes to BLIP.
+        generate["send_to_caption"].click(
+            lambda path: (path, gr.Tabs(selected="caption")),
+            inputs=generate["selected_image"],
+            outputs=[caption["image"], tabs],
+            queue=False,
+            api_visibility="private",
+        )
     return demo
 
 

@@ -12,11 +12,12 @@ from pathlib import Path
 import gradio as gr
 from PIL import Image
 
-from components.common import named_endpoint, parameter
+from components.common import ValidatedSlider, named_endpoint, parameter
 from components.decoding import build_decoding_controls, decoding_parameters, request_from_values
 from pipelines import settings
 from pipelines.batch_caption import CaptionedImage, FailedImage, caption_files, collect_uploads, dataset_zip
 from pipelines.studio import Studio
+from pipelines.validation import as_int
 
 TABLE_HEADERS = ["image", "file", "caption", "score"]
 THUMBNAIL_SIDE = 64
@@ -66,9 +67,7 @@ def build_batch_tab(studio: Studio) -> dict:
         if not files:
             raise ValueError("Upload some images, or a .zip of images, first.")
         caption_request = request_from_values(decoding, num_captions=1).validated()
-        batch_size = int(batch_size)
-        if not 1 <= batch_size <= settings.MAX_BATCH_SIZE:
-            raise ValueError(f"batch_size must be between 1 and {settings.MAX_BATCH_SIZE}, not {batch_size}.")
+        batch_size = as_int("batch_size", batch_size, 1, settings.MAX_BATCH_SIZE)
         session = getattr(request, "session_hash", None) or "api"
         stop = stop_requests.setdefault(session, threading.Event())
         stop.clear()
@@ -137,7 +136,7 @@ def build_batch_tab(studio: Studio) -> dict:
                 trigger = gr.Textbox(value="", label="Trigger word(s) before each caption", placeholder="e.g. sks")
                 suffix = gr.Textbox(value="", label="Text after each caption", placeholder="e.g. high quality photo")
             with gr.Row():
-                batch_size = gr.Slider(
+                batch_size = ValidatedSlider(
                     1, settings.MAX_BATCH_SIZE, value=settings.DEFAULT_BATCH_SIZE, step=1, label="Batch size"
                 )
                 include_images = gr.Checkbox(value=True, label="Put the images in the zip (a ready dataset)")

@@ -50,30 +50,57 @@ def user_errors(function: Callable) -> Callable:
     serving and the user keeps what they already produced.
     """
 
+    if inspect.isgeneratorfunction(function):
+
+        @functools.wraps(function)
+        def streaming_wrapper(*args, **kwargs):
+            try:
+                yield from function(*args, **kwargs)
+            except Exception as error:
+                raise _as_user_error(function, error) from None
+
+        return streaming_wrapper
+
     @functools.wraps(function)
     def wrapper(*args, **kwargs):
         try:
             return function(*args, **kwargs)
-        except gr.Error:
-            raise
-        except (ValueError, ModelLoadError) as error:
-            raise gr.Error(str(error), print_exception=False) from None
-        except torch.OutOfMemoryError:
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            raise gr.Error(
-                "Out of memory: try fewer captions/images, a smaller size, or unload other models.",
-                print_exception=False,
-            ) from None
         except Exception as error:
-            logger.exception("unexpected error in %s", function.__name__)
-            raise gr.Error(
-                f"Something went wrong ({type(error).__name__}); the server log has details. Try again, "
-                "or with other settings.",
-                print_exception=False,
-            ) from None
+            raise _as_user_error(function, error) from None
 
     return wrapper
+
+
+def _as_user_error(function: Callable, error: Exception) -> gr.Error:
+    if isinstance(error, gr.Error):
+        return error
+    if isinstance(error, (ValueError, ModelLoadError)):
+        return gr.Error(str(error), print_exception=False)
+    if isinstance(error, torch.OutOfMemoryError):
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return gr.Error(
+            "Out of GPU memory: try a smaller size or fewer images, a memory-saving mode (quantization or "
+            "offload), or unload other models in the System tab.",
+            print_exception=False,
+        )
+    logger.error("unexpected error in %s", function.__name__, exc_info=error)
+    return gr.Error(
+        f"Something went wrong ({type(error).__name__}); the server log has details. Try again, or with other settings.",
+        print_exception=False,
+    )
+
+
+def on_gpu(duration: Callable[..., int]) -> Callable[[Callable], Callable]:
+    """``spaces.GPU(duration=...)`` on Hugging Face ZeroGPU Spaces; nothing elsewhere.
+
+    ``duration`` receives the event function's arguments and returns seconds.
+    """
+    try:
+        import spaces  # only installed on Spaces
+    except ImportError:
+        return lambda function: function
+    return lambda function: spaces.GPU(duration=duration)(function)
 
 
 def named_endpoint(function: Callable, parameters: list[inspect.Parameter]) -> Callable:
@@ -88,8 +115,15 @@ def named_endpoint(function: Callable, parameters: list[inspect.Parameter]) -> C
     """
     names = [parameter.name for parameter in parameters]
 
-    def endpoint(*values):
-        return function(**dict(zip(names, values, strict=True)))
+    if inspect.isgeneratorfunction(function) or inspect.isgeneratorfunction(getattr(function, "__wrapped__", None)):
+
+        def endpoint(*values):
+            yield from function(**dict(zip(names, values, strict=True)))
+
+    else:
+
+        def endpoint(*values):
+            return function(**dict(zip(names, values, strict=True)))
 
     endpoint.__name__ = function.__name__
     endpoint.__doc__ = function.__doc__
@@ -105,3 +139,34 @@ def named_endpoint(function: Callable, parameters: list[inspect.Parameter]) -> C
 def parameter(name: str, default=inspect.Parameter.empty, annotation=inspect.Parameter.empty) -> inspect.Parameter:
     """A positional-or-keyword parameter for ``named_endpoint``."""
     return inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default, annotation=annotation)
+
+
+class ValidatedSlider(gr.Slider):
+    """A slider whose value reaches the pipelines' validation exactly as it was sent.
+
+    Gradio's own bounds check answers an API client with a bare "exception"
+    (no sentence), and cannot know model-dependent ranges; the pipelines check
+    every number anyway and say what the range is.
+    """
+
+    def get_block_name(self) -> str:
+        return "slider"
+
+    def get_config(self, cls=None):
+        return super().get_config(cls or gr.Slider)
+
+    def preprocess(self, payload):
+        return payload
+
+
+class ValidatedNumber(gr.Number):
+    """A number box whose value reaches the pipelines' validation as sent (see ValidatedSlider)."""
+
+    def get_block_name(self) -> str:
+        return "number"
+
+    def get_config(self, cls=None):
+        return super().get_config(cls or gr.Number)
+
+    def preprocess(self, payload):
+        return payload

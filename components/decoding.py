@@ -11,7 +11,7 @@ from dataclasses import dataclass, fields
 
 import gradio as gr
 
-from components.common import parameter
+from components.common import ValidatedNumber, ValidatedSlider, parameter
 from pipelines import settings
 from pipelines.blip import CaptionRequest
 
@@ -93,7 +93,7 @@ def build_decoding_controls(
         placeholder="e.g. a picture of — leave empty for unconditional captions",
         max_length=settings.MAX_CAPTION_PREFIX_CHARS,
     )
-    num_captions = gr.Slider(
+    num_captions = ValidatedSlider(
         1,
         settings.MAX_CAPTIONS_PER_IMAGE,
         value=defaults.num_captions,
@@ -103,41 +103,41 @@ def build_decoding_controls(
     )
     with gr.Accordion("Decoding settings", open=False):
         with gr.Group(visible=defaults.strategy in ("beam", "diverse_beam")) as beam_group:
-            num_beams = gr.Slider(1, settings.MAX_NUM_BEAMS, value=defaults.num_beams, step=1, label="Beams")
-            length_penalty = gr.Slider(
+            num_beams = ValidatedSlider(1, settings.MAX_NUM_BEAMS, value=defaults.num_beams, step=1, label="Beams")
+            length_penalty = ValidatedSlider(
                 -2.0, 3.0, value=defaults.length_penalty, step=0.1, label="Length penalty (>1 favours longer)"
             )
             early_stopping = gr.Checkbox(value=defaults.early_stopping, label="Early stopping")
         with gr.Group(visible=defaults.strategy == "diverse_beam") as diverse_group:
-            num_beam_groups = gr.Slider(
+            num_beam_groups = ValidatedSlider(
                 2, settings.MAX_NUM_BEAMS, value=defaults.num_beam_groups, step=1, label="Beam groups"
             )
-            diversity_penalty = gr.Slider(
+            diversity_penalty = ValidatedSlider(
                 0.0, 5.0, value=defaults.diversity_penalty, step=0.1, label="Diversity penalty"
             )
         with gr.Group(visible=defaults.strategy == "sampling") as sampling_group:
-            top_k = gr.Slider(0, 200, value=defaults.top_k, step=1, label="Top-k (0 = off)")
-            top_p = gr.Slider(0.05, 1.0, value=defaults.top_p, step=0.05, label="Top-p (1 = off)")
-            temperature = gr.Slider(
+            top_k = ValidatedSlider(0, 200, value=defaults.top_k, step=1, label="Top-k (0 = off)")
+            top_p = ValidatedSlider(0.05, 1.0, value=defaults.top_p, step=0.05, label="Top-p (1 = off)")
+            temperature = ValidatedSlider(
                 0.05, settings.MAX_TEMPERATURE, value=defaults.temperature, step=0.05, label="Temperature"
             )
-            seed = gr.Number(value=defaults.seed, precision=0, label="Seed (-1 = random)")
+            seed = ValidatedNumber(value=defaults.seed, precision=0, label="Seed (-1 = random)")
         with gr.Row():
-            min_new_tokens = gr.Slider(
+            min_new_tokens = ValidatedSlider(
                 0, settings.MAX_NEW_TOKENS, value=defaults.min_new_tokens, step=1, label="Min tokens"
             )
-            max_new_tokens = gr.Slider(
+            max_new_tokens = ValidatedSlider(
                 1, settings.MAX_NEW_TOKENS, value=defaults.max_new_tokens, step=1, label="Max tokens"
             )
         with gr.Row():
-            repetition_penalty = gr.Slider(
+            repetition_penalty = ValidatedSlider(
                 1.0,
                 settings.MAX_REPETITION_PENALTY,
                 value=defaults.repetition_penalty,
                 step=0.05,
                 label="Repetition penalty",
             )
-            no_repeat_ngram_size = gr.Slider(
+            no_repeat_ngram_size = ValidatedSlider(
                 0, settings.MAX_NO_REPEAT_NGRAM, value=defaults.no_repeat_ngram_size, step=1, label="No-repeat n-gram"
             )
     strategy.change(

@@ -245,7 +245,7 @@ def build_tiny_blip_itm(out_dir: Path) -> None:
 # ----------------------------------------------------------------------------- SD3
 
 
-def _tiny_clip_tokenizer(pad_token: str):
+def tiny_clip_tokenizer(pad_token: str):
     """A byte-level BPE CLIP tokenizer whose merges spell out the caption words."""
     from tokenizers.pre_tokenizers import ByteLevel
     from transformers import CLIPTokenizer
@@ -269,7 +269,7 @@ def _tiny_clip_tokenizer(pad_token: str):
     return CLIPTokenizer(vocab=vocab, merges=merges, pad_token=pad_token, model_max_length=77)
 
 
-def _tiny_t5_tokenizer():
+def tiny_t5_tokenizer():
     """A Unigram T5 tokenizer: whole caption words, then single characters as a fallback."""
     from transformers import T5Tokenizer
 
@@ -333,8 +333,8 @@ def build_tiny_sd3(out_dir: Path, variant: str) -> None:
         "max_position_embeddings": 77,
         "hidden_act": "gelu",
     }
-    tokenizer = _tiny_clip_tokenizer(pad_token="<|endoftext|>")
-    tokenizer_2 = _tiny_clip_tokenizer(pad_token="!")  # the real CLIP-G tokenizer pads with "!"
+    tokenizer = tiny_clip_tokenizer(pad_token="<|endoftext|>")
+    tokenizer_2 = tiny_clip_tokenizer(pad_token="!")  # the real CLIP-G tokenizer pads with "!"
     special_ids = {
         "bos_token_id": tokenizer.bos_token_id,
         "eos_token_id": tokenizer.eos_token_id,
@@ -346,7 +346,7 @@ def build_tiny_sd3(out_dir: Path, variant: str) -> None:
     text_encoder_2 = CLIPTextModelWithProjection(
         CLIPTextConfig(**clip_config, **special_ids, pad_token_id=tokenizer_2.pad_token_id)
     )
-    tokenizer_3 = _tiny_t5_tokenizer()
+    tokenizer_3 = tiny_t5_tokenizer()
     text_encoder_3 = T5EncoderModel(
         T5Config(
             vocab_size=len(tokenizer_3),

@@ -1,0 +1,158 @@
+"""The Studio's generate call against a bare diffusers pipeline call, same settings, CPU.
+
+    python -m bench.bench_generate [--repeats 3]
+
+Two pipelines: the tiny Large stand-in, and a mid-size random-weight SD3
+(an 8-layer, 512-wide MMDiT with the real SD3 VAE config and small text
+encoders) at 256x256, 4 steps, guidance 3.5. The Studio side is what the
+Generate tab runs: ``resolve_request`` + ``generate`` (step callback, stop
+check, truncation check, PNG parameters) + saving the PNG with its metadata.
+It is timed with live previews off and with a preview after every step, so
+the previews' cost is printed. Goal: ratio <= 1.05 without previews.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+
+from bench.common import interleaved_medians, machine_description, write_results
+from pipelines.catalog import MODEL_CONFIGS_DIR
+from pipelines.png_metadata import save_png
+from pipelines.sd3 import GenerateRequest, LatentPreviewer, generate, resolve_request
+from pipelines.tiny import TINY_SD3_DIRS, ensure_tiny_models
+
+
+def mid_size_pipeline(tiny_dir: Path):
+    """A random-weight SD3 pipeline between the tiny one and the real ones, built in memory."""
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+    from transformers import (
+        CLIPTextConfig,
+        CLIPTextModelWithProjection,
+        CLIPTokenizer,
+        T5Config,
+        T5EncoderModel,
+        T5Tokenizer,
+    )
+
+    torch.manual_seed(0)
+    tokenizer = CLIPTokenizer.from_pretrained(tiny_dir / "tokenizer")
+    tokenizer_2 = CLIPTokenizer.from_pretrained(tiny_dir / "tokenizer_2")
+    tokenizer_3 = T5Tokenizer.from_pretrained(tiny_dir / "tokenizer_3")
+    clip = {"hidden_size": 256, "intermediate_size": 1024, "num_attention_heads": 4, "num_hidden_layers": 4}
+    clip |= {"projection_dim": 256, "vocab_size": len(tokenizer), "max_position_embeddings": 77}
+    clip |= {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
+    vae_config = json.loads(
+        (MODEL_CONFIGS_DIR / "stabilityai__stable-diffusion-3.5-large" / "vae" / "config.json").read_text()
+    )
+    pipeline = StableDiffusion3Pipeline(
+        transformer=SD3Transformer2DModel(
+            sample_size=32,
+            patch_size=2,
+            in_channels=16,
+            out_channels=16,
+            num_layers=8,
+            attention_head_dim=64,
+            num_attention_heads=8,
+            joint_attention_dim=512,
+            caption_projection_dim=512,
+            pooled_projection_dim=512,
+            pos_embed_max_size=96,
+            qk_norm="rms_norm",
+        ),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=AutoencoderKL.from_config(vae_config),
+        text_encoder=CLIPTextModelWithProjection(CLIPTextConfig(**clip)),
+        tokenizer=tokenizer,
+        text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**clip)),
+        tokenizer_2=tokenizer_2,
+        text_encoder_3=T5EncoderModel(
+            T5Config(vocab_size=len(tokenizer_3), d_model=512, d_ff=1024, d_kv=64, num_layers=4, num_heads=8)
+        ),
+        tokenizer_3=tokenizer_3,
+    )
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args(argv)
+
+    tiny_root = ensure_tiny_models()
+    from diffusers import StableDiffusion3Pipeline
+
+    tiny = StableDiffusion3Pipeline.from_pretrained(tiny_root / TINY_SD3_DIRS["large"])
+    tiny.set_progress_bar_config(disable=True)
+    cases = {
+        "tiny Large, 128x128": (tiny, 128),
+        "mid-size SD3, 256x256": (mid_size_pipeline(tiny_root / TINY_SD3_DIRS["large"]), 256),
+    }
+    print(f"SD3 pipelines with random weights, fp32, {machine_description()}; 4 steps, guidance 3.5")
+    print(f"{'pipeline':<24} {'bare call':>10} {'Studio':>9} {'ratio':>6} {'+previews':>10} {'ratio':>6}")
+    rows = []
+    with tempfile.TemporaryDirectory() as scratch:
+        for name, (pipeline, side) in cases.items():
+            parameters = sum(parameter.numel() for parameter in pipeline.transformer.parameters())
+            request = resolve_request(
+                GenerateRequest(
+                    prompt="a red cube on a blue sphere", steps=4, guidance=3.5, width=side, height=side, seed=1
+                ),
+                tiny=True,  # the tiny size limits (64-512 px) admit both test sizes; the real ones start at 0.25 MP
+            )
+            previewer = LatentPreviewer(pipeline.vae)
+            previewer(torch.zeros(1, 16, 2, 2))  # fit the projection once, outside the timing
+
+            def bare(pipeline=pipeline, side=side):
+                return pipeline(
+                    "a red cube on a blue sphere",
+                    num_inference_steps=4,
+                    guidance_scale=3.5,
+                    height=side,
+                    width=side,
+                    generator=[torch.Generator().manual_seed(1)],
+                    max_sequence_length=256,
+                ).images
+
+            def studio(pipeline=pipeline, request=request, previewer=previewer, preview_every=0):
+                result = generate(pipeline, request, repo_id="bench", preview_every=preview_every, previewer=previewer)
+                for index, image in enumerate(result.images):
+                    save_png(image, Path(scratch) / f"{index}.png", result.parameters[index], result.settings[index])
+                return result
+
+            medians = interleaved_medians(
+                {"bare": bare, "studio": studio, "previews": lambda: studio(preview_every=1)}, args.repeats
+            )
+            ratio, preview_ratio = medians["studio"] / medians["bare"], medians["previews"] / medians["bare"]
+            print(
+                f"{name:<24} {medians['bare']:>9.3f}s {medians['studio']:>8.3f}s {ratio:>6.3f}"
+                f" {medians['previews']:>9.3f}s {preview_ratio:>6.3f}"
+            )
+            rows.append(
+                {
+                    "pipeline": name,
+                    "transformer_parameters": parameters,
+                    "bare_seconds": medians["bare"],
+                    "studio_seconds": medians["studio"],
+                    "ratio": ratio,
+                    "studio_with_previews_seconds": medians["previews"],
+                    "previews_ratio": preview_ratio,
+                    "repeats": args.repeats,
+                }
+            )
+    path = write_results("generate-cpu", "tiny and mid-size random weights", rows)
+    print(f"medians of {args.repeats} interleaved runs; saved to {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,357 @@
+"""Generate tab: SD3.5 Large, Large Turbo and Medium text-to-image (API ``/generate``)."""
+
+from __future__ import annotations
+
+import queue
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import gradio as gr
+
+from components.common import ValidatedNumber, ValidatedSlider, named_endpoint, on_gpu, parameter
+from pipelines import settings
+from pipelines.catalog import CATALOG
+from pipelines.png_metadata import save_png
+from pipelines.sd3 import (
+    ASPECT_RATIOS,
+    MODEL_CHOICES,
+    GenerateRequest,
+    LatentPreviewer,
+    generate,
+    model_key,
+    resolve_request,
+    size_for_aspect,
+    size_limits,
+)
+from pipelines.studio import Studio
+
+EXAMPLE_PROMPTS = [
+    # text rendering
+    ["a capybara holding a sign that reads Hello World", "large"],
+    ['a neon shop sign above a rainy street that says "OPEN 24 HOURS", night, reflections', "large"],
+    # prompt adherence: several objects, colours and positions
+    ["a red cube on top of a blue sphere, a green pyramid to the left, on a white table, studio light", "medium"],
+    [
+        "three yellow rubber ducks in a row on a bathtub edge, the middle one wearing a tiny black top hat",
+        "large-turbo",
+    ],
+    ["an astronaut riding a horse on the moon, earth rising behind them, photograph", "large"],
+]
+
+
+def _slider_ranges(studio: Studio, key: str) -> tuple[int, int]:
+    limits = size_limits(CATALOG[key], studio.tiny)
+    low = max(16, int(limits["min_pixels"] ** 0.5) // 2 // 16 * 16)
+    return low, limits["max_side"]
+
+
+def estimated_gpu_seconds(prompt, model, negative_prompt, seed, steps, guidance, width, height, *rest, **named) -> int:
+    """A generous ZeroGPU duration for one /generate call (same arguments as the event function).
+
+    ~0.35 s per megapixel-step on an H100-class GPU for Medium and Turbo, 2.5x that for Large,
+    plus 30 s for loading; capped at 300 s.
+    """
+    num_images = named.get("num_images", rest[2] if len(rest) > 2 else 1)
+    try:
+        megapixels = float(width or 1024) * float(height or 1024) / 2**20
+        work = float(steps or 40) * megapixels * float(num_images or 1)
+    except (TypeError, ValueError):
+        return 120
+    return int(min(300, 30 + 0.35 * work * (2.5 if model == "large" else 1.0)))
+
+
+def build_generate_tab(studio: Studio, outputs_dir: Path | None = None) -> dict:
+    """Build the Generate tab inside the current Blocks; returns its main components."""
+    stop_requests: dict[str, threading.Event] = {}
+    previewers: dict[str, LatentPreviewer] = {}
+    work_dir = Path(tempfile.mkdtemp(prefix="studio-generate-"))
+    first_key = model_key("large")
+    first_preset = CATALOG[first_key].image_preset
+    default_width, default_height = size_for_aspect("1:1", CATALOG[first_key], studio.tiny)
+
+    def generate_images(
+        prompt, model, negative_prompt, seed, steps, guidance, width, height, max_sequence_length,
+        skip_layer_guidance, num_images, preview_every, history, progress, request,
+    ):  # fmt: skip
+        """Yields step previews while the pipeline runs, then the PNGs and their summary."""
+        resolved = resolve_request(
+            GenerateRequest(
+                prompt=prompt,
+                model=model,
+                negative_prompt=negative_prompt or "",
+                seed=-1 if seed is None else seed,
+                steps=None if steps in (None, "") else steps,
+                guidance=None if guidance in (None, "") else guidance,
+                width=None if width in (None, "") else width,
+                height=None if height in (None, "") else height,
+                max_sequence_length=max_sequence_length,
+                skip_layer_guidance=skip_layer_guidance,
+                num_images=num_images,
+            ),
+            tiny=studio.tiny,
+        )
+        for note in resolved.notes:
+            gr.Info(note)
+        session = getattr(request, "session_hash", None) or "api"
+        stop = stop_requests.setdefault(session, threading.Event())
+        stop.clear()
+        pipeline = studio.manager.get(resolved.model_key)
+        previewer = previewers.setdefault(resolved.model_key, LatentPreviewer(pipeline.vae))
+        repo_id = CATALOG[resolved.model_key].repo_id
+        progress((0, resolved.steps), desc="denoising", unit="steps")
+
+        # The pipeline runs in a worker thread; this generator relays its steps to the
+        # progress bar and its previews to the page (Progress must be called from here).
+        events: queue.Queue = queue.Queue()
+
+        def run():
+            try:
+                events.put(
+                    (
+                        "done",
+                        generate(
+                            pipeline,
+                            resolved,
+                            repo_id=repo_id,
+                            on_step=lambda step, total, previews: events.put(("step", step, total, previews)),
+                            should_stop=stop.is_set,
+                            preview_every=int(preview_every or 0),
+                            previewer=previewer,
+                        ),
+                    )
+                )
+            except BaseException as error:  # re-raised below, in the request's thread
+                events.put(("error", error))
+
+        threading.Thread(target=run, name="sd3-generate", daemon=True).start()
+        while True:
+            event = events.get()
+            if event[0] == "error":
+                raise event[1]
+            if event[0] == "done":
+                result = event[1]
+                break
+            _, step, total, previews = event
+            progress((step, total), desc="denoising", unit="steps")
+            if previews:
+                yield (gr.skip(),) * 6 + (gr.update(value=previews[0], visible=True),)
+
+        for warning in result.warnings:
+            gr.Warning(warning)
+        paths = []
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        for image, seed_used, text, image_settings in zip(
+            result.images, result.seeds, result.parameters, result.settings, strict=True
+        ):
+            name = f"{stamp}-{resolved.model_key}-{seed_used}.png"
+            paths.append(str(save_png(image, work_dir / name, text, image_settings)))
+            if outputs_dir is not None:
+                outputs_dir.mkdir(parents=True, exist_ok=True)
+                save_png(image, outputs_dir / name, text, image_settings)
+        summary = (
+            f"{len(paths)} image(s), {resolved.width}x{resolved.height}, {result.steps_done}/{resolved.steps} steps, "
+            f"guidance {resolved.guidance:g}, seed {resolved.seed}"
+            + (f"–{resolved.seed + resolved.num_images - 1}" if resolved.num_images > 1 else "")
+            + f", {result.seconds:.1f} s"
+        )
+        if result.stopped:
+            summary += f" · stopped at step {result.steps_done}"
+        if studio.tiny:
+            summary += " · tiny random model: the images are noise by design"
+        history = (paths + list(history or []))[: settings.MAX_HISTORY_IMAGES]
+        yield paths, resolved.seed, summary, history, history, paths[0], gr.update(value=None, visible=False)
+
+    generate_fn = on_gpu(estimated_gpu_seconds)(generate_images)
+
+    def stop_generation(request: gr.Request):
+        session = getattr(request, "session_hash", None) or "api"
+        stop_requests.setdefault(session, threading.Event()).set()
+
+    def apply_preset(model):
+        key = model_key(model)
+        preset = CATALOG[key].image_preset
+        width, height = size_for_aspect("1:1", CATALOG[key], studio.tiny)
+        low, high = _slider_ranges(studio, key)
+        note = ""
+        if preset.guidance <= 1.0:
+            note = "Large Turbo runs 4 steps without classifier-free guidance: the negative prompt does not apply."
+        return (
+            gr.update(value=None, placeholder=f"preset: {preset.steps}"),
+            gr.update(value=None, placeholder=f"preset: {preset.guidance:g}"),
+            gr.update(value=width, minimum=low, maximum=high),
+            gr.update(value=height, minimum=low, maximum=high),
+            gr.update(
+                value=bool(preset.skip_layer_guidance_layers), interactive=bool(preset.skip_layer_guidance_layers)
+            ),
+            gr.update(interactive=preset.guidance > 1.0),
+            gr.update(value="1:1"),
+            note,
+        )
+
+    def apply_aspect(ratio, model):
+        width, height = size_for_aspect(ratio, CATALOG[model_key(model)], studio.tiny)
+        return width, height
+
+    gr.Markdown(
+        "Text to image with Stable Diffusion 3.5. Switching the model loads its preset. "
+        "Images are PNGs that carry their settings (AUTOMATIC1111 `parameters` chunk + a JSON chunk)."
+    )
+    if not studio.tiny:
+        gr.Markdown(
+            "The SD3.5 repos are gated: accept the licence on the model page and start the app with `HF_TOKEN`. "
+            "Large needs about 28 GB of GPU memory in bf16; on the CPU an image takes many minutes."
+        )
+    low, high = _slider_ranges(studio, first_key)
+    with gr.Row():
+        with gr.Column(scale=1):
+            prompt = gr.Textbox(label="Prompt", lines=3, max_length=settings.MAX_PROMPT_CHARS, value="")
+            negative_prompt = gr.Textbox(
+                label="Negative prompt", lines=1, value="", max_length=settings.MAX_PROMPT_CHARS
+            )
+            cfg_note = gr.Markdown()
+            model = gr.Radio(
+                choices=[
+                    (CATALOG[key].title.removeprefix("Stable Diffusion "), name) for name, key in MODEL_CHOICES.items()
+                ],
+                value="large",
+                label="Model",
+            )
+            with gr.Row():
+                run = gr.Button("Generate", variant="primary", scale=3)
+                stop = gr.Button("Stop", variant="stop", scale=1)
+            with gr.Row():
+                seed = ValidatedNumber(
+                    value=-1, precision=0, label="Seed (-1 = random)", minimum=-1, maximum=settings.MAX_SEED
+                )
+                reuse_seed = gr.Button("♻ Reuse last seed", size="sm")
+            with gr.Accordion("Settings", open=True):
+                with gr.Row():
+                    # Empty means "the model's preset", in the UI and in the API alike.
+                    steps = ValidatedNumber(
+                        value=None,
+                        precision=0,
+                        minimum=1,
+                        maximum=settings.MAX_STEPS,
+                        label="Steps (empty = preset)",
+                        placeholder=f"preset: {first_preset.steps}",
+                    )
+                    guidance = ValidatedNumber(
+                        value=None,
+                        minimum=0,
+                        maximum=settings.MAX_GUIDANCE,
+                        step=0.1,
+                        label="Guidance / CFG (empty = preset)",
+                        placeholder=f"preset: {first_preset.guidance:g}",
+                    )
+                aspect = gr.Radio(choices=list(ASPECT_RATIOS), value="1:1", label="Aspect ratio")
+                with gr.Row():
+                    width = ValidatedSlider(low, high, value=default_width, step=16, label="Width")
+                    height = ValidatedSlider(low, high, value=default_height, step=16, label="Height")
+                with gr.Row():
+                    num_images = ValidatedSlider(1, settings.MAX_IMAGES_PER_REQUEST, value=1, step=1, label="Images")
+                    max_sequence_length = ValidatedSlider(
+                        settings.MIN_T5_TOKENS,
+                        settings.MAX_T5_TOKENS,
+                        value=settings.DEFAULT_T5_TOKENS,
+                        step=1,
+                        label="T5 tokens (max_sequence_length)",
+                    )
+                with gr.Row():
+                    skip_layer_guidance = gr.Checkbox(
+                        value=False, interactive=False, label="Skip-layer guidance (Medium: layers 7, 8, 9)"
+                    )
+                    preview_every = ValidatedSlider(
+                        0, 10, value=settings.DEFAULT_PREVIEW_EVERY, step=1, label="Preview every N steps (0 = off)"
+                    )
+        with gr.Column(scale=1):
+            preview = gr.Image(label="Preview", format="png", interactive=False, height=256, visible=False)
+            gallery = gr.Gallery(label="Images", format="png", columns=2, height=520, preview=True)
+            summary = gr.Markdown()
+            used_seed = ValidatedNumber(visible=False, precision=0)
+            send_to_caption = gr.Button("Caption the selected image with BLIP →")
+            selected_image = gr.State(None)
+            with gr.Accordion("This session's images", open=False):
+                history_gallery = gr.Gallery(label="History", format="png", columns=4, height=300)
+            history = gr.State([])
+    gr.Examples(examples=EXAMPLE_PROMPTS, inputs=[prompt, model], label="Example prompts")
+
+    parameters = [
+        parameter("prompt"),
+        parameter("model", "large"),
+        parameter("negative_prompt", ""),
+        parameter("seed", -1),
+        parameter("steps", None),
+        parameter("guidance", None),
+        parameter("width", default_width),
+        parameter("height", default_height),
+        parameter("max_sequence_length", settings.DEFAULT_T5_TOKENS),
+        parameter("skip_layer_guidance", False),
+        parameter("num_images", 1),
+        parameter("preview_every", settings.DEFAULT_PREVIEW_EVERY),
+        parameter("history", None),
+        parameter("progress", gr.Progress()),
+        parameter("request", None, gr.Request),
+    ]
+    gr.on(
+        triggers=[run.click, prompt.submit],
+        fn=named_endpoint(generate_fn, parameters),
+        inputs=[
+            prompt,
+            model,
+            negative_prompt,
+            seed,
+            steps,
+            guidance,
+            width,
+            height,
+            max_sequence_length,
+            skip_layer_guidance,
+            num_images,
+            preview_every,
+            history,
+        ],  # fmt: skip
+        outputs=[gallery, used_seed, summary, history, history_gallery, selected_image, preview],
+        api_name="generate",
+        concurrency_id="gpu",
+    )
+    stop.click(stop_generation, inputs=None, outputs=None, queue=False, api_name="generate_stop")
+    reuse_seed.click(
+        lambda last: last if last is not None else -1,
+        inputs=used_seed,
+        outputs=seed,
+        queue=False,
+        api_visibility="private",
+    )
+    model.change(
+        apply_preset,
+        inputs=model,
+        outputs=[steps, guidance, width, height, skip_layer_guidance, negative_prompt, aspect, cfg_note],
+        queue=False,
+        api_visibility="private",
+    )
+    aspect.input(apply_aspect, inputs=[aspect, model], outputs=[width, height], queue=False, api_visibility="private")
+
+    def remember_selection(evt: gr.SelectData):
+        value = evt.value
+        return value.get("image", {}).get("path") if isinstance(value, dict) else value
+
+    gallery.select(remember_selection, inputs=None, outputs=selected_image, queue=False, api_visibility="private")
+    return {
+        "prompt": prompt,
+        "gallery": gallery,
+        "send_to_caption": send_to_caption,
+        "selected_image": selected_image,
+        "preview": preview,
+        "run": run,
+        "stop": stop,
+    }
+
+
+if __name__ == "__main__":
+    from app import build_studio
+
+    with gr.Blocks(title="Generate") as demo:
+        build_generate_tab(build_studio(["--tiny"]))
+    demo.queue().launch()
