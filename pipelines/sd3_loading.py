@@ -1,0 +1,106 @@
+"""Loading SD3.5 in a memory mode: quantization per component, dropped T5, CPU offload.
+
+Each mode (``pipelines.memory.SD3_MODES``) is turned into the declarative
+configs diffusers and transformers take in ``from_pretrained``, in the
+diffusers way: full precision stays the default, and every saving is opt-in.
+A mode that cannot work on this machine is refused with one sentence before
+anything is loaded.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from pipelines.memory import MemoryMode, get_mode
+from pipelines.runtime import Runtime
+
+
+def check_mode(mode: MemoryMode, runtime: Runtime) -> None:
+    """ValueError, in one sentence, when ``mode`` cannot run on ``runtime``."""
+    quantized = [component for component, fmt in mode.formats if fmt != "full"]
+    if quantized and runtime.device.type != "cuda":
+        raise ValueError(
+            f"Memory mode '{mode.key}' quantizes with bitsandbytes, which needs a CUDA GPU (diffusers refuses "
+            "the SD3 transformer without one); on this machine use 'bf16' or 'bf16-no-t5'."
+        )
+    if mode.offload != "none" and runtime.device.type != "cuda":
+        raise ValueError(
+            f"Memory mode '{mode.key}' offloads to the CPU between uses on the GPU; this machine has no CUDA GPU, "
+            "so everything already runs on the CPU: use 'bf16' or 'bf16-no-t5'."
+        )
+    if mode.offload != "none" and any(fmt == "int8" for _, fmt in mode.formats):
+        raise ValueError(
+            "8-bit (LLM.int8) weights cannot be moved by CPU offload; use NF4 with offload, or 8-bit without offload."
+        )
+
+
+def _diffusers_quantization(fmt: str, compute_dtype: torch.dtype):
+    from diffusers import BitsAndBytesConfig
+
+    if fmt == "nf4":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype)
+    if fmt == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    raise ValueError(f"Unknown weight format {fmt!r} for the SD3 transformer; use nf4 or int8.")
+
+
+def _transformers_quantization(fmt: str, compute_dtype: torch.dtype):
+    from transformers import BitsAndBytesConfig
+
+    if fmt == "nf4":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype)
+    if fmt == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    raise ValueError(f"Unknown weight format {fmt!r} for T5; use nf4 or int8.")
+
+
+def load_sd3_pipeline(source: str, runtime: Runtime, mode_key: str = "bf16", model_key: str = "sd35-large") -> Any:
+    """A StableDiffusion3Pipeline from a repo id or a Hub-layout folder, in memory mode ``mode_key``."""
+    from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import T5EncoderModel
+
+    mode = get_mode(model_key, mode_key)
+    check_mode(mode, runtime)
+    dtype = runtime.dtype
+    components: dict[str, Any] = {}
+
+    # 1. Components loaded separately because they are quantized.
+    transformer_format = mode.format_for("transformer")
+    if transformer_format != "full":
+        components["transformer"] = SD3Transformer2DModel.from_pretrained(
+            source,
+            subfolder="transformer",
+            quantization_config=_diffusers_quantization(transformer_format, dtype),
+            torch_dtype=dtype,
+        )
+    if "text_encoder_3" in mode.dropped:
+        components["text_encoder_3"] = None  # CLIP-L and CLIP-G alone condition the image
+        components["tokenizer_3"] = None
+    elif mode.format_for("text_encoder_3") != "full":
+        components["text_encoder_3"] = T5EncoderModel.from_pretrained(
+            source,
+            subfolder="text_encoder_3",
+            quantization_config=_transformers_quantization(mode.format_for("text_encoder_3"), dtype),
+            dtype=dtype,
+        )
+
+    # 2. The rest, in the compute dtype.
+    pipeline = StableDiffusion3Pipeline.from_pretrained(source, dtype=dtype, **components)
+    pipeline.set_progress_bar_config(disable=True)
+
+    # 3. Placement.
+    if mode.offload == "model":
+        pipeline.enable_model_cpu_offload(device=runtime.device)
+    elif mode.offload == "sequential":
+        pipeline.enable_sequential_cpu_offload(device=runtime.device)
+    else:
+        for module in pipeline.components.values():
+            quantized = getattr(module, "is_quantized", False) or getattr(module, "hf_quantizer", None) is not None
+            if isinstance(module, torch.nn.Module) and not quantized:
+                module.to(runtime.device)  # quantized modules were placed on the GPU when loaded
+    if mode.offload != "none":
+        pipeline.vae.enable_tiling()  # decode in tiles: the VAE's 1024² activations are the next peak
+    pipeline.studio_memory_mode = mode.key
+    return pipeline
