@@ -36,6 +36,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")))
     parser.add_argument("--share", action="store_true", help="also serve through a public Gradio share link")
     parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N or mps")
+    parser.add_argument(
+        "--memory",
+        default="auto",
+        metavar="MODE",
+        help="SD3.5 memory mode: auto (the fastest that fits this GPU), bf16, nf4, nf4-t5nf4, int8, bf16-no-t5, "
+        "nf4-no-t5, bf16-offload, nf4-t5nf4-offload, nf4-no-t5-offload, bf16-sequential",
+    )
     parser.add_argument("--outputs", type=Path, default=None, help="also save every generated PNG in this folder")
     parser.add_argument(
         "--no-preload",
@@ -87,10 +94,23 @@ def _studio_from_args(args: argparse.Namespace) -> Studio:
             # and leaves the other cores to concurrent requests.
             torch.set_num_threads(1)
             tiny_root = ensure_tiny_models(args.tiny_dir)
-        manager = ModelManager(runtime, tiny_root=tiny_root, source_overrides=model_overrides(args.model))
+        from pipelines.memory import get_mode, load_estimate_bytes, memory_budget_bytes
+
+        if args.memory != "auto":
+            get_mode("sd35-large", args.memory)  # refuse an unknown mode at start, with the list
+        dtype = str(runtime.dtype).removeprefix("torch.").replace("bfloat16", "bf16").replace("float16", "fp16")
+        dtype = {"float32": "fp32"}.get(dtype, dtype)
+        manager = ModelManager(
+            runtime,
+            tiny_root=tiny_root,
+            source_overrides=model_overrides(args.model),
+            # Tiny models need no budget; real ones unload the least recently used to fit.
+            memory_budget_bytes=None if args.tiny else memory_budget_bytes(runtime),
+            estimate_bytes=lambda key, variant: load_estimate_bytes(key, variant, dtype),
+        )
     except ValueError as error:
         raise SystemExit(str(error)) from None
-    return Studio(manager=manager, outputs_dir=args.outputs)
+    return Studio(manager=manager, outputs_dir=args.outputs, memory_mode=args.memory)
 
 
 def build_app(studio: Studio) -> gr.Blocks:

@@ -158,7 +158,7 @@ def sd3_rows(model_key: str, modes: list[str], side: int, runtime: Runtime, scra
     rows = []
     for mode in modes:
         try:
-            pipeline = load_sd3_pipeline(str(folder), runtime, mode, model_key)
+            pipeline = load_sd3_pipeline(str(folder), runtime, mode)
         except ValueError as error:  # a mode this machine cannot run: say so, keep going
             rows.append({"model": model_key, "mode": mode, "skipped": str(error)})
             print(f"  {model_key:<17} {mode:<18} skipped: {error}")
@@ -233,6 +233,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--side", type=int, default=None, help="image side (default 1024, tiny 128)")
     parser.add_argument("--models", default="sd35-large,sd35-medium")
     parser.add_argument("--modes", default="bf16,nf4-t5nf4,bf16-offload")
+    parser.add_argument("--name", default=None, help="results file name (default gpu-cuda, or gpu-tiny-cpu)")
     args = parser.parse_args(argv)
 
     from pipelines.runtime import choose_runtime
@@ -250,7 +251,7 @@ def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
     rows: list[dict] = []
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_SCRATCH")) as scratch:
-        for model_key in args.models.split(","):
+        for model_key in filter(None, args.models.split(",")):  # --models "" measures BLIP alone
             rows += sd3_rows(model_key, args.modes.split(","), side, runtime, Path(scratch), tiny_root)
     try:
         rows += blip_rows(runtime, tiny_root)
@@ -258,7 +259,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"  blip-caption failed: {type(error).__name__}: {error}", flush=True)
         rows.append({"model": "blip-caption", "error": f"{type(error).__name__}: {error}"})
     size = "tiny" if args.tiny else "real-size random weights"
-    name = "gpu-" + ("tiny-" if args.tiny else "") + ("cuda" if torch.cuda.is_available() else "cpu")
+    name = args.name or "gpu-" + ("tiny-" if args.tiny else "") + ("cuda" if torch.cuda.is_available() else "cpu")
     path = write_results(name, size, rows)
     if os.environ.get("OUT"):
         shutil.copy(path, Path(os.environ["OUT"]) / path.name)

@@ -13,6 +13,7 @@ import gradio as gr
 from components.common import ValidatedNumber, ValidatedSlider, named_endpoint, on_gpu, parameter
 from pipelines import settings
 from pipelines.catalog import CATALOG
+from pipelines.memory import SD3_MODES, resolve_mode
 from pipelines.png_metadata import save_png
 from pipelines.sd3 import (
     ASPECT_RATIOS,
@@ -73,7 +74,7 @@ def build_generate_tab(studio: Studio, outputs_dir: Path | None = None) -> dict:
 
     def generate_images(
         prompt, model, negative_prompt, seed, steps, guidance, width, height, max_sequence_length,
-        skip_layer_guidance, num_images, preview_every, history, progress, request,
+        skip_layer_guidance, num_images, preview_every, memory_mode, history, progress, request,
     ):  # fmt: skip
         """Yields step previews while the pipeline runs, then the PNGs and their summary."""
         resolved = resolve_request(
@@ -97,7 +98,10 @@ def build_generate_tab(studio: Studio, outputs_dir: Path | None = None) -> dict:
         session = getattr(request, "session_hash", None) or "api"
         stop = stop_requests.setdefault(session, threading.Event())
         stop.clear()
-        pipeline = studio.manager.get(resolved.model_key)
+        mode, mode_reason = resolve_mode(
+            resolved.model_key, memory_mode or "auto", studio.manager.runtime, resolved.height, resolved.width
+        )
+        pipeline = studio.manager.get(resolved.model_key, variant=mode, notify=gr.Info)
         previewer = previewers.setdefault(resolved.model_key, LatentPreviewer(pipeline.vae))
         repo_id = CATALOG[resolved.model_key].repo_id
         progress((0, resolved.steps), desc="denoising", unit="steps")
@@ -156,6 +160,7 @@ def build_generate_tab(studio: Studio, outputs_dir: Path | None = None) -> dict:
             + (f"–{resolved.seed + resolved.num_images - 1}" if resolved.num_images > 1 else "")
             + f", {result.seconds:.1f} s"
         )
+        summary += f" · memory mode {mode} ({mode_reason})"
         if result.stopped:
             summary += f" · stopped at step {result.steps_done}"
         if studio.tiny:
@@ -262,6 +267,13 @@ def build_generate_tab(studio: Studio, outputs_dir: Path | None = None) -> dict:
                     skip_layer_guidance = gr.Checkbox(
                         value=False, interactive=False, label="Skip-layer guidance (Medium: layers 7, 8, 9)"
                     )
+                    memory_mode = gr.Dropdown(
+                        choices=[("auto: the fastest that fits", "auto")]
+                        + [(f"{mode.key}: {mode.title}", mode.key) for mode in SD3_MODES],
+                        value=studio.memory_mode,
+                        label="Memory mode (quantization / offload)",
+                        info="bitsandbytes and offload need a CUDA GPU; dropping T5 weakens long prompts",
+                    )
                     preview_every = ValidatedSlider(
                         0, 10, value=settings.DEFAULT_PREVIEW_EVERY, step=1, label="Preview every N steps (0 = off)"
                     )
@@ -290,6 +302,7 @@ def build_generate_tab(studio: Studio, outputs_dir: Path | None = None) -> dict:
         parameter("skip_layer_guidance", False),
         parameter("num_images", 1),
         parameter("preview_every", settings.DEFAULT_PREVIEW_EVERY),
+        parameter("memory_mode", studio.memory_mode),
         parameter("history", None),
         parameter("progress", gr.Progress()),
         parameter("request", None, gr.Request),
@@ -310,6 +323,7 @@ def build_generate_tab(studio: Studio, outputs_dir: Path | None = None) -> dict:
             skip_layer_guidance,
             num_images,
             preview_every,
+            memory_mode,
             history,
         ],  # fmt: skip
         outputs=[gallery, used_seed, summary, history, history_gallery, selected_image, preview],

@@ -33,6 +33,7 @@ caller can report a mean token log-prob that means the same for every strategy.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -288,6 +289,9 @@ def diverse_beam_search(
     group_done = torch.zeros((batch, G), dtype=torch.bool, device=device)
 
     cache = None
+    # transformers 5.24 names the KV cache `cache` (in and out); `past_key_values` is a deprecated
+    # alias there until 5.40 that warns on every call, and the only name in earlier 5.x releases.
+    cache_keyword = "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
     for step in range(T):
         gen_len = step + 1  # generated tokens once this step's token is appended
         last_step = gen_len == T
@@ -296,17 +300,15 @@ def diverse_beam_search(
         #    feed only the newest token and let the cache supply the rest.
         step_ids = flat_prefix if step == 0 else run_tokens[:, :, step - 1].reshape(batch * K, 1)
         step_mask = torch.cat([prefix_mask, prefix_mask.new_ones(batch * K, step)], dim=1)
-        # transformers 5.24 names the KV cache `cache` (in and out); `past_key_values` is a
-        # deprecated alias until 5.40 that warns on every call.
         out = decoder(
             input_ids=step_ids,
             attention_mask=step_mask,
             encoder_hidden_states=flat_encoder,
             encoder_attention_mask=encoder_mask,
-            cache=cache,
             use_cache=True,
+            **{cache_keyword: cache},
         )
-        cache = out.cache
+        cache = getattr(out, cache_keyword)
         raw_logprobs = torch.log_softmax(out.logits[:, -1, :].float(), dim=-1)  # (B*K, V)
         del out
         vocab = raw_logprobs.shape[-1]

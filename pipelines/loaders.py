@@ -1,4 +1,8 @@
-"""The ``from_pretrained`` calls: the same code path for real, local and tiny models."""
+"""The ``from_pretrained`` calls: the same code path for real, local and tiny models.
+
+Every loader takes ``(source, runtime, variant)``; ``variant`` is the memory
+mode for SD3 (see pipelines/memory.py) and is ignored by the BLIP loaders.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ from typing import Any
 from pipelines.runtime import Runtime
 
 
-def load_blip_captioner(source: str, runtime: Runtime):
+def load_blip_captioner(source: str, runtime: Runtime, variant: str | None = None):
     """A BlipCaptioner for a repo id or a folder in the Hub layout."""
     from transformers import BlipForConditionalGeneration, BlipProcessor
 
@@ -20,7 +24,7 @@ def load_blip_captioner(source: str, runtime: Runtime):
     return BlipCaptioner(model=model, processor=processor, source=source)
 
 
-def load_blip_retrieval(source: str, runtime: Runtime):
+def load_blip_retrieval(source: str, runtime: Runtime, variant: str | None = None):
     """A BlipRetrieval (ITM + ITC heads) for a repo id or a folder in the Hub layout."""
     from transformers import BlipForImageTextRetrieval, BlipProcessor
 
@@ -32,11 +36,8 @@ def load_blip_retrieval(source: str, runtime: Runtime):
     return BlipRetrieval(model=model, processor=processor, source=source)
 
 
-def load_sd3_pipeline(source: str, runtime: Runtime) -> Any:
-    """A diffusers StableDiffusion3Pipeline for a repo id or a folder in the Hub layout."""
-    from diffusers import StableDiffusion3Pipeline
+def load_sd3_pipeline(source: str, runtime: Runtime, variant: str | None = None) -> Any:
+    """A diffusers StableDiffusion3Pipeline in memory mode ``variant`` (default: full precision)."""
+    from pipelines.sd3_loading import load_sd3_pipeline as load_in_mode
 
-    pipeline = StableDiffusion3Pipeline.from_pretrained(source, dtype=runtime.dtype)
-    pipeline.to(runtime.device)
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline
+    return load_in_mode(source, runtime, variant or "bf16")

@@ -33,9 +33,14 @@ class LoadedModel:
     model: Any
     load_seconds: float
     footprint_bytes: int
+    variant: str | None = None  # the memory mode an SD3 pipeline was loaded in
+    last_used: float = 0.0  # time.monotonic() of the last get(), for least-recently-used eviction
 
 
-def _loaders() -> dict[str, Callable[[str, Runtime], Any]]:
+Loader = Callable[[str, Runtime, str | None], Any]  # (source, runtime, variant) -> model
+
+
+def _loaders() -> dict[str, Loader]:
     # Imported here so that importing the manager stays cheap (no diffusers import
     # until an SD3 model is actually wanted).
     from pipelines import loaders
@@ -53,6 +58,10 @@ class ModelManager:
     ``source_overrides`` maps a catalog key to a local folder (or another repo
     id) to load instead of the catalog's repo. With ``tiny_root`` set, every
     model without an override loads from its tiny stand-in there.
+
+    ``memory_budget_bytes`` bounds what the loaded models may hold together:
+    before a load that would go past it (by ``estimate_bytes(key, variant)``),
+    the least recently used models are unloaded, and ``notify`` is told so.
     """
 
     def __init__(
@@ -62,7 +71,9 @@ class ModelManager:
         tiny_root: Path | None = None,
         source_overrides: dict[str, str] | None = None,
         catalog: dict[str, ModelSpec] = CATALOG,
-        loaders: dict[str, Callable[[str, Runtime], Any]] | None = None,
+        loaders: dict[str, Loader] | None = None,
+        memory_budget_bytes: int | None = None,
+        estimate_bytes: Callable[[str, str | None], int] | None = None,
     ) -> None:
         self.runtime = runtime
         self.tiny_root = Path(tiny_root) if tiny_root is not None else None
@@ -72,6 +83,8 @@ class ModelManager:
         for key in self.source_overrides:
             if key not in catalog:
                 raise ValueError(f"--model {key}=...: unknown model {key!r}; choose one of: {', '.join(catalog)}.")
+        self.memory_budget_bytes = memory_budget_bytes
+        self._estimate_bytes = estimate_bytes
         self._loaded: dict[str, LoadedModel] = {}
         self._locks = {key: threading.Lock() for key in catalog}
         self._registry_lock = threading.Lock()
@@ -95,36 +108,73 @@ class ModelManager:
             return str(self.tiny_root / spec.tiny_dir)
         return spec.repo_id
 
-    def get(self, key: str) -> Any:
-        """The loaded model for ``key``, loading it on first use.
+    def get(self, key: str, variant: str | None = None, notify: Callable[[str], None] | None = None) -> Any:
+        """The loaded model for ``key`` (in memory mode ``variant``), loading it on first use.
 
-        Raises ModelLoadError with a sentence that names the model and the fix.
-        A failed load caches nothing, so the next request tries again cleanly.
+        A model loaded in another variant is unloaded and loaded again in this
+        one. Raises ModelLoadError with a sentence that names the model and the
+        fix; a failed load caches nothing, so the next request tries cleanly.
+        ``notify`` receives a sentence for each model unloaded to make room.
         """
         spec = self._spec(key)
         loaded = self._loaded.get(key)
-        if loaded is not None:
+        if loaded is not None and loaded.variant == variant:
+            loaded.last_used = time.monotonic()
             return loaded.model
         with self._locks[key]:
             loaded = self._loaded.get(key)  # another request may have loaded it meanwhile
-            if loaded is not None:
+            if loaded is not None and loaded.variant == variant:
+                loaded.last_used = time.monotonic()
                 return loaded.model
+            if loaded is not None:  # same model, another memory mode: this one replaces it
+                with self._registry_lock:
+                    self._loaded.pop(key, None)
+                del loaded
+                _release_memory()
+            self._make_room(key, variant, notify)
             source = self.source_for(key)
             loader = (self._loaders or _loaders())[spec.kind]
             started = time.perf_counter()
             try:
                 _check_local_source(spec, source)
-                model = loader(source, self.runtime)
+                model = loader(source, self.runtime, variant)
             except ModelLoadError:
                 raise
-            except Exception as error:  # any failure becomes one actionable sentence
+            except ValueError:  # a request this machine cannot serve (e.g. a memory mode): already a sentence
+                raise
+            except Exception as error:  # any other failure becomes one actionable sentence
                 logger.warning("loading %s from %s failed", key, source, exc_info=True)
+                _release_memory()
                 raise ModelLoadError(explain_load_failure(spec, source, error, tiny=self.tiny)) from error
             elapsed = time.perf_counter() - started
+            entry = LoadedModel(key, source, model, elapsed, _footprint_bytes(model), variant, time.monotonic())
             with self._registry_lock:
-                self._loaded[key] = LoadedModel(key, source, model, elapsed, _footprint_bytes(model))
-            logger.info("loaded %s from %s in %.1f s", key, source, elapsed)
+                self._loaded[key] = entry
+            logger.info("loaded %s (%s) from %s in %.1f s", key, variant or "default", source, elapsed)
             return model
+
+    def _make_room(self, key: str, variant: str | None, notify: Callable[[str], None] | None) -> None:
+        """Unload least-recently-used models until ``key`` is expected to fit the budget."""
+        if self.memory_budget_bytes is None or self._estimate_bytes is None:
+            return
+        needed = self._estimate_bytes(key, variant)
+        while True:
+            with self._registry_lock:
+                others = sorted(
+                    (entry for entry in self._loaded.values() if entry.key != key), key=lambda e: e.last_used
+                )
+                held = sum(entry.footprint_bytes for entry in others)
+            if held + needed <= self.memory_budget_bytes or not others:
+                return
+            victim = others[0]
+            self.unload(victim.key)
+            message = (
+                f"Unloaded {self.catalog[victim.key].title} ({victim.footprint_bytes / 2**30:.1f} GiB, least recently "
+                f"used) to make room for {self.catalog[key].title} (~{needed / 2**30:.1f} GiB)."
+            )
+            logger.info(message)
+            if notify is not None:
+                notify(message)
 
     def preload(self, key: str) -> threading.Thread:
         """Start loading ``key`` in the background, so the first request finds it ready.
@@ -143,8 +193,9 @@ class ModelManager:
         thread.start()
         return thread
 
-    def is_loaded(self, key: str) -> bool:
-        return key in self._loaded
+    def is_loaded(self, key: str, variant: str | None = None) -> bool:
+        entry = self._loaded.get(key)
+        return entry is not None and (variant is None or entry.variant == variant)
 
     def loaded_models(self) -> list[LoadedModel]:
         with self._registry_lock:

@@ -759,3 +759,45 @@ def machine_report(runtime) -> dict:
     except (ValueError, OSError, AttributeError):
         report["ram_total_bytes"] = None
     return report
+
+
+# --- what the model manager needs --------------------------------------------------------
+
+
+def default_mode(model_key: str) -> str:
+    """Full precision: the first (fastest) mode of the model's family."""
+    return modes_for(model_key)[0].key
+
+
+def load_estimate_bytes(model_key: str, mode: str | None, dtype: str = "bf16") -> int:
+    """Weight bytes ``model_key`` will hold once loaded in ``mode``, for the manager's budget."""
+    chosen = plan(model_key, mode or default_mode(model_key), dtype=dtype)
+    return sum(component.weight_bytes for component in chosen.components)
+
+
+def memory_budget_bytes(runtime) -> int:
+    """What all loaded models may hold together: 95% of the GPU, or 80% of the RAM on a CPU machine."""
+    import os
+
+    gpu = gpu_memory(runtime.device) if runtime.device.type == "cuda" else None
+    if gpu is not None:
+        return int(gpu["total_bytes"] * 0.95)
+    return int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") * 0.8)
+
+
+def resolve_mode(model_key: str, requested: str, runtime, height: int, width: int) -> tuple[str, str]:
+    """(mode, why) for a requested mode; "auto" asks ``auto_choice`` with this GPU's free memory.
+
+    On a machine without CUDA, "auto" is full precision: quantization and
+    offload need a GPU. Raises ValueError when nothing fits.
+    """
+    if requested != "auto":
+        get_mode(model_key, requested)  # ValueError for an unknown mode
+        return requested, "chosen by hand"
+    if runtime.device.type != "cuda":
+        return default_mode(model_key), "auto: no CUDA GPU, so full precision (quantization and offload need one)"
+    gpu = gpu_memory(runtime.device)
+    mode, reason = auto_choice(model_key, gpu["free_bytes"], height, width, settings.PLAN_MARGIN_BYTES)
+    if mode is None:
+        raise ValueError(reason)
+    return mode, "auto: " + reason

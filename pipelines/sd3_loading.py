@@ -56,12 +56,12 @@ def _transformers_quantization(fmt: str, compute_dtype: torch.dtype):
     raise ValueError(f"Unknown weight format {fmt!r} for T5; use nf4 or int8.")
 
 
-def load_sd3_pipeline(source: str, runtime: Runtime, mode_key: str = "bf16", model_key: str = "sd35-large") -> Any:
+def load_sd3_pipeline(source: str, runtime: Runtime, mode_key: str = "bf16") -> Any:
     """A StableDiffusion3Pipeline from a repo id or a Hub-layout folder, in memory mode ``mode_key``."""
     from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
     from transformers import T5EncoderModel
 
-    mode = get_mode(model_key, mode_key)
+    mode = get_mode("sd35-large", mode_key)  # the three SD3.5 models share one set of modes
     check_mode(mode, runtime)
     dtype = runtime.dtype
     components: dict[str, Any] = {}

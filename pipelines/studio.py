@@ -19,6 +19,7 @@ TINY_MODE_NOTICE = (
 class Studio:
     manager: ModelManager
     outputs_dir: Path | None = None  # --outputs: generated PNGs are also saved here
+    memory_mode: str = "auto"  # --memory: the default SD3.5 memory mode
 
     @property
     def tiny(self) -> bool:

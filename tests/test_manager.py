@@ -76,7 +76,7 @@ def test_large_and_turbo_are_different_models(tiny_manager):
 def test_models_load_lazily_once_even_under_concurrent_requests():
     calls = []
 
-    def slow_loader(source, runtime):
+    def slow_loader(source, runtime, variant=None):
         calls.append(source)
         time.sleep(0.2)
         return object()
@@ -97,7 +97,7 @@ def test_models_load_lazily_once_even_under_concurrent_requests():
 def test_a_failed_load_caches_nothing_and_the_next_one_works():
     attempts = []
 
-    def flaky_loader(source, runtime):
+    def flaky_loader(source, runtime, variant=None):
         attempts.append(source)
         if len(attempts) == 1:
             raise RuntimeError("disk hiccup")
