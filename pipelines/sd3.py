@@ -301,6 +301,22 @@ def scheduler_name(pipeline) -> str:
     return f"{type(scheduler).__name__}" + (f" (shift {shift:g})" if shift is not None else "")
 
 
+def configure_vae(pipeline, request: ResolvedRequest) -> bool:
+    """Decode in tiles for large images or offloaded pipelines, one image at a time for batches.
+
+    The VAE decode is the memory peak at high resolution (its full-resolution
+    feature maps); tiling bounds it at a small cost in time and tiny seams.
+    Set on every call, so a small image after a large one decodes untiled.
+    Returns whether tiling is on.
+    """
+    vae = pipeline.vae
+    offloaded = str(getattr(pipeline, "studio_memory_mode", "")).endswith(("offload", "sequential"))
+    tiled = offloaded or request.width * request.height > settings.VAE_TILING_ABOVE_PIXELS
+    vae.enable_tiling() if tiled else vae.disable_tiling()
+    vae.enable_slicing() if request.num_images > 1 else vae.disable_slicing()
+    return tiled
+
+
 @torch.inference_mode()
 def generate(
     pipeline,
@@ -356,6 +372,7 @@ def generate(
     }
     if request.skip_layer_guidance_layers:
         call["skip_guidance_layers"] = list(request.skip_layer_guidance_layers)
+    vae_tiled = configure_vae(pipeline, request)
     images = pipeline(**call).images
     seconds = time.perf_counter() - started
 
@@ -390,6 +407,7 @@ def generate(
                 "loras": loras or [],
                 "steps_done": state["steps_done"],
                 "stopped": state["stopped"],
+                "vae_tiling": vae_tiled,
             }
         )
     return GenerateResult(

@@ -101,6 +101,6 @@ def load_sd3_pipeline(source: str, runtime: Runtime, mode_key: str = "bf16") -> 
             if isinstance(module, torch.nn.Module) and not quantized:
                 module.to(runtime.device)  # quantized modules were placed on the GPU when loaded
     if mode.offload != "none":
-        pipeline.vae.enable_tiling()  # decode in tiles: the VAE's 1024² activations are the next peak
+        pipeline.vae.enable_tiling()  # as pipelines.sd3.configure_vae does per call for offloaded modes
     pipeline.studio_memory_mode = mode.key
     return pipeline

@@ -211,3 +211,17 @@ def test_png_parameters_parse_back_into_the_same_settings(tiny_manager, tmp_path
     )
     again = generate(tiny_manager.get("sd35-large"), replay, repo_id="tiny")
     assert np.array_equal(pixels(again.images[0]), pixels(result.images[0]))
+
+
+def test_large_images_and_batches_decode_in_tiles_and_slices(tiny_manager, monkeypatch):
+    from pipelines import settings
+
+    pipeline = tiny_manager.get("sd35-large")
+    small = draw(tiny_manager, width=64, height=64, num_images=2)
+    assert not pipeline.vae.use_tiling and pipeline.vae.use_slicing and small.settings[0]["vae_tiling"] is False
+    monkeypatch.setattr(settings, "VAE_TILING_ABOVE_PIXELS", 64 * 64)
+    large = draw(tiny_manager, width=128, height=64)
+    assert pipeline.vae.use_tiling and not pipeline.vae.use_slicing and large.settings[0]["vae_tiling"] is True
+    assert large.images[0].size == (128, 64)
+    draw(tiny_manager, width=64, height=64)
+    assert not pipeline.vae.use_tiling  # set per call: a small image after a large one is untiled
