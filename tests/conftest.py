@@ -54,7 +54,13 @@ def tiny_app_url(tiny_root, tmp_path_factory):
 
     port = _free_port()
     log_path = tmp_path_factory.mktemp("app") / "app.log"
-    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
+    results_dir = tmp_path_factory.mktemp("results")  # evaluation files the app writes stay out of the repo
+    environment = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "GRADIO_ANALYTICS_ENABLED": "False",
+        "STUDIO_RESULTS_DIR": str(results_dir),
+    }
     with open(log_path, "w") as log:
         process = subprocess.Popen(
             [sys.executable, "app.py", "--tiny", "--tiny-dir", str(tiny_root), "--port", str(port)],

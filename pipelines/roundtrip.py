@@ -1,0 +1,238 @@
+"""The two models in one loop: prompt -> SD3.5 image -> BLIP caption -> BLIP scores.
+
+``prompt_round_trip`` draws a prompt, captions the image and asks BLIP how
+well the image fits the prompt and its own caption; ``image_round_trip``
+captions an upload and draws the caption again. ``run_evaluation`` scores a
+prompt list per model and seed into a resumable JSON file that the Scoreboard
+reads.
+
+Prompt adherence here is BLIP's view: the mean log-probability per token of
+the prompt given the image (the same score as in the Match tab), plus the
+retrieval model's ITM probability when asked for. It measures whether BLIP
+would describe the image with the prompt's words, not human judgement.
+"""
+
+from __future__ import annotations
+
+import datetime
+import difflib
+import json
+import re
+import statistics
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+
+from pipelines.blip import CaptionRequest
+from pipelines.matching import ImageTextMatcher, MatchRequest, TextScore
+from pipelines.sd3 import GenerateRequest, GenerateResult, generate, resolve_request
+
+PROMPTS_DIR = Path(__file__).resolve().parent.parent / "assets" / "prompts"
+_WORD = re.compile(r"[\w']+")
+
+
+def word_diff(prompt: str, caption: str) -> list[tuple[str, str]]:
+    """Words of both texts aligned: (word, "both" | "prompt" | "caption"), in reading order.
+
+    Words are compared lower-cased without punctuation, as BLIP's uncased
+    tokenizer sees them.
+    """
+    left = [word.lower() for word in _WORD.findall(prompt)]
+    right = [word.lower() for word in _WORD.findall(caption)]
+    pieces: list[tuple[str, str]] = []
+    for tag, low, high, start, end in difflib.SequenceMatcher(a=left, b=right, autojunk=False).get_opcodes():
+        if tag == "equal":
+            pieces += [(word, "both") for word in left[low:high]]
+            continue
+        pieces += [(word, "prompt") for word in left[low:high]]
+        pieces += [(word, "caption") for word in right[start:end]]
+    return pieces
+
+
+@dataclass(frozen=True)
+class PromptRoundTrip:
+    generated: GenerateResult  # the image and its PNG parameters
+    caption: str
+    caption_score: float  # the caption's own score (mean token log-prob)
+    prompt_fit: TextScore  # how well the image fits the prompt, in BLIP's eyes
+    caption_fit: TextScore  # how well it fits BLIP's own caption
+    diff: list[tuple[str, str]]
+    second_opinion_note: str
+
+    @property
+    def image(self) -> Image.Image:
+        return self.generated.images[0]
+
+
+def prompt_round_trip(
+    pipeline,
+    request: GenerateRequest,
+    matcher: ImageTextMatcher,
+    *,
+    repo_id: str,
+    tiny: bool = False,
+    caption_request: CaptionRequest | None = None,
+    second_opinion: bool = False,
+    on_step: Callable[[int, int, list | None], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> PromptRoundTrip:
+    """Draw ``request.prompt`` (one image), caption it, and score prompt and caption against it."""
+    resolved = resolve_request(GenerateRequest(**{**request.__dict__, "num_images": 1}), tiny=tiny)
+    generated = generate(pipeline, resolved, repo_id=repo_id, on_step=on_step, should_stop=should_stop)
+    image = generated.images[0]
+    best = matcher.captioner.caption(image, caption_request).captions[0]
+    matched = matcher.match([image], MatchRequest(texts=(resolved.prompt, best.text), second_opinion=second_opinion))
+    prompt_fit, caption_fit = matched.scores[0]
+    return PromptRoundTrip(
+        generated=generated,
+        caption=best.text,
+        caption_score=best.score,
+        prompt_fit=prompt_fit,
+        caption_fit=caption_fit,
+        diff=word_diff(resolved.prompt, best.text),
+        second_opinion_note=matched.second_opinion_note,
+    )
+
+
+def image_round_trip(
+    image: Image.Image,
+    pipeline,
+    matcher: ImageTextMatcher,
+    *,
+    repo_id: str,
+    model: str = "large",
+    seed: int = -1,
+    tiny: bool = False,
+    caption_request: CaptionRequest | None = None,
+) -> tuple[str, GenerateResult, TextScore]:
+    """Caption ``image``, draw the caption, and score the caption against the new image."""
+    caption = matcher.captioner.caption(image, caption_request).captions[0].text
+    width, height = image.size
+    scale = ((1024 * 1024 if not tiny else 128 * 128) / (width * height)) ** 0.5  # the model's usual area, same shape
+    resolved = resolve_request(
+        GenerateRequest(prompt=caption, model=model, seed=seed, width=width * scale, height=height * scale), tiny=tiny
+    )
+    generated = generate(pipeline, resolved, repo_id=repo_id)
+    fit = matcher.match([generated.images[0]], MatchRequest(texts=(caption,))).scores[0][0]
+    return caption, generated, fit
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def load_prompts(paths: Iterable[Path] | None = None) -> list[tuple[str, str]]:
+    """(category, prompt) pairs from prompt files (the file name is the category); the built-in set by default."""
+    paths = sorted(PROMPTS_DIR.glob("*.txt")) if paths is None else [Path(path) for path in paths]
+    pairs = []
+    for path in paths:
+        if not path.is_file():
+            raise ValueError(f"Prompt file {path} does not exist; give .txt files with one prompt per line.")
+        for line in path.read_text(encoding="utf-8").splitlines():
+            line = line.strip()
+            if line and not line.startswith("#"):
+                pairs.append((path.stem, line))
+    if not pairs:
+        raise ValueError("The prompt files hold no prompts; write one prompt per line.")
+    return pairs
+
+
+def summarize(rows: list[dict]) -> dict:
+    """Per model and category: mean, spread (population std) and count of prompt adherence."""
+    groups: dict[str, dict[str, list[float]]] = {}
+    for row in rows:
+        groups.setdefault(row["model"], {}).setdefault(row["category"], []).append(row["prompt_mean_logprob"])
+        groups[row["model"]].setdefault("all", []).append(row["prompt_mean_logprob"])
+    return {
+        model: {
+            category: {"mean": statistics.fmean(values), "std": statistics.pstdev(values), "n": len(values)}
+            for category, values in categories.items()
+        }
+        for model, categories in groups.items()
+    }
+
+
+def run_evaluation(
+    manager,
+    matcher: ImageTextMatcher,
+    prompts: list[tuple[str, str]],
+    *,
+    models: list[str],
+    seeds: list[int],
+    out_path: Path,
+    steps: int | None = None,
+    side: int | None = None,
+    machine: str = "",
+    model_size: str = "",
+    on_progress: Callable[[int, int], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> dict:
+    """Score every (model, seed, prompt) into ``out_path``; rows already there are skipped (resume).
+
+    The file is rewritten after every image, so an interrupted run keeps what
+    it did. Returns the file's content.
+    """
+    from pipelines.sd3 import model_key
+
+    out_path = Path(out_path)
+    existing = json.loads(out_path.read_text()) if out_path.is_file() else {}
+    rows: list[dict] = list(existing.get("rows", []))
+    done = {(row["model"], row["seed"], row["prompt"]) for row in rows}
+    jobs = [(model, seed, category, prompt) for model in models for seed in seeds for category, prompt in prompts]
+    settings_used = {"steps": steps, "side": side, "models": models, "seeds": seeds}
+    for number, (model, seed, category, prompt) in enumerate(jobs, start=1):
+        if should_stop is not None and should_stop():
+            break
+        key = model_key(model)
+        if (key, seed, prompt) not in done:
+            request = GenerateRequest(prompt=prompt, model=model, seed=seed, steps=steps, width=side, height=side)
+            trip = prompt_round_trip(
+                manager.get(key), request, matcher, repo_id=manager.source_for(key), tiny=manager.tiny
+            )
+            rows.append(
+                {
+                    "model": key,
+                    "seed": seed,
+                    "category": category,
+                    "prompt": prompt,
+                    "caption": trip.caption,
+                    "prompt_mean_logprob": trip.prompt_fit.mean_logprob,
+                    "caption_mean_logprob": trip.caption_fit.mean_logprob,
+                    "steps": trip.generated.request.steps,
+                    "size": f"{trip.generated.request.width}x{trip.generated.request.height}",
+                    "seconds": trip.generated.seconds,
+                }
+            )
+            done.add((key, seed, prompt))
+            _write_evaluation(out_path, rows, settings_used, machine, model_size)
+        if on_progress is not None:
+            on_progress(number, len(jobs))
+    return _write_evaluation(out_path, rows, settings_used, machine, model_size)
+
+
+def _write_evaluation(path: Path, rows: list[dict], settings_used: dict, machine: str, model_size: str) -> dict:
+    payload = {
+        "benchmark": "roundtrip-eval",
+        "machine": machine,
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "model_size": model_size,
+        "settings": settings_used,
+        "score": "mean log-probability per token of the prompt given the image, by BLIP base (higher is better)",
+        "rows": rows,
+        "summary": summarize(rows),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(json.dumps(payload, indent=2) + "\n")
+    temporary.replace(path)
+    return payload
+
+
+def evaluation_table(payload: dict) -> list[list]:
+    """Rows of (model, category, mean, std, n) from an evaluation file's summary."""
+    return [
+        [model, category, round(stats["mean"], 4), round(stats["std"], 4), stats["n"]]
+        for model, categories in sorted(payload.get("summary", {}).items())
+        for category, stats in sorted(categories.items())
+    ]

@@ -1,0 +1,119 @@
+"""Round trip: prompt -> image -> caption -> scores, image -> caption -> image, and the resumable evaluation."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from pipelines import roundtrip
+from pipelines.matching import ImageTextMatcher
+from pipelines.roundtrip import (
+    evaluation_table,
+    image_round_trip,
+    load_prompts,
+    prompt_round_trip,
+    run_evaluation,
+    word_diff,
+)
+from pipelines.sd3 import GenerateRequest
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "assets" / "examples"
+
+
+def test_word_diff_marks_shared_and_missing_words():
+    assert word_diff("A red cube, on a table!", "a cube on the table") == [
+        ("a", "both"),
+        ("red", "prompt"),
+        ("cube", "both"),
+        ("on", "both"),
+        ("a", "prompt"),
+        ("the", "caption"),
+        ("table", "both"),
+    ]
+
+
+def test_the_built_in_prompts_cover_five_categories():
+    prompts = load_prompts()
+    categories = {category for category, _ in prompts}
+    assert categories == {"single-objects", "counting", "colours", "spatial", "text-in-image"}
+    assert 25 <= len(prompts) <= 40 and len(set(prompts)) == len(prompts)
+    with pytest.raises(ValueError, match="does not exist"):
+        load_prompts([Path("/no/such/prompts.txt")])
+
+
+def test_prompt_round_trip_returns_an_image_a_caption_and_finite_scores(tiny_manager):
+    matcher = ImageTextMatcher(tiny_manager.get("blip-caption"))
+    trip = prompt_round_trip(
+        tiny_manager.get("sd35-large"),
+        GenerateRequest(prompt="a red cube on a table", seed=3, steps=2, width=64, height=64),
+        matcher,
+        repo_id="tiny",
+        tiny=True,
+    )
+    assert trip.image.size == (64, 64) and trip.caption
+    for score in (trip.prompt_fit, trip.caption_fit):
+        assert math.isfinite(score.mean_logprob) and score.mean_logprob <= 0
+    assert trip.prompt_fit.text == "a red cube on a table" and trip.caption_fit.text == trip.caption
+    assert trip.caption_fit.num_tokens >= 2 and trip.prompt_fit.num_tokens == 7  # 6 words + [SEP]
+    assert {tag for _, tag in trip.diff} <= {"both", "prompt", "caption"}
+
+
+def test_image_round_trip_draws_the_caption_at_the_image_shape(tiny_manager):
+    matcher = ImageTextMatcher(tiny_manager.get("blip-caption"))
+    photo = Image.open(EXAMPLES / "rocket.jpg").convert("RGB")  # 640x427
+    caption, generated, fit = image_round_trip(
+        photo, tiny_manager.get("sd35-large"), matcher, repo_id="tiny", seed=1, tiny=True
+    )
+    assert generated.request.prompt == caption
+    width, height = generated.images[0].size
+    assert width > height and width % 16 == 0 and height % 16 == 0
+    assert math.isfinite(fit.mean_logprob)
+
+
+def test_evaluation_writes_json_the_scoreboard_reads_and_resumes(tiny_manager, tmp_path, monkeypatch):
+    matcher = ImageTextMatcher(tiny_manager.get("blip-caption"))
+    prompts = [("colours", "a blue banana"), ("counting", "two cats"), ("counting", "three red balloons")]
+    out = tmp_path / "roundtrip-eval.json"
+    calls = []
+    real_round_trip = roundtrip.prompt_round_trip
+
+    def counting_round_trip(*args, **kwargs):
+        calls.append(args[1].prompt)
+        return real_round_trip(*args, **kwargs)
+
+    monkeypatch.setattr(roundtrip, "prompt_round_trip", counting_round_trip)
+    stop_after_two = iter([False, False, True])
+    first = run_evaluation(
+        tiny_manager, matcher, prompts, models=["large"], seeds=[0], out_path=out, steps=2, side=64,
+        should_stop=lambda: next(stop_after_two),
+    )  # fmt: skip
+    assert len(first["rows"]) == 2 and calls == ["a blue banana", "two cats"]
+    resumed = run_evaluation(
+        tiny_manager, matcher, prompts, models=["large"], seeds=[0], out_path=out, steps=2, side=64
+    )
+    assert calls == ["a blue banana", "two cats", "three red balloons"]  # done prompts were skipped
+    saved = json.loads(out.read_text())
+    assert saved == resumed and saved["benchmark"] == "roundtrip-eval"
+    summary = saved["summary"]["sd35-large"]
+    assert summary["counting"]["n"] == 2 and summary["colours"]["n"] == 1 and summary["all"]["n"] == 3
+    counting = [row["prompt_mean_logprob"] for row in saved["rows"] if row["category"] == "counting"]
+    assert summary["counting"]["mean"] == pytest.approx(sum(counting) / 2)
+    assert ["sd35-large", "counting", round(summary["counting"]["mean"], 4)] == evaluation_table(saved)[2][:3]
+
+
+@pytest.mark.api
+def test_roundtrip_answers_with_only_a_prompt(tiny_client):
+    image, summary, scores, diff, seed = tiny_client.predict("a red apple", api_name="/roundtrip")
+    assert image.endswith(".png") and "BLIP wrote" in summary
+    rows = scores["data"]
+    assert [row[0] for row in rows] == ["prompt", "BLIP's caption"] and rows[0][1] == "a red apple"
+    assert all(math.isfinite(row[2]) and row[2] <= 0 for row in rows)
+    assert [item["token"] for item in diff if item["class_or_confidence"] in ("both", "prompt")] == [
+        "a",
+        "red",
+        "apple",
+    ]
