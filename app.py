@@ -19,6 +19,7 @@ from components.caption import build_caption_tab
 from components.generate import build_generate_tab
 from components.match import build_match_tab
 from components.roundtrip import build_roundtrip_tab
+from components.scoreboard import build_scoreboard_tab
 from components.system import build_system_tab
 from pipelines import settings
 from pipelines.catalog import CATALOG
@@ -133,6 +134,8 @@ def build_app(studio: Studio) -> gr.Blocks:
                 generate = build_generate_tab(studio, outputs_dir=studio.outputs_dir)
             with gr.Tab("Round trip", id="roundtrip"):
                 build_roundtrip_tab(studio)
+            with gr.Tab("Scoreboard", id="scoreboard") as scoreboard_tab:
+                build_scoreboard_tab(studio, scoreboard_tab)
             with gr.Tab("System", id="system") as system_tab:
                 build_system_tab(studio, system_tab)
         # Close the loop: a generated image goes to BLIP.

@@ -83,8 +83,8 @@ def build_generate_tab(studio: Studio, outputs_dir: Path | None = None) -> dict:
                 model=model,
                 negative_prompt=negative_prompt or "",
                 seed=-1 if seed is None else seed,
-                steps=None if steps in (None, "") else steps,
-                guidance=None if guidance in (None, "") else guidance,
+                steps=None if str(steps or "").strip() == "" else steps,
+                guidance=None if str(guidance if guidance is not None else "").strip() == "" else guidance,
                 width=None if width in (None, "") else width,
                 height=None if height in (None, "") else height,
                 max_sequence_length=max_sequence_length,
@@ -183,8 +183,8 @@ def build_generate_tab(studio: Studio, outputs_dir: Path | None = None) -> dict:
         if preset.guidance <= 1.0:
             note = "Large Turbo runs 4 steps without classifier-free guidance: the negative prompt does not apply."
         return (
-            gr.update(value=None, placeholder=f"preset: {preset.steps}"),
-            gr.update(value=None, placeholder=f"preset: {preset.guidance:g}"),
+            gr.update(value="", placeholder=f"preset: {preset.steps}"),
+            gr.update(value="", placeholder=f"preset: {preset.guidance:g}"),
             gr.update(value=width, minimum=low, maximum=high),
             gr.update(value=height, minimum=low, maximum=high),
             gr.update(
@@ -234,19 +234,13 @@ def build_generate_tab(studio: Studio, outputs_dir: Path | None = None) -> dict:
             with gr.Accordion("Settings", open=True):
                 with gr.Row():
                     # Empty means "the model's preset", in the UI and in the API alike.
-                    steps = ValidatedNumber(
-                        value=None,
-                        precision=0,
-                        minimum=1,
-                        maximum=settings.MAX_STEPS,
-                        label="Steps (empty = preset)",
-                        placeholder=f"preset: {first_preset.steps}",
+                    # Empty means "the model's preset", in the UI and in the API alike. Text boxes,
+                    # because an empty number box sends 0, which is a real guidance value.
+                    steps = gr.Textbox(
+                        value="", label="Steps (empty = preset)", placeholder=f"preset: {first_preset.steps}"
                     )
-                    guidance = ValidatedNumber(
-                        value=None,
-                        minimum=0,
-                        maximum=settings.MAX_GUIDANCE,
-                        step=0.1,
+                    guidance = gr.Textbox(
+                        value="",
                         label="Guidance / CFG (empty = preset)",
                         placeholder=f"preset: {first_preset.guidance:g}",
                     )
@@ -294,8 +288,8 @@ def build_generate_tab(studio: Studio, outputs_dir: Path | None = None) -> dict:
         parameter("model", "large"),
         parameter("negative_prompt", ""),
         parameter("seed", -1),
-        parameter("steps", None),
-        parameter("guidance", None),
+        parameter("steps", ""),
+        parameter("guidance", ""),
         parameter("width", default_width),
         parameter("height", default_height),
         parameter("max_sequence_length", settings.DEFAULT_T5_TOKENS),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import tempfile
 import threading
 from pathlib import Path
@@ -26,8 +25,7 @@ from pipelines.sd3 import MODEL_CHOICES, GenerateRequest, model_key
 from pipelines.studio import Studio
 from pipelines.validation import as_int
 
-# Where evaluation files go, and where the Scoreboard looks for them.
-RESULTS_DIR = Path(os.environ.get("STUDIO_RESULTS_DIR") or Path(__file__).resolve().parent.parent / "bench" / "results")
+RESULTS_DIR = settings.EVALUATION_RESULTS_DIR  # the Scoreboard reads evaluations from here too
 SCORE_NOTE = (
     "**Scores** are BLIP's: the mean log-probability per token of a text given the image (0 is the maximum; "
     "the same number as in the Match tab). *Prompt* asks whether BLIP would describe the image with the "
@@ -47,6 +45,7 @@ def build_roundtrip_tab(studio: Studio) -> dict:
 
     def roundtrip(prompt, model, seed, steps, second_opinion):
         key = model_key(model)
+        steps = None if str(steps or "").strip() == "" else steps  # empty: the model's preset
         request = GenerateRequest(prompt=prompt, model=model, seed=-1 if seed is None else seed, steps=steps)
         trip = prompt_round_trip(
             studio.manager.get(key),
@@ -122,8 +121,8 @@ def build_roundtrip_tab(studio: Studio) -> dict:
             models=list(models),
             seeds=seed_list,
             out_path=RESULTS_DIR / name,
-            steps=None if steps in (None, "") else as_int("steps", steps, 1, settings.MAX_STEPS),
-            side=None if side in (None, "") else as_int("side", side, 16, 4096),
+            steps=None if str(steps or "").strip() == "" else as_int("steps", steps, 1, settings.MAX_STEPS),
+            side=None if str(side or "").strip() == "" else as_int("side", side, 16, 4096),
             machine=studio.manager.runtime.description,
             model_size="tiny" if studio.tiny else "real weights",
             on_progress=lambda done, total: progress((done, total), desc="prompts", unit="images"),
@@ -152,7 +151,8 @@ def build_roundtrip_tab(studio: Studio) -> dict:
             model = gr.Radio(choices=_model_choices(), value="large", label="Model")
             with gr.Row():
                 seed = ValidatedNumber(value=-1, precision=0, label="Seed (-1 = random)")
-                steps = ValidatedNumber(value=None, precision=0, label="Steps (empty = preset)", placeholder="preset")
+                # A text box: an empty number box would send 0, not "use the preset".
+                steps = gr.Textbox(value="", label="Steps (empty = preset)", placeholder="preset")
             second_opinion = gr.Checkbox(value=False, label="Second opinion (ITM) from BLIP's retrieval model")
             run = gr.Button("Run the round trip", variant="primary")
         with gr.Column(scale=1):
@@ -187,10 +187,8 @@ def build_roundtrip_tab(studio: Studio) -> dict:
             chosen_models = gr.CheckboxGroup(choices=_model_choices(), value=["large"], label="Models")
         with gr.Row():
             seeds = gr.Textbox(value="0", label="Seeds (comma-separated)")
-            eval_steps = ValidatedNumber(value=None, precision=0, label="Steps (empty = preset)", placeholder="preset")
-            eval_side = ValidatedNumber(
-                value=None, precision=0, label="Side px (empty = default)", placeholder="default"
-            )
+            eval_steps = gr.Textbox(value="", label="Steps (empty = preset)", placeholder="preset")
+            eval_side = gr.Textbox(value="", label="Side px (empty = default)", placeholder="default")
         with gr.Row():
             evaluate_run = gr.Button("Run (resumes where it stopped)", variant="primary")
             evaluate_stop = gr.Button("Stop", variant="stop")
@@ -212,7 +210,7 @@ def build_roundtrip_tab(studio: Studio) -> dict:
                 parameter("prompt"),
                 parameter("model", "large"),
                 parameter("seed", -1),
-                parameter("steps", None),
+                parameter("steps", ""),
                 parameter("second_opinion", False),
             ],
         ),
@@ -235,8 +233,8 @@ def build_roundtrip_tab(studio: Studio) -> dict:
                 parameter("categories", categories),
                 parameter("models", ["large"]),
                 parameter("seeds", "0"),
-                parameter("steps", None),
-                parameter("side", None),
+                parameter("steps", ""),
+                parameter("side", ""),
                 parameter("progress", gr.Progress()),
             ],
         ),

@@ -9,6 +9,7 @@ environment variable can lower a limit but never lift it past what is safe.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 
 def _env_int(name: str, default: int, ceiling: int) -> int:
@@ -103,6 +104,12 @@ MAX_PROMPT_CHARS = 4000  # ~1,000 T5 tokens: enough to see a truncation warning,
 DEFAULT_PREVIEW_EVERY = 4  # steps between live previews (latent projection; 0 = off)
 VAE_TILING_ABOVE_PIXELS = 1536 * 1024  # larger images decode in tiles (the VAE is the peak there)
 MAX_HISTORY_IMAGES = 48  # images kept in a browser session's history gallery
+
+# --- results (bench/, the Round trip tab, the Scoreboard) ---------------------------
+# Benchmarks write bench/results; the Round trip tab writes its evaluations to
+# STUDIO_RESULTS_DIR when set (e.g. a persistent volume on a Space), else there too.
+BENCH_RESULTS_DIR = Path(__file__).resolve().parent.parent / "bench" / "results"
+EVALUATION_RESULTS_DIR = Path(os.environ.get("STUDIO_RESULTS_DIR") or BENCH_RESULTS_DIR)
 
 # --- serving (app.py) ---------------------------------------------------------------
 # Requests that may run at once per event, and requests that may wait. Past

@@ -1,0 +1,164 @@
+"""Scoreboard tab: the published ranking of the two models, its claims checked, and what we measured (API ``/scoreboard``)."""
+
+from __future__ import annotations
+
+import gradio as gr
+import pandas as pd
+
+from components.common import named_endpoint
+from pipelines.scoreboard import NOT_MEASURED, SUMMARY_COLUMNS, Measurement, ScoreboardReport, build_report
+from pipelines.studio import Studio
+
+TAB_TITLES = {
+    "caption": "Caption",
+    "batch": "Batch",
+    "match": "Match",
+    "attention": "Attention",
+    "generate": "Generate",
+    "system": "System",
+    "roundtrip": "Round trip",
+    "scoreboard": "Scoreboard",
+}
+CAPABILITY_HEADERS = ["model", "capability", "tab", "status", "published claims"]
+CLAIM_HEADERS = ["model", "published claim", "what the Studio finds", "check", "how"]
+SUMMARY_HEADERS = ["model", *SUMMARY_COLUMNS]
+MEASURED_HEADERS = ["model", "Studio model", "setting", "machine", "s / image", "peak GPU", "round trip", "source"]
+STATUS_MARKS = {"works here": "✅", "needs a GPU": "🖥️", "needs the real weights": "⬇️", "not built yet": "🚧"}
+VERDICT_MARKS = {"agrees": "✅ agrees", "disagrees": "❌ disagrees"}
+NOTE = (
+    "Ranks and feature points are the comparison page's (kept in `assets/scoreboard.json`). Claims are checked "
+    "against the real architectures and this install; timings and memory come only from `bench/results/*.json`, "
+    f"each with its file, machine, date and model size — anything else says *{NOT_MEASURED}*. "
+    "✅ runs here in tiny mode on a CPU · 🖥️ needs a GPU · ⬇️ needs the real weights · 🚧 not built yet."
+)
+
+
+def ranking_markdown(report: ScoreboardReport) -> str:
+    """The feature table with one column per model, best first; the leader in bold with a trophy."""
+    if not report.ranking:
+        return ""
+    names = [("🏆 **" + row["model"] + "**") if row["leader"] else row["model"] for row in report.ranking]
+    lines = [f"### {report.title}", "", "| | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    lines.append("| Rank | " + " | ".join(f"#{row['rank']}" for row in report.ranking) + " |")
+    for feature in report.ranking[0]["features"]:
+        lines.append(f"| {feature} | " + " | ".join(str(row["features"][feature]) for row in report.ranking) + " |")
+    return "\n".join(lines)
+
+
+def score_frame(report: ScoreboardReport) -> pd.DataFrame:
+    return pd.DataFrame(
+        {"model": [row["model"] for row in report.ranking], "score": [row["score"] for row in report.ranking]}
+    )
+
+
+def capability_table(report: ScoreboardReport) -> list[list[str]]:
+    return [
+        [
+            row["model"],
+            row["capability"],
+            f"[{TAB_TITLES[row['tab']]}](#{row['tab']})" if row["tab"] else "—",
+            f"{STATUS_MARKS[row['status']]} {row['status']}",
+            "; ".join(row["claims"]),
+        ]
+        for row in report.capabilities
+    ]
+
+
+def claim_table(report: ScoreboardReport) -> list[list[str]]:
+    return [
+        [row["model"], row["published"], row["studio"], VERDICT_MARKS.get(row["verdict"], row["verdict"]), row["how"]]
+        for row in report.claims
+    ]
+
+
+def summary_table(report: ScoreboardReport) -> list[list[str]]:
+    return [[row["model"], *(row[column] for column in SUMMARY_COLUMNS)] for row in report.summary]
+
+
+def measured_table(report: ScoreboardReport) -> list[list[str]]:
+    return [Measurement(**row).cells() for row in report.measured]
+
+
+def warnings_markdown(report: ScoreboardReport) -> str:
+    if not report.warnings:
+        return ""
+    return "**Warnings**\n\n" + "\n".join(f"- ⚠️ {warning}" for warning in report.warnings)
+
+
+def make_scoreboard_function(studio: Studio):
+    """The `/scoreboard` endpoint: no input; the tables plus everything as JSON.
+
+    The data file and the results folder are read on every call (unchanged files
+    come from a cache), so new benchmark results appear without a restart. A
+    broken file shows as a warning; the rest of the board still renders.
+    """
+
+    def scoreboard():
+        report = build_report()
+        for warning in report.warnings:
+            gr.Warning(warning)
+        verdict = f"**Verdict.** {report.verdict}" if report.verdict else ""
+        details = {**report.as_dict(), "tiny_mode": studio.tiny}
+        return (
+            ranking_markdown(report),
+            score_frame(report),
+            verdict,
+            capability_table(report),
+            claim_table(report),
+            summary_table(report),
+            measured_table(report),
+            warnings_markdown(report),
+            details,
+        )
+
+    return named_endpoint(scoreboard, [])
+
+
+def build_scoreboard_tab(studio: Studio, tab: gr.Tab | None = None) -> dict:
+    """Build the Scoreboard tab inside the current Blocks; returns its main components.
+
+    With ``tab``, the board is rebuilt each time the tab is opened (the first time
+    builds the real architectures on the meta device, a few seconds of CPU);
+    without it, on page load.
+    """
+    gr.Markdown(NOTE)
+    with gr.Row():
+        ranking = gr.Markdown()
+        chart = gr.BarPlot(x="model", y="score", y_lim=[0, 100], title="UnfragileRank (out of 100)", height=260)
+    verdict = gr.Markdown()
+    refresh = gr.Button("Refresh (re-read bench/results)", variant="secondary")
+    warnings = gr.Markdown()
+    gr.Markdown("### Capabilities, and the tab that shows each")
+    capabilities = gr.Dataframe(
+        headers=CAPABILITY_HEADERS,
+        datatype=["str", "str", "markdown", "str", "str"],
+        interactive=False,
+        wrap=True,
+    )
+    gr.Markdown("### Claims check: what the page says, what the Studio finds")
+    claims = gr.Dataframe(headers=CLAIM_HEADERS, interactive=False, wrap=True)
+    gr.Markdown("### Measured at a glance")
+    summary = gr.Dataframe(headers=SUMMARY_HEADERS, interactive=False, wrap=True)
+    with gr.Accordion("Every measurement", open=False):
+        measured = gr.Dataframe(headers=MEASURED_HEADERS, interactive=False, wrap=True)
+    with gr.Accordion("Raw result (JSON)", open=False):
+        details = gr.JSON(label="Scoreboard")
+
+    scoreboard = make_scoreboard_function(studio)
+    outputs = [ranking, chart, verdict, capabilities, claims, summary, measured, warnings, details]
+    refresh.click(scoreboard, outputs=outputs, api_name="scoreboard")
+    gr.on(
+        triggers=[tab.select] if tab is not None else None,  # None: on page load
+        fn=lambda: scoreboard(),  # a lambda, so Gradio does not derive a second "scoreboard" name from it
+        outputs=outputs,
+        api_visibility="private",
+    )
+    return {"ranking": ranking, "chart": chart, "claims": claims, "measured": measured, "details": details}
+
+
+if __name__ == "__main__":
+    from app import build_studio
+
+    with gr.Blocks(title="Scoreboard") as demo:
+        build_scoreboard_tab(build_studio(["--tiny"]))
+    demo.queue().launch()
