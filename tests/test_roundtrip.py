@@ -117,3 +117,29 @@ def test_roundtrip_answers_with_only_a_prompt(tiny_client):
         "red",
         "apple",
     ]
+
+
+def test_the_scoreboard_reads_back_what_an_evaluation_wrote(tiny_manager, tmp_path):
+    from pipelines.scoreboard import build_report
+
+    matcher = ImageTextMatcher(tiny_manager.get("blip-caption"))
+    payload = run_evaluation(
+        tiny_manager,
+        matcher,
+        [("colours", "a blue banana"), ("spatial", "a cat under a table")],
+        models=["large"],
+        seeds=[0],
+        out_path=tmp_path / "roundtrip-eval.json",
+        steps=2,
+        side=64,
+        machine="test machine",
+        model_size="tiny",
+    )
+    report = build_report(results_dir=tmp_path, with_claims=False)
+    cells = [row for row in report.measured if row["adherence"] is not None]
+    expected = payload["summary"]["sd35-large"]["all"]
+    assert cells, report.warnings
+    assert any(
+        f"{expected['mean']:.3f}" in row["adherence"] and "roundtrip-eval.json" in row["source"] for row in cells
+    )
+    assert all("tiny" in row["source"] for row in cells)
