@@ -6,7 +6,8 @@ import gradio as gr
 
 from components.common import named_endpoint, parameter
 from pipelines import settings
-from pipelines.memory import ACTIVATION_NOTES, GIB, auto_choice, gpu_memory, machine_report, plan_table
+from pipelines.activations import ACTIVATION_NOTES
+from pipelines.memory import GIB, auto_choice, gpu_memory, machine_report, plan_table
 from pipelines.studio import Studio
 
 LOADED_HEADERS = ["model", "source", "load seconds", "footprint (GiB)"]

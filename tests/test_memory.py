@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from pipelines import settings
+from pipelines.activations import blip_activation, mmdit_activation, vae_activation
 from pipelines.architectures import component_size, component_sizes, measure_module
 from pipelines.catalog import CATALOG, MODEL_CONFIGS_DIR
 from pipelines.memory import (
@@ -17,12 +18,9 @@ from pipelines.memory import (
     SD3_MODES,
     WEIGHT_FORMATS,
     auto_choice,
-    blip_activation,
-    mmdit_activation,
     modes_for,
     plan,
     plan_table,
-    vae_activation,
     weight_bytes,
 )
 
