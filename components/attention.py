@@ -7,13 +7,11 @@ from pathlib import Path
 
 import gradio as gr
 
-from components.common import UploadedImage, named_endpoint, parameter
+from components.common import UploadedImage, example_photos, launch_alone, named_endpoint, parameter
 from pipelines import settings
 from pipelines.attention import AttentionRequest, AttentionResult, decoder_layout, explain_attention
 from pipelines.images import describe_image, load_image
 from pipelines.studio import Studio
-
-EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "assets" / "examples"
 
 MAPS_EXPLAINED = """
 **How to read the maps.** For each word, the colour shows how much BLIP's text decoder attended to
@@ -130,11 +128,7 @@ def build_attention_tab(studio: Studio) -> dict:
             gr.Markdown(MAPS_EXPLAINED)
             with gr.Accordion("Raw result (JSON)", open=False):
                 details = gr.JSON(label="Result")
-    gr.Examples(
-        examples=sorted(str(path) for path in EXAMPLES_DIR.iterdir() if path.suffix in (".png", ".jpg")),
-        inputs=image,
-        label="Example photos (public domain / CC0, see assets/examples/LICENSES.md)",
-    )
+    example_photos(image)
     gr.on(
         triggers=[run.click, caption.submit],
         fn=make_attention_function(studio),
@@ -147,8 +141,4 @@ def build_attention_tab(studio: Studio) -> dict:
 
 
 if __name__ == "__main__":
-    from app import build_studio
-
-    with gr.Blocks(title="Attention") as demo:
-        build_attention_tab(build_studio(["--tiny"]))
-    demo.queue().launch()
+    launch_alone(build_attention_tab, "Attention")

@@ -5,14 +5,13 @@ from __future__ import annotations
 import base64
 import io
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import gradio as gr
 from PIL import Image
 
-from components.common import ValidatedSlider, named_endpoint, parameter
+from components.common import StopRequests, ValidatedSlider, launch_alone, named_endpoint, parameter
 from components.decoding import build_decoding_controls, decoding_parameters, request_from_values
 from pipelines import settings
 from pipelines.batch_caption import CaptionedImage, FailedImage, caption_files, collect_uploads, dataset_zip
@@ -61,16 +60,14 @@ def summary_markdown(captioned: int, failures: list[FailedImage], total: int, se
 
 def build_batch_tab(studio: Studio) -> dict:
     """Build the Batch tab inside the current Blocks; returns its main components."""
-    stop_requests: dict[str, threading.Event] = {}  # session -> the Stop button's flag for its running batch
+    stop_requests = StopRequests()
 
     def caption_batch(files, batch_size, trigger, suffix, include_images, progress, request, **decoding):
         if not files:
             raise ValueError("Upload some images, or a .zip of images, first.")
         caption_request = request_from_values(decoding, num_captions=1).validated()
         batch_size = as_int("batch_size", batch_size, 1, settings.MAX_BATCH_SIZE)
-        session = getattr(request, "session_hash", None) or "api"
-        stop = stop_requests.setdefault(session, threading.Event())
-        stop.clear()
+        stop = stop_requests.start(request)
 
         work_dir = Path(tempfile.mkdtemp(prefix="studio-batch-"))
         uploads = collect_uploads(
@@ -115,8 +112,7 @@ def build_batch_tab(studio: Studio) -> dict:
         return result_rows(results + uploads.failures, uploads.root), str(archive), summary + error_note
 
     def stop_batch(request: gr.Request):
-        session = getattr(request, "session_hash", None) or "api"
-        stop_requests.setdefault(session, threading.Event()).set()
+        stop_requests.stop(request)
         gr.Info("Stopping after the current batch; the captions made so far will be downloadable.")
 
     gr.Markdown(
@@ -177,8 +173,4 @@ def build_batch_tab(studio: Studio) -> dict:
 
 
 if __name__ == "__main__":
-    from app import build_studio
-
-    with gr.Blocks(title="Batch captioning") as demo:
-        build_batch_tab(build_studio(["--tiny"]))
-    demo.queue().launch()
+    launch_alone(build_batch_tab, "Batch captioning")

@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import fields
-from pathlib import Path
 
 import gradio as gr
 
-from components.common import UploadedImage, named_endpoint, parameter
+from components.common import UploadedImage, example_photos, launch_alone, named_endpoint, parameter
 from components.decoding import build_decoding_controls, decoding_parameters, request_from_values
 from pipelines.blip import CaptionRequest, CaptionResult
 from pipelines.images import describe_image, load_image
 from pipelines.studio import Studio
 
-EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "assets" / "examples"
 CAPTION_TABLE_HEADERS = ["#", "caption", "score", "tokens"]
 
 
@@ -84,11 +82,7 @@ def build_caption_tab(studio: Studio) -> dict:
             summary = gr.Markdown()
             with gr.Accordion("Raw result (JSON)", open=False):
                 details = gr.JSON(label="Result")
-    gr.Examples(
-        examples=sorted(str(path) for path in EXAMPLES_DIR.iterdir() if path.suffix in (".png", ".jpg")),
-        inputs=image,
-        label="Example photos (public domain / CC0, see assets/examples/LICENSES.md)",
-    )
+    example_photos(image)
     gr.on(
         triggers=[run.click],
         fn=make_caption_function(studio),
@@ -101,8 +95,4 @@ def build_caption_tab(studio: Studio) -> dict:
 
 
 if __name__ == "__main__":
-    from app import build_studio
-
-    with gr.Blocks(title="Caption") as demo:
-        build_caption_tab(build_studio(["--tiny"]))
-    demo.queue().launch()
+    launch_alone(build_caption_tab, "Caption")

@@ -5,7 +5,9 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import threading
 from collections.abc import Callable
+from pathlib import Path
 
 import gradio as gr
 import torch
@@ -170,3 +172,62 @@ class ValidatedNumber(gr.Number):
 
     def preprocess(self, payload):
         return payload
+
+
+def blank_to_none(value):
+    """None for an empty input (None or blank text), else the value unchanged.
+
+    Text boxes whose empty state means "the preset" send ""; a 0 stays a 0,
+    so it reaches validation as the number it is.
+    """
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    return value
+
+
+class StopRequests:
+    """One Stop flag per browser session (API clients share the session "api").
+
+    The long-running event clears its session's flag when it starts and polls
+    it; the Stop button's unqueued event sets it. One user's Stop never ends
+    another user's run.
+    """
+
+    def __init__(self) -> None:
+        self._flags: dict[str, threading.Event] = {}
+        self._lock = threading.Lock()
+
+    def flag(self, request) -> threading.Event:
+        session = getattr(request, "session_hash", None) or "api"
+        with self._lock:
+            return self._flags.setdefault(session, threading.Event())
+
+    def start(self, request) -> threading.Event:
+        """The flag for a run that is starting, cleared."""
+        flag = self.flag(request)
+        flag.clear()
+        return flag
+
+    def stop(self, request) -> None:
+        self.flag(request).set()
+
+
+EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "assets" / "examples"
+
+
+def example_photos(image: gr.components.Component) -> gr.Examples:
+    """The sample photographs (with their licences in assets/examples) as examples for ``image``."""
+    return gr.Examples(
+        examples=sorted(str(path) for path in EXAMPLES_DIR.iterdir() if path.suffix in (".png", ".jpg")),
+        inputs=image,
+        label="Example photos (public domain / CC0, see assets/examples/LICENSES.md)",
+    )
+
+
+def launch_alone(build_tab: Callable, title: str) -> None:
+    """Run one tab by itself on the tiny models (each tab module's ``__main__``)."""
+    from app import build_studio
+
+    with gr.Blocks(title=title) as demo:
+        build_tab(build_studio(["--tiny"]))
+    demo.queue().launch()

@@ -10,7 +10,16 @@ from pathlib import Path
 
 import gradio as gr
 
-from components.common import ValidatedNumber, ValidatedSlider, named_endpoint, on_gpu, parameter
+from components.common import (
+    StopRequests,
+    ValidatedNumber,
+    ValidatedSlider,
+    blank_to_none,
+    launch_alone,
+    named_endpoint,
+    on_gpu,
+    parameter,
+)
 from pipelines import settings
 from pipelines.catalog import CATALOG
 from pipelines.memory import SD3_MODES, resolve_mode
@@ -65,8 +74,7 @@ def estimated_gpu_seconds(prompt, model, negative_prompt, seed, steps, guidance,
 
 def build_generate_tab(studio: Studio, outputs_dir: Path | None = None) -> dict:
     """Build the Generate tab inside the current Blocks; returns its main components."""
-    stop_requests: dict[str, threading.Event] = {}
-    previewers: dict[str, LatentPreviewer] = {}
+    stop_requests = StopRequests()
     work_dir = Path(tempfile.mkdtemp(prefix="studio-generate-"))
     first_key = model_key("large")
     first_preset = CATALOG[first_key].image_preset
@@ -83,8 +91,8 @@ def build_generate_tab(studio: Studio, outputs_dir: Path | None = None) -> dict:
                 model=model,
                 negative_prompt=negative_prompt or "",
                 seed=-1 if seed is None else seed,
-                steps=None if str(steps or "").strip() == "" else steps,
-                guidance=None if str(guidance if guidance is not None else "").strip() == "" else guidance,
+                steps=blank_to_none(steps),
+                guidance=blank_to_none(guidance),
                 width=None if width in (None, "") else width,
                 height=None if height in (None, "") else height,
                 max_sequence_length=max_sequence_length,
@@ -95,14 +103,12 @@ def build_generate_tab(studio: Studio, outputs_dir: Path | None = None) -> dict:
         )
         for note in resolved.notes:
             gr.Info(note)
-        session = getattr(request, "session_hash", None) or "api"
-        stop = stop_requests.setdefault(session, threading.Event())
-        stop.clear()
+        stop = stop_requests.start(request)
         mode, mode_reason = resolve_mode(
             resolved.model_key, memory_mode or "auto", studio.manager.runtime, resolved.height, resolved.width
         )
         pipeline = studio.manager.get(resolved.model_key, variant=mode, notify=gr.Info)
-        previewer = previewers.setdefault(resolved.model_key, LatentPreviewer(pipeline.vae))
+        previewer = LatentPreviewer.for_pipeline(pipeline)
         repo_id = CATALOG[resolved.model_key].repo_id
         progress((0, resolved.steps), desc="denoising", unit="steps")
 
@@ -171,8 +177,7 @@ def build_generate_tab(studio: Studio, outputs_dir: Path | None = None) -> dict:
     generate_fn = on_gpu(estimated_gpu_seconds)(generate_images)
 
     def stop_generation(request: gr.Request):
-        session = getattr(request, "session_hash", None) or "api"
-        stop_requests.setdefault(session, threading.Event()).set()
+        stop_requests.stop(request)
 
     def apply_preset(model):
         key = model_key(model)
@@ -358,8 +363,4 @@ def build_generate_tab(studio: Studio, outputs_dir: Path | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    from app import build_studio
-
-    with gr.Blocks(title="Generate") as demo:
-        build_generate_tab(build_studio(["--tiny"]))
-    demo.queue().launch()
+    launch_alone(build_generate_tab, "Generate")

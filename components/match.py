@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import gradio as gr
 
-from components.common import UploadedImage, named_endpoint, parameter
+from components.common import UploadedImage, example_photos, launch_alone, named_endpoint, parameter
 from pipelines import settings
 from pipelines.images import describe_image, load_image
 from pipelines.matching import RANKING_LABELS, MatchRequest, MatchResult, TextScore
 from pipelines.studio import Studio
 
-EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "assets" / "examples"
 TEXT_TABLE_HEADERS = ["#", "text", "mean log-prob", "total log-prob", "tokens", "ITM P(match)", "ITC cosine"]
 IMAGE_TABLE_HEADERS = ["text", "#", "image", "mean log-prob", "total log-prob", "ITM P(match)", "ITC cosine"]
 
@@ -195,11 +193,7 @@ def build_match_tab(studio: Studio) -> dict:
             gr.Markdown(SCORES_EXPLAINED)
             with gr.Accordion("Raw result (JSON)", open=False):
                 details = gr.JSON(label="Result")
-    gr.Examples(
-        examples=sorted(str(path) for path in EXAMPLES_DIR.iterdir() if path.suffix in (".png", ".jpg")),
-        inputs=image,
-        label="Example photos (public domain / CC0, see assets/examples/LICENSES.md)",
-    )
+    example_photos(image)
     run.click(
         make_match_function(studio),
         inputs=[image, texts, more_images, rank_by, second_opinion],
@@ -211,8 +205,4 @@ def build_match_tab(studio: Studio) -> dict:
 
 
 if __name__ == "__main__":
-    from app import build_studio
-
-    with gr.Blocks(title="Match") as demo:
-        build_match_tab(build_studio(["--tiny"]))
-    demo.queue().launch()
+    launch_alone(build_match_tab, "Match")

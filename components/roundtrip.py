@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import tempfile
-import threading
 from pathlib import Path
 
 import gradio as gr
 
-from components.common import UploadedImage, ValidatedNumber, named_endpoint, parameter
+from components.common import (
+    StopRequests,
+    UploadedImage,
+    ValidatedNumber,
+    blank_to_none,
+    launch_alone,
+    named_endpoint,
+    parameter,
+)
 from pipelines import settings
 from pipelines.catalog import CATALOG
 from pipelines.images import load_image
@@ -41,12 +48,13 @@ def _model_choices():
 def build_roundtrip_tab(studio: Studio) -> dict:
     """Build the Round trip tab inside the current Blocks; returns its main components."""
     work_dir = Path(tempfile.mkdtemp(prefix="studio-roundtrip-"))
-    stop_evaluation = threading.Event()
+    stop_evaluations = StopRequests()
 
     def roundtrip(prompt, model, seed, steps, second_opinion):
         key = model_key(model)
-        steps = None if str(steps or "").strip() == "" else steps  # empty: the model's preset
-        request = GenerateRequest(prompt=prompt, model=model, seed=-1 if seed is None else seed, steps=steps)
+        request = GenerateRequest(
+            prompt=prompt, model=model, seed=-1 if seed is None else seed, steps=blank_to_none(steps)
+        )
         trip = prompt_round_trip(
             studio.manager.get(key),
             request,
@@ -102,7 +110,7 @@ def build_roundtrip_tab(studio: Studio) -> dict:
         )
         return caption, str(path), f"The caption fits the redrawn image with a mean log-prob of {fit.mean_logprob:.3f}."
 
-    def evaluate(categories, models, seeds, steps, side, progress):
+    def evaluate(categories, models, seeds, steps, side, progress, request):
         categories = list(categories or [])
         if not categories or not models:
             raise ValueError("Choose at least one prompt category and one model.")
@@ -113,7 +121,7 @@ def build_roundtrip_tab(studio: Studio) -> dict:
             raise ValueError("Give at least one seed, e.g. 0 or 0,1,2.")
         prompts = load_prompts([PROMPTS_DIR / f"{category}.txt" for category in categories])
         name = f"roundtrip-eval-{'tiny' if studio.tiny else 'real'}-{steps or 'preset'}steps-{side or 'default'}px.json"
-        stop_evaluation.clear()
+        stop = stop_evaluations.start(request)
         payload = run_evaluation(
             studio.manager,
             studio.matcher(),
@@ -121,12 +129,12 @@ def build_roundtrip_tab(studio: Studio) -> dict:
             models=list(models),
             seeds=seed_list,
             out_path=RESULTS_DIR / name,
-            steps=None if str(steps or "").strip() == "" else as_int("steps", steps, 1, settings.MAX_STEPS),
-            side=None if str(side or "").strip() == "" else as_int("side", side, 16, 4096),
+            steps=None if blank_to_none(steps) is None else as_int("steps", steps, 1, settings.MAX_STEPS),
+            side=None if blank_to_none(side) is None else as_int("side", side, 16, 4096),
             machine=studio.manager.runtime.description,
             model_size="tiny" if studio.tiny else "real weights",
             on_progress=lambda done, total: progress((done, total), desc="prompts", unit="images"),
-            should_stop=stop_evaluation.is_set,
+            should_stop=stop.is_set,
         )
         rows = [
             [
@@ -236,6 +244,7 @@ def build_roundtrip_tab(studio: Studio) -> dict:
                 parameter("steps", ""),
                 parameter("side", ""),
                 parameter("progress", gr.Progress()),
+                parameter("request", None, gr.Request),
             ],
         ),
         inputs=[chosen_categories, chosen_models, seeds, eval_steps, eval_side],
@@ -243,13 +252,13 @@ def build_roundtrip_tab(studio: Studio) -> dict:
         api_name="evaluate",
         concurrency_id="gpu",
     )
-    evaluate_stop.click(lambda: stop_evaluation.set(), queue=False, api_name="evaluate_stop")
+
+    def stop_evaluation(request: gr.Request):
+        stop_evaluations.stop(request)
+
+    evaluate_stop.click(stop_evaluation, queue=False, api_name="evaluate_stop")
     return {"prompt": prompt, "image": image, "diff": diff}
 
 
 if __name__ == "__main__":
-    from app import build_studio
-
-    with gr.Blocks(title="Round trip") as demo:
-        build_roundtrip_tab(build_studio(["--tiny"]))
-    demo.queue().launch()
+    launch_alone(build_roundtrip_tab, "Round trip")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import gradio as gr
 import pandas as pd
 
-from components.common import named_endpoint
+from components.common import launch_alone, named_endpoint
 from pipelines.scoreboard import NOT_MEASURED, SUMMARY_COLUMNS, Measurement, ScoreboardReport, build_report
 from pipelines.studio import Studio
 
@@ -157,8 +157,4 @@ def build_scoreboard_tab(studio: Studio, tab: gr.Tab | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    from app import build_studio
-
-    with gr.Blocks(title="Scoreboard") as demo:
-        build_scoreboard_tab(build_studio(["--tiny"]))
-    demo.queue().launch()
+    launch_alone(build_scoreboard_tab, "Scoreboard")

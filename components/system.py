@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import gradio as gr
 
-from components.common import named_endpoint, parameter
+from components.common import launch_alone, named_endpoint, parameter
 from pipelines import settings
 from pipelines.activations import ACTIVATION_NOTES
 from pipelines.memory import GIB, auto_choice, gpu_memory, machine_report, plan_table
@@ -206,8 +206,4 @@ def build_system_tab(studio: Studio, tab: gr.Tab | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    from app import build_studio
-
-    with gr.Blocks(title="System") as demo:
-        build_system_tab(build_studio(["--tiny"]))
-    demo.queue().launch()
+    launch_alone(build_system_tab, "System")

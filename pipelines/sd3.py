@@ -255,6 +255,15 @@ class LatentPreviewer:
         self.vae = vae
         self._projection: torch.Tensor | None = None
 
+    @classmethod
+    def for_pipeline(cls, pipeline) -> LatentPreviewer:
+        """The previewer kept on ``pipeline`` itself, so it is fitted once and freed with the pipeline."""
+        previewer = getattr(pipeline, "studio_previewer", None)
+        if previewer is None or previewer.vae is not pipeline.vae:
+            previewer = cls(pipeline.vae)
+            pipeline.studio_previewer = previewer
+        return previewer
+
     @torch.inference_mode()
     def _fit(self) -> torch.Tensor:
         generator = torch.Generator().manual_seed(0)
