@@ -100,15 +100,13 @@ def _studio_from_args(args: argparse.Namespace) -> Studio:
 
         if args.memory != "auto":
             get_mode("sd35-large", args.memory)  # refuse an unknown mode at start, with the list
-        dtype = str(runtime.dtype).removeprefix("torch.").replace("bfloat16", "bf16").replace("float16", "fp16")
-        dtype = {"float32": "fp32"}.get(dtype, dtype)
         manager = ModelManager(
             runtime,
             tiny_root=tiny_root,
             source_overrides=model_overrides(args.model),
             # Tiny models need no budget; real ones unload the least recently used to fit.
             memory_budget_bytes=None if args.tiny else memory_budget_bytes(runtime),
-            estimate_bytes=lambda key, variant: load_estimate_bytes(key, variant, dtype),
+            estimate_bytes=lambda key, variant: load_estimate_bytes(key, variant, runtime.dtype_name),
         )
     except ValueError as error:
         raise SystemExit(str(error)) from None

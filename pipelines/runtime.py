@@ -15,6 +15,11 @@ class Runtime:
     dtype: torch.dtype
 
     @property
+    def dtype_name(self) -> str:
+        """The dtype as the memory planner names it: bf16, fp16 or fp32."""
+        return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[self.dtype]
+
+    @property
     def description(self) -> str:
         name = str(self.device)
         if self.device.type == "cuda":

@@ -185,3 +185,11 @@ def test_preload_loads_in_the_background_and_swallows_failures(tiny_root):
     assert not broken.is_loaded("blip-caption")
     with pytest.raises(ModelLoadError, match="does not exist"):
         broken.get("blip-caption")
+
+
+def test_the_runtime_names_its_dtype_as_the_planner_does():
+    from pipelines.runtime import Runtime
+
+    assert CPU.dtype_name == "fp32"
+    assert Runtime(torch.device("cuda"), torch.bfloat16).dtype_name == "bf16"
+    assert Runtime(torch.device("cuda"), torch.float16).dtype_name == "fp16"
