@@ -9,6 +9,10 @@ gibberish and their images are noise: they prove the plumbing, not the quality.
     python -m pipelines.tiny --out DIR     # build them anywhere
     python -m pipelines.tiny               # build them into the cache dir
 
+Next to the models, ``loras/`` holds a few tiny LoRA files (diffusers/peft keys
+for the tiny Large and the tiny Medium, kohya keys for the tiny Large) and a
+registry ``loras.json`` pointing at them, so LoRA loading can be tried offline.
+
 The cache dir is ``$STUDIO_TINY_DIR`` or ``~/.cache/blip-sd3-studio/tiny-v<N>``.
 """
 
@@ -24,11 +28,13 @@ from pathlib import Path
 import torch
 
 # Bump when anything below changes, so stale caches are rebuilt, never reused.
-TINY_BUILD_VERSION = 3
+TINY_BUILD_VERSION = 4
 
 TINY_BLIP_DIR = "blip-caption"
 TINY_BLIP_ITM_DIR = "blip-itm"
 TINY_SD3_DIRS = {"large": "sd35-large", "large-turbo": "sd35-large-turbo", "medium": "sd35-medium"}
+TINY_LORA_DIR = "loras"
+TINY_LORA_REGISTRY = "loras.json"
 
 # A small caption vocabulary: enough words that the tiny BLIP's gibberish reads as
 # words, and that common prompts ("a picture of") tokenise without [UNK].
@@ -281,14 +287,50 @@ def tiny_t5_tokenizer():
 
 
 # Per variant: what makes each tiny pipeline shaped like its real counterpart.
+# Widths differ as the real ones do (Large 38 heads x 64 = 2432 wide, Medium 24 x 64 =
+# 1536), so a LoRA made for one does not fit the other, exactly as with the real models.
 _TINY_SD3_SHAPES = {
     # Large and Large Turbo share one MMDiT architecture (38 plain joint blocks).
-    "large": {"num_layers": 2, "dual_attention_layers": (), "seed": 1},
-    "large-turbo": {"num_layers": 2, "dual_attention_layers": (), "seed": 2},
+    "large": {"num_layers": 2, "num_attention_heads": 2, "dual_attention_layers": (), "seed": 1},
+    "large-turbo": {"num_layers": 2, "num_attention_heads": 2, "dual_attention_layers": (), "seed": 2},
     # Medium is MMDiT-X: dual attention in its first blocks. Ten layers so that
     # skip-layer guidance's real layers (7, 8, 9) exist and act.
-    "medium": {"num_layers": 10, "dual_attention_layers": (0, 1, 2), "seed": 3},
+    "medium": {"num_layers": 10, "num_attention_heads": 3, "dual_attention_layers": (0, 1, 2), "seed": 3},
 }
+_TINY_HEAD_DIM = 16
+
+
+def tiny_transformer(variant: str):
+    """The tiny ``SD3Transformer2DModel`` of ``variant``, with its fixed-seed random weights."""
+    from diffusers import SD3Transformer2DModel
+
+    shape = _TINY_SD3_SHAPES[variant]
+    torch.manual_seed(shape["seed"])
+    inner_dim = shape["num_attention_heads"] * _TINY_HEAD_DIM
+    return SD3Transformer2DModel(
+        sample_size=32,
+        patch_size=2,
+        in_channels=16,
+        out_channels=16,
+        num_layers=shape["num_layers"],
+        attention_head_dim=_TINY_HEAD_DIM,
+        num_attention_heads=shape["num_attention_heads"],
+        joint_attention_dim=64,  # must equal T5's d_model
+        caption_projection_dim=inner_dim,  # the MMDiT's context stream is as wide as its image stream
+        pooled_projection_dim=64,  # CLIP-L projection + CLIP-G projection
+        pos_embed_max_size=64,
+        qk_norm="rms_norm",
+        dual_attention_layers=shape["dual_attention_layers"],
+    )
+
+
+def tiny_base_names() -> dict[int, tuple[str, int]]:
+    """Inner width -> (name, blocks) of the tiny MMDiTs, for LoRA base-model messages (``LoraLibrary(known_bases=)``)."""
+    large, medium = _TINY_SD3_SHAPES["large"], _TINY_SD3_SHAPES["medium"]
+    return {
+        large["num_attention_heads"] * _TINY_HEAD_DIM: ("SD3.5 Large / Large Turbo (tiny)", large["num_layers"]),
+        medium["num_attention_heads"] * _TINY_HEAD_DIM: ("SD3.5 Medium (tiny)", medium["num_layers"]),
+    }
 
 
 def build_tiny_sd3(out_dir: Path, variant: str) -> None:
@@ -299,31 +341,10 @@ def build_tiny_sd3(out_dir: Path, variant: str) -> None:
     VAE downsamples 4x (the real one 8x), so with ``pos_embed_max_size=64`` the
     tiny pipelines draw at most 512x512.
     """
-    from diffusers import (
-        AutoencoderKL,
-        FlowMatchEulerDiscreteScheduler,
-        SD3Transformer2DModel,
-        StableDiffusion3Pipeline,
-    )
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
-    shape = _TINY_SD3_SHAPES[variant]
-    torch.manual_seed(shape["seed"])
-    transformer = SD3Transformer2DModel(
-        sample_size=32,
-        patch_size=2,
-        in_channels=16,
-        out_channels=16,
-        num_layers=shape["num_layers"],
-        attention_head_dim=16,
-        num_attention_heads=2,
-        joint_attention_dim=64,  # must equal T5's d_model
-        caption_projection_dim=32,
-        pooled_projection_dim=64,  # CLIP-L projection + CLIP-G projection
-        pos_embed_max_size=64,
-        qk_norm="rms_norm",
-        dual_attention_layers=shape["dual_attention_layers"],
-    )
+    transformer = tiny_transformer(variant)
     clip_config = {
         "hidden_size": 32,
         "intermediate_size": 37,
@@ -389,6 +410,123 @@ def build_tiny_sd3(out_dir: Path, variant: str) -> None:
     pipeline.save_pretrained(out_dir)
 
 
+# ----------------------------------------------------------------------------- LoRAs
+
+
+def tiny_lora_dir(root: Path) -> Path:
+    """The folder of tiny LoRA files under the tiny-model root (the ``--lora-dir`` of ``--tiny``)."""
+    return Path(root) / TINY_LORA_DIR
+
+
+def tiny_registry_path(root: Path) -> Path:
+    """The tiny LoRA registry (same schema as ``assets/loras.json``, with local ``file`` entries)."""
+    return tiny_lora_dir(root) / TINY_LORA_REGISTRY
+
+
+def _peft_lora_file(variant: str, seed: int, rank: int, alpha: int) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A LoRA made by peft on the tiny transformer, as diffusers saves one: ``transformer.``-prefixed
+    keys, and (as diffusers' training scripts write it) the adapter's config in the header."""
+    import json
+
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    transformer = tiny_transformer(variant)
+    torch.manual_seed(seed)
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        # Attention (attn2 too, in Medium's dual-attention blocks) and the image stream's MLP.
+        target_modules=["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_v_proj", "ff.net.0.proj", "ff.net.2"],
+        init_lora_weights=False,  # random A and B: peft's default zero B would change nothing
+    )
+    transformer.add_adapter(config, adapter_name="tiny")
+    state_dict = get_peft_model_state_dict(transformer, adapter_name="tiny")
+    tensors = {f"transformer.{key}": value.detach().clone().contiguous() for key, value in state_dict.items()}
+    config_dict = {
+        f"transformer.{key}": sorted(value) if isinstance(value, set) else value
+        for key, value in config.to_dict().items()
+    }
+    return tensors, {"format": "pt", "lora_adapter_metadata": json.dumps(config_dict, sort_keys=True, default=str)}
+
+
+def _kohya_lora_state_dict(variant: str, seed: int, rank: int, alpha: float) -> dict[str, torch.Tensor]:
+    """A LoRA in sd-scripts' SD3 layout (``lora_unet_joint_blocks_{i}_{stream}_{part}``), random weights."""
+    shape = _TINY_SD3_SHAPES[variant]
+    width = shape["num_attention_heads"] * _TINY_HEAD_DIM
+    generator = torch.Generator().manual_seed(seed)
+    parts = {  # part -> (in features, out features) of the original SD3 layer
+        "attn_qkv": (width, 3 * width),
+        "attn_proj": (width, width),
+        "mlp_fc1": (width, 4 * width),
+        "mlp_fc2": (4 * width, width),
+    }
+    state_dict = {}
+    for block in range(shape["num_layers"]):
+        for stream in ("x_block", "context_block"):
+            for part, (fan_in, fan_out) in parts.items():
+                if stream == "context_block" and block == shape["num_layers"] - 1 and part != "attn_qkv":
+                    continue  # the last block's context stream only feeds keys and values (pre-only)
+                name = f"lora_unet_joint_blocks_{block}_{stream}_{part}"
+                state_dict[f"{name}.lora_down.weight"] = torch.randn(rank, fan_in, generator=generator) / fan_in**0.5
+                state_dict[f"{name}.lora_up.weight"] = torch.randn(fan_out, rank, generator=generator) * 0.2
+                state_dict[f"{name}.alpha"] = torch.tensor(float(alpha))
+    return state_dict
+
+
+def build_tiny_loras(out_dir: Path) -> None:
+    """Write the tiny LoRA files and their registry ``loras.json`` into ``out_dir``."""
+    import json
+
+    from safetensors.torch import save_file
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    kohya = _kohya_lora_state_dict("large", seed=13, rank=4, alpha=2.0)
+    files = {
+        "tiny-large-style": _peft_lora_file("large", seed=11, rank=4, alpha=4),
+        # alpha 8 over rank 4: the header's config doubles every delta, as diffusers reads it.
+        "tiny-medium-detail": _peft_lora_file("medium", seed=12, rank=4, alpha=8),
+        "tiny-large-kohya": (kohya, {"format": "pt"}),
+    }
+    for stem, (state_dict, metadata) in files.items():
+        save_file(state_dict, str(out_dir / f"{stem}.safetensors"), metadata=metadata)
+    licence = "bsd-3-clause"  # the Studio's own licence: these are random numbers it generated
+    source = "built offline by pipelines/tiny.py (random weights)"
+    registry = {
+        "version": 1,
+        "loras": [
+            {
+                "name": "tiny_large_style",
+                "file": "tiny-large-style.safetensors",
+                "trigger_words": ["tinystyle"],
+                "default_scale": 1.0,
+                "bases": ["sd35-large", "sd35-large-turbo"],
+                "source": source,
+                "licence": licence,
+            },
+            {
+                "name": "tiny_medium_detail",
+                "file": "tiny-medium-detail.safetensors",
+                "trigger_words": ["tinydetail"],
+                "default_scale": 0.8,
+                "bases": ["sd35-medium"],
+                "source": source,
+                "licence": licence,
+            },
+            {
+                "name": "tiny_large_kohya",
+                "file": "tiny-large-kohya.safetensors",
+                "trigger_words": [],
+                "default_scale": 1.0,
+                "bases": ["sd35-large", "sd35-large-turbo"],
+                "source": source,
+                "licence": licence,
+            },
+        ],
+    }
+    (out_dir / TINY_LORA_REGISTRY).write_text(json.dumps(registry, indent=2) + "\n")
+
+
 # ----------------------------------------------------------------------------- building
 
 
@@ -396,6 +534,7 @@ def _builders() -> dict[str, callable]:
     builders = {TINY_BLIP_DIR: build_tiny_blip, TINY_BLIP_ITM_DIR: build_tiny_blip_itm}
     for variant, dirname in TINY_SD3_DIRS.items():
         builders[dirname] = lambda out_dir, variant=variant: build_tiny_sd3(out_dir, variant)
+    builders[TINY_LORA_DIR] = build_tiny_loras
     return builders
 
 
