@@ -128,3 +128,122 @@ PLAN_MAX_GPU_GIB = 2048  # what the System tab accepts as a typed GPU size
 # Room a plan keeps free for what its estimate leaves out: the CUDA context, cuBLAS
 # workspaces, allocator fragmentation. Generous until a GPU benchmark measures it.
 PLAN_MARGIN_BYTES = 2 * 1024**3
+
+# --- background training runs (pipelines/training_runs, components/train) ------------
+MAX_RUNNING_TRAININGS = _env_int("STUDIO_MAX_TRAININGS", 1, ceiling=4)  # runs at once; each wants the whole GPU
+MAX_TRAINING_IMAGES = 5000  # images in one uploaded training dataset
+MAX_SIDECAR_BYTES = 64 * 1024  # one .txt caption
+MAX_METADATA_BYTES = 64 * 1024**2  # one metadata.jsonl
+TRAINING_LOG_TAIL_LINES = 30  # log lines the Train tab shows
+TRAINING_CANCEL_GRACE_SECONDS = 10  # after SIGTERM, before SIGKILL
+
+# --- SD3.5 LoRA training (pipelines/train_sd3_lora, pipelines/sd3_training_data) ----
+SD3_TRAIN_DEFAULT_MODEL = "sd35-large"  # the Generate tab's default model, so a LoRA trained by default loads there
+SD3_TRAIN_DEFAULT_RESOLUTION = 1024  # SD3.5's native side: buckets hold about this many pixels squared
+SD3_TRAIN_MIN_RESOLUTION = 64  # the tiny models' smallest size; real SD3.5 wants 512 or more
+SD3_TRAIN_MAX_RESOLUTION = 2048  # no SD3.5 checkpoint was trained past ~1440 px a side
+# Aspect buckets as (width units, height units): the Generate tab's common ratios, both ways round.
+SD3_TRAIN_BUCKET_RATIOS = ((1, 1), (4, 3), (3, 4), (3, 2), (2, 3), (16, 9), (9, 16))
+SD3_TRAIN_DEFAULT_RANK = 16  # enough for a subject or a style; alpha defaults to the rank (scale 1)
+SD3_TRAIN_MAX_RANK = 256
+# Module groups LoRA can wrap; "attn" (the image stream's attention projections) is the default.
+SD3_TRAIN_LORA_LAYER_GROUPS = {
+    "attn": ("to_q", "to_k", "to_v", "to_out.0"),
+    "context": ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"),  # the text stream's projections
+    "ff": ("ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"),
+}
+SD3_TRAIN_DEFAULT_LORA_LAYERS = ("attn",)
+SD3_TRAIN_DEFAULT_LEARNING_RATE = 1e-4  # diffusers' SD3 DreamBooth LoRA default
+SD3_TRAIN_MAX_LEARNING_RATE = 1e-2
+SD3_TRAIN_DEFAULT_STEPS = 1000  # optimiser updates; a DreamBooth subject needs ~500-1500
+SD3_TRAIN_MAX_STEPS = 100_000
+SD3_TRAIN_DEFAULT_WARMUP_STEPS = 0  # linear warmup, then a constant rate
+SD3_TRAIN_DEFAULT_BATCH_SIZE = 1  # images per micro-batch per process (all from one aspect bucket)
+SD3_TRAIN_MAX_BATCH_SIZE = 64
+SD3_TRAIN_MAX_GRADIENT_ACCUMULATION = 128
+SD3_TRAIN_MAX_GRAD_NORM = 1.0  # gradient clipping
+SD3_TRAIN_ADAM_WEIGHT_DECAY = 1e-4  # diffusers' SD3 DreamBooth default
+SD3_TRAIN_MIXED_PRECISION = ("auto", "no", "bf16", "fp16")  # auto: bf16 on CUDA (fp16 before Ampere), none on CPU
+# Timestep sampling / loss weighting (SD3 paper, section 3.1). logit_normal(0, 1) is the paper's choice:
+# timesteps drawn from a logit-normal density, unit loss weight. sigma_sqrt and cosmap draw uniformly
+# and weight the loss instead; mode draws from the paper's heavy-tailed mode density; none is uniform.
+SD3_TRAIN_WEIGHTING_SCHEMES = ("logit_normal", "mode", "cosmap", "sigma_sqrt", "none")
+SD3_TRAIN_DEFAULT_WEIGHTING = "logit_normal"
+SD3_TRAIN_LOGIT_MEAN = 0.0
+SD3_TRAIN_LOGIT_STD = 1.0
+SD3_TRAIN_MODE_SCALE = 1.29  # the paper's value for the mode density
+SD3_TRAIN_T5_TOKENS = 77  # T5 tokens per caption: BLIP captions are short, and 77 keeps the cache small
+SD3_TRAIN_ENCODE_BATCH = 8  # captions or images per encoder pass while precomputing
+SD3_TRAIN_DEFAULT_CHECKPOINT_EVERY = 250  # steps between resumable checkpoints (0 = only the final adapter)
+SD3_TRAIN_DEFAULT_VALIDATION_EVERY = 250  # steps between validation images (needs a validation prompt)
+SD3_TRAIN_DEFAULT_LOG_EVERY = 10  # steps between log lines
+SD3_TRAIN_MAX_PROMPT_CHARS = 1000  # trigger and validation prompt
+SD3_TRAIN_EVAL_SIGMAS = (0.25, 0.5, 0.75)  # fixed noise levels of the held-out loss
+
+# --- a public instance: shared GPU, hostile input (components/*, pipelines/sd3) -------
+# Every event that runs a model shares this concurrency id, so with STUDIO_CONCURRENCY=1 two
+# models never run at once on the GPU by accident: a caption waits for a generation and vice versa.
+GPU_CONCURRENCY_ID = "gpu"
+# Suggested after an out-of-memory error when the planner cannot name a smaller mode for the request.
+OOM_FALLBACK_MEMORY_MODE = "nf4-t5nf4-offload"
+MAX_EVALUATION_SEEDS = 10  # seeds in one Round trip evaluation run; each seed draws every prompt once
+
+# --- BLIP LoRA adapters (pipelines/blip_adapters, the Caption and Batch tabs) --------
+# Where adapter folders are found by name: STUDIO_BLIP_ADAPTER_DIR, else adapters/ beside
+# the code. In --tiny mode without the variable, <tiny root>/blip-adapters (holding tiny-demo).
+BLIP_ADAPTER_DIR_ENV = "STUDIO_BLIP_ADAPTER_DIR"
+BLIP_ADAPTER_DIR = Path(os.environ.get(BLIP_ADAPTER_DIR_ENV) or Path(__file__).resolve().parent.parent / "adapters")
+# One adapter's weights. A rank-64 LoRA on every attention layer of BLIP base is ~40 MB;
+# BLIP large's text decoder is the same width, so 512 MB leaves room and stops a stray upload.
+MAX_BLIP_ADAPTER_BYTES = _env_int("STUDIO_MAX_BLIP_ADAPTER_MB", 512, ceiling=2048) * 1024 * 1024
+MAX_BLIP_ADAPTER_CONFIG_BYTES = 1024 * 1024  # adapter_config.json is a few kB
+MAX_BLIP_ADAPTERS = 16  # loaded at once; each adds its LoRA layers to every decoder pass it is active in
+
+# --- BLIP caption-LoRA training (pipelines/train_blip_lora) --------------------------
+# LoRA wraps these projections of the text decoder's self-attention ("self") and
+# cross-attention ("cross"); "dense" is each attention block's output projection.
+BLIP_TRAIN_TARGET_PROJECTIONS = ("query", "key", "value", "dense")
+BLIP_TRAIN_ATTENTION_KINDS = ("self", "cross")
+BLIP_TRAIN_DEFAULT_RANK = 16
+BLIP_TRAIN_MAX_RANK = 256
+BLIP_TRAIN_DEFAULT_LEARNING_RATE = 1e-4  # peft's LoRA examples for captioning models use 1e-4 to 5e-4
+BLIP_TRAIN_MAX_LEARNING_RATE = 1e-1
+BLIP_TRAIN_DEFAULT_EPOCHS = 5
+BLIP_TRAIN_MAX_EPOCHS = 1000
+BLIP_TRAIN_MAX_STEPS = 1_000_000
+BLIP_TRAIN_DEFAULT_BATCH_SIZE = 8  # captions per micro-batch per process; image features are precomputed
+BLIP_TRAIN_MAX_BATCH_SIZE = 256
+BLIP_TRAIN_MAX_GRADIENT_ACCUMULATION = 128
+BLIP_TRAIN_SCHEDULES = ("cosine", "constant")  # both after a linear warmup
+BLIP_TRAIN_DEFAULT_WARMUP_STEPS = 0
+BLIP_TRAIN_MAX_GRAD_NORM = 1.0
+BLIP_TRAIN_WEIGHT_DECAY = 0.01
+BLIP_TRAIN_MIXED_PRECISION = ("auto", "no", "bf16", "fp16")  # auto: bf16 on CUDA (fp16 before Ampere), fp32 on CPU
+BLIP_TRAIN_DEFAULT_VALIDATION_SPLIT = 0.1
+BLIP_TRAIN_SAMPLE_CAPTIONS = 3  # validation images captioned by the base model and the adapter at each validation
+BLIP_TRAIN_DEFAULT_VALIDATION_EVERY = 100  # steps; and always at the end
+BLIP_TRAIN_DEFAULT_CHECKPOINT_EVERY = 500  # steps between resumable checkpoints (0 = only the final adapter)
+BLIP_TRAIN_DEFAULT_LOG_EVERY = 10
+# Word pieces that BERT's uncased vocabulary cannot spell become [UNK]; above this share
+# of all caption pieces the trainer warns before training (the adapter cannot learn them).
+BLIP_TRAIN_UNKNOWN_TOKEN_WARNING = 0.05
+
+# --- LoRA (pipelines/lora, pipelines/lora_formats) ----------------------------------
+# Local LoRA files are read from this folder (app.py's --lora-dir); names resolve inside it only.
+DEFAULT_LORA_DIR = "loras"
+# Curated SD3.5 LoRAs (repo, weight file, trigger words, default scale, bases, source page, licence).
+LORA_REGISTRY_PATH = Path(__file__).resolve().parent.parent / "assets" / "loras.json"
+# Bytes accepted for one LoRA file. A rank-128 LoRA for Large is ~0.9 GB; 2 GiB leaves room for
+# higher ranks without letting a full checkpoint (16 GB) in by mistake.
+MAX_LORA_BYTES = _env_int("STUDIO_MAX_LORA_MB", 2048, ceiling=4096) * 1024 * 1024
+# LoRAs mixed into one image; each adds a LoRA branch to every layer it touches (unless fused).
+MAX_ACTIVE_LORAS = _env_int("STUDIO_MAX_ACTIVE_LORAS", 4, ceiling=8)
+# LoRAs kept loaded per model; each keeps its converted weights in CPU memory for reloads.
+MAX_LOADED_LORAS = _env_int("STUDIO_MAX_LOADED_LORAS", 8, ceiling=32)
+# Largest weight (either sign) per LoRA, after lora_scale; past ~2 most LoRAs burn the image.
+MAX_LORA_WEIGHT = 3.0
+DEFAULT_LORA_SCALE = 1.0  # a LoRA's weight when neither the registry nor the request gives one
+MAX_LORA_NAME_CHARS = 48  # adapter names are [a-z0-9_], derived from the file or registry name
+TRAIN_TAB_DEFAULT_STEPS = 500  # a DreamBooth-style LoRA on 10-30 images converges in a few hundred steps
+TRAIN_TAB_DEFAULT_RESOLUTION = 1024  # SD3.5's native size; lower (512, 768) trains faster
+TRAIN_TAB_POLL_SECONDS = 2.0  # how often the Train tab reads a running run's log
