@@ -3,18 +3,36 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
+import gc
 import io
 import tempfile
 import time
 from pathlib import Path
 
 import gradio as gr
+import torch
 from PIL import Image
 
-from components.common import StopRequests, ValidatedSlider, launch_alone, named_endpoint, parameter
+from components.caption import BASE_MODEL_LABEL, build_adapter_picker, requested_adapter
+from components.common import (
+    OUT_OF_MEMORY_MESSAGE,
+    StopRequests,
+    ValidatedSlider,
+    launch_alone,
+    named_endpoint,
+    parameter,
+)
 from components.decoding import build_decoding_controls, decoding_parameters, request_from_values
 from pipelines import settings
-from pipelines.batch_caption import CaptionedImage, FailedImage, caption_files, collect_uploads, dataset_zip
+from pipelines.batch_caption import (
+    CaptionedImage,
+    FailedImage,
+    caption_decoration,
+    caption_files,
+    collect_uploads,
+    dataset_zip,
+)
 from pipelines.studio import Studio
 from pipelines.validation import as_int
 
@@ -48,8 +66,10 @@ def result_rows(results: list[CaptionedImage | FailedImage], root: Path) -> list
     return rows
 
 
-def summary_markdown(captioned: int, failures: list[FailedImage], total: int, seconds: float, stopped: bool) -> str:
-    lines = [f"**{captioned} of {total} images captioned** in {seconds:.1f} s."]
+def summary_markdown(
+    captioned: int, failures: list[FailedImage], total: int, seconds: float, stopped: bool, adapter: str | None = None
+) -> str:
+    lines = [f"**{captioned} of {total} images captioned** in {seconds:.1f} s with {adapter_words(adapter)}."]
     if stopped:
         lines.append("Stopped on request: the captions made so far are in the zip.")
     if failures:
@@ -58,15 +78,22 @@ def summary_markdown(captioned: int, failures: list[FailedImage], total: int, se
     return "\n".join(lines)
 
 
+def adapter_words(adapter: str | None) -> str:
+    return f"the adapter {adapter}" if adapter else f"the {BASE_MODEL_LABEL}"
+
+
 def build_batch_tab(studio: Studio) -> dict:
     """Build the Batch tab inside the current Blocks; returns its main components."""
     stop_requests = StopRequests()
 
-    def caption_batch(files, batch_size, trigger, suffix, include_images, progress, request, **decoding):
+    def caption_batch(files, batch_size, trigger, suffix, include_images, progress, request, adapter="", **decoding):
         if not files:
             raise ValueError("Upload some images, or a .zip of images, first.")
         caption_request = request_from_values(decoding, num_captions=1).validated()
         batch_size = as_int("batch_size", batch_size, 1, settings.MAX_BATCH_SIZE)
+        trigger, suffix = caption_decoration("trigger", trigger), caption_decoration("suffix", suffix)
+        captioner = studio.captioner()
+        adapter = captioner.check_adapter(requested_adapter(adapter))  # a wrong name fails before any upload work
         stop = stop_requests.start(request)
 
         work_dir = Path(tempfile.mkdtemp(prefix="studio-batch-"))
@@ -79,7 +106,6 @@ def build_batch_tab(studio: Studio) -> dict:
         )
         if not uploads.files and not uploads.failures:
             raise ValueError("No images were found in the upload; use PNG, JPEG, WebP, GIF, BMP or TIFF files.")
-        captioner = studio.captioner()
         results: list[CaptionedImage | FailedImage] = []
         started = time.perf_counter()
         total = len(uploads.files)
@@ -96,17 +122,37 @@ def build_batch_tab(studio: Studio) -> dict:
                 trigger=trigger,
                 suffix=suffix,
                 should_stop=stop.is_set,
+                adapter=adapter,
             ):
                 results.extend(batch)
                 progress((len(results), total), desc="captioning", unit="images")
         except Exception as error:  # keep every caption already made, and say what stopped the rest
-            gr.Warning(f"The batch stopped early ({type(error).__name__}: {error}); the captions made so far are kept.")
-            error_note = f"\n\nStopped early by an error: {error}"
+            reason = OUT_OF_MEMORY_MESSAGE if isinstance(error, torch.OutOfMemoryError) else f"{error}"
+            gr.Warning(f"The batch stopped early: {reason} The captions made so far are kept.")
+            error_note = f"\n\nStopped early by an error: {reason}"
+            out_of_memory = isinstance(error, torch.OutOfMemoryError)
+        else:
+            out_of_memory = False
+        if out_of_memory:  # outside the except block, so the failed batch's tensors are gone first
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
         captioned = [item for item in results if isinstance(item, CaptionedImage)]
         images = {item.file_name: uploads.root / item.file_name for item in captioned} if include_images else None
-        archive = dataset_zip(results + uploads.failures, work_dir / "captions.zip", images=images)
+        manifest = {
+            "model": studio.manager.source_for("blip-caption"),
+            "adapter": adapter,  # null: the base model
+            "adapter_source": next(
+                (info.source for info in studio.blip_adapters.loaded() if info.name == adapter), None
+            ),
+            "request": dataclasses.asdict(caption_request),
+            "trigger": trigger,
+            "suffix": suffix,
+        }
+        archive = dataset_zip(results + uploads.failures, work_dir / "captions.zip", images=images, manifest=manifest)
         failures = [item for item in results if isinstance(item, FailedImage)] + uploads.failures
-        summary = summary_markdown(len(captioned), failures, total, time.perf_counter() - started, stop.is_set())
+        seconds = time.perf_counter() - started
+        summary = summary_markdown(len(captioned), failures, total, seconds, stop.is_set(), adapter)
         if studio.tiny:
             summary += "\n\nTiny random model: the captions are gibberish by design."
         return result_rows(results + uploads.failures, uploads.root), str(archive), summary + error_note
@@ -117,7 +163,8 @@ def build_batch_tab(studio: Studio) -> dict:
 
     gr.Markdown(
         "Caption a dataset for LoRA training. Drop images or a .zip; get a zip with one `<stem>.txt` per image "
-        "(kohya-ss, taggui), `metadata.jsonl` (Hugging Face `imagefolder`) and `captions.csv`. "
+        "(kohya-ss, taggui), `metadata.jsonl` (Hugging Face `imagefolder`), `captions.csv` and "
+        "`captioning.json` (model, adapter, settings). "
         "For folders on disk use `python -m pipelines.caption_folder DIR` (see the README)."
     )
     with gr.Row():
@@ -136,6 +183,7 @@ def build_batch_tab(studio: Studio) -> dict:
                     1, settings.MAX_BATCH_SIZE, value=settings.DEFAULT_BATCH_SIZE, step=1, label="Batch size"
                 )
                 include_images = gr.Checkbox(value=True, label="Put the images in the zip (a ready dataset)")
+            adapter = build_adapter_picker(studio)
             controls = build_decoding_controls(show_num_captions=False)
             with gr.Row():
                 run = gr.Button("Caption all", variant="primary")
@@ -160,16 +208,25 @@ def build_batch_tab(studio: Studio) -> dict:
         parameter("progress", gr.Progress()),
         parameter("request", None, gr.Request),
         *decoding_parameters(skip=("num_captions",)),
+        parameter("adapter", ""),  # new parameters go at the end, so positional API callers keep working
     ]
     run.click(
         named_endpoint(caption_batch, parameters),
-        inputs=[files, batch_size, trigger, suffix, include_images, *controls.inputs(skip=("num_captions",))],
+        inputs=[files, batch_size, trigger, suffix, include_images, *controls.inputs(skip=("num_captions",)), adapter],
         outputs=[table, archive, summary],
         api_name="caption_batch",
-        concurrency_id="blip",
+        concurrency_id=settings.GPU_CONCURRENCY_ID,
     )
     stop.click(stop_batch, inputs=None, outputs=None, queue=False, api_name="caption_batch_stop")
-    return {"files": files, "table": table, "archive": archive, "summary": summary, "run": run, "stop": stop}
+    return {
+        "files": files,
+        "table": table,
+        "archive": archive,
+        "summary": summary,
+        "run": run,
+        "stop": stop,
+        "adapter": adapter,
+    }
 
 
 if __name__ == "__main__":

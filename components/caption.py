@@ -1,4 +1,9 @@
-"""Caption tab: any image in, BLIP captions out, with every decoding strategy (API ``/caption``)."""
+"""Caption tab: any image in, BLIP captions out, with every decoding strategy (API ``/caption``).
+
+The "Adapter" accordion loads BLIP LoRA adapters (``/blip_adapter_load``, listed
+by ``/blip_adapter_list``) and picks the one a caption uses; the Batch tab sees
+the same adapters.
+"""
 
 from __future__ import annotations
 
@@ -8,17 +13,34 @@ import gradio as gr
 
 from components.common import UploadedImage, example_photos, launch_alone, named_endpoint, parameter
 from components.decoding import build_decoding_controls, decoding_parameters, request_from_values
+from pipelines import settings
 from pipelines.blip import CaptionRequest, CaptionResult
 from pipelines.images import describe_image, load_image
 from pipelines.studio import Studio
 
-CAPTION_TABLE_HEADERS = ["#", "caption", "score", "tokens"]
+CAPTION_TABLE_HEADERS = ["#", "caption", "score", "tokens", "adapter"]
+BASE_MODEL_LABEL = "base model"  # what the UI calls "no adapter"; the API sends ""
+
+
+def adapter_label(adapter: str | None) -> str:
+    return adapter or BASE_MODEL_LABEL
+
+
+def requested_adapter(adapter) -> str | None:
+    """The adapter a request names: None for an empty value or the base-model label."""
+    text = str(adapter or "").strip()
+    return None if not text or text.lower() == BASE_MODEL_LABEL else text
+
+
+def adapter_choices(studio: Studio) -> list[tuple[str, str]]:
+    """Dropdown choices: the base model, then every loaded adapter."""
+    return [(BASE_MODEL_LABEL, ""), *((name, name) for name in studio.blip_adapters.names())]
 
 
 def caption_table(result: CaptionResult) -> list[list]:
-    """One row per caption, best first."""
+    """One row per caption, best first, each with the adapter that wrote it."""
     return [
-        [rank, caption.text, round(caption.score, 4), caption.num_tokens]
+        [rank, caption.text, round(caption.score, 4), caption.num_tokens, adapter_label(result.adapter)]
         for rank, caption in enumerate(result.captions, start=1)
     ]
 
@@ -34,29 +56,76 @@ def caption_details(result: CaptionResult, studio: Studio, image_description: st
         "seed": request.seed if request.strategy == "sampling" else None,
         "request": {field.name: getattr(request, field.name) for field in fields(CaptionRequest)},
         "model": studio.manager.source_for("blip-caption"),
+        "adapter": result.adapter,
         "image": image_description,
         "tiny_mode": studio.tiny,
     }
 
 
 def make_caption_function(studio: Studio):
-    """The `/caption` endpoint: ``image`` is required, every decoding setting has a default."""
+    """The `/caption` endpoint: ``image`` is required, every decoding setting and the adapter have a default."""
 
-    def caption(image, **settings):
+    def caption(image, adapter="", **decoding):
         if image is None:
             raise ValueError("Upload an image (PNG, JPEG, WebP, GIF, BMP or TIFF) first.")
         picture = load_image(image)
-        request = request_from_values(settings).validated()
-        result = studio.captioner().caption(picture, request)
+        request = request_from_values(decoding).validated()
+        result = studio.captioner().caption(picture, request, adapter=requested_adapter(adapter))
         details = caption_details(result, studio, describe_image(picture))
         summary = f"{len(result.captions)} caption(s) in {result.seconds:.2f} s · {request.strategy}"
         if request.strategy == "sampling":
             summary += f" · seed {request.seed}"
+        summary += f" · {'adapter ' + result.adapter if result.adapter else BASE_MODEL_LABEL}"
         if studio.tiny:
             summary += " · tiny random model: the words are gibberish by design"
         return caption_table(result), summary, details
 
-    return named_endpoint(caption, [parameter("image"), *decoding_parameters()])
+    # New parameters go at the end, so positional API callers keep working.
+    return named_endpoint(caption, [parameter("image"), *decoding_parameters(), parameter("adapter", "")])
+
+
+def make_adapter_load_function(studio: Studio):
+    """The `/blip_adapter_load` endpoint: a folder name or Hub id in ``source``, or uploaded files.
+
+    Returns the adapter's name (what ``/caption``'s ``adapter`` takes), a status
+    line and the listing of ``/blip_adapter_list``.
+    """
+
+    def blip_adapter_load(source="", upload=None):
+        uploads = [getattr(file, "name", file) for file in (upload or [])]
+        info = studio.load_blip_adapter(str(source or ""), uploads)
+        base = f" (made for {info.base_model})" if info.base_model else ""
+        status = (
+            f"Loaded **{info.name}**{base}: LoRA rank {info.rank}, alpha {info.alpha:g}, on {info.lora_layers} "
+            "text-decoder layers. Pick it above to caption with it."
+        )
+        return info.name, status, studio.blip_adapters.describe()
+
+    return named_endpoint(blip_adapter_load, [parameter("source", ""), parameter("upload", None)])
+
+
+def make_adapter_list_function(studio: Studio):
+    """The `/blip_adapter_list` endpoint: the adapters folder, the loaded adapters, the folders found there."""
+
+    def blip_adapter_list():
+        return studio.blip_adapters.describe()
+
+    return named_endpoint(blip_adapter_list, [])
+
+
+def build_adapter_picker(studio: Studio, label: str = "Adapter") -> gr.Dropdown:
+    """A dropdown of the base model and the loaded adapters, refreshed whenever it is opened."""
+    picker = gr.Dropdown(
+        choices=adapter_choices(studio),
+        value="",
+        label=label,
+        info="LoRA adapter on BLIP's text decoder; load more in the Caption tab",
+        allow_custom_value=True,  # adapters loaded after the page was built; the pipeline checks the name
+    )
+    picker.focus(
+        lambda: gr.update(choices=adapter_choices(studio)), outputs=picker, queue=False, api_visibility="private"
+    )
+    return picker
 
 
 def build_caption_tab(studio: Studio) -> dict:
@@ -69,15 +138,33 @@ def build_caption_tab(studio: Studio) -> dict:
         with gr.Column(scale=1):
             image = UploadedImage(label="Image", sources=["upload", "clipboard", "webcam"], height=360)
             controls = build_decoding_controls()
+            with gr.Accordion("Adapter (BLIP LoRA)", open=False):
+                adapter = build_adapter_picker(studio)
+                source = gr.Textbox(
+                    label="Load: folder name or Hub id",
+                    placeholder=f"a folder in {studio.blip_adapters.adapter_dir}, or owner/name on the Hub",
+                )
+                upload = gr.File(
+                    label="…or upload adapter_config.json + adapter_model.safetensors, or a .zip of the folder",
+                    file_count="multiple",
+                    file_types=[".json", ".safetensors", ".zip"],
+                    type="filepath",
+                )
+                with gr.Row():
+                    load = gr.Button("Load adapter")
+                    refresh = gr.Button("List adapters", size="sm")
+                adapter_status = gr.Markdown()
+                loaded_name = gr.Textbox(visible=False)  # the API's first output; the picker follows it
+                adapter_list = gr.JSON(label="Adapters")
             run = gr.Button("Caption", variant="primary")
         with gr.Column(scale=1):
             table = gr.Dataframe(
                 headers=CAPTION_TABLE_HEADERS,
-                datatype=["number", "str", "number", "number"],
+                datatype=["number", "str", "number", "number", "str"],
                 label="Captions",
                 interactive=False,
                 wrap=True,
-                column_widths=["7%", "65%", "15%", "13%"],
+                column_widths=["7%", "55%", "13%", "10%", "15%"],
             )
             summary = gr.Markdown()
             with gr.Accordion("Raw result (JSON)", open=False):
@@ -86,12 +173,26 @@ def build_caption_tab(studio: Studio) -> dict:
     gr.on(
         triggers=[run.click],
         fn=make_caption_function(studio),
-        inputs=[image, *controls.inputs()],
+        inputs=[image, *controls.inputs(), adapter],
         outputs=[table, summary, details],
         api_name="caption",
-        concurrency_id="blip",
+        concurrency_id=settings.GPU_CONCURRENCY_ID,
     )
-    return {"image": image, "controls": controls, "table": table, "details": details}
+    load.click(
+        make_adapter_load_function(studio),
+        inputs=[source, upload],
+        outputs=[loaded_name, adapter_status, adapter_list],
+        api_name="blip_adapter_load",
+        concurrency_id=settings.GPU_CONCURRENCY_ID,  # it changes the model a running caption uses
+    ).success(
+        lambda name: gr.update(choices=adapter_choices(studio), value=name),
+        inputs=loaded_name,
+        outputs=adapter,
+        queue=False,
+        api_visibility="private",
+    )
+    refresh.click(make_adapter_list_function(studio), outputs=adapter_list, queue=False, api_name="blip_adapter_list")
+    return {"image": image, "controls": controls, "table": table, "details": details, "adapter": adapter}
 
 
 if __name__ == "__main__":

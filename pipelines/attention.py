@@ -12,7 +12,8 @@ The map of a caption token is the attention of the decoding step that
 word), exactly as when BLIP wrote the caption. Heatmaps then take one layer or
 the mean of all, one head or the mean of heads, leave the [CLS] column out,
 merge word pieces (``##``) into words, scale each word to [0, 1] and colour it
-over the image.
+over the image. Maps and BLIP's own caption are always the base model's, even
+while LoRA adapters are loaded for captioning.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from pipelines import settings
 from pipelines.blip import BlipCaptioner, CaptionRequest
 from pipelines.catalog import MODEL_CONFIGS_DIR
 from pipelines.manager import ModelManager
-from pipelines.validation import as_float, as_int
+from pipelines.validation import as_float, as_int, strip_control_characters
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,7 @@ class AttentionRequest:
 
         Raises ValueError naming the bad value and the allowed range.
         """
-        caption = " ".join(str(self.caption or "").split())
+        caption = " ".join(strip_control_characters(str(self.caption or "")).split())
         if len(caption) > settings.MAX_ATTENTION_CAPTION_CHARS:
             raise ValueError(
                 f"The caption has {len(caption)} characters; keep it under {settings.MAX_ATTENTION_CAPTION_CHARS} "
@@ -119,12 +120,13 @@ def cross_attention_maps(captioner: BlipCaptioner, image: Image.Image, caption: 
     spans = _token_spans(captioner.processor.tokenizer, caption, len(ids))
     image_embeds = captioner.encode_images([image])  # cached: the Caption tab may have encoded it already
     input_ids = torch.tensor([[captioner.bos_token_id, *ids]], dtype=torch.long, device=captioner.device)
-    output = captioner.model.text_decoder(
-        input_ids=input_ids,
-        encoder_hidden_states=image_embeds,
-        output_attentions=True,
-        use_cache=False,
-    )
+    with captioner.using_adapter(None):  # the base model's attention, even while LoRA adapters are loaded
+        output = captioner.model.text_decoder(
+            input_ids=input_ids,
+            encoder_hidden_states=image_embeds,
+            output_attentions=True,
+            use_cache=False,
+        )
     # Per layer (1, heads, 1 + T, keys); row t is the step whose query sits on input t and
     # which predicts input t + 1, so rows 0..T-1 belong to the caption's T tokens.
     stacked = torch.stack([layer[0, :, : len(ids)] for layer in output.cross_attentions])

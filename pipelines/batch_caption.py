@@ -11,7 +11,10 @@ root, with forward slashes):
 - a sidecar ``<stem>.txt`` next to each image (kohya-ss, taggui, OneTrainer);
 - ``metadata.jsonl`` with ``file_name`` and ``text`` per line (Hugging Face
   ``datasets.load_dataset("imagefolder")``);
-- ``captions.csv`` with the score and any failure, for people who read them.
+- ``captions.csv`` with the score, the LoRA adapter that wrote each caption
+  (empty: the base model) and any failure, for people who read them;
+- in the Batch tab's zip, ``captioning.json``: the model, the adapter and the
+  decoding settings of the run.
 """
 
 from __future__ import annotations
@@ -28,12 +31,14 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from pipelines import settings
 from pipelines.blip import BlipCaptioner, CaptionRequest
 from pipelines.images import load_image
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 METADATA_FILE = "metadata.jsonl"
 CSV_FILE = "captions.csv"
+MANIFEST_FILE = "captioning.json"  # how the captions were made: model, adapter, decoding settings
 
 
 @dataclass(frozen=True)
@@ -41,6 +46,7 @@ class CaptionedImage:
     file_name: str  # relative to the dataset root, forward slashes
     text: str  # the caption with trigger/suffix applied
     score: float  # mean token log-prob of the caption BLIP wrote
+    adapter: str | None = None  # the LoRA adapter that wrote it; None: the base model
 
 
 @dataclass(frozen=True)
@@ -68,6 +74,19 @@ def find_images(root: Path, *, recursive: bool = False) -> list[Path]:
 def relative_name(path: Path, root: Path) -> str:
     """The ``file_name`` of ``path`` in a dataset rooted at ``root``."""
     return Path(path).relative_to(root).as_posix()
+
+
+def caption_decoration(label: str, text: str) -> str:
+    """A trigger word or suffix, checked: control characters removed, at most a caption prefix's length."""
+    from pipelines.validation import strip_control_characters
+
+    cleaned = " ".join(strip_control_characters(str(text or "")).split())
+    if len(cleaned) > settings.MAX_CAPTION_PREFIX_CHARS:
+        raise ValueError(
+            f"The {label} has {len(cleaned)} characters; keep it under {settings.MAX_CAPTION_PREFIX_CHARS} "
+            "(a trigger word or a few tags)."
+        )
+    return cleaned
 
 
 def decorate_caption(caption: str, trigger: str = "", suffix: str = "") -> str:
@@ -113,15 +132,19 @@ def caption_files(
     trigger: str = "",
     suffix: str = "",
     should_stop: Callable[[], bool] | None = None,
+    adapter: str | None = None,
 ) -> Iterator[list[CaptionedImage | FailedImage]]:
     """Caption ``files`` (paths under ``root``); yield one list of results per batch, in file order.
 
-    ``request`` decides the decoding (its best caption is kept). ``num_workers``
+    ``request`` decides the decoding (its best caption is kept); ``adapter``
+    names a LoRA adapter loaded on the captioner (None: the base model). ``num_workers``
     loader processes decode images ahead of the model (0 decodes inline).
     ``should_stop`` is polled between batches; when it returns True the
     iteration ends after the batch in hand, so nothing captioned is lost.
     """
     request = (request or CaptionRequest()).validated()
+    trigger, suffix = caption_decoration("trigger", trigger), caption_decoration("suffix", suffix)
+    adapter = captioner.check_adapter(adapter)  # before any worker starts
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, not {batch_size}.")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # workers are forked; see tokenizers' warning
@@ -138,9 +161,11 @@ def caption_files(
         captions = {}
         if readable:
             pixel_values = torch.stack([pixels for _, pixels in readable])
-            for (name, _), result in zip(readable, captioner.caption_pixels(pixel_values, request), strict=True):
+            results_in_batch = captioner.caption_pixels(pixel_values, request, adapter)
+            for (name, _), result in zip(readable, results_in_batch, strict=True):
                 best = result.captions[0]
-                captions[name] = CaptionedImage(name, decorate_caption(best.text, trigger, suffix), best.score)
+                text = decorate_caption(best.text, trigger, suffix)
+                captions[name] = CaptionedImage(name, text, best.score, result.adapter)
         for name, _, error in batch:
             results.append(captions[name] if error is None else FailedImage(name, error))
         yield results
@@ -196,15 +221,15 @@ def write_metadata(entries: dict[str, str], path: Path) -> None:
 
 
 def captions_csv(results: Iterable[CaptionedImage | FailedImage]) -> str:
-    """captions.csv text: file_name, caption, score, error."""
+    """captions.csv text: file_name, caption, score, adapter (empty: the base model), error."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["file_name", "caption", "score", "error"])
+    writer.writerow(["file_name", "caption", "score", "adapter", "error"])
     for item in sorted(results, key=lambda item: item.file_name):
         if isinstance(item, CaptionedImage):
-            writer.writerow([item.file_name, item.text, f"{item.score:.4f}", ""])
+            writer.writerow([item.file_name, item.text, f"{item.score:.4f}", item.adapter or "", ""])
         else:
-            writer.writerow([item.file_name, "", "", item.reason])
+            writer.writerow([item.file_name, "", "", "", item.reason])
     return buffer.getvalue()
 
 
@@ -213,12 +238,14 @@ def dataset_zip(
     zip_path: Path,
     *,
     images: dict[str, Path] | None = None,
+    manifest: dict | None = None,
 ) -> Path:
     """Write a training-ready zip: sidecars, metadata.jsonl, captions.csv (and the images, if given).
 
     With ``images`` (file_name -> path) the zip is a complete imagefolder
     dataset: unzip it and ``load_dataset("imagefolder", data_dir=...)`` or point
-    kohya-ss at it.
+    kohya-ss at it. ``manifest`` (how the captions were made: model, adapter,
+    settings) is written as captioning.json.
     """
     import zipfile
 
@@ -231,6 +258,8 @@ def dataset_zip(
                 archive.write(images[item.file_name], item.file_name, compress_type=zipfile.ZIP_STORED)
         archive.writestr(METADATA_FILE, "".join(metadata_line(item) + "\n" for item in captioned))
         archive.writestr(CSV_FILE, captions_csv(results))
+        if manifest is not None:
+            archive.writestr(MANIFEST_FILE, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
     return zip_path
 
 

@@ -5,13 +5,23 @@ log-probability, under the model's own (unprocessed) distribution, of the
 tokens it generated, end-of-caption token included. Higher is better; 0 is the
 maximum. Beam search's internal score is length-penalised and sampling's is
 temperature-warped, so neither would compare across strategies.
+
+A captioner may carry LoRA adapters on its text decoder (``pipelines.blip_adapters``).
+Which one is active is state of the shared model, so every decoder pass runs under
+``using_adapter(name)``: it holds the captioner's decoder lock, switches to the
+adapter (or to the base model for ``None``) and puts the previous state back.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import random
+import sys
+import threading
 import time
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -141,6 +151,7 @@ class CaptionResult:
     captions: list[Caption]  # best score first
     request: CaptionRequest  # the validated request, with the seed actually used
     seconds: float  # wall time for this image (a batch's time is split evenly)
+    adapter: str | None = None  # the LoRA adapter that wrote the captions; None: the base model
 
 
 class BlipCaptioner:
@@ -155,6 +166,9 @@ class BlipCaptioner:
         self.processor = processor
         self.source = source
         self.feature_cache = feature_cache if feature_cache is not None else ImageFeatureCache()
+        # Held for every text-decoder pass and every adapter change: which adapter is
+        # active is state of this shared model (re-entrant: a pass may nest another).
+        self.decoder_lock = threading.RLock()
         text_config = model.config.text_config
         self.bos_token_id = text_config.bos_token_id  # [DEC]; not in the tokenizer's vocabulary
         self.eos_token_id = text_config.sep_token_id  # BLIP ends captions with [SEP]
@@ -164,37 +178,83 @@ class BlipCaptioner:
     def device(self) -> torch.device:
         return self.model.device
 
-    def caption(self, image: Image.Image, request: CaptionRequest | None = None) -> CaptionResult:
-        """Caption one image."""
-        return self.caption_batch([image], request)[0]
+    def caption(
+        self, image: Image.Image, request: CaptionRequest | None = None, adapter: str | None = None
+    ) -> CaptionResult:
+        """Caption one image, with the LoRA adapter named ``adapter`` (None: the base model)."""
+        return self.caption_batch([image], request, adapter)[0]
 
-    def caption_batch(self, images: list[Image.Image], request: CaptionRequest | None = None) -> list[CaptionResult]:
+    def caption_batch(
+        self, images: list[Image.Image], request: CaptionRequest | None = None, adapter: str | None = None
+    ) -> list[CaptionResult]:
         """Caption several images in one batch; one CaptionResult per image, in order."""
         if not images:
             return []
-        return self.caption_pixels(self.pixel_values(images), request)
+        return self.caption_pixels(self.pixel_values(images), request, adapter)
 
     def pixel_values(self, images: list[Image.Image]) -> torch.Tensor:
         """The processor's (batch, 3, H, W) tensor; cheap CPU work that data-loader workers can do."""
         return self.processor(images=images, return_tensors="pt")["pixel_values"]
 
     @torch.inference_mode()
-    def caption_pixels(self, pixel_values: torch.Tensor, request: CaptionRequest | None = None) -> list[CaptionResult]:
+    def caption_pixels(
+        self, pixel_values: torch.Tensor, request: CaptionRequest | None = None, adapter: str | None = None
+    ) -> list[CaptionResult]:
         """Caption a preprocessed batch; one CaptionResult per image, in order."""
         request = (request or CaptionRequest()).validated()
+        adapter = self.check_adapter(adapter)
         started = time.perf_counter()
-        batch_size = pixel_values.shape[0]
 
-        # 1. Encode the images once; every strategy decodes from these features.
+        # 1. Encode the images once; every strategy decodes from these features. Adapters
+        #    change only the text decoder, so the vision features (and their cache) serve all.
         image_embeds = self.encode_pixels(pixel_values)
+        return self._caption_features(image_embeds, request, adapter, started)
+
+    @torch.inference_mode()
+    def caption_embeds(
+        self, image_embeds: torch.Tensor, request: CaptionRequest | None = None, adapter: str | None = None
+    ) -> list[CaptionResult]:
+        """Caption vision features that ``encode_pixels`` already computed, (batch, 1 + grid², hidden)."""
+        request = (request or CaptionRequest()).validated()
+        adapter = self.check_adapter(adapter)
+        return self._caption_features(image_embeds.to(self.device, self.model.dtype), request, adapter)
+
+    def _caption_features(
+        self, image_embeds: torch.Tensor, request: CaptionRequest, adapter: str | None, started: float | None = None
+    ) -> list[CaptionResult]:
+        started = time.perf_counter() if started is None else started
+        batch_size = image_embeds.shape[0]
 
         # 2. The decoder's prompt: [DEC] followed by the prefix tokens.
         prompt_ids = self.prompt_ids(request.prefix).repeat(batch_size, 1)
 
-        # 3. Decode. Beam search runs through our own loop too: it equals transformers'
+        # 3. Decode with the requested adapter (or the base model), under the decoder lock.
+        #    Beam search runs through our own loop too: it equals transformers'
         #    beam search token for token (tests/test_diverse_beam.py) but reorders only the
         #    self-attention cache, not the 577-token image cache, which makes batches of
         #    images several times cheaper on the CPU.
+        with self.using_adapter(adapter):
+            sequences, token_logprobs, generated = self._decode(prompt_ids, image_embeds, request)
+
+        # 4. Decode text and score; best first within each image.
+        texts = self.processor.tokenizer.batch_decode(sequences[:, 1:], skip_special_tokens=True)
+        counts = generated.sum(dim=1)
+        means = (token_logprobs * generated).sum(dim=1) / counts.clamp(min=1)
+        seconds = (time.perf_counter() - started) / batch_size
+        results = []
+        per_image = request.num_captions
+        for index in range(batch_size):
+            rows = range(index * per_image, (index + 1) * per_image)
+            captions = [
+                Caption(text=" ".join(texts[row].split()), score=float(means[row]), num_tokens=int(counts[row]))
+                for row in rows
+            ]
+            captions.sort(key=lambda caption: caption.score, reverse=True)
+            results.append(CaptionResult(captions=captions, request=request, seconds=seconds, adapter=adapter))
+        return results
+
+    def _decode(self, prompt_ids: torch.LongTensor, image_embeds: torch.Tensor, request: CaptionRequest):
+        """(sequences, raw token log-probs, generated mask) for the request's strategy."""
         if request.strategy in ("beam", "diverse_beam"):
             groups = request.num_beam_groups if request.strategy == "diverse_beam" else 1
             decoded = diverse_beam_search(
@@ -214,26 +274,66 @@ class BlipCaptioner:
                 num_return_sequences=request.num_captions,
                 early_stopping=request.early_stopping,
             )
-            sequences, token_logprobs, generated = decoded.sequences, decoded.token_logprobs, decoded.generated_mask
-        else:
-            sequences, token_logprobs, generated = self._generate(prompt_ids, image_embeds, request)
+            return decoded.sequences, decoded.token_logprobs, decoded.generated_mask
+        return self._generate(prompt_ids, image_embeds, request)
 
-        # 4. Decode text and score; best first within each image.
-        texts = self.processor.tokenizer.batch_decode(sequences[:, 1:], skip_special_tokens=True)
-        counts = generated.sum(dim=1)
-        means = (token_logprobs * generated).sum(dim=1) / counts.clamp(min=1)
-        seconds = (time.perf_counter() - started) / batch_size
-        results = []
-        per_image = request.num_captions
-        for index in range(batch_size):
-            rows = range(index * per_image, (index + 1) * per_image)
-            captions = [
-                Caption(text=" ".join(texts[row].split()), score=float(means[row]), num_tokens=int(counts[row]))
-                for row in rows
-            ]
-            captions.sort(key=lambda caption: caption.score, reverse=True)
-            results.append(CaptionResult(captions=captions, request=request, seconds=seconds))
-        return results
+    # ------------------------------------------------------------------------- adapters
+
+    def adapter_layers(self) -> list:
+        """The text decoder's LoRA layers (peft tuner layers); empty while no adapter was ever attached."""
+        # Adapters come from peft; if this process never imported it, none can be attached,
+        # and the caption path stays free of peft's (seconds-long) import.
+        tuners = sys.modules.get("peft.tuners.tuners_utils")
+        if tuners is None:
+            return []
+        return [module for module in self.model.text_decoder.modules() if isinstance(module, tuners.BaseTunerLayer)]
+
+    def adapter_names(self) -> list[str]:
+        """Names of the LoRA adapters attached to the text decoder, sorted."""
+        names: set[str] = set()
+        for layer in self.adapter_layers():
+            names.update(getattr(layer, "lora_A", {}).keys())
+        return sorted(names)
+
+    def check_adapter(self, adapter: str | None) -> str | None:
+        """``adapter`` tidied (None or blank: the base model); ValueError if no adapter has that name."""
+        if adapter is None or not str(adapter).strip():
+            return None
+        adapter = str(adapter).strip()
+        names = self.adapter_names()
+        if adapter not in names:
+            loaded = f"the loaded ones are: {', '.join(names)}" if names else "none is loaded yet"
+            raise ValueError(
+                f"No BLIP adapter named {adapter!r} is loaded ({loaded}); load it first, or leave the adapter "
+                "empty for the base model."
+            )
+        return adapter
+
+    @contextmanager
+    def using_adapter(self, adapter: str | None) -> Iterator[None]:
+        """Hold the decoder lock with ``adapter`` active (None: the base model); restore the previous state after.
+
+        Everything that runs the text decoder does so inside this block, so a
+        caption with one adapter never sees another request's adapter, and
+        matching or attention (``None``) always see the base model.
+        """
+        with self.decoder_lock:
+            if adapter is not None:
+                self.check_adapter(adapter)  # again under the lock: it may have been removed meanwhile
+            layers = self.adapter_layers()
+            if not layers:
+                yield
+                return
+            saved = [(list(layer.active_adapters), layer.disable_adapters) for layer in layers]
+            grads = [(parameter, parameter.requires_grad) for layer in layers for parameter in layer.parameters()]
+            try:
+                switch_adapter_layers(layers, adapter)
+                yield
+            finally:
+                for layer, (active, disabled) in zip(layers, saved, strict=True):
+                    switch_adapter_layers([layer], None if disabled else active)
+                for parameter, requires_grad in grads:  # switching marks adapters trainable; a trainer's stay so
+                    parameter.requires_grad_(requires_grad)
 
     def encode_images(self, images: list[Image.Image]) -> torch.Tensor:
         """Vision-encoder features, (batch, 1 + grid², hidden)."""
@@ -321,6 +421,23 @@ class BlipCaptioner:
         token_logprobs = picked.gather(-1, generated_ids.unsqueeze(-1)).squeeze(-1)
         generated = _mask_after_eos(generated_ids, self.eos_token_id)
         return sequences, token_logprobs * generated, generated
+
+
+def switch_adapter_layers(layers: list, adapter: str | list[str] | None) -> None:
+    """Make ``adapter`` the active one in every peft LoRA layer of ``layers``; None disables them all.
+
+    A disabled LoRA layer returns its base layer's output exactly, so None gives
+    the base model bit for bit. A layer that holds no weights for ``adapter``
+    (the adapter did not target it) passes its input through the base layer.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # peft warns when an adapter is absent from some layer: that is expected
+        for layer in layers:
+            if adapter is None:
+                layer.enable_adapters(False)
+            else:
+                layer.enable_adapters(True)
+                layer.set_adapter(adapter)
 
 
 def _mask_after_eos(generated_ids: torch.LongTensor, eos_token_id: int) -> torch.BoolTensor:

@@ -1,18 +1,25 @@
 """Caption a folder of images for training: sidecar .txt files and/or metadata.jsonl.
 
     python -m pipelines.caption_folder DIR [--recursive] [--out OUT] [--trigger sks]
+    python -m pipelines.caption_folder DIR --adapter my-lora      # captions from a BLIP LoRA adapter
     accelerate launch --num_processes 2 -m pipelines.caption_folder DIR     # several GPUs/processes
 
 Images that already have a caption are skipped unless ``--overwrite``, so an
 interrupted run resumes where it stopped. Under ``accelerate launch`` the files
 are split between processes; each writes its own part and the main process
 merges the parts into one sorted metadata.jsonl.
+
+``captioning.json`` in the output folder records the model and the adapter
+(``--adapter``: a folder path, a folder name in the adapters folder, or a Hub
+id). A resumed run must use the same adapter, so one folder never mixes
+captions of two adapters; ``--overwrite`` captions everything again.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import os
 import sys
@@ -38,6 +45,7 @@ from pipelines.manager import ModelLoadError
 
 FORMATS = ("sidecar", "jsonl")
 PARTS_DIR = ".caption-parts"  # per-process metadata parts, merged and removed at the end
+MANIFEST_FILE = "captioning.json"  # the model and adapter the folder's captions come from
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -57,6 +65,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tiny", action="store_true", help="use the tiny offline BLIP (for trying things out)")
     parser.add_argument("--tiny-dir", type=Path, default=None)
     parser.add_argument("--model", default=None, help="a local BLIP folder or repo id instead of the default")
+    parser.add_argument(
+        "--adapter",
+        default=None,
+        metavar="PATH_OR_ID",
+        help="caption with a BLIP LoRA adapter: a folder, a folder name in the adapters folder, or a Hub id",
+    )
     parser.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:N (default: accelerate's choice)")
     decoding = parser.add_argument_group("decoding (as in the Caption tab)")
     for field in dataclasses.fields(CaptionRequest):
@@ -115,6 +129,50 @@ def merge_metadata(out_dir: Path, keep: set[str]) -> int:
     return len(entries)
 
 
+def read_manifest(out_dir: Path) -> dict | None:
+    """The captioning.json of an earlier run in ``out_dir``, or None."""
+    path = out_dir / MANIFEST_FILE
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise ValueError(f"{path} is not valid JSON; delete it (it only records the model and adapter).") from None
+    return manifest if isinstance(manifest, dict) else None
+
+
+def check_same_adapter(out_dir: Path, adapter_source: str | None, done: set[str]) -> None:
+    """ValueError when captions already in ``out_dir`` came from another adapter (or the base model)."""
+    earlier = read_manifest(out_dir)
+    if not done or earlier is None or earlier.get("adapter_source") == adapter_source:
+        return
+    before = earlier.get("adapter_source") or "the base model"
+    now = adapter_source or "the base model"
+    raise ValueError(
+        f"{len(done)} images in {out_dir} were captioned with {before}, this run uses {now}; resume with the same "
+        "--adapter, or add --overwrite to caption every image again."
+    )
+
+
+def write_manifest(out_dir: Path, captioner, adapter, request: CaptionRequest) -> None:
+    """captioning.json: the model, the adapter (name and source) and the decoding settings."""
+    manifest = {
+        "model": captioner.source,
+        "adapter": adapter.name if adapter is not None else None,
+        "adapter_source": adapter.source if adapter is not None else None,
+        "request": dataclasses.asdict(request),
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def load_adapter(captioner, source: str):
+    """Load ``--adapter`` (a path, a name in the adapters folder, or a Hub id) onto ``captioner``."""
+    from pipelines.blip_adapters import BlipAdapterSet, default_adapter_dir
+
+    return BlipAdapterSet(default_adapter_dir()).load(captioner, source, trusted_paths=True)
+
+
 def load_captioner(args: argparse.Namespace, device: str):
     from pipelines.manager import ModelManager
     from pipelines.runtime import choose_runtime
@@ -153,9 +211,16 @@ def run(args: argparse.Namespace) -> int:
     if args.limit is not None:
         pending = pending[: max(args.limit, 0)]
 
-    # 2. Caption this process's share, writing as it goes so an interruption keeps everything done.
+    # 2. The model and adapter; a resumed folder must keep the adapter its captions came from.
     device = args.device or str(state.device)
     captioner = load_captioner(args, device)
+    adapter = load_adapter(captioner, args.adapter) if args.adapter else None
+    check_same_adapter(out_dir, adapter.source if adapter is not None else None, done)
+    state.wait_for_everyone()  # every process has read the old manifest before it is replaced
+    if state.is_main_process and (pending or read_manifest(out_dir) is None):
+        write_manifest(out_dir, captioner, adapter, request)
+
+    # 3. Caption this process's share, writing as it goes so an interruption keeps everything done.
     part_path = out_dir / PARTS_DIR / f"part-{state.process_index:05d}.jsonl"
     if "jsonl" in args.formats:
         part_path.parent.mkdir(parents=True, exist_ok=True)
@@ -172,6 +237,7 @@ def run(args: argparse.Namespace) -> int:
             num_workers=args.workers,
             trigger=args.trigger,
             suffix=args.suffix,
+            adapter=adapter.name if adapter is not None else None,
         )
         with open(part_path, "a", encoding="utf-8") if "jsonl" in args.formats else nullcontext() as part:
             for batch in batches:
@@ -189,7 +255,7 @@ def run(args: argparse.Namespace) -> int:
                 progress.update(len(batch))
         progress.close()
 
-    # 3. Merge the parts on the main process once every process is done.
+    # 4. Merge the parts on the main process once every process is done.
     per_process = _gather_objects(state, [(captioned, failures)])
     state.wait_for_everyone()
     if state.is_main_process:
@@ -199,6 +265,8 @@ def run(args: argparse.Namespace) -> int:
             f"{total_captioned} captioned, {len(done)} already had captions, {len(all_failures)} failed "
             f"({len(files)} images found) in {time.perf_counter() - started:.1f} s"
         )
+        if adapter is not None:
+            summary += f"; adapter {adapter.name} ({adapter.source})"
         if "jsonl" in args.formats:
             entries = merge_metadata(out_dir, keep=set(names))
             summary += f"; {out_dir / METADATA_FILE} holds {entries} captions"

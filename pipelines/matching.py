@@ -16,7 +16,9 @@ Two kinds of score:
   embeddings (-1 to 1).
 
 Each image is encoded once (and cached, see ``pipelines.feature_cache``), and
-all the texts of a request are scored in one padded decoder pass.
+all the texts of a request are scored in one padded decoder pass. Scores are
+always the base model's: a LoRA adapter loaded for captioning is switched off
+(under the captioner's decoder lock) while texts are scored.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from pipelines import settings
 from pipelines.blip import BlipCaptioner
 from pipelines.feature_cache import ImageFeatureCache, model_identity
 from pipelines.manager import ModelLoadError
+from pipelines.validation import strip_control_characters
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +71,7 @@ class MatchRequest:
         """This request with the texts split and cleaned; ValueError naming what to fix."""
         if self.texts is None or not isinstance(self.texts, (str, list, tuple)):
             raise ValueError("texts must be text with one candidate per line, or a list of strings.")
-        texts = split_texts(self.texts)
+        texts = split_texts(strip_control_characters(self.texts))
         if not texts:
             raise ValueError("Type at least one candidate text, one per line (e.g. 'a cat on a sofa').")
         if len(texts) > settings.MAX_MATCH_TEXTS:
@@ -275,12 +278,13 @@ class ImageTextMatcher:
             input_ids[row, : len(sequence)] = torch.tensor(sequence)
             attention_mask[row, : len(sequence)] = 1
         input_ids, attention_mask = input_ids.to(captioner.device), attention_mask.to(captioner.device)
-        logits = captioner.model.text_decoder(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            encoder_hidden_states=image_embeds.expand(len(sequences), -1, -1),
-            use_cache=False,
-        ).logits
+        with captioner.using_adapter(None):  # BLIP's own judgement, whatever adapter a caption request uses
+            logits = captioner.model.text_decoder(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                encoder_hidden_states=image_embeds.expand(len(sequences), -1, -1),
+                use_cache=False,
+            ).logits
         # Position t predicts token t + 1; log-softmax by logsumexp, without a second vocabulary-sized copy.
         logits = logits[:, :-1].float()
         targets = input_ids[:, 1:]

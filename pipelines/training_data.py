@@ -56,11 +56,18 @@ def read_dataset(folder: str | Path, *, check_images: bool = True) -> list[Train
             f"`python -m pipelines.caption_folder {root}`), or write one line per image: "
             '{"file_name": "cat.jpg", "text": "a cat on a sofa"}.'
         )
+    try:
+        # utf-8-sig: editors on Windows start a hand-edited file with a byte-order mark.
+        lines = metadata.read_text(encoding="utf-8-sig").splitlines()
+    except UnicodeDecodeError as error:
+        raise TrainingDataError(
+            f"{metadata} is not UTF-8 text (byte {error.start} cannot be read); save it as UTF-8 and try again."
+        ) from None
     resolved_root = root.resolve()
     examples: list[TrainingExample] = []
     problems: list[str] = []
-    seen: dict[str, int] = {}
-    for number, line in enumerate(metadata.read_text(encoding="utf-8").splitlines(), start=1):
+    seen: dict[Path, int] = {}
+    for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         where = f"{METADATA_FILE} line {number}"
@@ -83,12 +90,15 @@ def read_dataset(folder: str | Path, *, check_images: bool = True) -> list[Train
         if not path.is_file():
             problems.append(f"{where}: {file_name!r} does not exist in {root}")
             continue
-        if file_name in seen:
-            problems.append(f"{where}: {file_name!r} is listed again (first on line {seen[file_name]})")
+        if path in seen:  # by the file itself, so "a.png" and "./a.png" are the same entry
+            problems.append(f"{where}: {file_name!r} is listed again (first on line {seen[path]})")
             continue
-        seen[file_name] = number
+        seen[path] = number
         text = record.get("text")
-        text = " ".join(text.split()) if isinstance(text, str) else ""
+        if not isinstance(text, str):
+            problems.append(f"{where}: {file_name!r} has no text (a string with its caption)")
+            continue
+        text = " ".join(text.split())
         if not text:
             problems.append(f"{where}: {file_name!r} has an empty text")
             continue
