@@ -7,7 +7,14 @@ from pathlib import Path
 
 import gradio as gr
 
-from components.common import UploadedImage, example_photos, launch_alone, named_endpoint, parameter
+from components.common import (
+    UploadedImage,
+    ValidatedSlider,
+    example_photos,
+    launch_alone,
+    named_endpoint,
+    parameter,
+)
 from pipelines import settings
 from pipelines.attention import AttentionRequest, AttentionResult, decoder_layout, explain_attention
 from pipelines.images import describe_image, load_image
@@ -107,13 +114,15 @@ def build_attention_tab(studio: Studio) -> dict:
                 max_length=settings.MAX_ATTENTION_CAPTION_CHARS,
             )
             with gr.Row():
-                layer = gr.Slider(0, layers, value=defaults.layer, step=1, label=f"Layer (0 = mean of all {layers})")
-                head = gr.Slider(0, heads, value=defaults.head, step=1, label=f"Head (0 = mean of all {heads})")
+                layer = ValidatedSlider(
+                    0, layers, value=defaults.layer, step=1, label=f"Layer (0 = mean of all {layers})"
+                )
+                head = ValidatedSlider(0, heads, value=defaults.head, step=1, label=f"Head (0 = mean of all {heads})")
             merge_word_pieces = gr.Checkbox(
                 value=defaults.merge_word_pieces, label="Merge word pieces (##) into whole words"
             )
             with gr.Accordion("Display and export", open=False):
-                opacity = gr.Slider(0.0, 1.0, value=defaults.opacity, step=0.05, label="Heatmap opacity")
+                opacity = ValidatedSlider(0.0, 1.0, value=defaults.opacity, step=0.05, label="Heatmap opacity")
                 export_format = gr.Radio(
                     choices=list(settings.ATTENTION_EXPORT_FORMATS),
                     value=defaults.export_format,
@@ -135,7 +144,7 @@ def build_attention_tab(studio: Studio) -> dict:
         inputs=[image, caption, layer, head, merge_word_pieces, opacity, export_format],
         outputs=[gallery, sheet, exported, summary, details],
         api_name="attention",
-        concurrency_id="blip",
+        concurrency_id=settings.GPU_CONCURRENCY_ID,
     )
     return {"image": image, "caption": caption, "gallery": gallery, "sheet": sheet, "details": details}
 

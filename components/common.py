@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import gc
 import inspect
 import logging
 import threading
@@ -52,14 +53,19 @@ def user_errors(function: Callable) -> Callable:
     serving and the user keeps what they already produced.
     """
 
+    # The user's error is raised after the except block, not inside it: only then are the failed
+    # call's frames, and the GPU tensors they hold, released, so emptying the CUDA cache frees them.
     if inspect.isgeneratorfunction(function):
 
         @functools.wraps(function)
         def streaming_wrapper(*args, **kwargs):
             try:
                 yield from function(*args, **kwargs)
+                return
             except Exception as error:
-                raise _as_user_error(function, error) from None
+                user_error = _as_user_error(function, error)
+            _after_error(user_error)
+            raise user_error
 
         return streaming_wrapper
 
@@ -68,9 +74,28 @@ def user_errors(function: Callable) -> Callable:
         try:
             return function(*args, **kwargs)
         except Exception as error:
-            raise _as_user_error(function, error) from None
+            user_error = _as_user_error(function, error)
+        _after_error(user_error)
+        raise user_error
 
     return wrapper
+
+
+OUT_OF_MEMORY_MESSAGE = (
+    "The GPU ran out of memory and its cache was emptied; try again with a smaller size, fewer images or a "
+    "smaller batch, a memory-saving mode (quantization or offload), or unload other models in the System tab."
+)
+
+
+class _OutOfMemoryError(gr.Error):
+    """The user's error for a torch out-of-memory error; the CUDA cache is emptied once it is raised."""
+
+
+def _after_error(user_error: gr.Error) -> None:
+    if isinstance(user_error, _OutOfMemoryError):
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 def _as_user_error(function: Callable, error: Exception) -> gr.Error:
@@ -79,13 +104,10 @@ def _as_user_error(function: Callable, error: Exception) -> gr.Error:
     if isinstance(error, (ValueError, ModelLoadError)):
         return gr.Error(str(error), print_exception=False)
     if isinstance(error, torch.OutOfMemoryError):
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        return gr.Error(
-            "Out of GPU memory: try a smaller size or fewer images, a memory-saving mode (quantization or "
-            "offload), or unload other models in the System tab.",
-            print_exception=False,
+        logger.warning(
+            "out of GPU memory in %s: %s", function.__name__, str(error).splitlines()[0] if str(error) else ""
         )
+        return _OutOfMemoryError(OUT_OF_MEMORY_MESSAGE, print_exception=False)
     logger.error("unexpected error in %s", function.__name__, exc_info=error)
     return gr.Error(
         f"Something went wrong ({type(error).__name__}); the server log has details. Try again, or with other settings.",

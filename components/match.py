@@ -199,7 +199,7 @@ def build_match_tab(studio: Studio) -> dict:
         inputs=[image, texts, more_images, rank_by, second_opinion],
         outputs=[texts_ranked, images_ranked, summary, details],
         api_name="match",
-        concurrency_id="blip",
+        concurrency_id=settings.GPU_CONCURRENCY_ID,
     )
     return {"image": image, "texts": texts, "texts_ranked": texts_ranked, "details": details}
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from pipelines.roundtrip import (
     prompt_round_trip,
     run_evaluation,
 )
-from pipelines.sd3 import MODEL_CHOICES, GenerateRequest, model_key
+from pipelines.sd3 import MODEL_CHOICES, GenerateRequest, model_key, resolve_request
 from pipelines.studio import Studio
 from pipelines.validation import as_int
 
@@ -49,12 +50,14 @@ def build_roundtrip_tab(studio: Studio) -> dict:
     """Build the Round trip tab inside the current Blocks; returns its main components."""
     work_dir = Path(tempfile.mkdtemp(prefix="studio-roundtrip-"))
     stop_evaluations = StopRequests()
+    known_categories = sorted(path.stem for path in PROMPTS_DIR.glob("*.txt"))
 
     def roundtrip(prompt, model, seed, steps, second_opinion):
         key = model_key(model)
         request = GenerateRequest(
             prompt=prompt, model=model, seed=-1 if seed is None else seed, steps=blank_to_none(steps)
         )
+        resolve_request(request, tiny=studio.tiny)  # refuse a bad request before loading two models
         trip = prompt_round_trip(
             studio.manager.get(key),
             request,
@@ -93,13 +96,14 @@ def build_roundtrip_tab(studio: Studio) -> dict:
             raise ValueError("Upload an image (PNG, JPEG, WebP, GIF, BMP or TIFF) first.")
         picture = load_image(image)
         key = model_key(model)
+        seed = -1 if seed is None else as_int("seed", seed, -1, settings.MAX_SEED)
         caption, generated, fit = image_round_trip(
             picture,
             studio.manager.get(key),
             studio.matcher(),
             repo_id=CATALOG[key].repo_id,
             model=model,
-            seed=-1 if seed is None else seed,
+            seed=seed,
             tiny=studio.tiny,
         )
         path = save_png(
@@ -111,14 +115,28 @@ def build_roundtrip_tab(studio: Studio) -> dict:
         return caption, str(path), f"The caption fits the redrawn image with a mean log-prob of {fit.mean_logprob:.3f}."
 
     def evaluate(categories, models, seeds, steps, side, progress, request):
+        # 1. Check every input before anything runs or any file name is made from it.
         categories = list(categories or [])
+        models = list(models or [])
         if not categories or not models:
             raise ValueError("Choose at least one prompt category and one model.")
-        seed_list = [
-            as_int("seed", seed, 0, settings.MAX_SEED) for seed in str(seeds).replace(" ", "").split(",") if seed
-        ]
+        unknown = [category for category in categories if category not in known_categories]
+        if unknown:
+            raise ValueError(f"Unknown prompt category {unknown[0]!r}; choose from: {', '.join(known_categories)}.")
+        for model in models:
+            model_key(model)  # ValueError naming the choices
+        seed_texts = [text for text in str(seeds).replace(" ", "").split(",") if text]
+        if len(seed_texts) > settings.MAX_EVALUATION_SEEDS:
+            raise ValueError(
+                f"{len(seed_texts)} seeds were given; one evaluation run takes at most {settings.MAX_EVALUATION_SEEDS}."
+            )
+        seed_list = [as_int("seed", seed, 0, settings.MAX_SEED) for seed in seed_texts]
         if not seed_list:
             raise ValueError("Give at least one seed, e.g. 0 or 0,1,2.")
+        steps = None if blank_to_none(steps) is None else as_int("steps", steps, 1, settings.MAX_STEPS)
+        side = None if blank_to_none(side) is None else as_int("side", side, 16, 4096)
+
+        # 2. Run, writing the resumable file under the results folder.
         prompts = load_prompts([PROMPTS_DIR / f"{category}.txt" for category in categories])
         name = f"roundtrip-eval-{'tiny' if studio.tiny else 'real'}-{steps or 'preset'}steps-{side or 'default'}px.json"
         stop = stop_evaluations.start(request)
@@ -126,11 +144,11 @@ def build_roundtrip_tab(studio: Studio) -> dict:
             studio.manager,
             studio.matcher(),
             prompts,
-            models=list(models),
+            models=models,
             seeds=seed_list,
             out_path=RESULTS_DIR / name,
-            steps=None if blank_to_none(steps) is None else as_int("steps", steps, 1, settings.MAX_STEPS),
-            side=None if blank_to_none(side) is None else as_int("side", side, 16, 4096),
+            steps=steps,
+            side=side,
             machine=studio.manager.runtime.description,
             model_size="tiny" if studio.tiny else "real weights",
             on_progress=lambda done, total: progress((done, total), desc="prompts", unit="images"),
@@ -147,7 +165,10 @@ def build_roundtrip_tab(studio: Studio) -> dict:
             ]
             for row in payload["rows"]
         ]
-        return evaluation_table(payload), rows, str(RESULTS_DIR / name)
+        # 3. Hand back a copy: the results folder may be a volume outside what Gradio may serve.
+        download = work_dir / name
+        shutil.copyfile(RESULTS_DIR / name, download)
+        return evaluation_table(payload), rows, str(download)
 
     gr.Markdown(
         "Neither model's own demo does this: SD3.5 draws, BLIP reads the picture back and scores how well it "
@@ -189,9 +210,10 @@ def build_roundtrip_tab(studio: Studio) -> dict:
         reverse_caption = gr.Textbox(label="BLIP's caption", interactive=False)
         reverse_summary = gr.Markdown()
     with gr.Accordion("Evaluation run (prompt adherence per model and category)", open=False):
-        categories = sorted(path.stem for path in PROMPTS_DIR.glob("*.txt"))
         with gr.Row():
-            chosen_categories = gr.CheckboxGroup(choices=categories, value=categories, label="Prompt categories")
+            chosen_categories = gr.CheckboxGroup(
+                choices=known_categories, value=known_categories, label="Prompt categories"
+            )
             chosen_models = gr.CheckboxGroup(choices=_model_choices(), value=["large"], label="Models")
         with gr.Row():
             seeds = gr.Textbox(value="0", label="Seeds (comma-separated)")
@@ -225,20 +247,20 @@ def build_roundtrip_tab(studio: Studio) -> dict:
         inputs=[prompt, model, seed, steps, second_opinion],
         outputs=[image, summary, scores, diff, used_seed],
         api_name="roundtrip",
-        concurrency_id="gpu",
+        concurrency_id=settings.GPU_CONCURRENCY_ID,
     )
     reverse_run.click(
         named_endpoint(reverse_trip, [parameter("image"), parameter("model", "large"), parameter("seed", -1)]),
         inputs=[upload, reverse_model, reverse_seed],
         outputs=[reverse_caption, redrawn, reverse_summary],
         api_name="roundtrip_image",
-        concurrency_id="gpu",
+        concurrency_id=settings.GPU_CONCURRENCY_ID,
     )
     evaluate_run.click(
         named_endpoint(
             evaluate,
             [
-                parameter("categories", categories),
+                parameter("categories", known_categories),
                 parameter("models", ["large"]),
                 parameter("seeds", "0"),
                 parameter("steps", ""),
@@ -250,7 +272,7 @@ def build_roundtrip_tab(studio: Studio) -> dict:
         inputs=[chosen_categories, chosen_models, seeds, eval_steps, eval_side],
         outputs=[eval_summary, eval_rows, eval_file],
         api_name="evaluate",
-        concurrency_id="gpu",
+        concurrency_id=settings.GPU_CONCURRENCY_ID,
     )
 
     def stop_evaluation(request: gr.Request):

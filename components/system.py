@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import gradio as gr
 
-from components.common import launch_alone, named_endpoint, parameter
+from components.common import ValidatedNumber, launch_alone, named_endpoint, parameter
 from pipelines import settings
 from pipelines.activations import ACTIVATION_NOTES
 from pipelines.memory import GIB, auto_choice, gpu_memory, machine_report, plan_table
 from pipelines.studio import Studio
+from pipelines.validation import as_float, as_int
+
+MAX_PLAN_SIDE = 100_000  # only a type check: the planner itself names each model's real range
 
 LOADED_HEADERS = ["model", "source", "load seconds", "footprint (GiB)"]
 PLAN_HEADERS = [
@@ -65,12 +68,13 @@ def make_system_function(studio: Studio):
     """The `/system` endpoint: no required input; ``gpu_gb`` defaults to this GPU (or 24 GiB)."""
 
     def system(gpu_gb=None, height=settings.PLAN_DEFAULT_SIDE, width=settings.PLAN_DEFAULT_SIDE):
+        # Every value is checked here: API callers skip the number boxes' own bounds.
         if gpu_gb is None:
             gpu_gb = default_gpu_gib(studio)
-        if not 0 < float(gpu_gb) <= settings.PLAN_MAX_GPU_GIB:
-            raise ValueError(f"GPU memory must be between 0 and {settings.PLAN_MAX_GPU_GIB} GiB, not {gpu_gb}.")
-        gpu_bytes = int(float(gpu_gb) * GIB)
-        height, width = int(height), int(width)
+        gpu_gb = as_float("GPU memory (GiB)", gpu_gb, 0, settings.PLAN_MAX_GPU_GIB, low_open=True)
+        gpu_bytes = int(gpu_gb * GIB)
+        height = settings.PLAN_DEFAULT_SIDE if height is None else as_int("height", height, 1, MAX_PLAN_SIDE)
+        width = settings.PLAN_DEFAULT_SIDE if width is None else as_int("width", width, 1, MAX_PLAN_SIDE)
         plans = plan_table(height, width)  # raises a sentence for a size SD3.5 cannot draw
         margin = settings.PLAN_MARGIN_BYTES
         rows = [
@@ -130,7 +134,7 @@ def make_unload_function(studio: Studio):
     """The `/unload` endpoint: drop one loaded model from memory."""
 
     def unload(model):
-        if not model:
+        if not isinstance(model, str) or not model.strip():
             raise ValueError("Choose a loaded model to unload (the table above lists them).")
         if studio.manager.unload(model):  # ValueError naming the valid keys for an unknown one
             message = f"Unloaded `{model}`; it loads again on its next use."
@@ -160,15 +164,15 @@ def build_system_tab(studio: Studio, tab: gr.Tab | None = None) -> dict:
 
     gr.Markdown("### Memory planner")
     with gr.Row():
-        gpu_gb = gr.Number(
+        gpu_gb = ValidatedNumber(
             value=default_gpu_gib(studio),
             label="GPU memory (GiB)",
             info="this GPU's total by default; type another card's size",
             minimum=0.5,
             maximum=settings.PLAN_MAX_GPU_GIB,
         )
-        height = gr.Number(value=settings.PLAN_DEFAULT_SIDE, label="height", precision=0, step=16)
-        width = gr.Number(value=settings.PLAN_DEFAULT_SIDE, label="width", precision=0, step=16)
+        height = ValidatedNumber(value=settings.PLAN_DEFAULT_SIDE, label="height", precision=0, step=16)
+        width = ValidatedNumber(value=settings.PLAN_DEFAULT_SIDE, label="width", precision=0, step=16)
         refresh = gr.Button("Refresh", variant="primary")
     gr.Markdown(PLAN_NOTE.format(margin=settings.PLAN_MARGIN_BYTES / GIB))
     table = gr.Dataframe(

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps
 
-from pipelines.settings import MAX_DECODE_PIXELS, MAX_IMAGE_SIDE, MAX_UPLOAD_BYTES
+from pipelines.settings import MAX_DECODE_PIXELS, MAX_IMAGE_SIDE, MAX_UPLOAD_BYTES, UPLOAD_IMAGE_FORMATS
 
 _MB = 1024 * 1024
 _HIGH_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
@@ -167,7 +167,7 @@ def _decode_bytes(data: bytes, label: str, max_bytes: int, max_pixels: int, max_
     _check_bytes(len(data), label, max_bytes)
     if data[:256].lstrip(b"\xef\xbb\xbf \t\r\n").lower().startswith((b"<?xml", b"<svg")):
         raise ImageDecodeError(f"{label} is an SVG vector drawing, which is not supported; export it as PNG.")
-    with _decoding(label, max_pixels), Image.open(io.BytesIO(data)) as image:
+    with _decoding(label, max_pixels), Image.open(io.BytesIO(data), formats=UPLOAD_IMAGE_FORMATS) as image:
         # Image.open only parsed the header, so this check costs nothing even for a bomb.
         _check_pixels(image.size, label, max_pixels)
         if max(image.size) > max_side:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -135,17 +136,24 @@ class ModelManager:
             source = self.source_for(key)
             loader = (self._loaders or _loaders())[spec.kind]
             started = time.perf_counter()
+            failure: Exception | None = None
             try:
                 _check_local_source(spec, source)
                 model = loader(source, self.runtime, variant)
-            except ModelLoadError:
-                raise
-            except ValueError:  # a request this machine cannot serve (e.g. a memory mode): already a sentence
-                raise
+            except (ModelLoadError, ValueError) as error:  # already a sentence (ValueError: e.g. a memory mode)
+                failure = error.with_traceback(None)
             except Exception as error:  # any other failure becomes one actionable sentence
-                logger.warning("loading %s from %s failed", key, source, exc_info=True)
+                # The traceback goes into the log as text: a record holding the exception would keep
+                # the loader's frames, and the half-loaded weights they reference, alive.
+                logger.warning(
+                    "loading %s from %s failed:\n%s", key, source, "".join(traceback.format_exception(error)).rstrip()
+                )
+                failure = ModelLoadError(explain_load_failure(spec, source, error, tiny=self.tiny))
+            if failure is not None:
+                # Past the except block the loader's frames are gone, so collecting and emptying the
+                # CUDA cache really frees whatever it had built; nothing was cached.
                 _release_memory()
-                raise ModelLoadError(explain_load_failure(spec, source, error, tiny=self.tiny)) from error
+                raise failure
             elapsed = time.perf_counter() - started
             entry = LoadedModel(key, source, model, elapsed, _footprint_bytes(model), variant, time.monotonic())
             with self._registry_lock:

@@ -291,6 +291,45 @@ class LatentPreviewer:
 # ----------------------------------------------------------------------------- generation
 
 
+class OutOfGpuMemory(ValueError):
+    """The GPU ran out of memory while drawing; the message names the request and a mode that needs less."""
+
+
+def lower_memory_mode(model_key: str, mode: str | None, height: int, width: int, num_images: int = 1) -> str | None:
+    """The first memory mode, in ``auto``'s order (fastest first), whose planned peak is below ``mode``'s.
+
+    None when ``mode`` is already the smallest; ``settings.OOM_FALLBACK_MEMORY_MODE`` when the
+    planner cannot plan this request (an unknown mode, or a size only the tiny models draw).
+    """
+    from pipelines.memory import default_mode, modes_for, plan
+
+    current = mode or default_mode(model_key)
+    try:
+        peak = plan(model_key, current, height, width, num_images).peak_bytes
+        smaller = [
+            candidate.key
+            for candidate in modes_for(model_key)
+            if plan(model_key, candidate.key, height, width, num_images).peak_bytes < peak
+        ]
+    except ValueError:
+        return None if current == settings.OOM_FALLBACK_MEMORY_MODE else settings.OOM_FALLBACK_MEMORY_MODE
+    return smaller[0] if smaller else None
+
+
+def out_of_memory_message(request: ResolvedRequest, mode: str | None) -> str:
+    """One sentence for a generation that ran out of GPU memory: what was asked, and what needs less."""
+    asked = f"{request.num_images} image(s) of {request.width}x{request.height} with {request.steps} steps" + (
+        f" in memory mode {mode}" if mode else ""
+    )
+    smaller = lower_memory_mode(request.model_key, mode, request.height, request.width, request.num_images)
+    if smaller is None:
+        return f"The GPU ran out of memory drawing {asked}; draw a smaller size or fewer images at once."
+    return (
+        f"The GPU ran out of memory drawing {asked}; choose memory mode {smaller}, which needs less, "
+        "or draw a smaller size or fewer images at once."
+    )
+
+
 @dataclass
 class GenerateResult:
     images: list[Image.Image]
@@ -382,7 +421,16 @@ def generate(
     if request.skip_layer_guidance_layers:
         call["skip_guidance_layers"] = list(request.skip_layer_guidance_layers)
     vae_tiled = configure_vae(pipeline, request)
-    images = pipeline(**call).images
+    out_of_memory = False
+    try:
+        images = pipeline(**call).images
+    except torch.OutOfMemoryError:
+        out_of_memory = True  # answered below, once this block has let go of the failed call's tensors
+    if out_of_memory:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        mode = getattr(pipeline, "studio_memory_mode", None)
+        raise OutOfGpuMemory(out_of_memory_message(request, mode))
     seconds = time.perf_counter() - started
 
     sampler = scheduler_name(pipeline)
@@ -405,7 +453,11 @@ def generate(
             pairs["Lora hashes"] = ", ".join(f"{lora['name']}: {lora.get('hash', '')}" for lora in loras)
         if state["stopped"]:
             pairs["Interrupted at step"] = state["steps_done"]
-        parameters.append(a1111_parameters(request.prompt, request.negative_prompt if request.uses_cfg else "", pairs))
+        # A1111 keeps LoRAs in the prompt as <lora:name:weight> tags; image browsers and Civitai read them there.
+        tagged_prompt = " ".join(
+            [request.prompt, *(f"<lora:{lora['name']}:{lora['weight']:g}>" for lora in loras or [])]
+        )
+        parameters.append(a1111_parameters(tagged_prompt, request.negative_prompt if request.uses_cfg else "", pairs))
         all_settings.append(
             {
                 **dataclasses.asdict(request),
