@@ -21,6 +21,7 @@ from components.match import build_match_tab
 from components.roundtrip import build_roundtrip_tab
 from components.scoreboard import build_scoreboard_tab
 from components.system import build_system_tab
+from components.train import build_train_tab
 from pipelines import settings
 from pipelines.catalog import CATALOG
 from pipelines.manager import ModelManager
@@ -58,6 +59,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="KEY=SOURCE",
         help=f"load KEY from a local folder or another repo id; keys: {', '.join(CATALOG)}. "
         "Also STUDIO_MODEL_<KEY> (e.g. STUDIO_MODEL_BLIP_CAPTION=/models/blip).",
+    )
+    parser.add_argument(
+        "--lora-dir",
+        type=Path,
+        default=None,
+        help=f"SD3.5 LoRA files are read from (and trained into) this folder (default: {settings.DEFAULT_LORA_DIR}/; "
+        "the tiny LoRAs under --tiny)",
+    )
+    parser.add_argument(
+        "--adapter-dir",
+        type=Path,
+        default=None,
+        help="BLIP LoRA adapters are read from (and trained into) this folder (default: adapters/, "
+        "or $STUDIO_BLIP_ADAPTER_DIR; the tiny adapters under --tiny)",
+    )
+    parser.add_argument(
+        "--no-train", action="store_true", help="leave out the Train tab (e.g. on a public instance with one GPU)"
     )
     return parser.parse_args(argv)
 
@@ -110,7 +128,14 @@ def _studio_from_args(args: argparse.Namespace) -> Studio:
         )
     except ValueError as error:
         raise SystemExit(str(error)) from None
-    return Studio(manager=manager, outputs_dir=args.outputs, memory_mode=args.memory)
+    return Studio(
+        manager=manager,
+        outputs_dir=args.outputs,
+        memory_mode=args.memory,
+        lora_dir=args.lora_dir,
+        blip_adapter_dir=args.adapter_dir,
+        training_enabled=not args.no_train,
+    )
 
 
 def build_app(studio: Studio) -> gr.Blocks:
@@ -132,6 +157,9 @@ def build_app(studio: Studio) -> gr.Blocks:
                 generate = build_generate_tab(studio, outputs_dir=studio.outputs_dir)
             with gr.Tab("Round trip", id="roundtrip"):
                 build_roundtrip_tab(studio)
+            if studio.training_enabled:
+                with gr.Tab("Train", id="train"):
+                    build_train_tab(studio)
             with gr.Tab("Scoreboard", id="scoreboard") as scoreboard_tab:
                 build_scoreboard_tab(studio, scoreboard_tab)
             with gr.Tab("System", id="system") as system_tab:

@@ -20,8 +20,10 @@ from components.common import (
     on_gpu,
     parameter,
 )
+from components.lora_panel import build_lora_panel
 from pipelines import settings
 from pipelines.catalog import CATALOG
+from pipelines.lora import prompt_with_triggers
 from pipelines.memory import SD3_MODES, resolve_mode
 from pipelines.png_metadata import save_png
 from pipelines.sd3 import (
@@ -36,6 +38,7 @@ from pipelines.sd3 import (
     size_limits,
 )
 from pipelines.studio import Studio
+from pipelines.validation import as_int
 
 EXAMPLE_PROMPTS = [
     # text rendering
@@ -82,9 +85,22 @@ def build_generate_tab(studio: Studio, outputs_dir: Path | None = None) -> dict:
 
     def generate_images(
         prompt, model, negative_prompt, seed, steps, guidance, width, height, max_sequence_length,
-        skip_layer_guidance, num_images, preview_every, memory_mode, history, progress, request,
+        skip_layer_guidance, num_images, preview_every, memory_mode, lora, lora_scale, lora_fuse, history, progress,
+        request,
     ):  # fmt: skip
-        """Yields step previews while the pipeline runs, then the PNGs and their summary."""
+        """Yields step previews while the pipeline runs, then the PNGs and their summary.
+
+        ``lora`` names the LoRAs to mix ("name:0.8, other:0.5", loaded with /lora_load; empty = none),
+        ``lora_scale`` multiplies their weights, ``lora_fuse`` merges them into the weights first.
+        """
+        preview_every = as_int("preview_every", 0 if preview_every is None else preview_every, 0, settings.MAX_STEPS)
+        library = studio.sd3_loras[model_key(model)]
+        selection = library.parse_selection(lora or "", 1.0 if blank_to_none(lora_scale) is None else lora_scale)
+        prompt, trigger_words = prompt_with_triggers(
+            prompt or "", [(library.get(name), weight) for name, weight in selection]
+        )
+        if trigger_words:
+            gr.Info(f"Added the LoRAs' trigger words to the prompt: {', '.join(trigger_words)}.")
         resolved = resolve_request(
             GenerateRequest(
                 prompt=prompt,
@@ -108,6 +124,13 @@ def build_generate_tab(studio: Studio, outputs_dir: Path | None = None) -> dict:
             resolved.model_key, memory_mode or "auto", studio.manager.runtime, resolved.height, resolved.width
         )
         pipeline = studio.manager.get(resolved.model_key, variant=mode, notify=gr.Info)
+        if lora_fuse and selection:
+            library.fuse(pipeline, selection)
+        else:
+            if library.fused:
+                library.unfuse(pipeline)
+            library.apply(pipeline, selection)
+        loras = [entry.png_entry(weight) for entry, weight in library.active()]
         previewer = LatentPreviewer.for_pipeline(pipeline)
         repo_id = CATALOG[resolved.model_key].repo_id
         progress((0, resolved.steps), desc="denoising", unit="steps")
@@ -127,8 +150,9 @@ def build_generate_tab(studio: Studio, outputs_dir: Path | None = None) -> dict:
                             repo_id=repo_id,
                             on_step=lambda step, total, previews: events.put(("step", step, total, previews)),
                             should_stop=stop.is_set,
-                            preview_every=int(preview_every or 0),
+                            preview_every=preview_every,
                             previewer=previewer,
+                            loras=loras,
                         ),
                     )
                 )
@@ -167,6 +191,11 @@ def build_generate_tab(studio: Studio, outputs_dir: Path | None = None) -> dict:
             + f", {result.seconds:.1f} s"
         )
         summary += f" · memory mode {mode} ({mode_reason})"
+        if loras:
+            fused = " (fused)" if library.fused else ""
+            summary += " · LoRA " + ", ".join(f"{item['name']}:{item['weight']:g}" for item in loras) + fused
+        if trigger_words:
+            summary += f" · trigger words added: {', '.join(trigger_words)}"
         if result.stopped:
             summary += f" · stopped at step {result.steps_done}"
         if studio.tiny:
@@ -276,6 +305,7 @@ def build_generate_tab(studio: Studio, outputs_dir: Path | None = None) -> dict:
                     preview_every = ValidatedSlider(
                         0, 10, value=settings.DEFAULT_PREVIEW_EVERY, step=1, label="Preview every N steps (0 = off)"
                     )
+            lora_panel = build_lora_panel(studio, model, memory_mode)
         with gr.Column(scale=1):
             preview = gr.Image(label="Preview", format="png", interactive=False, height=256, visible=False)
             gallery = gr.Gallery(label="Images", format="png", columns=2, height=520, preview=True)
@@ -302,6 +332,9 @@ def build_generate_tab(studio: Studio, outputs_dir: Path | None = None) -> dict:
         parameter("num_images", 1),
         parameter("preview_every", settings.DEFAULT_PREVIEW_EVERY),
         parameter("memory_mode", studio.memory_mode),
+        parameter("lora", ""),
+        parameter("lora_scale", 1.0),
+        parameter("lora_fuse", False),
         parameter("history", None),
         parameter("progress", gr.Progress()),
         parameter("request", None, gr.Request),
@@ -323,11 +356,14 @@ def build_generate_tab(studio: Studio, outputs_dir: Path | None = None) -> dict:
             num_images,
             preview_every,
             memory_mode,
+            lora_panel.lora,
+            lora_panel.lora_scale,
+            lora_panel.lora_fuse,
             history,
         ],  # fmt: skip
         outputs=[gallery, used_seed, summary, history, history_gallery, selected_image, preview],
         api_name="generate",
-        concurrency_id="gpu",
+        concurrency_id=settings.GPU_CONCURRENCY_ID,
     )
     stop.click(stop_generation, inputs=None, outputs=None, queue=False, api_name="generate_stop")
     reuse_seed.click(

@@ -187,6 +187,9 @@ GPU_CONCURRENCY_ID = "gpu"
 # Suggested after an out-of-memory error when the planner cannot name a smaller mode for the request.
 OOM_FALLBACK_MEMORY_MODE = "nf4-t5nf4-offload"
 MAX_EVALUATION_SEEDS = 10  # seeds in one Round trip evaluation run; each seed draws every prompt once
+# Pillow formats an upload may be decoded as. Pillow reads many more (EPS through Ghostscript, PSD,
+# ICO, ...); each is code a stranger's file could reach, and no tab needs them.
+UPLOAD_IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
 
 # --- BLIP LoRA adapters (pipelines/blip_adapters, the Caption and Batch tabs) --------
 # Where adapter folders are found by name: STUDIO_BLIP_ADAPTER_DIR, else adapters/ beside

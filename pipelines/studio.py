@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipelines import settings
 from pipelines.blip import BlipCaptioner
+from pipelines.blip_adapters import TINY_ADAPTER_DIR, BlipAdapterInfo, BlipAdapterSet, default_adapter_dir
+from pipelines.catalog import CATALOG
+from pipelines.lora import PICKLED_SUFFIXES, LoadedLora, LoraLibrary, RegistryEntry, load_registry, resolve_lora_source
 from pipelines.manager import ModelManager
 from pipelines.matching import ImageTextMatcher
+from pipelines.training_runs import TrainingRuns
+
+HUB_REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 TINY_MODE_NOTICE = (
     "Tiny mode: every model here is a miniature with random weights, built offline. Captions are "
@@ -20,15 +29,142 @@ class Studio:
     manager: ModelManager
     outputs_dir: Path | None = None  # --outputs: generated PNGs are also saved here
     memory_mode: str = "auto"  # --memory: the default SD3.5 memory mode
+    blip_adapter_dir: Path | None = None  # None: $STUDIO_BLIP_ADAPTER_DIR, <tiny root>/blip-adapters, or adapters/
+    # The BLIP LoRA adapters the Caption and Batch tabs share (see pipelines/blip_adapters.py).
+    blip_adapters: BlipAdapterSet = field(init=False, repr=False)
+    lora_dir: Path | None = None  # --lora-dir; None: <tiny root>/loras under --tiny, else loras/
+    lora_registry_path: Path | None = None  # None: the tiny registry under --tiny, else assets/loras.json
+    runs_dir: Path | None = None  # training logs; None: <lora_dir>/.runs
+    training_enabled: bool = True  # --no-train leaves the Train tab out
+    # The SD3.5 LoRAs loaded per model (catalog key); they survive the model being evicted and reloaded.
+    sd3_loras: dict[str, LoraLibrary] = field(init=False, repr=False)
+    training_runs: TrainingRuns = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        directory = self.blip_adapter_dir or default_adapter_dir(self.manager.tiny_root)
+        # --tiny: the random tiny-demo adapter appears in the tiny root's adapters folder, built on first use.
+        tiny_folder = self.tiny and Path(directory) == Path(self.manager.tiny_root) / TINY_ADAPTER_DIR
+        demo_source = self.manager.source_for("blip-caption") if tiny_folder else None
+        self.blip_adapters = BlipAdapterSet(directory, tiny_blip_source=demo_source)
+        self._init_sd3_loras()
+
+    def _init_sd3_loras(self) -> None:
+        from pipelines.tiny import tiny_base_names, tiny_lora_dir, tiny_registry_path
+
+        root = self.manager.tiny_root
+        if self.lora_dir is None:
+            self.lora_dir = tiny_lora_dir(root) if self.tiny else Path(settings.DEFAULT_LORA_DIR)
+        if self.lora_registry_path is None:
+            self.lora_registry_path = tiny_registry_path(root) if self.tiny else settings.LORA_REGISTRY_PATH
+        self.sd3_loras = {
+            key: LoraLibrary(
+                key,
+                model_title=f"{spec.title} (tiny)" if self.tiny else None,
+                known_bases=tiny_base_names() if self.tiny else None,
+            )
+            for key, spec in CATALOG.items()
+            if spec.kind == "sd3"
+        }
+        self.training_runs = TrainingRuns(
+            self.runs_dir or Path(self.lora_dir) / ".runs",
+            environment={"HF_HUB_OFFLINE": "1"} if self.tiny else None,
+        )
+
+    @property
+    def adapter_dir(self) -> Path:
+        """Where BLIP adapters are read from (and the Train tab writes them)."""
+        return Path(self.blip_adapters.adapter_dir)
 
     @property
     def tiny(self) -> bool:
         return self.manager.tiny
 
     def captioner(self) -> BlipCaptioner:
-        """The BLIP captioning model, loaded on first use."""
-        return self.manager.get("blip-caption")
+        """The BLIP captioning model, loaded on first use, with every loaded adapter attached (inactive)."""
+        return self.blip_adapters.attached(self.manager.get("blip-caption"))
+
+    def load_blip_adapter(self, source: str = "", uploads: list[str | Path] | tuple = ()) -> BlipAdapterInfo:
+        """Load a BLIP LoRA adapter (folder name, Hub id, or uploaded files) for every tab that captions."""
+        return self.blip_adapters.load(self.captioner(), source, uploads)
 
     def matcher(self) -> ImageTextMatcher:
         """Image-text matching with the captioner; the retrieval model loads only if a request asks for it."""
         return ImageTextMatcher(self.captioner(), retrieval=lambda: self.manager.get("blip-itm"))
+
+    # -- SD3.5 LoRAs
+
+    def lora_registry(self) -> dict[str, RegistryEntry]:
+        """The curated LoRAs offered by name (assets/loras.json; the tiny registry under --tiny)."""
+        return load_registry(self.lora_registry_path)
+
+    def lora_source(self, source: str = "", weight_name: str = "", upload: str | Path | None = None):
+        """Resolve what a user typed: an upload, a registry name, a file in the LoRA folder, or a Hub repo id.
+
+        A name with a file suffix is a file in the LoRA folder (so ``x.bin`` is refused as a pickle, by
+        name); ``owner/name`` is a Hub repo; any other name is looked up in the registry, then the folder.
+        """
+        source = str(source or "").strip()
+        if upload:
+            return resolve_lora_source(upload=upload)
+        if not source:
+            raise ValueError(
+                "Choose a LoRA: a registry name, a .safetensors file in the LoRA folder, an upload, "
+                "or a Hub repo id such as owner/name."
+            )
+        suffix = Path(source).suffix.lower()
+        if suffix in (".safetensors", *PICKLED_SUFFIXES) or Path(source).is_absolute() or ".." in Path(source).parts:
+            return resolve_lora_source(file=source, lora_dir=self.lora_dir)
+        registry = self.lora_registry()
+        if source in registry:
+            return resolve_lora_source(registry_name=source, registry=registry)
+        if HUB_REPO_ID.match(source) and not (Path(self.lora_dir) / source).exists():
+            return resolve_lora_source(repo=source, weight_name=weight_name or None)
+        return resolve_lora_source(file=source, lora_dir=self.lora_dir)
+
+    def sd3_pipeline(self, key: str, memory_mode: str | None = None, notify: Callable[[str], None] | None = None):
+        """The SD3.5 pipeline for ``key``: as loaded already, else in ``memory_mode`` (default: --memory)."""
+        from pipelines.memory import resolve_mode
+
+        if memory_mode is None:
+            for loaded in self.manager.loaded_models():
+                if loaded.key == key:
+                    return self.manager.get(key, variant=loaded.variant, notify=notify)
+        side = settings.PLAN_DEFAULT_SIDE
+        mode, _ = resolve_mode(key, memory_mode or self.memory_mode, self.manager.runtime, side, side)
+        return self.manager.get(key, variant=mode, notify=notify)
+
+    def load_sd3_lora(
+        self,
+        key: str,
+        source: str = "",
+        *,
+        weight_name: str = "",
+        upload: str | Path | None = None,
+        name: str | None = None,
+        scale: float | None = None,
+        memory_mode: str | None = None,
+        notify: Callable[[str], None] | None = None,
+    ) -> LoadedLora:
+        """Load a LoRA onto the SD3.5 model ``key`` (loading the model first if needed)."""
+        lora_source = self.lora_source(source, weight_name, upload)  # checked before any model loads
+        pipeline = self.sd3_pipeline(key, memory_mode, notify)
+        return self.sd3_loras[key].load(pipeline, lora_source, name=name or None, scale=scale)
+
+    def load_training_result(self, kind: str, output_dir: Path, *, model: str = "medium") -> str:
+        """Load what a finished training run wrote; returns a sentence saying where it is now."""
+        from pipelines.sd3 import model_key
+
+        output_dir = Path(output_dir)
+        if kind == "blip":
+            info = self.load_blip_adapter(output_dir.name)
+            return f"BLIP adapter **{info.name}** is loaded: choose it in the Caption tab."
+        files = sorted(output_dir.glob("*.safetensors"))
+        if not files:
+            raise ValueError(f"{output_dir.name} holds no .safetensors LoRA; the run may not have finished.")
+        relative = files[0].relative_to(Path(self.lora_dir).resolve()).as_posix() if files[0].is_absolute() else ""
+        key = model_key(model)
+        loaded = self.load_sd3_lora(key, relative or files[0].as_posix(), name=output_dir.name)
+        return (
+            f"LoRA **{loaded.name}** is loaded on {CATALOG[key].title} ({loaded.modules_changed} layers): "
+            f"write `{loaded.name}` in the Generate tab's LoRA box."
+        )

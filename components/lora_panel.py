@@ -1,0 +1,192 @@
+"""The Generate tab's LoRA panel: load, list, mix and unload SD3.5 LoRAs (API ``/lora_load``, ``/lora_list``, ``/lora_unload``).
+
+What a generation uses is the ``lora`` text ("name:0.8, other:0.5"), the same
+parameter ``/generate`` takes, so the page and a script mix LoRAs the same way.
+Loading adds the LoRA to that text at its default weight; unloading removes it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import gradio as gr
+
+from components.common import ValidatedSlider, blank_to_none, named_endpoint, parameter
+from pipelines import settings
+from pipelines.lora import LIST_HEADERS, list_lora_files, sanitize_lora_name
+from pipelines.sd3 import model_key
+from pipelines.studio import Studio
+from pipelines.validation import as_float
+
+TABLE_HEADERS = ["model", *LIST_HEADERS]
+
+
+@dataclass
+class LoraPanel:
+    lora: gr.Textbox  # the active set: "name:weight, ..."
+    lora_scale: gr.Slider
+    lora_fuse: gr.Checkbox
+    table: gr.Dataframe
+    note: gr.Markdown
+
+
+def active_without(active: str, names: list[str]) -> str:
+    """The ``lora`` text with ``names`` taken out (names compared as the library stores them)."""
+    removed = set(names)
+    kept = [item.strip() for item in (active or "").split(",") if item.strip()]
+    return ", ".join(item for item in kept if sanitize_lora_name(item.partition(":")[0]) not in removed)
+
+
+def active_with(active: str, name: str, weight: float) -> str:
+    """The ``lora`` text with ``name:weight`` added (replacing an earlier weight for that name)."""
+    kept = active_without(active, [name])
+    return ", ".join(part for part in (kept, f"{name}:{weight:g}") if part)
+
+
+def lora_rows(studio: Studio, model: str = "") -> list[list]:
+    """One row per loaded LoRA (of ``model``, or of every SD3.5 model when empty)."""
+    keys = [model_key(model)] if model else list(studio.sd3_loras)
+    return [[key, *row] for key in keys for row in studio.sd3_loras[key].list()]
+
+
+def _registry_choices(studio: Studio) -> list[tuple[str, str]]:
+    try:
+        registry = studio.lora_registry()
+    except (OSError, ValueError):
+        return []
+    choices = []
+    for entry in registry.values():
+        bases = "/".join(base.removeprefix("sd35-") for base in entry.bases)
+        triggers = f" — trigger: {', '.join(entry.trigger_words)}" if entry.trigger_words else ""
+        choices.append((f"{entry.name} ({bases}){triggers}", entry.name))
+    return choices
+
+
+def build_lora_panel(studio: Studio, model: gr.Radio, memory_mode: gr.Dropdown) -> LoraPanel:
+    """The LoRA accordion, inside the current Blocks; ``model`` and ``memory_mode`` are the tab's own inputs."""
+
+    def load_lora(source, weight_name, upload, model, name, scale, memory_mode, active, progress):
+        """Load a LoRA onto the chosen SD3.5 model and add it to the active set at its default weight."""
+        key = model_key(model)
+        progress(0, desc=f"loading {key} and the LoRA")
+        loaded = studio.load_sd3_lora(
+            key,
+            source or "",
+            weight_name=weight_name or "",
+            upload=getattr(upload, "name", upload) or None,
+            name=(name or "").strip() or None,
+            scale=None if blank_to_none(scale) is None else as_float("scale", scale, 0, settings.MAX_LORA_WEIGHT),
+            memory_mode=None if memory_mode in (None, "", "auto") else memory_mode,
+            notify=gr.Info,
+        )
+        for warning in loaded.warnings:
+            gr.Warning(warning)
+        triggers = f" Trigger words, added to the prompt when it is active: {', '.join(loaded.trigger_words)}." * bool(
+            loaded.trigger_words
+        )
+        note = (
+            f"Loaded **{loaded.name}** ({loaded.style} keys, {loaded.modules_changed} layers changed) "
+            f"on {key}.{triggers}"
+        )
+        return lora_rows(studio), note, active_with(active or "", loaded.name, loaded.default_scale)
+
+    def list_loras():
+        """The loaded LoRAs of every SD3.5 model (the first column names the model)."""
+        return lora_rows(studio)
+
+    def unload_lora(name, model, active):
+        """Unload one LoRA by name, or all of this model's with an empty name; the base model draws again."""
+        key = model_key(model)
+        library = studio.sd3_loras[key]
+        if not library.names():
+            return lora_rows(studio), f"No LoRA is loaded on {key}.", active or ""
+        pipeline = studio.sd3_pipeline(key, notify=gr.Info)
+        removed = library.unload(pipeline, (name or "").strip() or None)
+        return lora_rows(studio), f"Unloaded {', '.join(removed)} from {key}.", active_without(active, removed)
+
+    with gr.Accordion("LoRA", open=False):
+        lora = gr.Textbox(
+            value="",
+            label="Active LoRAs (name:weight, comma-separated; empty = the base model)",
+            placeholder="pixel_style:0.8, ink:0.5",
+        )
+        with gr.Row():
+            lora_scale = ValidatedSlider(
+                0, settings.MAX_LORA_WEIGHT, value=1.0, step=0.05, label="LoRA scale (multiplies every weight)"
+            )
+            lora_fuse = gr.Checkbox(
+                value=False, label="Fuse the active LoRAs (faster steps; not in NF4/8-bit or sequential modes)"
+            )
+        with gr.Row():
+            registry_choice = gr.Dropdown(choices=_registry_choices(studio), value=None, label="Curated LoRAs")
+            file_choice = gr.Dropdown(
+                choices=list_lora_files(studio.lora_dir),
+                value=None,
+                label=f"Files in the LoRA folder ({studio.lora_dir.name}/)",
+            )
+            refresh = gr.Button("↻", size="sm", scale=0, min_width=40)
+        with gr.Row():
+            source = gr.Textbox(
+                value="", label="Source: registry name, file in the LoRA folder, or Hub repo id", scale=2
+            )
+            weight_name = gr.Textbox(value="", label="weight_name (Hub repos with several files)", scale=1)
+        upload = gr.File(label="…or upload a .safetensors LoRA", file_types=[".safetensors"])
+        with gr.Row():
+            name = gr.Textbox(value="", label="Name (optional)", scale=1)
+            scale = gr.Textbox(value="", label="Default weight (empty = the LoRA's own)", scale=1)
+        with gr.Row():
+            load = gr.Button("Load LoRA", variant="secondary")
+            unload_name = gr.Textbox(value="", label="Unload (name; empty = all)", scale=2)
+            unload = gr.Button("Unload", variant="stop", scale=1)
+        note = gr.Markdown()
+        table = gr.Dataframe(headers=TABLE_HEADERS, value=[], interactive=False, label="Loaded LoRAs", wrap=True)
+        gr.Markdown(
+            "SD3.5 LoRAs in diffusers/peft format load as they are; kohya, ComfyUI and OneTrainer files are "
+            "converted exactly or refused by name. Only `.safetensors` (pickles can run code)."
+            + (" Tiny mode: the curated list holds tiny random LoRAs built offline." if studio.tiny else "")
+        )
+
+    registry_choice.input(lambda value: value or "", inputs=registry_choice, outputs=source, api_visibility="private")
+    file_choice.input(lambda value: value or "", inputs=file_choice, outputs=source, api_visibility="private")
+    refresh.click(
+        lambda: gr.update(choices=list_lora_files(studio.lora_dir)),
+        outputs=file_choice,
+        queue=False,
+        api_visibility="private",
+    )
+    load.click(
+        named_endpoint(
+            load_lora,
+            [
+                parameter("source", ""),
+                parameter("weight_name", ""),
+                parameter("upload", None),
+                parameter("model", "large"),
+                parameter("name", ""),
+                parameter("scale", ""),
+                parameter("memory_mode", "auto"),
+                parameter("active", ""),
+                parameter("progress", gr.Progress()),
+            ],
+        ),
+        inputs=[source, weight_name, upload, model, name, scale, memory_mode, lora],
+        outputs=[table, note, lora],
+        api_name="lora_load",
+        concurrency_id=settings.GPU_CONCURRENCY_ID,
+    )
+    unload.click(
+        named_endpoint(unload_lora, [parameter("name", ""), parameter("model", "large"), parameter("active", "")]),
+        inputs=[unload_name, model, lora],
+        outputs=[table, note, lora],
+        api_name="lora_unload",
+        concurrency_id=settings.GPU_CONCURRENCY_ID,
+    )
+    gr.on(
+        triggers=[model.change],
+        fn=named_endpoint(list_loras, []),
+        inputs=None,
+        outputs=table,
+        api_name="lora_list",
+        queue=False,
+    )
+    return LoraPanel(lora=lora, lora_scale=lora_scale, lora_fuse=lora_fuse, table=table, note=note)
