@@ -13,7 +13,8 @@ import gradio as gr
 
 from components.common import ValidatedSlider, blank_to_none, named_endpoint, parameter
 from pipelines import settings
-from pipelines.lora import LIST_HEADERS, list_lora_files, sanitize_lora_name
+from pipelines.lora import LIST_HEADERS
+from pipelines.lora_sources import list_lora_files, sanitize_lora_name
 from pipelines.sd3 import model_key
 from pipelines.studio import Studio
 from pipelines.validation import as_float

@@ -17,6 +17,7 @@ TAB_TITLES = {
     "generate": "Generate",
     "system": "System",
     "roundtrip": "Round trip",
+    "train": "Train",
     "scoreboard": "Scoreboard",
 }
 CAPABILITY_HEADERS = ["model", "capability", "tab", "status", "published claims"]

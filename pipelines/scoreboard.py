@@ -24,6 +24,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from pipelines import settings
 from pipelines.catalog import CATALOG, MODEL_CONFIGS_DIR
 
@@ -32,7 +34,7 @@ SCOREBOARD_PATH = ROOT / "assets" / "scoreboard.json"
 RESULTS_DIR = settings.BENCH_RESULTS_DIR
 
 # Every tab a capability may link to: the ids app.py gives its gr.Tab()s.
-STUDIO_TAB_IDS = ("caption", "batch", "match", "attention", "generate", "system", "roundtrip", "scoreboard")
+STUDIO_TAB_IDS = ("caption", "batch", "match", "attention", "generate", "system", "roundtrip", "train", "scoreboard")
 # "works here": runs in `python app.py --tiny` on a CPU; the other two need more than this machine has.
 CAPABILITY_STATUSES = ("works here", "needs a GPU", "needs the real weights", "not built yet")
 NOT_MEASURED = "not measured"
@@ -262,9 +264,9 @@ def capability_rows(data: ScoreboardData) -> list[dict]:
 @functools.cache
 def _blip_architecture() -> dict:
     """BLIP base built from its real config on the meta device: counts and the decoder's shape."""
-    from pipelines.architectures import build_on_meta, component_config
+    from pipelines.architectures import component_config
 
-    model = build_on_meta("blip-caption")
+    model = _blip_meta_model()
     config = component_config("blip-caption", "model")
     return {
         "parameters": sum(tensor.numel() for tensor in model.parameters()),
@@ -373,7 +375,35 @@ def _check_turbo_speed(measured: list[Measurement]) -> tuple[str, str, str]:
     return NOT_MEASURED, NOT_MEASURED, "no results file times both Large and Large Turbo on one machine"
 
 
+def _check_blip_lora_share(_: list[Measurement]) -> tuple[str, str, str]:
+    """What the Studio's default BLIP caption LoRA adds, counted on the real architecture."""
+    import re
+
+    from pipelines.blip_adapters import text_decoder_targets
+
+    facts = _blip_architecture()
+    model = _blip_meta_model()
+    rank = settings.BLIP_TRAIN_DEFAULT_RANK
+    pattern = re.compile(text_decoder_targets())
+    added = sum(
+        rank * (module.in_features + module.out_features)
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and pattern.fullmatch(name)
+    )
+    share = added / facts["parameters"]
+    found = f"rank {rank} on the decoder's q/k/v/dense (self + cross): {added / 1e6:.2f}M = {share:.2%} of BLIP base"
+    return found, _verdict(0.005 <= share <= 0.02), "real config on the meta device; pipelines.train_blip_lora defaults"
+
+
+@functools.cache
+def _blip_meta_model():
+    from pipelines.architectures import build_on_meta
+
+    return build_on_meta("blip-caption")
+
+
 CLAIM_CHECKS = {
+    "blip-lora-share": _check_blip_lora_share,
     "blip-size": _check_blip_size,
     "blip-input-size": _check_blip_input_size,
     "image-to-text-pipeline": _check_image_to_text,

@@ -11,7 +11,9 @@ from pipelines import settings
 from pipelines.blip import BlipCaptioner
 from pipelines.blip_adapters import TINY_ADAPTER_DIR, BlipAdapterInfo, BlipAdapterSet, default_adapter_dir
 from pipelines.catalog import CATALOG
-from pipelines.lora import PICKLED_SUFFIXES, LoadedLora, LoraLibrary, RegistryEntry, load_registry, resolve_lora_source
+from pipelines.lora import LoadedLora, LoraLibrary
+from pipelines.lora_formats import PICKLED_SUFFIXES
+from pipelines.lora_sources import RegistryEntry, load_registry, resolve_lora_source
 from pipelines.manager import ModelManager
 from pipelines.matching import ImageTextMatcher
 from pipelines.training_runs import TrainingRuns

@@ -43,7 +43,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import json
 import logging
 import os
 import sys
@@ -56,9 +55,20 @@ import torch
 
 from pipelines import settings
 from pipelines.catalog import CATALOG, ModelSpec
+from pipelines.flow_matching import evaluation_loss, flow_matching_loss, sample_noise_levels
 from pipelines.manager import ModelLoadError, explain_load_failure
+from pipelines.sd3_lora_files import (
+    CHECKPOINT_PREFIX,
+    LORA_WEIGHTS_FILE,
+    adapter_settings,
+    check_checkpoint,
+    find_checkpoint,
+    load_adapter,
+    save_adapter,
+    save_checkpoint,
+    write_model_card,
+)
 from pipelines.sd3_training_data import (
-    CachedExample,
     Precomputed,
     bucket_sizes,
     epoch_rounds_for,
@@ -71,9 +81,6 @@ from pipelines.validation import as_float, as_int
 
 logger = logging.getLogger(__name__)
 
-LORA_WEIGHTS_FILE = "pytorch_lora_weights.safetensors"  # diffusers' default name: loading the folder finds it
-CHECKPOINT_PREFIX = "checkpoint-"
-STATE_FILE = "training_state.json"  # written last: a checkpoint without it is incomplete and ignored
 SHORT_NAMES = {"large": "sd35-large", "large-turbo": "sd35-large-turbo", "medium": "sd35-medium"}
 
 
@@ -321,187 +328,6 @@ def model_fingerprint(model: ModelSource) -> dict:
                     stat = path.stat()
                     files.append([path.relative_to(folder).as_posix(), stat.st_size, stat.st_mtime_ns])
     return {"source": str(folder.resolve()), "files": files}
-
-
-# ----------------------------------------------------------------------------- flow matching
-
-
-def sample_noise_levels(config: SD3LoraTrainingConfig, scheduler, batch: int, generator: torch.Generator):
-    """(timesteps, sigmas) for a batch, drawn as ``weighting_scheme`` says from the scheduler's shifted schedule."""
-    from diffusers.training_utils import compute_density_for_timestep_sampling
-
-    density = compute_density_for_timestep_sampling(
-        weighting_scheme=config.weighting_scheme,
-        batch_size=batch,
-        logit_mean=config.logit_mean,
-        logit_std=config.logit_std,
-        mode_scale=config.mode_scale,
-        generator=generator,
-    )
-    count = scheduler.config.num_train_timesteps
-    indices = (density * count).long().clamp(0, len(scheduler.timesteps) - 1)
-    return scheduler.timesteps[indices], scheduler.sigmas[indices]
-
-
-def flow_matching_loss(transformer, batch: dict, noise, timesteps, sigmas, weighting_scheme: str) -> torch.Tensor:
-    """SD3's rectified-flow loss: the MMDiT's velocity for ``(1 - s) x0 + s noise`` against ``noise - x0``."""
-    from diffusers.training_utils import compute_loss_weighting_for_sd3
-
-    latents = batch["latents"]
-    sigma = sigmas.to(latents.device, latents.dtype).view(-1, 1, 1, 1)
-    noisy = (1.0 - sigma) * latents + sigma * noise
-    prediction = transformer(
-        hidden_states=noisy,
-        timestep=timesteps.to(latents.device),
-        encoder_hidden_states=batch["prompt_embeds"],
-        pooled_projections=batch["pooled_prompt_embeds"],
-        return_dict=False,
-    )[0]
-    weighting = compute_loss_weighting_for_sd3(weighting_scheme=weighting_scheme, sigmas=sigma)
-    error = weighting.float() * (prediction.float() - (noise - latents).float()) ** 2
-    return error.reshape(latents.shape[0], -1).mean(dim=1).mean()
-
-
-@torch.no_grad()
-def evaluation_loss(transformer, examples: list[CachedExample], *, seed: int, device, dtype) -> float:
-    """The unweighted flow-matching loss at the fixed noise levels ``settings.SD3_TRAIN_EVAL_SIGMAS``, with noise
-    fixed by ``seed``: comparable between steps, unlike the training loss's random draws."""
-    generator = torch.Generator().manual_seed(seed)
-    total = 0.0
-    for item in examples:
-        batch = stack_batch([item], device, dtype)
-        noise = torch.randn(batch["latents"].shape, generator=generator).to(device, dtype)
-        for sigma in settings.SD3_TRAIN_EVAL_SIGMAS:
-            sigmas = torch.tensor([sigma])
-            total += flow_matching_loss(transformer, batch, noise, sigmas * 1000, sigmas, "none").item()
-    return total / (len(examples) * len(settings.SD3_TRAIN_EVAL_SIGMAS))
-
-
-# ----------------------------------------------------------------------------- files
-
-
-def find_checkpoint(config: SD3LoraTrainingConfig) -> Path | None:
-    """The checkpoint to resume from: None without ``resume`` (or with "latest" and none written yet)."""
-    if config.resume is None:
-        return None
-    if config.resume == "latest":
-        done = [
-            path
-            for path in Path(config.output_dir).glob(f"{CHECKPOINT_PREFIX}*")
-            if (path / STATE_FILE).is_file() and path.name.removeprefix(CHECKPOINT_PREFIX).isdigit()
-        ]
-        return max(done, key=lambda path: int(path.name.removeprefix(CHECKPOINT_PREFIX)), default=None)
-    path = Path(config.resume).expanduser()
-    if not (path / STATE_FILE).is_file():
-        raise ValueError(
-            f"{path} is not a complete checkpoint (no {STATE_FILE}); give a {CHECKPOINT_PREFIX}N folder "
-            "from an earlier run, or --resume latest."
-        )
-    return path
-
-
-def _adapter_settings(config: SD3LoraTrainingConfig, model: ModelSource) -> dict:
-    return {
-        "model": model.source,
-        "rank": config.rank,
-        "lora_alpha": config.lora_alpha or config.rank,
-        "target_modules": config.target_modules,
-    }
-
-
-def check_checkpoint(path: Path, config: SD3LoraTrainingConfig, model: ModelSource) -> dict:
-    """The checkpoint's state; ValueError when it was trained with another model, rank or layers."""
-    state = json.loads((path / STATE_FILE).read_text())
-    theirs, ours = state["adapter"], _adapter_settings(config, model)
-    for key in ours:
-        if theirs.get(key) != ours[key]:
-            raise ValueError(
-                f"{path} was trained with {key} {theirs.get(key)!r}, this run asks for {ours[key]!r}; "
-                "resume with the same settings, or train into a new output folder."
-            )
-    return state
-
-
-def save_adapter(transformer, folder: Path, config: SD3LoraTrainingConfig) -> Path:
-    """The LoRA in diffusers format (``transformer.``-prefixed keys, peft config as metadata); returns the file."""
-    from diffusers import StableDiffusion3Pipeline
-    from peft.utils import get_peft_model_state_dict
-
-    folder.mkdir(parents=True, exist_ok=True)
-    layers = {
-        key: value.detach().to("cpu", torch.float32) for key, value in get_peft_model_state_dict(transformer).items()
-    }
-    metadata = transformer.peft_config["default"].to_dict()
-    StableDiffusion3Pipeline.save_lora_weights(
-        folder,
-        transformer_lora_layers=layers,
-        transformer_lora_adapter_metadata=metadata,
-        weight_name=LORA_WEIGHTS_FILE,
-    )
-    return folder / LORA_WEIGHTS_FILE
-
-
-def load_adapter(transformer, file: Path) -> None:
-    """Put a saved LoRA's weights back into the transformer's adapter (for resuming)."""
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    state = {key.removeprefix("transformer."): value for key, value in load_file(file).items()}
-    result = set_peft_model_state_dict(transformer, state, adapter_name="default")
-    if getattr(result, "unexpected_keys", None):
-        raise ValueError(f"{file} does not fit this adapter ({result.unexpected_keys[0]} unexpected); start afresh.")
-
-
-def write_model_card(config: SD3LoraTrainingConfig, model: ModelSource, result: TrainingResult) -> None:
-    """training_args.json (every setting) and README.md (what it is, its trigger words, how to load it)."""
-    folder = Path(config.output_dir)
-    arguments = {
-        key: str(value) if isinstance(value, Path) else value for key, value in dataclasses.asdict(config).items()
-    }
-    arguments.update(
-        source=model.source,
-        target_modules=config.target_modules,
-        train_images=result.train_images,
-        held_out_images=result.held_out_images,
-        global_step=result.steps,
-    )
-    (folder / "training_args.json").write_text(json.dumps(arguments, indent=2, default=list) + "\n")
-    trigger = f"`{config.trigger}` (put it in your prompt)" if config.trigger else "none (captions as written)"
-    card = [
-        f"# {folder.name}: an SD3.5 LoRA",
-        "",
-        f"- Base model: {model.spec.title} (`{model.source}`){' - tiny random stand-in' if model.tiny else ''}",
-        f"- Trigger words: {trigger}",
-        f"- Trained {result.steps} steps on {result.train_images} images at {config.resolution} px "
-        f"({'centre crop' if config.center_crop else 'aspect buckets'}), rank {config.rank}, "
-        f"alpha {config.lora_alpha or config.rank}, learning rate {config.learning_rate:g}, "
-        f"layers {', '.join(config.target_modules)}",
-        f"- Loss: SD3 flow matching, timesteps by {config.weighting_scheme}",
-        "",
-        f"Load `{LORA_WEIGHTS_FILE}` in the Studio's LoRA panel, or in diffusers:",
-        "",
-        "```python",
-        f'pipeline.load_lora_weights("{folder}")',
-        "```",
-        "",
-    ]
-    (folder / "README.md").write_text("\n".join(card))
-
-
-def save_checkpoint(accelerator, folder: Path, transformer, optimizer, scheduler, state: dict, generator) -> None:
-    """Adapter, optimiser, LR schedule, position in the data and every process's noise generator."""
-    if accelerator.is_main_process:
-        folder.mkdir(parents=True, exist_ok=True)
-    accelerator.wait_for_everyone()
-    torch.save(generator.get_state(), folder / f"rng-{accelerator.process_index}.pt")
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        save_adapter(accelerator.unwrap_model(transformer), folder, state["config"])
-        torch.save(optimizer.state_dict(), folder / "optimizer.pt")
-        torch.save(scheduler.state_dict(), folder / "scheduler.pt")
-        public = {key: value for key, value in state.items() if key != "config"}
-        (folder / STATE_FILE).write_text(json.dumps(public, indent=2) + "\n")  # last: marks it complete
-    accelerator.wait_for_everyone()
 
 
 # ----------------------------------------------------------------------------- validation images
@@ -793,7 +619,7 @@ def train(config: SD3LoraTrainingConfig, *, log: Callable[[str], None] | None = 
                 "epoch": epoch,
                 "position": position,
                 "processes": processes,
-                "adapter": _adapter_settings(config, model),
+                "adapter": adapter_settings(config, model),
             }
             save_checkpoint(accelerator, folder, transformer, optimizer, lr_schedule, state, generator)
             result.checkpoints.append(folder)

@@ -190,3 +190,26 @@ def test_open_the_scoreboard(page, tmp_path):
     assert verdicts.count() >= 3
     assert panel.get_by_text(re.compile(r"BLIP")).count() >= 1
     screenshot(page, tmp_path, "scoreboard")
+
+
+def test_load_a_lora_and_draw_with_it(page, tmp_path):
+    panel = open_tab(page, "Generate")
+    panel.get_by_text("LoRA", exact=True).first.click()  # open the accordion
+    panel.get_by_label("Source: registry name, file in the LoRA folder, or Hub repo id").fill("tiny_large_style")
+    panel.get_by_role("button", name="Load LoRA").click()
+    panel.get_by_text(re.compile(r"Loaded tiny_large_style \(\w+ keys, \d+ layers changed\)")).wait_for()
+    active = panel.get_by_label("Active LoRAs (name:weight, comma-separated; empty = the base model)")
+    assert active.input_value() == "tiny_large_style:1"
+    assert panel.locator("[data-testid^=cell-]", has_text="tiny_large_style").count() >= 1  # the loaded-LoRA table
+    try:
+        panel.get_by_label("Prompt", exact=True).fill("a lighthouse at dusk")
+        panel.get_by_label("Steps (empty = preset)").fill("2")
+        panel.get_by_role("button", name="Generate", exact=True).click()
+        summary = panel.get_by_text(re.compile(r"2/2 steps.*LoRA tiny_large_style:1"))
+        summary.wait_for()
+        assert "trigger words added: tinystyle" in summary.inner_text()
+        screenshot(page, tmp_path, "lora")
+    finally:
+        panel.get_by_role("button", name="Unload", exact=True).click()
+        panel.get_by_text("Unloaded tiny_large_style from sd35-large.").wait_for()
+    assert active.input_value() == ""

@@ -18,13 +18,11 @@ from pipelines.lora import (
     LoraLibrary,
     check_lora_fits,
     count_adapter_modules,
-    list_lora_files,
-    load_registry,
     parse_lora_selection,
     prompt_with_triggers,
-    resolve_lora_source,
 )
 from pipelines.lora_formats import convert_to_diffusers
+from pipelines.lora_sources import list_lora_files, load_registry, resolve_lora_source
 from pipelines.runtime import choose_runtime
 from pipelines.sd3_loading import load_sd3_pipeline
 from pipelines.tiny import tiny_base_names, tiny_lora_dir, tiny_registry_path

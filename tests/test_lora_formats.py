@@ -9,13 +9,14 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from pipelines.lora import LoraLibrary, count_adapter_modules, resolve_lora_source
+from pipelines.lora import LoraLibrary, count_adapter_modules
 from pipelines.lora_formats import (
     convert_to_diffusers,
     inspect_lora_keys,
     lora_shape,
     read_safetensors_header,
 )
+from pipelines.lora_sources import resolve_lora_source
 from pipelines.runtime import choose_runtime
 from pipelines.sd3_loading import load_sd3_pipeline
 from pipelines.tiny import tiny_base_names

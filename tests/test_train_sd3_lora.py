@@ -145,7 +145,8 @@ def _fresh_pipeline(tiny_root: Path):
 
 def _load_in_studio(pipeline, lora_file: Path) -> None:
     """The Studio's own path: resolve the file, load it into the library, select it at weight 1."""
-    from pipelines.lora import LoraLibrary, resolve_lora_source
+    from pipelines.lora import LoraLibrary
+    from pipelines.lora_sources import resolve_lora_source
 
     library = LoraLibrary("sd35-large")
     loaded = library.load(pipeline, resolve_lora_source(upload=lora_file))
