@@ -42,7 +42,6 @@ import shutil
 import tempfile
 import threading
 import warnings
-import zipfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,23 +50,24 @@ import torch
 
 from pipelines import settings
 from pipelines.blip import BlipCaptioner, switch_adapter_layers
+from pipelines.blip_adapter_sources import (
+    ADAPTER_CONFIG_FILE,
+    ADAPTER_WEIGHTS_FILE,
+    HUB_ID,
+    PICKLE_SENTENCE,
+    PICKLE_SUFFIXES,
+    download_adapter,
+    unpack_adapter_upload,
+)
 
 logger = logging.getLogger(__name__)
 
-ADAPTER_CONFIG_FILE = "adapter_config.json"
-ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")  # weights that torch.load would unpickle
 TINY_ADAPTER_DIR = "blip-adapters"  # under the tiny root: the --tiny adapters folder
 TINY_DEMO_ADAPTER = "tiny-demo"
 TINY_DEMO_SCALE = 16.0  # how far the demo's random LoRA moves each layer: enough to change the tiny captions
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<which>A|B)(?:\.[^.]+)?\.weight$")
 _PEFT_PREFIX = "base_model.model."
 _ATTENTION_MODULES = {"self": "attention", "cross": "crossattention"}
-_PICKLE_SENTENCE = (
-    "only adapter_model.safetensors is loaded: .bin weights are Python pickles, which can run code when opened; "
-    "convert it with safetensors (or ask its author for a .safetensors copy)"
-)
 
 
 def text_decoder_targets(
@@ -123,7 +123,7 @@ def read_adapter_folder(folder: Path, label: str | None = None) -> AdapterFiles:
         )
     if not weights_path.is_file():
         if any(path.suffix.lower() in PICKLE_SUFFIXES for path in folder.iterdir()):
-            raise ValueError(f"{label} has pickled weights; {_PICKLE_SENTENCE}.")
+            raise ValueError(f"{label} has pickled weights; {PICKLE_SENTENCE}.")
         raise ValueError(
             f"{label} holds no {ADAPTER_WEIGHTS_FILE}; copy the adapter's weights file next to its config."
         )
@@ -381,149 +381,6 @@ def _width_sentence(label: str, path: str, lora_a, lora_b, layer, model, base_mo
         f"(the loaded BLIP's text decoder is {text_width} wide and its image features {image_width}; BLIP large's "
         "image features are 1024 wide, BLIP base's 768). Load it on the BLIP it was trained for."
     )
-
-
-# ----------------------------------------------------------------------------- sources
-
-
-def download_adapter(repo_id: str, adapter_dir: Path | None = None) -> Path:
-    """The Hub snapshot folder of ``repo_id``'s adapter_config.json and adapter_model.safetensors (nothing else).
-
-    Offline, gated, missing and other failures each become one sentence.
-    """
-    from huggingface_hub import errors, snapshot_download
-
-    local_hint = f"copy the adapter folder into {adapter_dir} and load it by name" if adapter_dir else "load a folder"
-    try:
-        folder = Path(snapshot_download(repo_id, allow_patterns=[ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE]))
-    except errors.GatedRepoError:
-        raise ValueError(
-            f"The Hub repository {repo_id} is gated: accept its terms on its page and set HF_TOKEN, or {local_hint}."
-        ) from None
-    except errors.RepositoryNotFoundError:
-        raise ValueError(
-            f"No Hub repository {repo_id} was found (or it is private: set HF_TOKEN); check the id, or {local_hint}."
-        ) from None
-    except errors.RevisionNotFoundError:
-        raise ValueError(f"The Hub repository {repo_id} has no such revision; check the id, or {local_hint}.") from None
-    except (errors.LocalEntryNotFoundError, errors.OfflineModeIsEnabled):
-        raise ValueError(
-            f"The adapter {repo_id} is not in the local Hugging Face cache and cannot be downloaded (no network, or "
-            f"HF_HUB_OFFLINE is set): download it once with network access, or {local_hint}."
-        ) from None
-    except errors.HFValidationError:
-        raise ValueError(f"{repo_id!r} is not a valid Hub id; write owner/name, or {local_hint}.") from None
-    except (OSError, RuntimeError) as error:  # network failures of every kind
-        raise ValueError(
-            f"The adapter {repo_id} could not be downloaded ({type(error).__name__}); check the network, or "
-            f"{local_hint}."
-        ) from None
-    if not (folder / ADAPTER_CONFIG_FILE).is_file():
-        raise ValueError(
-            f"The Hub repository {repo_id} has no {ADAPTER_CONFIG_FILE} at its top level, so it is not a PEFT adapter "
-            "(if the adapter is in a subfolder, download it and load the folder)."
-        )
-    if not (folder / ADAPTER_WEIGHTS_FILE).is_file():
-        raise ValueError(f"The Hub repository {repo_id} has no {ADAPTER_WEIGHTS_FILE}; {_PICKLE_SENTENCE}.")
-    return folder
-
-
-def unpack_adapter_upload(paths: Iterable[str | Path], work_dir: Path) -> tuple[Path, str]:
-    """(folder, suggested name) for uploaded adapter files: the two files, or a .zip of the adapter folder.
-
-    Nothing from a zip is written under its own name: the two files are copied
-    to fixed names in a fresh folder, so a member path cannot escape it
-    (zip-slip). Sizes are checked against their declared and real lengths, and a
-    member that compresses more than ``MAX_ZIP_RATIO`` times is refused (a bomb).
-    """
-    paths = [Path(path) for path in paths]
-    if not paths:
-        raise ValueError("Upload adapter_config.json and adapter_model.safetensors, or a .zip of the adapter folder.")
-    work_dir = Path(work_dir)
-    work_dir.mkdir(parents=True, exist_ok=True)
-    target = Path(tempfile.mkdtemp(prefix="upload-", dir=work_dir))
-    zips = [path for path in paths if path.suffix.lower() == ".zip"]
-    if zips:
-        if len(paths) > 1:
-            raise ValueError("Upload one .zip of an adapter folder, or the two adapter files, not both.")
-        return target, _unpack_adapter_zip(zips[0], target)
-    config = [path for path in paths if path.suffix.lower() == ".json"]
-    weights = [path for path in paths if path.suffix.lower() == ".safetensors"]
-    for path in paths:
-        if path.suffix.lower() in PICKLE_SUFFIXES:
-            raise ValueError(f"{path.name} is refused: {_PICKLE_SENTENCE}.")
-        if path not in config and path not in weights:
-            raise ValueError(
-                f"{path.name} is not part of a LoRA adapter; upload adapter_config.json and "
-                "adapter_model.safetensors, or a .zip of the adapter folder."
-            )
-    if len(config) != 1 or len(weights) != 1:
-        raise ValueError(
-            f"Upload exactly one {ADAPTER_CONFIG_FILE} and one {ADAPTER_WEIGHTS_FILE} "
-            f"({len(config)} .json and {len(weights)} .safetensors files came)."
-        )
-    for source, name, limit in (
-        (config[0], ADAPTER_CONFIG_FILE, settings.MAX_BLIP_ADAPTER_CONFIG_BYTES),
-        (weights[0], ADAPTER_WEIGHTS_FILE, settings.MAX_BLIP_ADAPTER_BYTES),
-    ):
-        if source.stat().st_size > limit:
-            raise ValueError(f"{source.name} is over {limit // 2**20} MB, too large for a BLIP adapter's {name}.")
-        shutil.copyfile(source, target / name)
-    return target, "upload"
-
-
-def _unpack_adapter_zip(archive_path: Path, target: Path) -> str:
-    try:
-        archive = zipfile.ZipFile(archive_path)
-    except (zipfile.BadZipFile, OSError):
-        raise ValueError(f"{archive_path.name} is not a readable zip file; re-create it.") from None
-    with archive:
-        members = [member for member in archive.infolist() if not member.is_dir()]
-        by_name: dict[str, list[zipfile.ZipInfo]] = {}
-        for member in members:
-            by_name.setdefault(Path(member.filename.replace("\\", "/")).name, []).append(member)
-        configs, weights = by_name.get(ADAPTER_CONFIG_FILE, []), by_name.get(ADAPTER_WEIGHTS_FILE, [])
-        if not weights and any(Path(member.filename).suffix.lower() in PICKLE_SUFFIXES for member in members):
-            raise ValueError(f"{archive_path.name} holds pickled weights; {_PICKLE_SENTENCE}.")
-        if len(configs) != 1 or len(weights) != 1:
-            raise ValueError(
-                f"{archive_path.name} must hold one adapter folder ({ADAPTER_CONFIG_FILE} + {ADAPTER_WEIGHTS_FILE}); "
-                f"it holds {len(configs)} config(s) and {len(weights)} weights file(s)."
-            )
-        folder = Path(configs[0].filename.replace("\\", "/")).parent
-        if Path(weights[0].filename.replace("\\", "/")).parent != folder:
-            raise ValueError(
-                f"{archive_path.name} keeps the config and the weights in different folders; zip one folder."
-            )
-        for member, name, limit in (
-            (configs[0], ADAPTER_CONFIG_FILE, settings.MAX_BLIP_ADAPTER_CONFIG_BYTES),
-            (weights[0], ADAPTER_WEIGHTS_FILE, settings.MAX_BLIP_ADAPTER_BYTES),
-        ):
-            if member.file_size > limit:
-                raise ValueError(f"{archive_path.name}: {name} unpacks to over {limit // 2**20} MB; refused.")
-            if member.compress_size and member.file_size / member.compress_size > settings.MAX_ZIP_RATIO:
-                raise ValueError(
-                    f"{archive_path.name}: {name} expands {member.file_size // member.compress_size}x; "
-                    "refused as a zip bomb."
-                )
-            _copy_member(archive, member, target / name, archive_path.name)
-    stem = folder.name if folder.name else archive_path.stem
-    return stem
-
-
-def _copy_member(archive: zipfile.ZipFile, member: zipfile.ZipInfo, target: Path, label: str) -> None:
-    """Unpack ``member`` to ``target`` in chunks, never past its declared size (a lying header writes no more)."""
-    remaining = member.file_size
-    try:
-        with archive.open(member) as source, open(target, "wb") as sink:
-            while remaining > 0:
-                chunk = source.read(min(1024 * 1024, remaining))
-                if not chunk:
-                    break
-                sink.write(chunk)
-                remaining -= len(chunk)
-    except (zipfile.BadZipFile, OSError, ValueError) as error:
-        raise ValueError(f"{label}: {member.filename} could not be unpacked ({error}); re-create the zip.") from None
 
 
 def adapter_name(text: str) -> str:
