@@ -163,9 +163,12 @@ class Studio:
         files = sorted(output_dir.glob("*.safetensors"))
         if not files:
             raise ValueError(f"{output_dir.name} holds no .safetensors LoRA; the run may not have finished.")
-        relative = files[0].relative_to(Path(self.lora_dir).resolve()).as_posix() if files[0].is_absolute() else ""
+        try:  # the LoRA folder's own name for it, so it loads through the same checks as any other file there
+            relative = files[0].resolve().relative_to(Path(self.lora_dir).resolve()).as_posix()
+        except ValueError:
+            raise ValueError(f"{output_dir} is outside the LoRA folder {self.lora_dir}; move it there first.") from None
         key = model_key(model)
-        loaded = self.load_sd3_lora(key, relative or files[0].as_posix(), name=output_dir.name)
+        loaded = self.load_sd3_lora(key, relative, name=output_dir.name)
         return (
             f"LoRA **{loaded.name}** is loaded on {CATALOG[key].title} ({loaded.modules_changed} layers): "
             f"write `{loaded.name}` in the Generate tab's LoRA box."

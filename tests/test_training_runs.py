@@ -166,3 +166,26 @@ def _alive(pid: int) -> bool:
     except FileNotFoundError:
         return False
     return state != "Z"
+
+
+def test_a_finished_sd3_run_loads_from_a_relative_lora_folder(tiny_manager, tiny_root, tmp_path, monkeypatch):
+    """``--lora-dir loras`` (relative, the default) holds run folders; their LoRA loads by its name in there."""
+    import shutil
+
+    from pipelines.studio import Studio
+    from pipelines.tiny import tiny_lora_dir
+
+    monkeypatch.chdir(tmp_path)
+    run_folder = Path("loras") / "my-run"
+    run_folder.mkdir(parents=True)
+    shutil.copy(
+        tiny_lora_dir(tiny_root) / "tiny-large-style.safetensors", run_folder / "pytorch_lora_weights.safetensors"
+    )
+    studio = Studio(manager=tiny_manager, lora_dir=Path("loras"))
+    sentence = studio.load_training_result("sd3", run_folder, model="large")
+    assert "LoRA **my_run** is loaded on Stable Diffusion 3.5 Large" in sentence
+    library = studio.sd3_loras["sd35-large"]
+    assert library.get("my_run").source == "loras/my-run/pytorch_lora_weights.safetensors"
+    library.unload(studio.sd3_pipeline("sd35-large"))
+    with pytest.raises(ValueError, match="holds no .safetensors LoRA"):
+        studio.load_training_result("sd3", Path("loras") / "empty", model="large")
