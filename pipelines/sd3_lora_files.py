@@ -9,32 +9,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from pipelines.training_common import STATE_FILE, read_checkpoint_state
+
 if TYPE_CHECKING:
     from pipelines.train_sd3_lora import ModelSource, SD3LoraTrainingConfig, TrainingResult
 
 LORA_WEIGHTS_FILE = "pytorch_lora_weights.safetensors"  # diffusers' default name: loading the folder finds it
-CHECKPOINT_PREFIX = "checkpoint-"
-STATE_FILE = "training_state.json"  # written last: a checkpoint without it is incomplete and ignored
-
-
-def find_checkpoint(config: SD3LoraTrainingConfig) -> Path | None:
-    """The checkpoint to resume from: None without ``resume`` (or with "latest" and none written yet)."""
-    if config.resume is None:
-        return None
-    if config.resume == "latest":
-        done = [
-            path
-            for path in Path(config.output_dir).glob(f"{CHECKPOINT_PREFIX}*")
-            if (path / STATE_FILE).is_file() and path.name.removeprefix(CHECKPOINT_PREFIX).isdigit()
-        ]
-        return max(done, key=lambda path: int(path.name.removeprefix(CHECKPOINT_PREFIX)), default=None)
-    path = Path(config.resume).expanduser()
-    if not (path / STATE_FILE).is_file():
-        raise ValueError(
-            f"{path} is not a complete checkpoint (no {STATE_FILE}); give a {CHECKPOINT_PREFIX}N folder "
-            "from an earlier run, or --resume latest."
-        )
-    return path
 
 
 def adapter_settings(config: SD3LoraTrainingConfig, model: ModelSource) -> dict:
@@ -49,15 +29,7 @@ def adapter_settings(config: SD3LoraTrainingConfig, model: ModelSource) -> dict:
 
 def check_checkpoint(path: Path, config: SD3LoraTrainingConfig, model: ModelSource) -> dict:
     """The checkpoint's state; ValueError when it was trained with another model, rank or layers."""
-    state = json.loads((path / STATE_FILE).read_text())
-    theirs, ours = state["adapter"], adapter_settings(config, model)
-    for key in ours:
-        if theirs.get(key) != ours[key]:
-            raise ValueError(
-                f"{path} was trained with {key} {theirs.get(key)!r}, this run asks for {ours[key]!r}; "
-                "resume with the same settings, or train into a new output folder."
-            )
-    return state
+    return read_checkpoint_state(path, adapter_settings(config, model))
 
 
 def save_adapter(transformer, folder: Path, config: SD3LoraTrainingConfig) -> Path:

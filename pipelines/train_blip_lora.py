@@ -66,14 +66,21 @@ from pipelines import settings
 from pipelines.blip import BlipCaptioner, CaptionRequest
 from pipelines.blip_adapters import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, text_decoder_targets
 from pipelines.manager import ModelLoadError
+from pipelines.training_common import (
+    CHECKPOINT_PREFIX,
+    STATE_FILE,
+    check_device,
+    find_checkpoint,
+    forget_single_process_state,
+    read_checkpoint_state,
+    resolve_mixed_precision,
+)
 from pipelines.training_data import TrainingDataError, TrainingExample, read_dataset, split_validation
 from pipelines.validation import as_float, as_int
 
 logger = logging.getLogger(__name__)
 
 ADAPTER_NAME = "default"  # peft's name for the adapter being trained
-CHECKPOINT_PREFIX = "checkpoint-"
-STATE_FILE = "training_state.json"  # written last: a checkpoint without it is incomplete and ignored
 TRAINING_ARGS_FILE = "training_args.json"
 MODEL_CARD_FILE = "README.md"
 
@@ -123,21 +130,7 @@ class BlipLoraTrainingConfig:
             raise ValueError(
                 f"schedule {self.schedule!r} unknown; choose one of: {', '.join(settings.BLIP_TRAIN_SCHEDULES)}."
             )
-        if self.mixed_precision not in settings.BLIP_TRAIN_MIXED_PRECISION:
-            raise ValueError(
-                f"mixed precision {self.mixed_precision!r} unknown; choose one of: "
-                f"{', '.join(settings.BLIP_TRAIN_MIXED_PRECISION)}."
-            )
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ValueError(f"device {self.device!r} unknown; use auto, cpu or cuda (pick GPUs with accelerate).")
-        cuda = self.device != "cpu" and torch.cuda.is_available()
-        if self.device == "cuda" and not cuda:
-            raise ValueError("device cuda was asked for, but this machine has no CUDA GPU; use --device cpu.")
-        if self.mixed_precision in ("bf16", "fp16") and not cuda:
-            raise ValueError(
-                f"{self.mixed_precision} mixed precision needs a CUDA GPU (the CPU trains in fp32); "
-                "use --mixed-precision no or auto."
-            )
+        check_device(self.device, self.mixed_precision, settings.BLIP_TRAIN_MIXED_PRECISION)
         if not str(self.model).strip():
             raise ValueError("model is empty; give blip-caption, a Hub id or a local BLIP folder.")
         if self.resume is not None and not str(self.resume).strip():
@@ -406,41 +399,13 @@ def add_lora(captioner: BlipCaptioner, config: BlipLoraTrainingConfig):
 # ----------------------------------------------------------------------------- files
 
 
-def find_checkpoint(config: BlipLoraTrainingConfig) -> Path | None:
-    """The checkpoint to resume from: None without ``resume`` (or with "latest" and none written yet)."""
-    if config.resume is None:
-        return None
-    if config.resume == "latest":
-        done = [
-            path
-            for path in Path(config.output_dir).glob(f"{CHECKPOINT_PREFIX}*")
-            if (path / STATE_FILE).is_file() and path.name.removeprefix(CHECKPOINT_PREFIX).isdigit()
-        ]
-        return max(done, key=lambda path: int(path.name.removeprefix(CHECKPOINT_PREFIX)), default=None)
-    path = Path(config.resume).expanduser()
-    if not (path / STATE_FILE).is_file():
-        raise ValueError(
-            f"{path} is not a complete checkpoint (no {STATE_FILE}); give a {CHECKPOINT_PREFIX}N folder "
-            "from an earlier run, or --resume latest."
-        )
-    return path
-
-
 def _adapter_settings(config: BlipLoraTrainingConfig, source: str) -> dict:
     return {"model": source, "rank": config.rank, "lora_alpha": config.alpha, "target_modules": config.target_modules}
 
 
 def check_checkpoint(path: Path, config: BlipLoraTrainingConfig, source: str) -> dict:
     """The checkpoint's state; ValueError when it was trained with another model, rank or targets."""
-    state = json.loads((path / STATE_FILE).read_text())
-    theirs, ours = state["adapter"], _adapter_settings(config, source)
-    for key, value in ours.items():
-        if theirs.get(key) != value:
-            raise ValueError(
-                f"{path} was trained with {key} {theirs.get(key)!r}, this run asks for {value!r}; "
-                "resume with the same settings, or train into a new output folder."
-            )
-    return state
+    return read_checkpoint_state(path, _adapter_settings(config, source))
 
 
 def save_adapter(peft_model, folder: Path) -> None:
@@ -566,14 +531,11 @@ def train(config: BlipLoraTrainingConfig, captioner: BlipCaptioner | None = None
     config = config.validated()
     examples = read_dataset(config.dataset)
     train_examples, validation_examples = split_validation(examples, config.validation_split, config.seed)
-    checkpoint = find_checkpoint(config)
+    checkpoint = find_checkpoint(config.resume, config.output_dir)
 
     # 2. Processes, precision, seed.
-    mixed_precision = config.mixed_precision
-    if mixed_precision == "auto":
-        cuda = config.device != "cpu" and torch.cuda.is_available()
-        mixed_precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "no"
-    _forget_single_process_state()
+    mixed_precision = resolve_mixed_precision(config.device, config.mixed_precision)
+    forget_single_process_state()
     accelerator = Accelerator(mixed_precision=mixed_precision, cpu=config.device == "cpu")
     set_seed(config.seed)
     say = accelerator.print
@@ -711,17 +673,6 @@ def train(config: BlipLoraTrainingConfig, captioner: BlipCaptioner | None = None
         say(f"adapter saved: {Path(config.output_dir) / ADAPTER_CONFIG_FILE} ({result.seconds:.1f} s)")
     accelerator.wait_for_everyone()
     return result
-
-
-def _forget_single_process_state() -> None:
-    """Let a second ``train()`` in one process choose its own precision (accelerate keeps the first otherwise).
-
-    Only a single process is reset; under ``accelerate launch`` the launcher's state stays as it is.
-    """
-    from accelerate.state import AcceleratorState, PartialState
-
-    if AcceleratorState._shared_state and not PartialState().use_distributed:
-        AcceleratorState._reset_state(reset_partial_state=True)
 
 
 @torch.no_grad()

@@ -58,11 +58,9 @@ from pipelines.catalog import CATALOG, ModelSpec
 from pipelines.flow_matching import evaluation_loss, flow_matching_loss, sample_noise_levels
 from pipelines.manager import ModelLoadError, explain_load_failure
 from pipelines.sd3_lora_files import (
-    CHECKPOINT_PREFIX,
     LORA_WEIGHTS_FILE,
     adapter_settings,
     check_checkpoint,
-    find_checkpoint,
     load_adapter,
     save_adapter,
     save_checkpoint,
@@ -75,6 +73,13 @@ from pipelines.sd3_training_data import (
     precompute,
     release_memory,
     stack_batch,
+)
+from pipelines.training_common import (
+    CHECKPOINT_PREFIX,
+    check_device,
+    find_checkpoint,
+    forget_single_process_state,
+    resolve_mixed_precision,
 )
 from pipelines.training_data import read_dataset, split_validation
 from pipelines.validation import as_float, as_int
@@ -151,21 +156,7 @@ class SD3LoraTrainingConfig:
             )
         rank = as_int("rank", self.rank, 1, settings.SD3_TRAIN_MAX_RANK)
         alpha = None if self.lora_alpha is None else as_float("lora_alpha", self.lora_alpha, 0, 4096, low_open=True)
-        if self.mixed_precision not in settings.SD3_TRAIN_MIXED_PRECISION:
-            raise ValueError(
-                f"mixed precision {self.mixed_precision!r} unknown; choose one of: "
-                f"{', '.join(settings.SD3_TRAIN_MIXED_PRECISION)}."
-            )
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ValueError(f"device {self.device!r} unknown; use auto, cpu or cuda (pick GPUs with accelerate).")
-        cuda = self.device != "cpu" and torch.cuda.is_available()
-        if self.device == "cuda" and not cuda:
-            raise ValueError("device cuda was asked for, but this machine has no CUDA GPU; use --device cpu.")
-        if self.mixed_precision in ("bf16", "fp16") and not cuda:
-            raise ValueError(
-                f"{self.mixed_precision} mixed precision needs a CUDA GPU here (the CPU trains SD3 in fp32); "
-                "use --mixed-precision no or auto."
-            )
+        cuda = check_device(self.device, self.mixed_precision, settings.SD3_TRAIN_MIXED_PRECISION)
         if self.use_8bit_adam and not cuda:
             raise ValueError(
                 "8-bit Adam (bitsandbytes) needs a CUDA GPU; drop --use-8bit-adam to train with AdamW on this machine."
@@ -427,14 +418,6 @@ def _warmup_then_constant(warmup_steps: int) -> Callable[[int], float]:
     return lambda step: 1.0 if warmup_steps == 0 else min(1.0, (step + 1) / warmup_steps)
 
 
-def _mixed_precision(config: SD3LoraTrainingConfig) -> str:
-    if config.mixed_precision != "auto":
-        return config.mixed_precision
-    if config.device == "cpu" or not torch.cuda.is_available():
-        return "no"
-    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-
-
 def train(config: SD3LoraTrainingConfig, *, log: Callable[[str], None] | None = None) -> TrainingResult:
     """Train the LoRA ``config`` describes and save it; returns what happened.
 
@@ -455,7 +438,7 @@ def train(config: SD3LoraTrainingConfig, *, log: Callable[[str], None] | None = 
     examples = read_dataset(config.dataset)
     train_examples, held_out = split_validation(examples, config.validation_split, config.seed)
     model = resolve_model(config)
-    resume_from = find_checkpoint(config)
+    resume_from = find_checkpoint(config.resume, config.output_dir)
     resume_state = check_checkpoint(resume_from, config, model) if resume_from is not None else None
     if max(max(size) for size in bucket_sizes(config.resolution)) > (limit := max_trainable_side(model)):
         raise ValueError(
@@ -464,14 +447,8 @@ def train(config: SD3LoraTrainingConfig, *, log: Callable[[str], None] | None = 
         )
 
     # 2. Processes, precision, logging.
-    mixed_precision = _mixed_precision(config)
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        # One process: accelerate keeps its state per interpreter, so a second train() call (another device or
-        # precision) would silently inherit the first one's; start from a clean state instead.
-        from accelerate.state import AcceleratorState, GradientState
-
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
+    mixed_precision = resolve_mixed_precision(config.device, config.mixed_precision)
+    forget_single_process_state()
     accelerator = Accelerator(
         mixed_precision=mixed_precision,
         gradient_accumulation_steps=config.gradient_accumulation,
