@@ -326,8 +326,8 @@ def collect_uploads(
                 if member.is_dir() or Path(member.filename).suffix.lower() not in IMAGE_SUFFIXES:
                     continue
                 label = f"{upload.name}:{member.filename}"
-                parts = Path(member.filename.replace("\\", "/")).parts
-                if member.filename.startswith(("/", "\\")) or ".." in parts or ":" in parts[0]:
+                relative = member_path(member)
+                if relative is None:
                     failures.append(FailedImage(label, f"{label} points outside the archive (zip-slip); refused."))
                     continue
                 if member.compress_size and member.file_size / member.compress_size > max_ratio:
@@ -346,7 +346,7 @@ def collect_uploads(
                         )
                     )
                     break
-                name = claim(Path(*parts).as_posix())
+                name = claim(relative)
                 target = work_dir / name
                 target.parent.mkdir(parents=True, exist_ok=True)
                 try:
@@ -362,6 +362,15 @@ def collect_uploads(
             f"{len(files)} images were uploaded; one run takes at most {max_files}. Split them into several runs."
         )
     return UploadedDataset(root=work_dir, files=files, failures=failures)
+
+
+def member_path(member) -> str | None:
+    """A zip member's path as a relative POSIX name, or None when it leads out (``..``, ``/x``, ``C:``: zip-slip)."""
+    name = member.filename.replace("\\", "/")
+    parts = Path(name).parts
+    if not parts or name.startswith("/") or ".." in parts or ":" in parts[0]:
+        return None
+    return Path(*parts).as_posix()
 
 
 def _copy_at_most(archive, member, target: Path, chunk_bytes: int = 1024 * 1024) -> None:

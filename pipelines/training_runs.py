@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipelines import settings
-from pipelines.batch_caption import collect_uploads
+from pipelines.batch_caption import collect_uploads, member_path
 from pipelines.training_data import METADATA_FILE, read_dataset
 
 TRAINER_MODULES = {"sd3": "pipelines.train_sd3_lora", "blip": "pipelines.train_blip_lora"}
@@ -113,11 +113,10 @@ def _zip_texts(path: Path) -> dict[str, str]:
         return texts  # collect_uploads has already reported it
     with archive:
         for member in archive.infolist():
-            name = member.filename.replace("\\", "/")
-            parts = Path(name).parts
-            if member.is_dir() or Path(name).suffix.lower() not in (".txt", ".jsonl"):
+            if member.is_dir() or Path(member.filename).suffix.lower() not in (".txt", ".jsonl"):
                 continue
-            if name.startswith("/") or ".." in parts or ":" in parts[0]:
+            name = member_path(member)
+            if name is None:
                 raise ValueError(f"{path.name}:{member.filename} points outside the archive (zip-slip); refused.")
             limit = _text_limit(name)
             if member.file_size > limit:
@@ -126,7 +125,7 @@ def _zip_texts(path: Path) -> dict[str, str]:
                     "check it is the right file."
                 )
             with archive.open(member) as source:
-                texts[Path(*parts).as_posix()] = source.read(limit + 1).decode("utf-8", errors="replace")
+                texts[name] = source.read(limit + 1).decode("utf-8", errors="replace")
     return texts
 
 
