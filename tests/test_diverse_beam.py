@@ -75,8 +75,13 @@ def tiny() -> TinyBlip:
     return TinyBlip(model=model, pixel_values=pixel_values, image_embeds=image_embeds, prefix=prefix)
 
 
-def search(tiny: TinyBlip, images: slice = slice(None), **overrides: Any) -> DiverseBeamOutput:
-    """Run diverse_beam_search on some of the tiny model's images with test defaults + overrides."""
+def search(
+    tiny: TinyBlip, images: slice = slice(None), prefix: torch.Tensor | None = None, **overrides: Any
+) -> DiverseBeamOutput:
+    """Run diverse_beam_search on some of the tiny model's images with test defaults + overrides.
+
+    ``prefix`` replaces the images' own prompt ids (to test mismatched inputs).
+    """
     kwargs: dict[str, Any] = dict(
         num_beams=6,
         num_beam_groups=3,
@@ -88,7 +93,8 @@ def search(tiny: TinyBlip, images: slice = slice(None), **overrides: Any) -> Div
         num_return_sequences=6,
     )
     kwargs.update(overrides)
-    return diverse_beam_search(tiny.decoder, tiny.prefix[images], tiny.image_embeds[images], **kwargs)
+    prefix = tiny.prefix[images] if prefix is None else prefix
+    return diverse_beam_search(tiny.decoder, prefix, tiny.image_embeds[images], **kwargs)
 
 
 def hf_beam_search(tiny: TinyBlip, num_beams: int, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -356,29 +362,8 @@ def test_bad_arguments_raise_value_error(tiny: TinyBlip, overrides: dict[str, An
 
 
 def test_mismatched_inputs_raise_value_error(tiny: TinyBlip) -> None:
+    few_beams = dict(num_beams=4, num_beam_groups=2, max_new_tokens=5, num_return_sequences=1)
     with pytest.raises(ValueError, match="same batch as input_ids"):
-        diverse_beam_search(
-            tiny.decoder,
-            tiny.prefix[:2],
-            tiny.image_embeds,
-            num_beams=4,
-            num_beam_groups=2,
-            diversity_penalty=1.0,
-            max_new_tokens=5,
-            min_new_tokens=0,
-            eos_token_id=EOS,
-            pad_token_id=PAD,
-        )
+        search(tiny, prefix=tiny.prefix[:2], **few_beams)
     with pytest.raises(ValueError, match="prefix_len >= 1"):
-        diverse_beam_search(
-            tiny.decoder,
-            tiny.prefix[:, :0],
-            tiny.image_embeds,
-            num_beams=4,
-            num_beam_groups=2,
-            diversity_penalty=1.0,
-            max_new_tokens=5,
-            min_new_tokens=0,
-            eos_token_id=EOS,
-            pad_token_id=PAD,
-        )
+        search(tiny, prefix=tiny.prefix[:, :0], **few_beams)
