@@ -36,10 +36,11 @@ from pipelines.catalog import CATALOG, MODEL_CONFIGS_DIR
 ATTENTION_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
 
 
-def real_width_transformer(blocks: int | None, device: torch.device, dtype: torch.dtype):
+def real_width_transformer(blocks: int | None, device: torch.device, dtype: torch.dtype, model_key: str = "sd35-large"):
+    """An MMDiT from ``model_key``'s real config with random weights, keeping ``blocks`` blocks (None: all)."""
     from diffusers import SD3Transformer2DModel
 
-    folder = MODEL_CONFIGS_DIR / CATALOG["sd35-large"].config_dir / "transformer"
+    folder = MODEL_CONFIGS_DIR / CATALOG[model_key].config_dir / "transformer"
     config = json.loads((folder / "config.json").read_text())
     if blocks is not None:
         config["num_layers"] = blocks
