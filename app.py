@@ -77,6 +77,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--no-train", action="store_true", help="leave out the Train tab (e.g. on a public instance with one GPU)"
     )
+    parser.add_argument(
+        "--public",
+        action="store_true",
+        help="serve anonymous visitors: unload, evaluation runs, memory-mode changes and training become the "
+        "operator's (on by default when SPACE_ID is set; STUDIO_PUBLIC=0 turns it off)",
+    )
     return parser.parse_args(argv)
 
 
@@ -135,6 +141,8 @@ def _studio_from_args(args: argparse.Namespace) -> Studio:
         lora_dir=args.lora_dir,
         blip_adapter_dir=args.adapter_dir,
         training_enabled=not args.no_train,
+        public=settings.public_mode(args.public),
+        public_training=settings.public_training_allowed(),
     )
 
 

@@ -253,3 +253,14 @@ def launch_alone(build_tab: Callable, title: str) -> None:
     with gr.Blocks(title=title) as demo:
         build_tab(build_studio(["--tiny"]))
     demo.queue().launch()
+
+
+def visitor_id(request: gr.Request | None) -> str:
+    """Who is asking: Gradio's session hash, one per browser page and one per ``gradio_client.Client``.
+
+    Whatever a visitor creates (a training run, an uploaded LoRA or adapter, generated images) is
+    owned by this id; others get "no such ..." for it. A call without a request (Python, tests)
+    is the local owner.
+    """
+    session = getattr(request, "session_hash", None) if request is not None else None
+    return str(session) if session else "local"

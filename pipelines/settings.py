@@ -250,3 +250,27 @@ MAX_LORA_NAME_CHARS = 48  # adapter names are [a-z0-9_], derived from the file o
 TRAIN_TAB_DEFAULT_STEPS = 500  # a DreamBooth-style LoRA on 10-30 images converges in a few hundred steps
 TRAIN_TAB_DEFAULT_RESOLUTION = 1024  # SD3.5's native size; lower (512, 768) trains faster
 TRAIN_TAB_POLL_SECONDS = 2.0  # how often the Train tab reads a running run's log
+
+# --- public instances (Spaces, share links) -----------------------------------------
+# Every Space sets SPACE_ID; public mode then starts on its own. STUDIO_PUBLIC=0 turns it off
+# (a private Space), STUDIO_PUBLIC=1 or --public turns it on anywhere.
+PUBLIC_ENV = "STUDIO_PUBLIC"
+# In public mode visitors may start training runs only when the operator allows it.
+PUBLIC_TRAINING_ENV = "STUDIO_PUBLIC_TRAINING"
+
+
+def public_mode(flag: bool = False, environ: dict[str, str] | None = None) -> bool:
+    """Whether the Studio serves anonymous visitors: ``--public``, $STUDIO_PUBLIC, or a Space's $SPACE_ID."""
+    environ = os.environ if environ is None else environ
+    explicit = str(environ.get(PUBLIC_ENV, "")).strip().lower()
+    if explicit in ("0", "false", "no", "off"):
+        return bool(flag)  # the operator's own flag still wins over a "private" environment
+    if flag or explicit in ("1", "true", "yes", "on"):
+        return True
+    return bool(environ.get("SPACE_ID"))
+
+
+def public_training_allowed(environ: dict[str, str] | None = None) -> bool:
+    """Whether visitors of a public instance may train ($STUDIO_PUBLIC_TRAINING=1)."""
+    environ = os.environ if environ is None else environ
+    return str(environ.get(PUBLIC_TRAINING_ENV, "")).strip().lower() in ("1", "true", "yes", "on")

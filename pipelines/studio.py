@@ -38,6 +38,10 @@ class Studio:
     lora_registry_path: Path | None = None  # None: the tiny registry under --tiny, else assets/loras.json
     runs_dir: Path | None = None  # training logs; None: <lora_dir>/.runs
     training_enabled: bool = True  # --no-train leaves the Train tab out
+    # --public / $SPACE_ID: anonymous visitors share this process. Operator-only actions (unload,
+    # evaluation runs, memory-mode changes, training unless $STUDIO_PUBLIC_TRAINING=1) are refused to them.
+    public: bool = False
+    public_training: bool = False  # with public: visitors may train
     # The SD3.5 LoRAs loaded per model (catalog key); they survive the model being evicted and reloaded.
     sd3_loras: dict[str, LoraLibrary] = field(init=False, repr=False)
     training_runs: TrainingRuns = field(init=False, repr=False)
@@ -80,6 +84,19 @@ class Studio:
     @property
     def tiny(self) -> bool:
         return self.manager.tiny
+
+    @property
+    def visitors_may_train(self) -> bool:
+        """Training is open to whoever reaches the app: always locally, in public mode only if allowed."""
+        return self.training_enabled and (not self.public or self.public_training)
+
+    def require_operator(self, action: str) -> None:
+        """ValueError with a sentence when a visitor of a public instance asks for an operator-only ``action``."""
+        if self.public:
+            raise ValueError(
+                f"{action} is reserved for the operator of this public instance; run the Studio yourself "
+                "(python app.py) to use it."
+            )
 
     def captioner(self) -> BlipCaptioner:
         """The BLIP captioning model, loaded on first use, with every loaded adapter attached (inactive)."""
