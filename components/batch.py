@@ -32,6 +32,7 @@ from pipelines.batch_caption import (
     caption_files,
     collect_uploads,
     dataset_zip,
+    sidecar_name,
 )
 from pipelines.studio import Studio
 from pipelines.validation import as_int
@@ -75,6 +76,17 @@ def summary_markdown(
     if failures:
         lines.append(f"**{len(failures)} file(s) could not be used:**")
         lines += [f"- `{failure.file_name}`: {failure.reason}" for failure in failures]
+    return "\n".join(lines)
+
+
+def renamed_markdown(renamed: dict[str, str]) -> str:
+    """A paragraph naming the images renamed in the zip so that no two share a sidecar; empty if none."""
+    if not renamed:
+        return ""
+    lines = [f"\n\n**{len(renamed)} image(s) renamed in the zip** so that each has its own `.txt` caption:"]
+    lines += [
+        f"- `{old}` → `{new}` (it would have shared `{sidecar_name(old)}`)" for old, new in sorted(renamed.items())
+    ]
     return "\n".join(lines)
 
 
@@ -153,9 +165,10 @@ def build_batch_tab(studio: Studio) -> dict:
         failures = [item for item in results if isinstance(item, FailedImage)] + uploads.failures
         seconds = time.perf_counter() - started
         summary = summary_markdown(len(captioned), failures, total, seconds, stop.is_set(), adapter)
+        summary += renamed_markdown(archive.renamed)
         if studio.tiny:
             summary += "\n\nTiny random model: the captions are gibberish by design."
-        return result_rows(results + uploads.failures, uploads.root), str(archive), summary + error_note
+        return result_rows(results + uploads.failures, uploads.root), str(archive.path), summary + error_note
 
     def stop_batch(request: gr.Request):
         stop_requests.stop(request)

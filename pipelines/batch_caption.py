@@ -20,6 +20,7 @@ root, with forward slashes):
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import os
@@ -176,9 +177,60 @@ def caption_files(
 # ----------------------------------------------------------------------------- exports
 
 
+def sidecar_name(file_name: str) -> str:
+    """The sidecar of ``file_name``: ``<stem>.txt`` beside it, relative, forward slashes."""
+    return Path(file_name).with_suffix(".txt").as_posix()
+
+
 def sidecar_path(file_name: str, out_dir: Path) -> Path:
     """Where ``<stem>.txt`` for ``file_name`` goes under ``out_dir``."""
-    return (Path(out_dir) / file_name).with_suffix(".txt")
+    return Path(out_dir) / sidecar_name(file_name)
+
+
+def sidecar_clashes(file_names: Iterable[str]) -> dict[str, list[str]]:
+    """Each sidecar that two or more images would share (``photo.jpg`` and ``photo.png`` -> ``photo.txt``).
+
+    Returns sidecar name -> the images, sorted. Names are compared without case, as Windows and
+    macOS file systems (and a zip unpacked there) do. A kohya-style trainer reads ``<stem>.txt``
+    for every image, so such images would be trained on one caption.
+    """
+    groups: dict[str, list[str]] = {}
+    for name in sorted(set(file_names)):
+        groups.setdefault(sidecar_name(name).casefold(), []).append(name)
+    return {sidecar_name(names[0]): names for names in groups.values() if len(names) > 1}
+
+
+def dataset_names(file_names: Iterable[str]) -> dict[str, str]:
+    """``file_name`` -> its name in an exported dataset, so that every image has a sidecar of its own.
+
+    The first image (in sorted order) of a shared sidecar keeps its name; each later one becomes
+    ``<stem>_2<suffix>``, ``_3``, ... (the first that neither names another image nor shares a
+    sidecar). Images without a clash keep their names. Runs in time linear in the number of names.
+    """
+    ordered = sorted(set(file_names))
+    taken_files = {name.casefold() for name in ordered}
+    taken_sidecars: set[str] = set()
+    keep, later = [], []
+    for name in ordered:
+        sidecar = sidecar_name(name).casefold()
+        (later if sidecar in taken_sidecars else keep).append(name)
+        taken_sidecars.add(sidecar)
+    names = {name: name for name in keep}
+    next_number: dict[str, int] = {}  # per stem, where the search for a free number resumes
+    for name in later:
+        path = Path(name)
+        stem_key = path.with_suffix("").as_posix().casefold()
+        number = next_number.get(stem_key, 2)
+        while True:
+            candidate = (path.parent / f"{path.stem}_{number}{path.suffix}").as_posix()
+            number += 1
+            if candidate.casefold() not in taken_files and sidecar_name(candidate).casefold() not in taken_sidecars:
+                break
+        next_number[stem_key] = number
+        taken_files.add(candidate.casefold())
+        taken_sidecars.add(sidecar_name(candidate).casefold())
+        names[name] = candidate
+    return names
 
 
 def write_sidecar(item: CaptionedImage, out_dir: Path) -> Path:
@@ -233,34 +285,50 @@ def captions_csv(results: Iterable[CaptionedImage | FailedImage]) -> str:
     return buffer.getvalue()
 
 
+@dataclass(frozen=True)
+class DatasetZip:
+    path: Path
+    renamed: dict[str, str]  # file_name -> its name in the zip, for images that would have shared a sidecar
+
+
 def dataset_zip(
     results: Iterable[CaptionedImage | FailedImage],
     zip_path: Path,
     *,
     images: dict[str, Path] | None = None,
     manifest: dict | None = None,
-) -> Path:
+) -> DatasetZip:
     """Write a training-ready zip: sidecars, metadata.jsonl, captions.csv (and the images, if given).
 
     With ``images`` (file_name -> path) the zip is a complete imagefolder
     dataset: unzip it and ``load_dataset("imagefolder", data_dir=...)`` or point
     kohya-ss at it. ``manifest`` (how the captions were made: model, adapter,
-    settings) is written as captioning.json.
+    settings) is written as captioning.json. Two images that would share a sidecar
+    (``photo.jpg``, ``photo.png``) never do: the later one is renamed in the zip
+    (``photo_2.png`` + ``photo_2.txt``, see ``dataset_names``), everywhere in it, and
+    the renaming is returned so the caller can say so.
     """
     import zipfile
 
     results = sorted(results, key=lambda item: item.file_name)
-    captioned = [item for item in results if isinstance(item, CaptionedImage)]
+    names = dataset_names(item.file_name for item in results if isinstance(item, CaptionedImage))
+    renamed = {name: new for name, new in names.items() if name != new}
+    results = [
+        dataclasses.replace(item, file_name=names[item.file_name]) if isinstance(item, CaptionedImage) else item
+        for item in results
+    ]
+    images = {names.get(name, name): path for name, path in (images or {}).items()}
+    captioned = sorted((item for item in results if isinstance(item, CaptionedImage)), key=lambda item: item.file_name)
     with zipfile.ZipFile(zip_path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
         for item in captioned:
-            archive.writestr(Path(item.file_name).with_suffix(".txt").as_posix(), item.text + "\n")
-            if images and item.file_name in images:
+            archive.writestr(sidecar_name(item.file_name), item.text + "\n")
+            if item.file_name in images:
                 archive.write(images[item.file_name], item.file_name, compress_type=zipfile.ZIP_STORED)
         archive.writestr(METADATA_FILE, "".join(metadata_line(item) + "\n" for item in captioned))
         archive.writestr(CSV_FILE, captions_csv(results))
         if manifest is not None:
             archive.writestr(MANIFEST_FILE, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
-    return zip_path
+    return DatasetZip(Path(zip_path), renamed)
 
 
 # ----------------------------------------------------------------------------- uploads

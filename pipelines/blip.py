@@ -26,10 +26,12 @@ from dataclasses import dataclass
 
 import torch
 from PIL import Image
+from transformers import LogitsProcessorList
 
 from pipelines import settings
 from pipelines.diverse_beam import diverse_beam_search
 from pipelines.feature_cache import ImageFeatureCache, model_identity
+from pipelines.seeded_sampling import SeededSampler, row_seeds
 from pipelines.validation import as_float, as_int
 
 
@@ -48,7 +50,7 @@ class CaptionRequest:
     top_k: int = settings.DEFAULT_TOP_K  # sampling; 0 disables
     top_p: float = settings.DEFAULT_TOP_P  # sampling; 1 disables
     temperature: float = settings.DEFAULT_TEMPERATURE  # sampling
-    seed: int = 0  # sampling; -1 picks a random seed, reported back
+    seed: int = 0  # sampling: caption i uses seed + i; -1 picks a random seed, reported back
     min_new_tokens: int = settings.DEFAULT_MIN_NEW_TOKENS
     max_new_tokens: int = settings.DEFAULT_MAX_NEW_TOKENS
     repetition_penalty: float = settings.DEFAULT_REPETITION_PENALTY
@@ -129,13 +131,9 @@ class CaptionRequest:
         if self.strategy == "greedy":
             return {**common, "do_sample": False}
         if self.strategy == "sampling":
-            return {
-                **common,
-                "do_sample": True,
-                "top_k": self.top_k,
-                "top_p": self.top_p,
-                "temperature": self.temperature,
-            }
+            # Sampling draws through SeededSampler (one random stream per caption), so generate()
+            # itself runs greedy and picks the token each stream drew; see pipelines/seeded_sampling.py.
+            return {**common, "do_sample": False}
         raise ValueError(f"{self.strategy} decoding runs through pipelines.diverse_beam, not generate().")
 
 
@@ -399,20 +397,28 @@ class BlipCaptioner:
     def _generate(self, prompt_ids: torch.LongTensor, image_embeds: torch.Tensor, request: CaptionRequest):
         """Greedy or sampling through ``generate()``; returns sequences and raw token log-probs."""
         kwargs = request.generate_kwargs()
-        fork_devices = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=fork_devices):  # a seeded run leaves the global RNG untouched
-            torch.manual_seed(request.seed)
-            output = self.model.text_decoder.generate(
-                input_ids=prompt_ids,
-                attention_mask=torch.ones_like(prompt_ids),
-                encoder_hidden_states=image_embeds,
-                encoder_attention_mask=torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=self.device),
-                eos_token_id=self.eos_token_id,
-                pad_token_id=self.pad_token_id,
-                return_dict_in_generate=True,
-                output_logits=True,
-                **kwargs,
-            )
+        if request.strategy == "sampling":
+            # Caption i of every image draws from its own stream seeded with seed + i, so it does not
+            # depend on the batch, the image's place in it, the process or a resume.
+            seeds = row_seeds(request.seed, image_embeds.shape[0], request.num_captions)
+            sampler = SeededSampler(seeds, temperature=request.temperature, top_k=request.top_k, top_p=request.top_p)
+            kwargs["logits_processor"] = LogitsProcessorList([sampler])
+            # generate()'s greedy step takes no num_return_sequences: repeat each image's rows here,
+            # image-major as generate would (image 0's captions first).
+            prompt_ids = prompt_ids.repeat_interleave(request.num_captions, dim=0)
+            image_embeds = image_embeds.repeat_interleave(request.num_captions, dim=0)
+            kwargs["num_return_sequences"] = 1
+        output = self.model.text_decoder.generate(
+            input_ids=prompt_ids,
+            attention_mask=torch.ones_like(prompt_ids),
+            encoder_hidden_states=image_embeds,
+            encoder_attention_mask=torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=self.device),
+            eos_token_id=self.eos_token_id,
+            pad_token_id=self.pad_token_id,
+            return_dict_in_generate=True,
+            output_logits=True,
+            **kwargs,
+        )
         sequences = output.sequences
         generated_ids = sequences[:, prompt_ids.shape[1] :]
         # Raw (unprocessed) log-probabilities, so scores mean the same for every strategy.

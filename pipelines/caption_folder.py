@@ -5,7 +5,11 @@
     accelerate launch --num_processes 2 -m pipelines.caption_folder DIR     # several GPUs/processes
 
 Images that already have a caption are skipped unless ``--overwrite``, so an
-interrupted run resumes where it stopped. Under ``accelerate launch`` the files
+interrupted run resumes where it stopped. Sampled captions (``--strategy
+sampling``) depend only on the image and ``--seed``, never on the batch size,
+the number of processes or a resume. Two images with one stem (``photo.jpg``,
+``photo.png``) get no sidecar, since both would read ``photo.txt``: the run says
+so by name, captions everything else and still writes both to metadata.jsonl. Under ``accelerate launch`` the files
 are split between processes; each writes its own part and the main process
 merges the parts into one sorted metadata.jsonl.
 
@@ -36,6 +40,7 @@ from pipelines.batch_caption import (
     metadata_line,
     read_metadata,
     relative_name,
+    sidecar_clashes,
     sidecar_path,
     write_metadata,
     write_sidecar,
@@ -98,14 +103,22 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, not {text!r}")
 
 
-def already_captioned(out_dir: Path, names: list[str], formats: list[str]) -> set[str]:
-    """Names that have a caption from an earlier (possibly interrupted) run in every requested format."""
+def already_captioned(
+    out_dir: Path, names: list[str], formats: list[str], without_sidecar: set[str] = frozenset()
+) -> set[str]:
+    """Names that have a caption from an earlier (possibly interrupted) run in every requested format.
+
+    ``without_sidecar`` names images that get no sidecar (they would share one): another
+    image's ``<stem>.txt`` never counts as theirs.
+    """
     done_in_jsonl = set(read_metadata(out_dir / METADATA_FILE))
     for part in sorted((out_dir / PARTS_DIR).glob("*.jsonl")):
         done_in_jsonl |= set(read_metadata(part))
     done = set(names)
     if "sidecar" in formats:
-        done &= {name for name in names if sidecar_path(name, out_dir).is_file()}
+        done &= {name for name in names if name not in without_sidecar and sidecar_path(name, out_dir).is_file()} | (
+            without_sidecar if "jsonl" in formats else set()
+        )
     if "jsonl" in formats:
         done &= done_in_jsonl
     return done
@@ -206,8 +219,13 @@ def run(args: argparse.Namespace) -> int:
     # 1. Decide what is left to do (every process computes the same list).
     files = find_images(root, recursive=args.recursive)
     names = [relative_name(path, root) for path in files]
-    done = set() if args.overwrite else already_captioned(out_dir, names, args.formats)
-    pending = [path for path, name in zip(files, names, strict=True) if name not in done]
+    # Two images with one stem (photo.jpg, photo.png) would share photo.txt, and a kohya-style
+    # trainer would read one caption for both: such images get no sidecar (metadata.jsonl keeps both).
+    clashes = sidecar_clashes(names) if "sidecar" in args.formats else {}
+    without_sidecar = {name for group in clashes.values() for name in group}
+    done = set() if args.overwrite else already_captioned(out_dir, names, args.formats, without_sidecar)
+    skipped = without_sidecar if "jsonl" not in args.formats else set()  # nothing could be written for them
+    pending = [path for path, name in zip(files, names, strict=True) if name not in done and name not in skipped]
     if args.limit is not None:
         pending = pending[: max(args.limit, 0)]
 
@@ -245,7 +263,7 @@ def run(args: argparse.Namespace) -> int:
                     if isinstance(item, FailedImage):
                         failures.append(item)
                         continue
-                    if "sidecar" in args.formats:
+                    if "sidecar" in args.formats and item.file_name not in without_sidecar:
                         write_sidecar(item, out_dir)
                     if part is not None:
                         part.write(metadata_line(item) + "\n")
@@ -273,8 +291,21 @@ def run(args: argparse.Namespace) -> int:
         print(summary)
         for failure in sorted(all_failures, key=lambda item: item.file_name):
             print(f"  failed: {failure.file_name}: {failure.reason}", file=sys.stderr)
+        for sidecar, group in sorted(clashes.items()):
+            print(f"  no sidecar: {clash_sentence(sidecar, group, 'jsonl' in args.formats)}", file=sys.stderr)
     state.wait_for_everyone()
-    return 1 if any(failed for _, failed in per_process) else 0
+    return 1 if clashes or any(failed for _, failed in per_process) else 0
+
+
+def clash_sentence(sidecar: str, images: list[str], in_jsonl: bool) -> str:
+    """Why images that would share ``sidecar`` got none, and how to fix it."""
+    later = Path(images[-1])
+    example = (later.parent / f"{later.stem}_2{later.suffix}").as_posix()
+    kept = f"; {METADATA_FILE} holds their captions" if in_jsonl else ""
+    return (
+        f"{' and '.join(images)} would share {sidecar}, so a trainer would read one caption for both; "
+        f"rename one of them (e.g. {images[-1]} -> {example}) and run again{kept}."
+    )
 
 
 def _gather_objects(state, items: list) -> list:

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipelines import settings
-from pipelines.batch_caption import collect_uploads, member_path
+from pipelines.batch_caption import collect_uploads, member_path, sidecar_clashes
 from pipelines.training_data import METADATA_FILE, read_dataset
 
 TRAINER_MODULES = {"sd3": "pipelines.train_sd3_lora", "blip": "pipelines.train_blip_lora"}
@@ -79,6 +79,13 @@ def unpack_training_upload(paths: Iterable[str | Path], work_dir: Path) -> Path:
         (root / METADATA_FILE).write_text(texts[metadata_names[0]], encoding="utf-8")
     else:
         root = work_dir
+        image_names = [file.relative_to(work_dir).as_posix() for file in uploaded.files]
+        if clashes := sidecar_clashes(image_names):  # kohya would train both images on one caption
+            sidecar, images = min(clashes.items())
+            raise ValueError(
+                f"{' and '.join(images)} would both be captioned by {sidecar}; rename one of them "
+                f"(the Batch tab's zip does this for you) or add a metadata.jsonl with a caption for each."
+            )
         lines = []
         for file in uploaded.files:
             image = file.relative_to(work_dir).as_posix()

@@ -24,6 +24,7 @@ from pipelines.batch_caption import (
     find_images,
 )
 from pipelines.blip import CaptionRequest
+from tests.tolerances import assert_same_captions
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "assets" / "examples"
 PHOTOS = ["astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg"]
@@ -61,7 +62,7 @@ def test_batches_equal_one_image_at_a_time_and_keep_file_order(tiny_captioner, p
         for item in batch
     ]
     assert [item.file_name for item in batched] == sorted(PHOTOS + ["corrupt.jpg"])
-    assert batched == single
+    assert_same_captions(batched, single)  # texts exact; scores within SCORE_ATOL (sums in another order)
     failed = [item for item in batched if isinstance(item, FailedImage)]
     assert [item.file_name for item in failed] == ["corrupt.jpg"] and "corrupt.jpg" in failed[0].reason
     direct = tiny_captioner.caption(Image.open(photo_root / "chelsea.png").convert("RGB"), request)
@@ -97,7 +98,8 @@ def test_dataset_zip_files_agree(tmp_path, photo_root):
         FailedImage("corrupt.jpg", "not an image"),
     ]
     archive = dataset_zip(results, tmp_path / "out.zip", images={"chelsea.png": photo_root / "chelsea.png"})
-    with zipfile.ZipFile(archive) as zipped:
+    assert archive.renamed == {}
+    with zipfile.ZipFile(archive.path) as zipped:
         names = set(zipped.namelist())
         assert names == {"chelsea.txt", "chelsea.png", "sub/rocket.txt", "metadata.jsonl", "captions.csv"}
         metadata = [json.loads(line) for line in zipped.read("metadata.jsonl").decode().splitlines()]
@@ -112,6 +114,81 @@ def test_dataset_zip_files_agree(tmp_path, photo_root):
             ("corrupt.jpg", "", "not an image"),
             ("sub/rocket.jpg", "a rocket, launch", ""),
         ]
+
+
+def test_sampled_captions_do_not_depend_on_the_batch(tiny_captioner, photo_root):
+    files = find_images(photo_root)
+    request = CaptionRequest(strategy="sampling", seed=7, top_k=0, top_p=1.0)
+    by_batch_size = {
+        size: [
+            item
+            for batch in caption_files(tiny_captioner, files, photo_root, request, batch_size=size)
+            for item in batch
+        ]
+        for size in (1, 3)
+    }
+    assert_same_captions(by_batch_size[1], by_batch_size[3])
+    # Each image on its own, and in another order, draws from the same stream: seed + caption index.
+    for name in ("rocket.jpg", "astronaut.png"):
+        (alone,) = next(caption_files(tiny_captioner, [photo_root / name], photo_root, request, num_workers=0))
+        (batched,) = [item for item in by_batch_size[3] if item.file_name == name]
+        assert alone.text == batched.text
+    other_seed = CaptionRequest(strategy="sampling", seed=8, top_k=0, top_p=1.0)
+    reseeded = [item for batch in caption_files(tiny_captioner, files, photo_root, other_seed) for item in batch]
+    texts = [getattr(item, "text", None) for item in by_batch_size[1]]
+    assert [getattr(item, "text", None) for item in reseeded] != texts
+
+
+def test_caption_i_of_an_image_uses_seed_plus_i(tiny_captioner, photo_root):
+    image = Image.open(photo_root / "coffee.png").convert("RGB")
+    three = tiny_captioner.caption(image, CaptionRequest(strategy="sampling", seed=40, num_captions=3, top_k=0))
+    singles = {
+        tiny_captioner.caption(image, CaptionRequest(strategy="sampling", seed=seed, top_k=0)).captions[0].text
+        for seed in (40, 41, 42)
+    }
+    assert {caption.text for caption in three.captions} == singles
+
+
+def test_images_that_would_share_a_sidecar_are_renamed_in_the_zip(tmp_path, photo_root):
+    results = [
+        CaptionedImage("photo.png", "a png", -1.0),
+        CaptionedImage("photo.jpg", "a jpeg", -1.0),
+        CaptionedImage("photo_2.jpg", "already a _2", -1.0),
+        CaptionedImage("PHOTO.webp", "upper case", -1.0),
+        CaptionedImage("other.png", "alone", -1.0),
+        FailedImage("photo.gif", "not an image"),
+    ]
+    images = {item.file_name: photo_root / "chelsea.png" for item in results if isinstance(item, CaptionedImage)}
+    archive = dataset_zip(results, tmp_path / "out.zip", images=images)
+    # Sorted: PHOTO.webp keeps photo.txt (case-insensitively it is first); photo_2.jpg keeps its own.
+    assert archive.renamed == {"photo.jpg": "photo_3.jpg", "photo.png": "photo_4.png"}
+    with zipfile.ZipFile(archive.path) as zipped:
+        names = zipped.namelist()
+        metadata = [json.loads(line) for line in zipped.read("metadata.jsonl").decode().splitlines()]
+        sidecars = {name.casefold() for name in names if name.endswith(".txt")}
+        assert len(sidecars) == len([name for name in names if name.endswith(".txt")]) == 5
+        assert {entry["file_name"] for entry in metadata} == {
+            "PHOTO.webp",
+            "other.png",
+            "photo_2.jpg",
+            "photo_3.jpg",
+            "photo_4.png",
+        }
+        assert zipped.read("photo_3.txt").decode() == "a jpeg\n" and zipped.read("photo_4.txt").decode() == "a png\n"
+        assert {"photo_3.jpg", "photo_4.png"} <= set(names) and "photo.png" not in names
+
+
+def test_dataset_names_is_linear_in_the_number_of_clashes():
+    import time
+
+    from pipelines.batch_caption import dataset_names
+
+    names = [f"a.{suffix}" for suffix in ("png", "jpg", "jpeg", "webp", "gif", "bmp", "tif", "tiff")]
+    names += [f"dir/a{index}.png" for index in range(20_000)] + [f"dir/a{index}.jpg" for index in range(20_000)]
+    started = time.perf_counter()
+    renamed = dataset_names(names)
+    assert time.perf_counter() - started < 5
+    assert len({name.casefold().rsplit(".", 1)[0] for name in renamed.values()}) == len(names)
 
 
 def make_zip(path: Path, members: dict[str, bytes]) -> Path:
@@ -178,6 +255,22 @@ def test_caption_batch_api_three_images_and_a_corrupt_file(tiny_client, tmp_path
             assert csv_rows[name]["caption"] == text == rows[name][2]
             assert zipped.read(name) == (EXAMPLES / name).read_bytes()
         assert csv_rows["corrupt.png"]["error"]
+
+
+@pytest.mark.api
+def test_caption_batch_api_renames_the_later_of_two_images_with_one_stem(tiny_client, tmp_path):
+    jpeg, png = tmp_path / "photo.jpg", tmp_path / "photo.png"
+    shutil.copy(EXAMPLES / "rocket.jpg", jpeg)
+    shutil.copy(EXAMPLES / "coffee.png", png)
+    _, archive, summary = tiny_client.predict(
+        [handle_file(str(jpeg)), handle_file(str(png))], include_images=True, api_name="/caption_batch"
+    )
+    assert "`photo.png` → `photo_2.png`" in summary
+    with zipfile.ZipFile(archive) as zipped:
+        assert {"photo.jpg", "photo.txt", "photo_2.png", "photo_2.txt"} <= set(zipped.namelist())
+        assert zipped.read("photo_2.png") == png.read_bytes() and zipped.read("photo.jpg") == jpeg.read_bytes()
+        metadata = [json.loads(line)["file_name"] for line in zipped.read("metadata.jsonl").decode().splitlines()]
+        assert metadata == ["photo.jpg", "photo_2.png"]
 
 
 @pytest.mark.api

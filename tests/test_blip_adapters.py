@@ -341,7 +341,7 @@ def test_batch_exports_record_the_adapter(loaded, tmp_path):
     rows = list(csv.DictReader(io.StringIO(captions_csv(results + base[:1]))))
     assert [row["adapter"] for row in rows] == ["second", "", "second", "second"]
     archive = dataset_zip(results, tmp_path / "out.zip", manifest={"adapter": "second"})
-    with zipfile.ZipFile(archive) as zipped:
+    with zipfile.ZipFile(archive.path) as zipped:
         assert json.loads(zipped.read(MANIFEST_FILE)) == {"adapter": "second"}
 
 

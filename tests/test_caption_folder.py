@@ -100,14 +100,18 @@ def test_an_interrupted_run_resumes_to_the_same_files(photo_folder, tiny_root, t
     assert dataset_files(photo_folder) == dataset_files(reference)
 
 
-def test_limit_then_resume_equals_one_run_and_skips_done_images(photo_folder, tiny_root, tmp_path, capsys):
+SAMPLING = ("--strategy", "sampling", "--seed", "7", "--top-k", "0", "--top-p", "1.0")
+
+
+@pytest.mark.parametrize("decoding", [(), SAMPLING], ids=["beam", "sampling"])
+def test_limit_then_resume_equals_one_run_and_skips_done_images(photo_folder, tiny_root, tmp_path, capsys, decoding):
     (photo_folder / "broken.png").unlink()
     reference = tmp_path / "reference"
     shutil.copytree(photo_folder, reference)
-    run_cli(reference, tiny_root, "--recursive")
-    run_cli(photo_folder, tiny_root, "--recursive", "--limit", "3")
+    run_cli(reference, tiny_root, "--recursive", *decoding)
+    run_cli(photo_folder, tiny_root, "--recursive", "--limit", "3", *decoding)
     capsys.readouterr()
-    run_cli(photo_folder, tiny_root, "--recursive")
+    run_cli(photo_folder, tiny_root, "--recursive", *decoding)
     assert "2 captioned, 3 already had captions" in capsys.readouterr().out
     assert dataset_files(photo_folder) == dataset_files(reference)
 
@@ -140,17 +144,42 @@ def test_a_missing_folder_is_one_sentence(tmp_path, tiny_root):
         run_cli(tmp_path / "nowhere", tiny_root)
 
 
+def test_images_sharing_a_stem_get_no_sidecar_but_everything_else_does(photo_folder, tiny_root, capsys):
+    (photo_folder / "broken.png").unlink()
+    shutil.copy(EXAMPLES / "rocket.jpg", photo_folder / "chelsea.jpg")  # chelsea.png and chelsea.jpg: one stem
+    assert run_cli(photo_folder, tiny_root) == 1
+    error = capsys.readouterr().err
+    assert "chelsea.jpg and chelsea.png would share chelsea.txt" in error and "chelsea_2.png" in error
+    assert not (photo_folder / "chelsea.txt").exists()
+    assert (photo_folder / "coffee.txt").is_file() and (photo_folder / "astronaut.txt").is_file()
+    entries = [json.loads(line)["file_name"] for line in (photo_folder / "metadata.jsonl").read_text().splitlines()]
+    assert entries == ["astronaut.png", "chelsea.jpg", "chelsea.png", "coffee.png"]
+    # A rerun finds both in metadata.jsonl: nothing is captioned again, and still no shared sidecar.
+    assert run_cli(photo_folder, tiny_root) == 1
+    assert "0 captioned, 4 already had captions" in capsys.readouterr().out
+    assert not (photo_folder / "chelsea.txt").exists()
+    # Sidecars alone: the pair is refused by name and not captioned at all.
+    sidecars_only = photo_folder.parent / "sidecars"
+    assert run_cli(photo_folder, tiny_root, "--out", str(sidecars_only), "--format", "sidecar") == 1
+    assert sorted(path.name for path in sidecars_only.glob("*.txt")) == ["astronaut.txt", "coffee.txt"]
+
+
+@pytest.mark.slow
 def test_two_processes_write_the_same_metadata_as_one(photo_folder, tiny_root, tmp_path):
-    """Two CPU processes (torch.distributed, as `accelerate launch --multi_gpu` starts them) split the files."""
+    """Two CPU processes (torch.distributed, as `accelerate launch --multi_gpu` starts them) split the files.
+
+    Sampled captions, batch size 2 against the single process's default: each image's random
+    stream is its own, so the files are equal byte for byte.
+    """
     (photo_folder / "broken.png").unlink()
     single = tmp_path / "single"
     shutil.copytree(photo_folder, single)
-    run_cli(single, tiny_root, "--recursive", "--format", "jsonl")
+    run_cli(single, tiny_root, "--recursive", "--format", "jsonl", *SAMPLING)
 
     environment = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     command += ["-m", "pipelines.caption_folder", str(photo_folder), "--recursive", "--format", "jsonl"]
-    command += ["--tiny", "--tiny-dir", str(tiny_root), "--device", "cpu", "--batch-size", "2"]
+    command += ["--tiny", "--tiny-dir", str(tiny_root), "--device", "cpu", "--batch-size", "2", *SAMPLING]
     completed = subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=240)
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert completed.stdout.count("5 captioned") == 1  # only the main process reports

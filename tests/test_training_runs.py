@@ -72,6 +72,25 @@ def test_kohya_sidecars_are_turned_into_metadata(tmp_path):
     assert lines == [{"file_name": "red.png", "text": "sks square, red"}]
 
 
+def test_two_images_with_one_sidecar_are_refused_by_name(tmp_path):
+    upload = tmp_path / "set.zip"
+    with zipfile.ZipFile(upload, "w") as archive:
+        for name, colour in (("cat.png", (255, 0, 0)), ("cat.jpg", (0, 255, 0))):
+            image = _png(tmp_path / "in" / name.replace(".", "_") / "x.png", colour)
+            archive.write(image, name)
+        archive.writestr("cat.txt", "sks cat")
+    with pytest.raises(ValueError, match=r"cat\.jpg and cat\.png would both be captioned by cat\.txt; rename one"):
+        unpack_training_upload([upload], tmp_path / "w")
+    # With metadata.jsonl naming each image, the same files are a valid dataset.
+    with zipfile.ZipFile(upload, "a") as archive:
+        archive.writestr(
+            METADATA_FILE,
+            "".join(json.dumps({"file_name": name, "text": f"sks {name}"}) + "\n" for name in ("cat.jpg", "cat.png")),
+        )
+    root = unpack_training_upload([upload], tmp_path / "w2")
+    assert len((root / METADATA_FILE).read_text().splitlines()) == 2
+
+
 def test_upload_without_captions_is_refused(tmp_path):
     image = _png(tmp_path / "a.png", (1, 2, 3))
     with pytest.raises(ValueError, match="no captions"):
