@@ -234,6 +234,7 @@ def test_stop_during_a_batch_keeps_the_captions_made_so_far_downloadable(tiny_cl
     assert "**1 of 1 images captioned**" in again and "Stopped" not in again
 
 
+@pytest.mark.slow
 def test_a_killed_cli_run_resumes_and_captions_every_image_exactly_once(tiny_root, tmp_path, capsys):
     folder = tmp_path / "dataset"
     names = write_photos(folder, 30)

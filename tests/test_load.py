@@ -105,6 +105,7 @@ def percentile(values: list[float], fraction: float) -> float:
 
 
 @pytest.mark.api
+@pytest.mark.slow
 def test_thirty_concurrent_requests_complete_correctly_or_are_refused_as_queue_full(tiny_app_url):
     # Its own session, so Stop requests of other tests never reach it; files are fetched only where checked.
     client = Client(tiny_app_url, verbose=False, download_files=False)

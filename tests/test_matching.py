@@ -16,6 +16,7 @@ from pipelines.catalog import CATALOG, MODEL_CONFIGS_DIR
 from pipelines.feature_cache import ImageFeatureCache
 from pipelines.manager import ModelLoadError
 from pipelines.matching import ImageTextMatcher, MatchRequest, split_texts
+from tests.tolerances import SCORE_ATOL, same_score
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "assets" / "examples"
 TEXTS = ["a cat sitting on a wooden table", "a cup of coffee", "two dogs", "a rocket launch into the sky with smoke"]
@@ -62,8 +63,9 @@ def test_scores_are_finite_and_the_ranking_follows_them(matcher, cat, rank_by):
 
 def test_the_same_text_twice_gets_the_same_score(matcher, cat):
     scores = matcher.match([cat], MatchRequest(texts=["a cup of coffee", "two dogs", "a cup of coffee"])).scores[0]
-    assert scores[0].mean_logprob == scores[2].mean_logprob
-    assert scores[0].total_logprob == scores[2].total_logprob
+    # Two rows of one batch: the kernels may tile them differently, so equal within the stated tolerance.
+    assert same_score(scores[0].mean_logprob, scores[2].mean_logprob)
+    assert scores[0].total_logprob == pytest.approx(scores[2].total_logprob, abs=SCORE_ATOL * scores[0].num_tokens)
 
 
 def test_batched_scores_equal_one_by_one_scores(matcher, tiny_captioner, cat):
@@ -107,7 +109,8 @@ def test_images_are_ranked_for_each_text(matcher, cat, coffee):
         ranked = result.ranked_images(text_index)
         values = [score.mean_logprob for _, score in ranked]
         assert values == sorted(values, reverse=True)
-        assert result.scores[0][text_index] == result.scores[2][text_index]  # the same picture twice
+        twice = result.scores[0][text_index], result.scores[2][text_index]  # the same picture, two batch rows
+        assert same_score(twice[0].mean_logprob, twice[1].mean_logprob) and twice[0].text == twice[1].text
     assert result.scores[0][0] != result.scores[1][0]  # the score depends on the image
 
 

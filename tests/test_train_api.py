@@ -17,7 +17,7 @@ from PIL import Image
 from pipelines.lora_sources import sanitize_lora_name
 from tests.test_train_blip_lora import make_dataset
 
-pytestmark = pytest.mark.api
+pytestmark = [pytest.mark.api, pytest.mark.slow]  # each test trains in a background process
 
 
 @pytest.fixture(scope="module")

@@ -432,6 +432,7 @@ def test_gradient_checkpointing_recomputes_blocks_and_trains_the_same_adapter(
     assert any(theirs[key].abs().max() > 0 for key in theirs if "lora_B" in key)
 
 
+@pytest.mark.slow
 def test_two_processes_train_one_adapter(dataset, tiny_root, trained, tmp_path):
     """Two CPU processes (torch.distributed, as `accelerate launch --multi_gpu` starts them) share the steps."""
     import os
