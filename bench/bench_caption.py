@@ -33,6 +33,16 @@ SETTINGS = {
         "request": CaptionRequest(strategy="beam", num_beams=3),
         "generate": {"num_beams": 3, "do_sample": False, "early_stopping": True},
     },
+    # Sampling draws from one seeded stream per caption (pipelines/seeded_sampling.py), so a caption
+    # does not depend on its batch; the bare side samples from the global generator.
+    "sample": {
+        "request": CaptionRequest(strategy="sampling", seed=0),
+        "generate": {"num_beams": 1, "do_sample": True, "top_k": 50, "top_p": 0.9},
+    },
+    "sample 5": {
+        "request": CaptionRequest(strategy="sampling", seed=0, num_captions=5),
+        "generate": {"num_beams": 1, "do_sample": True, "top_k": 50, "top_p": 0.9, "num_return_sequences": 5},
+    },
 }
 
 
