@@ -6,6 +6,7 @@ import base64
 import dataclasses
 import gc
 import io
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -18,6 +19,7 @@ from components.common import (
     OUT_OF_MEMORY_MESSAGE,
     StopRequests,
     ValidatedSlider,
+    download_folder,
     launch_alone,
     named_endpoint,
     parameter,
@@ -85,20 +87,6 @@ def adapter_words(adapter: str | None) -> str:
     return f"the adapter {adapter}" if adapter else f"the {BASE_MODEL_LABEL}"
 
 
-def download_folder() -> Path:
-    """A fresh folder inside Gradio's file cache for a file handed back to the visitor.
-
-    Gradio serves a returned file from its cache; one written there already is
-    served as it is (no copy) and is removed with the rest of the cache
-    (``delete_cache``), while the request's work folder is deleted when it ends.
-    """
-    from gradio.utils import get_upload_folder
-
-    cache = Path(get_upload_folder())
-    cache.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix="studio-batch-", dir=cache))
-
-
 def make_caption_batch_function(studio: Studio, stop_requests: StopRequests):
     """The `/caption_batch` endpoint: uploads are laid out in a work folder that is deleted when the call ends."""
 
@@ -139,9 +127,14 @@ def make_caption_batch_function(studio: Studio, stop_requests: StopRequests):
                 "trigger": trigger,
                 "suffix": suffix,
             }
-            archive = dataset_zip(
-                results + uploads.failures, download_folder() / "captions.zip", images=images, manifest=manifest
-            )
+            download = download_folder("studio-batch-")
+            try:
+                archive = dataset_zip(
+                    results + uploads.failures, download / "captions.zip", images=images, manifest=manifest
+                )
+            except BaseException:
+                shutil.rmtree(download, ignore_errors=True)
+                raise
             rows = result_rows(results + uploads.failures, uploads.root)  # thumbnails before the folder goes
 
         # 3. Say what happened.
