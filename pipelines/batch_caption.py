@@ -23,6 +23,7 @@ import csv
 import io
 import json
 import os
+import posixpath
 import shutil
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -354,12 +355,12 @@ class _NameClaims:
         if key not in self._taken:
             self._taken.add(key)
             return name
-        path = Path(name)
+        stem, suffix = posixpath.splitext(name)  # "cats/a", ".png": the folder stays in front
         number = self._next_number.get(key, 2)
-        candidate = (path.parent / f"{path.stem} ({number}){path.suffix}").as_posix()
+        candidate = f"{stem} ({number}){suffix}"
         while candidate.lower() in self._taken:  # each number is skipped at most once per name
             number += 1
-            candidate = (path.parent / f"{path.stem} ({number}){path.suffix}").as_posix()
+            candidate = f"{stem} ({number}){suffix}"
         self._next_number[key] = number + 1
         self._taken.add(candidate.lower())
         return candidate
@@ -388,14 +389,14 @@ def _plan_uploads(paths: list[Path], max_unpacked_bytes: int, max_ratio: int) ->
             failures.append(FailedImage(upload.name, f"{upload.name} is not a readable zip file; re-create it."))
             continue
         for member in members:
-            if member.is_dir() or Path(member.filename).suffix.lower() not in IMAGE_SUFFIXES:
+            if member.is_dir() or posixpath.splitext(member.filename)[1].lower() not in IMAGE_SUFFIXES:
                 continue
             label = f"{upload.name}:{member.filename}"
             relative = member_path(member)
             if relative is None:
                 failures.append(FailedImage(label, f"{label} points outside the archive (zip-slip); refused."))
                 continue
-            if any(part.startswith(".") for part in Path(relative).parts):
+            if relative.startswith(".") or "/." in relative:
                 continue  # hidden files (macOS's ._a.png) are not images of the dataset
             if member.compress_size and member.file_size / member.compress_size > max_ratio:
                 failures.append(
@@ -452,10 +453,10 @@ def _write_planned(entries: list[_PlannedImage], work_dir: Path, written: list[P
 def member_path(member) -> str | None:
     """A zip member's path as a relative POSIX name, or None when it leads out (``..``, ``/x``, ``C:``: zip-slip)."""
     name = member.filename.replace("\\", "/")
-    parts = Path(name).parts
+    parts = [part for part in name.split("/") if part not in ("", ".")]  # as pathlib reads it, without its cost
     if not parts or name.startswith("/") or ".." in parts or ":" in parts[0]:
         return None
-    return Path(*parts).as_posix()
+    return "/".join(parts)
 
 
 def _copy_at_most(archive, member, target: Path, chunk_bytes: int = 1024 * 1024) -> None:

@@ -122,16 +122,6 @@ def test_an_export_over_the_byte_cap_is_refused_before_anything_is_written(tiny_
     assert not (tmp_path / "direct").exists()
 
 
-@pytest.mark.api
-def test_attention_api_refuses_a_caption_past_the_token_cap(tiny_client):
-    from gradio_client import handle_file
-    from gradio_client.exceptions import AppError
-
-    caption = "a " * 100  # 200 characters, under the character limit; 100 word pieces, over the token cap
-    with pytest.raises(AppError, match=f"100 word pieces long; attention maps are made for at most {75}"):
-        tiny_client.predict(handle_file(str(EXAMPLE)), caption=caption, api_name="/attention")
-
-
 # ----------------------------------------------------------------------------- Hub downloads
 
 
