@@ -101,6 +101,18 @@ def model_overrides(pairs: list[str], environ: dict[str, str] = os.environ) -> d
     return overrides
 
 
+def enter_offline_mode(environ: dict[str, str] = os.environ) -> None:
+    """HF_HUB_OFFLINE=1 from here on: for this process's Hub calls and for the trainers it starts.
+
+    huggingface_hub reads the variable once, when it is first imported (gradio imports it
+    before any flag is parsed), so its constant is set as well.
+    """
+    from huggingface_hub import constants
+
+    environ["HF_HUB_OFFLINE"] = "1"
+    constants.HF_HUB_OFFLINE = True
+
+
 def build_studio(argv: list[str] | None = None) -> Studio:
     """The shared state for the tabs, from command-line flags."""
     args = parse_args(argv)
@@ -115,6 +127,8 @@ def _studio_from_args(args: argparse.Namespace) -> Studio:
             import torch
 
             from pipelines.tiny import ensure_tiny_models
+
+            enter_offline_mode()  # tiny mode never reaches the Hub, whatever a visitor names
 
             # Tiny models are latency-bound: one intra-op thread is faster than several
             # and leaves the other cores to concurrent requests.

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
+import shutil
 
 import gradio as gr
 
 from components.common import (
     UploadedImage,
     ValidatedSlider,
+    download_folder,
     example_photos,
     launch_alone,
     named_endpoint,
@@ -66,8 +66,12 @@ def make_attention_function(studio: Studio):
             export_format=export_format,
         ).validated(layers, heads)
         picture = load_image(image)
-        export_dir = Path(tempfile.mkdtemp(prefix="studio-attention-"))
-        result, exported = explain_attention(studio.captioner(), picture, request, export_dir=export_dir)
+        export_dir = download_folder("studio-attention-")
+        try:
+            result, exported = explain_attention(studio.captioner(), picture, request, export_dir=export_dir)
+        except BaseException:
+            shutil.rmtree(export_dir, ignore_errors=True)  # a refused or failed request leaves no folder
+            raise
         gallery = [(overlay, word.word) for overlay, word in zip(result.overlays, result.words, strict=True)]
         layer_text = "mean of all layers" if request.layer == 0 else f"layer {request.layer}"
         head_text = "mean of heads" if request.head == 0 else f"head {request.head}"

@@ -6,19 +6,20 @@ import base64
 import dataclasses
 import gc
 import io
+import shutil
 import tempfile
 import time
 from pathlib import Path
 
 import gradio as gr
 import torch
-from PIL import Image
 
 from components.caption import BASE_MODEL_LABEL, build_adapter_picker, requested_adapter
 from components.common import (
     OUT_OF_MEMORY_MESSAGE,
     StopRequests,
     ValidatedSlider,
+    download_folder,
     launch_alone,
     named_endpoint,
     parameter,
@@ -34,6 +35,7 @@ from pipelines.batch_caption import (
     dataset_zip,
     sidecar_name,
 )
+from pipelines.images import load_image
 from pipelines.studio import Studio
 from pipelines.validation import as_int
 
@@ -43,27 +45,30 @@ MAX_THUMBNAILS = 200  # rows past this show no thumbnail, keeping the page light
 
 
 def thumbnail_markdown(path: Path) -> str:
-    """A small inline JPEG, so the table shows what was captioned without serving files."""
+    """A small inline JPEG, so the table shows what was captioned without serving files.
+
+    The file goes through ``load_image``, the same safe decoder the captioner used: only the
+    upload formats, and size and pixel limits checked before any pixel is decoded. "" if refused.
+    """
     try:
-        with Image.open(path) as image:
-            image.draft("RGB", (THUMBNAIL_SIDE * 2, THUMBNAIL_SIDE * 2))
-            image = image.convert("RGB")
-            image.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE))
-            buffer = io.BytesIO()
-            image.save(buffer, format="JPEG", quality=80)
-    except Exception:  # the caption row already says whether the file was readable
+        image = load_image(path)
+    except ValueError:  # the caption row already says whether the file was readable
         return ""
+    image.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE))
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=80)
     return f"![]({'data:image/jpeg;base64,' + base64.b64encode(buffer.getvalue()).decode()})"
 
 
 def result_rows(results: list[CaptionedImage | FailedImage], root: Path) -> list[list]:
+    """Table rows; only captioned images get a thumbnail (a refused file is never opened again)."""
     rows = []
     for index, item in enumerate(results):
-        thumbnail = thumbnail_markdown(root / item.file_name) if index < MAX_THUMBNAILS else ""
         if isinstance(item, CaptionedImage):
+            thumbnail = thumbnail_markdown(root / item.file_name) if index < MAX_THUMBNAILS else ""
             rows.append([thumbnail, item.file_name, item.text, round(item.score, 4)])
         else:
-            rows.append([thumbnail, item.file_name, f"⚠ {item.reason}", None])
+            rows.append(["", item.file_name, f"⚠ {item.reason}", None])
     return rows
 
 
@@ -94,11 +99,11 @@ def adapter_words(adapter: str | None) -> str:
     return f"the adapter {adapter}" if adapter else f"the {BASE_MODEL_LABEL}"
 
 
-def build_batch_tab(studio: Studio) -> dict:
-    """Build the Batch tab inside the current Blocks; returns its main components."""
-    stop_requests = StopRequests()
+def make_caption_batch_function(studio: Studio, stop_requests: StopRequests):
+    """The `/caption_batch` endpoint: uploads are laid out in a work folder that is deleted when the call ends."""
 
     def caption_batch(files, batch_size, trigger, suffix, include_images, progress, request, adapter="", **decoding):
+        # 1. Check every input before any upload is unpacked.
         if not files:
             raise ValueError("Upload some images, or a .zip of images, first.")
         caption_request = request_from_values(decoding, num_captions=1).validated()
@@ -108,67 +113,105 @@ def build_batch_tab(studio: Studio) -> dict:
         adapter = captioner.check_adapter(requested_adapter(adapter))  # a wrong name fails before any upload work
         stop = stop_requests.start(request)
 
-        work_dir = Path(tempfile.mkdtemp(prefix="studio-batch-"))
-        uploads = collect_uploads(
-            [getattr(file, "name", file) for file in files],
-            work_dir / "dataset",
-            max_files=settings.MAX_BATCH_FILES,
-            max_unpacked_bytes=settings.MAX_ZIP_UNCOMPRESSED_BYTES,
-            max_ratio=settings.MAX_ZIP_RATIO,
-        )
-        if not uploads.files and not uploads.failures:
-            raise ValueError("No images were found in the upload; use PNG, JPEG, WebP, GIF, BMP or TIFF files.")
-        results: list[CaptionedImage | FailedImage] = []
-        started = time.perf_counter()
-        total = len(uploads.files)
-        progress((0, total), desc="captioning", unit="images")
-        error_note = ""
-        try:
-            for batch in caption_files(
-                captioner,
-                uploads.files,
-                uploads.root,
-                caption_request,
-                batch_size=batch_size,
-                num_workers=settings.BATCH_LOADER_WORKERS,
-                trigger=trigger,
-                suffix=suffix,
-                should_stop=stop.is_set,
-                adapter=adapter,
-            ):
-                results.extend(batch)
-                progress((len(results), total), desc="captioning", unit="images")
-        except Exception as error:  # keep every caption already made, and say what stopped the rest
-            reason = OUT_OF_MEMORY_MESSAGE if isinstance(error, torch.OutOfMemoryError) else f"{error}"
-            gr.Warning(f"The batch stopped early: {reason} The captions made so far are kept.")
-            error_note = f"\n\nStopped early by an error: {reason}"
-            out_of_memory = isinstance(error, torch.OutOfMemoryError)
-        else:
-            out_of_memory = False
-        if out_of_memory:  # outside the except block, so the failed batch's tensors are gone first
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-        captioned = [item for item in results if isinstance(item, CaptionedImage)]
-        images = {item.file_name: uploads.root / item.file_name for item in captioned} if include_images else None
-        manifest = {
-            "model": studio.manager.source_for("blip-caption"),
-            "adapter": adapter,  # null: the base model
-            "adapter_source": next(
-                (info.source for info in studio.blip_adapters.loaded() if info.name == adapter), None
-            ),
-            "request": dataclasses.asdict(caption_request),
-            "trigger": trigger,
-            "suffix": suffix,
-        }
-        archive = dataset_zip(results + uploads.failures, work_dir / "captions.zip", images=images, manifest=manifest)
+        # 2. Unpack, caption and zip inside a work folder that never outlives the request.
+        with tempfile.TemporaryDirectory(prefix="studio-batch-") as work:
+            uploads = collect_uploads(
+                [getattr(file, "name", file) for file in files],
+                Path(work) / "dataset",
+                max_files=settings.MAX_BATCH_FILES,
+                max_unpacked_bytes=settings.MAX_ZIP_UNCOMPRESSED_BYTES,
+                max_ratio=settings.MAX_ZIP_RATIO,
+            )
+            if not uploads.files and not uploads.failures:
+                raise ValueError("No images were found in the upload; use PNG, JPEG, WebP, GIF, BMP or TIFF files.")
+            results, seconds, error_note = _caption_uploads(
+                captioner, uploads, caption_request, batch_size, trigger, suffix, adapter, stop, progress
+            )
+            captioned = [item for item in results if isinstance(item, CaptionedImage)]
+            images = {item.file_name: uploads.root / item.file_name for item in captioned} if include_images else None
+            manifest = {
+                "model": studio.manager.source_for("blip-caption"),
+                "adapter": adapter,  # null: the base model
+                "adapter_source": next(
+                    (info.source for info in studio.blip_adapters.loaded() if info.name == adapter), None
+                ),
+                "request": dataclasses.asdict(caption_request),
+                "trigger": trigger,
+                "suffix": suffix,
+            }
+            download = download_folder("studio-batch-")
+            try:
+                archive = dataset_zip(
+                    results + uploads.failures, download / "captions.zip", images=images, manifest=manifest
+                )
+            except BaseException:
+                shutil.rmtree(download, ignore_errors=True)
+                raise
+            rows = result_rows(results + uploads.failures, uploads.root)  # thumbnails before the folder goes
+
+        # 3. Say what happened.
         failures = [item for item in results if isinstance(item, FailedImage)] + uploads.failures
-        seconds = time.perf_counter() - started
-        summary = summary_markdown(len(captioned), failures, total, seconds, stop.is_set(), adapter)
+        summary = summary_markdown(len(captioned), failures, len(uploads.files), seconds, stop.is_set(), adapter)
         summary += renamed_markdown(archive.renamed)
         if studio.tiny:
             summary += "\n\nTiny random model: the captions are gibberish by design."
-        return result_rows(results + uploads.failures, uploads.root), str(archive.path), summary + error_note
+        return rows, str(archive.path), summary + error_note
+
+    return named_endpoint(
+        caption_batch,
+        [
+            parameter("files"),
+            parameter("batch_size", settings.DEFAULT_BATCH_SIZE),
+            parameter("trigger", ""),
+            parameter("suffix", ""),
+            parameter("include_images", True),
+            parameter("progress", gr.Progress()),
+            parameter("request", None, gr.Request),
+            *decoding_parameters(skip=("num_captions",)),
+            parameter("adapter", ""),  # new parameters go at the end, so positional API callers keep working
+        ],
+    )
+
+
+def _caption_uploads(captioner, uploads, caption_request, batch_size, trigger, suffix, adapter, stop, progress):
+    """(results, seconds, error note): every caption made before the end or the first error."""
+    results: list[CaptionedImage | FailedImage] = []
+    started = time.perf_counter()
+    total = len(uploads.files)
+    progress((0, total), desc="captioning", unit="images")
+    error_note = ""
+    try:
+        for batch in caption_files(
+            captioner,
+            uploads.files,
+            uploads.root,
+            caption_request,
+            batch_size=batch_size,
+            num_workers=settings.BATCH_LOADER_WORKERS,
+            trigger=trigger,
+            suffix=suffix,
+            should_stop=stop.is_set,
+            adapter=adapter,
+        ):
+            results.extend(batch)
+            progress((len(results), total), desc="captioning", unit="images")
+    except Exception as error:  # keep every caption already made, and say what stopped the rest
+        reason = OUT_OF_MEMORY_MESSAGE if isinstance(error, torch.OutOfMemoryError) else f"{error}"
+        gr.Warning(f"The batch stopped early: {reason} The captions made so far are kept.")
+        error_note = f"\n\nStopped early by an error: {reason}"
+        out_of_memory = isinstance(error, torch.OutOfMemoryError)
+    else:
+        out_of_memory = False
+    if out_of_memory:  # outside the except block, so the failed batch's tensors are gone first
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return results, time.perf_counter() - started, error_note
+
+
+def build_batch_tab(studio: Studio) -> dict:
+    """Build the Batch tab inside the current Blocks; returns its main components."""
+    stop_requests = StopRequests()
 
     def stop_batch(request: gr.Request):
         stop_requests.stop(request)
@@ -212,19 +255,8 @@ def build_batch_tab(studio: Studio) -> dict:
                 wrap=True,
                 column_widths=["12%", "20%", "56%", "12%"],
             )
-    parameters = [
-        parameter("files"),
-        parameter("batch_size", settings.DEFAULT_BATCH_SIZE),
-        parameter("trigger", ""),
-        parameter("suffix", ""),
-        parameter("include_images", True),
-        parameter("progress", gr.Progress()),
-        parameter("request", None, gr.Request),
-        *decoding_parameters(skip=("num_captions",)),
-        parameter("adapter", ""),  # new parameters go at the end, so positional API callers keep working
-    ]
     run.click(
-        named_endpoint(caption_batch, parameters),
+        make_caption_batch_function(studio, stop_requests),
         inputs=[files, batch_size, trigger, suffix, include_images, *controls.inputs(skip=("num_captions",)), adapter],
         outputs=[table, archive, summary],
         api_name="caption_batch",

@@ -246,6 +246,22 @@ def example_photos(image: gr.components.Component) -> gr.Examples:
     )
 
 
+def download_folder(prefix: str) -> Path:
+    """A fresh folder inside Gradio's file cache for files handed back to the visitor.
+
+    Gradio serves a returned file from its cache; a file written there already is
+    served as it is, without a copy, and goes with the rest of the cache
+    (``delete_cache``), so no work folder of the app keeps a second copy.
+    """
+    import tempfile
+
+    from gradio.utils import get_upload_folder
+
+    cache = Path(get_upload_folder())
+    cache.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=prefix, dir=cache))
+
+
 def launch_alone(build_tab: Callable, title: str) -> None:
     """Run one tab by itself on the tiny models (each tab module's ``__main__``)."""
     from app import build_studio

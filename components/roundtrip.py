@@ -23,6 +23,7 @@ from pipelines.images import load_image
 from pipelines.png_metadata import save_png
 from pipelines.roundtrip import (
     PROMPTS_DIR,
+    check_evaluation_size,
     evaluation_table,
     image_round_trip,
     load_prompts,
@@ -136,8 +137,10 @@ def build_roundtrip_tab(studio: Studio) -> dict:
         steps = None if blank_to_none(steps) is None else as_int("steps", steps, 1, settings.MAX_STEPS)
         side = None if blank_to_none(side) is None else as_int("side", side, 16, 4096)
 
-        # 2. Run, writing the resumable file under the results folder.
         prompts = load_prompts([PROMPTS_DIR / f"{category}.txt" for category in categories])
+        check_evaluation_size(models, seed_list, prompts, settings.MAX_EVALUATION_IMAGES)  # before any model loads
+
+        # 2. Run, writing the resumable file under the results folder.
         name = f"roundtrip-eval-{'tiny' if studio.tiny else 'real'}-{steps or 'preset'}steps-{side or 'default'}px.json"
         stop = stop_evaluations.start(request)
         payload = run_evaluation(
@@ -153,6 +156,7 @@ def build_roundtrip_tab(studio: Studio) -> dict:
             model_size="tiny" if studio.tiny else "real weights",
             on_progress=lambda done, total: progress((done, total), desc="prompts", unit="images"),
             should_stop=stop.is_set,
+            max_images=settings.MAX_EVALUATION_IMAGES,
         )
         rows = [
             [

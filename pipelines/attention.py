@@ -117,6 +117,7 @@ def cross_attention_maps(captioner: BlipCaptioner, image: Image.Image, caption: 
     Raises ValueError when the caption tokenises to nothing or is longer than the model reads.
     """
     ids = captioner.text_ids(caption, "The caption")
+    check_token_count(len(ids))
     spans = _token_spans(captioner.processor.tokenizer, caption, len(ids))
     image_embeds = captioner.encode_images([image])  # cached: the Caption tab may have encoded it already
     input_ids = torch.tensor([[captioner.bos_token_id, *ids]], dtype=torch.long, device=captioner.device)
@@ -307,12 +308,52 @@ def _fit_label(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> str:
 # ----------------------------------------------------------------------------- export
 
 
+JSON_BYTES_PER_NUMBER = 10  # "0.123456, ": six decimals never print longer (1.2e-05 and 1e-06 are shorter)
+JSON_TEXT_BYTES = 64 * 1024  # the caption, its tokens and the layout note, generously
+
+
+def check_token_count(tokens: int) -> None:
+    """ValueError when a caption has more word pieces than one request computes maps for."""
+    if tokens > settings.MAX_ATTENTION_TOKENS:
+        raise ValueError(
+            f"The caption is {tokens} word pieces long; attention maps are made for at most "
+            f"{settings.MAX_ATTENTION_TOKENS}. Shorten it."
+        )
+
+
+def export_size_bytes(shape: tuple[int, ...], export_format: str) -> int:
+    """An upper bound on the bytes ``export_maps`` writes for maps of ``shape``, known before writing."""
+    numbers = math.prod(shape)
+    if export_format == "npy":
+        return 128 + 4 * numbers  # the .npy header, then float32
+    rows = math.prod(shape[:-1])  # every innermost list adds "[", "]" and ", "
+    return JSON_TEXT_BYTES + JSON_BYTES_PER_NUMBER * numbers + 4 * rows + 4 * math.prod(shape[:-2])
+
+
+def check_export_size(shape: tuple[int, ...], export_format: str) -> int:
+    """The export's size bound; ValueError past ``settings.MAX_ATTENTION_EXPORT_BYTES``."""
+    size = export_size_bytes(shape, export_format)
+    limit = settings.MAX_ATTENTION_EXPORT_BYTES
+    if size > limit:
+        other = " or export .npy (a third of the size)" if export_format == "json" else ""
+        raise ValueError(
+            f"The raw maps of this caption would take {size / 2**20:,.1f} MB as .{export_format}, over the "
+            f"{limit / 2**20:,.0f} MB export limit; shorten the caption{other}."
+        )
+    return size
+
+
 def export_maps(maps: CrossAttentionMaps, directory: Path, export_format: str = "npy") -> Path:
     """Write the raw maps to ``directory`` as ``cross_attention.npy`` or ``.json``; return the path.
 
     The .npy holds the float32 array ``(layers, heads, tokens, 1 + grid²)`` alone;
-    the .json holds the same numbers with the tokens, the caption and the layout.
+    the .json holds the same numbers, rounded to six decimals, with the tokens, the
+    caption and the layout. An export past ``settings.MAX_ATTENTION_EXPORT_BYTES``
+    is refused (ValueError) before anything is written.
     """
+    if export_format not in settings.ATTENTION_EXPORT_FORMATS:
+        raise ValueError(f"Unknown export format {export_format!r}; choose one of: npy, json.")
+    check_export_size(maps.maps.shape, export_format)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     if export_format == "npy":
@@ -331,7 +372,7 @@ def export_maps(maps: CrossAttentionMaps, directory: Path, export_format: str = 
                 "(its query sits on the previous token); key 0 is the image's [CLS] embedding, keys 1.. the "
                 "patches row by row, top left first"
             ),
-            "maps": np.round(maps.maps, 6).tolist(),
+            "maps": np.round(maps.maps.astype(np.float64), 6).tolist(),  # float64: 0.123456, not 0.12345600128
         }
         path.write_text(json.dumps(payload))
         return path
@@ -359,7 +400,17 @@ def explain_attention(
     if not caption:
         raise ValueError("BLIP wrote an empty caption for this image; type a caption to see its attention.")
 
-    # 3. One teacher-forced pass; then aggregate, colour and lay out.
+    # 3. The request's size: word pieces, and the export's bytes from the maps' shape, before any pass.
+    tokens = len(captioner.text_ids(caption, "The caption"))
+    check_token_count(tokens)
+    if export_dir is not None:
+        vision = captioner.model.config.vision_config
+        keys = 1 + (vision.image_size // vision.patch_size) ** 2
+        check_export_size(
+            (text_config.num_hidden_layers, text_config.num_attention_heads, tokens, keys), request.export_format
+        )
+
+    # 4. One teacher-forced pass; then aggregate, colour and lay out.
     maps = cross_attention_maps(captioner, image, caption)
     words = word_heatmaps(maps, request.layer, request.head, request.merge_word_pieces)
     shown = fit_within(image, settings.ATTENTION_OVERLAY_SIDE)

@@ -24,6 +24,7 @@ import dataclasses
 import io
 import json
 import os
+import posixpath
 import shutil
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -356,89 +357,174 @@ def collect_uploads(
     an archive that would unpack past ``max_unpacked_bytes``, or a member that
     compresses more than ``max_ratio`` times (a zip bomb) is refused by name.
     Files that are neither images nor zips are listed as failures.
+
+    Every zip is read from its central directory first, so more than
+    ``max_files`` images (loose and zipped together) are refused with a
+    ValueError before anything is written. Whatever goes wrong while writing,
+    nothing written is left behind: the ValueError is raised after
+    ``work_dir`` (if this call made it) or the files this call wrote are removed.
     """
-    import zipfile
-
+    # 1. Plan from the uploads' names and the zips' central directories: nothing is written yet.
+    plan = _plan_uploads([Path(path) for path in paths], max_unpacked_bytes, max_ratio)
+    if len(plan.entries) > max_files:
+        raise ValueError(
+            f"{len(plan.entries)} images were uploaded; one run takes at most {max_files}. Split them into several runs."
+        )
+    # 2. Write, undoing everything on the way out of an error.
     work_dir = Path(work_dir)
-    work_dir.mkdir(parents=True, exist_ok=True)
-    taken: set[str] = set()
-    failures: list[FailedImage] = []
-    unpacked_bytes = 0
+    made_work_dir = not work_dir.exists()
+    written: list[Path] = []
+    failures = list(plan.failures)
+    try:
+        work_dir.mkdir(parents=True, exist_ok=True)
+        failures += _write_planned(plan.entries, work_dir, written)
+        files = find_images(work_dir, recursive=True)
+        if len(files) > max_files:  # images already in a work_dir the caller reused
+            raise ValueError(
+                f"{len(files)} images were uploaded; one run takes at most {max_files}. Split them into several runs."
+            )
+    except BaseException:
+        if made_work_dir:
+            shutil.rmtree(work_dir, ignore_errors=True)
+        else:
+            for path in written:
+                path.unlink(missing_ok=True)
+        raise
+    return UploadedDataset(root=work_dir, files=files, failures=failures)
 
-    def claim(name: str) -> str:
-        candidate, counter = name, 2
-        path = Path(name)
-        while candidate.lower() in taken:
-            candidate = (path.parent / f"{path.stem} ({counter}){path.suffix}").as_posix()
-            counter += 1
-        taken.add(candidate.lower())
+
+@dataclass(frozen=True)
+class _PlannedImage:
+    name: str  # the claimed file_name under the work folder
+    source: Path  # a loose upload, or the zip that holds ``member``
+    member: object = None  # a zipfile.ZipInfo, or None for a loose upload
+    label: str = ""  # how failures name it: "upload.zip:member.png"
+
+
+@dataclass(frozen=True)
+class _UploadPlan:
+    entries: list[_PlannedImage]
+    failures: list[FailedImage]
+
+
+class _NameClaims:
+    """Unique, case-insensitive file names; a repeated name becomes ``stem (2).ext``, ``stem (3).ext``...
+
+    Each name remembers the next number to try, so n copies of one name cost
+    O(n) in all, not O(n²) (8000 members named a.png once took minutes).
+    """
+
+    def __init__(self) -> None:
+        self._taken: set[str] = set()
+        self._next_number: dict[str, int] = {}
+
+    def claim(self, name: str) -> str:
+        key = name.lower()
+        if key not in self._taken:
+            self._taken.add(key)
+            return name
+        stem, suffix = posixpath.splitext(name)  # "cats/a", ".png": the folder stays in front
+        number = self._next_number.get(key, 2)
+        candidate = f"{stem} ({number}){suffix}"
+        while candidate.lower() in self._taken:  # each number is skipped at most once per name
+            number += 1
+            candidate = f"{stem} ({number}){suffix}"
+        self._next_number[key] = number + 1
+        self._taken.add(candidate.lower())
         return candidate
 
+
+def _plan_uploads(paths: list[Path], max_unpacked_bytes: int, max_ratio: int) -> _UploadPlan:
+    """Which images go where, and which uploads and members are refused; reads only names and zip directories."""
+    import zipfile
+
+    claims = _NameClaims()
+    entries: list[_PlannedImage] = []
+    failures: list[FailedImage] = []
+    unpacked_bytes = 0
     for upload in paths:
-        upload = Path(upload)
         suffix = upload.suffix.lower()
         if suffix in IMAGE_SUFFIXES:
-            name = claim(upload.name)
-            shutil.copyfile(upload, work_dir / name)
+            entries.append(_PlannedImage(claims.claim(upload.name), upload, None, upload.name))
             continue
         if suffix != ".zip":
             failures.append(FailedImage(upload.name, f"{upload.name} is neither an image nor a .zip; it was skipped."))
             continue
         try:
-            archive = zipfile.ZipFile(upload)
-        except (zipfile.BadZipFile, OSError):
+            with zipfile.ZipFile(upload) as archive:
+                members = archive.infolist()  # the central directory: names and sizes, nothing decompressed
+        except (zipfile.BadZipFile, OSError, ValueError):
             failures.append(FailedImage(upload.name, f"{upload.name} is not a readable zip file; re-create it."))
             continue
-        with archive:
-            for member in archive.infolist():
-                if member.is_dir() or Path(member.filename).suffix.lower() not in IMAGE_SUFFIXES:
-                    continue
-                label = f"{upload.name}:{member.filename}"
-                relative = member_path(member)
-                if relative is None:
-                    failures.append(FailedImage(label, f"{label} points outside the archive (zip-slip); refused."))
-                    continue
-                if member.compress_size and member.file_size / member.compress_size > max_ratio:
-                    failures.append(
-                        FailedImage(
-                            label,
-                            f"{label} expands {member.file_size // max(member.compress_size, 1)}x; refused as a zip bomb.",
-                        )
+        for member in members:
+            if member.is_dir() or posixpath.splitext(member.filename)[1].lower() not in IMAGE_SUFFIXES:
+                continue
+            label = f"{upload.name}:{member.filename}"
+            relative = member_path(member)
+            if relative is None:
+                failures.append(FailedImage(label, f"{label} points outside the archive (zip-slip); refused."))
+                continue
+            if relative.startswith(".") or "/." in relative:
+                continue  # hidden files (macOS's ._a.png) are not images of the dataset
+            if member.compress_size and member.file_size / member.compress_size > max_ratio:
+                failures.append(
+                    FailedImage(
+                        label,
+                        f"{label} expands {member.file_size // max(member.compress_size, 1)}x; refused as a zip bomb.",
                     )
-                    continue
-                if unpacked_bytes + member.file_size > max_unpacked_bytes:
-                    failures.append(
-                        FailedImage(
-                            label,
-                            f"{upload.name} unpacks past {max_unpacked_bytes // 1024**2} MB; split it into smaller zips.",
-                        )
+                )
+                continue
+            if unpacked_bytes + member.file_size > max_unpacked_bytes:
+                failures.append(
+                    FailedImage(
+                        label,
+                        f"{upload.name} unpacks past {max_unpacked_bytes // 1024**2} MB; split it into smaller zips.",
                     )
-                    break
-                name = claim(relative)
-                target = work_dir / name
+                )
+                break
+            unpacked_bytes += member.file_size
+            entries.append(_PlannedImage(claims.claim(relative), upload, member, label))
+    return _UploadPlan(entries, failures)
+
+
+def _write_planned(entries: list[_PlannedImage], work_dir: Path, written: list[Path]) -> list[FailedImage]:
+    """Copy loose uploads and unpack zip members to their planned names; appends each file to ``written``."""
+    import zipfile
+
+    failures: list[FailedImage] = []
+    archives: dict[Path, zipfile.ZipFile] = {}
+    try:
+        for entry in entries:
+            target = work_dir / entry.name
+            if entry.member is None:
+                written.append(target)
+                shutil.copyfile(entry.source, target)
+                continue
+            archive = archives.get(entry.source)
+            if archive is None:
+                archive = archives[entry.source] = zipfile.ZipFile(entry.source)
+            try:
                 target.parent.mkdir(parents=True, exist_ok=True)
-                try:
-                    _copy_at_most(archive, member, target)
-                except (zipfile.BadZipFile, OSError, ValueError) as error:
-                    target.unlink(missing_ok=True)
-                    failures.append(FailedImage(label, f"{label} could not be unpacked ({error}); re-create the zip."))
-                    continue
-                unpacked_bytes += member.file_size
-    files = find_images(work_dir, recursive=True)
-    if len(files) > max_files:
-        raise ValueError(
-            f"{len(files)} images were uploaded; one run takes at most {max_files}. Split them into several runs."
-        )
-    return UploadedDataset(root=work_dir, files=files, failures=failures)
+                written.append(target)
+                _copy_at_most(archive, entry.member, target)
+            except (zipfile.BadZipFile, OSError, ValueError) as error:
+                target.unlink(missing_ok=True)
+                failures.append(
+                    FailedImage(entry.label, f"{entry.label} could not be unpacked ({error}); re-create the zip.")
+                )
+    finally:
+        for archive in archives.values():
+            archive.close()
+    return failures
 
 
 def member_path(member) -> str | None:
     """A zip member's path as a relative POSIX name, or None when it leads out (``..``, ``/x``, ``C:``: zip-slip)."""
     name = member.filename.replace("\\", "/")
-    parts = Path(name).parts
+    parts = [part for part in name.split("/") if part not in ("", ".")]  # as pathlib reads it, without its cost
     if not parts or name.startswith("/") or ".." in parts or ":" in parts[0]:
         return None
-    return Path(*parts).as_posix()
+    return "/".join(parts)
 
 
 def _copy_at_most(archive, member, target: Path, chunk_bytes: int = 1024 * 1024) -> None:

@@ -30,20 +30,27 @@ PICKLE_SENTENCE = (
 def download_adapter(repo_id: str, adapter_dir: Path | None = None) -> Path:
     """The Hub snapshot folder of ``repo_id``'s adapter_config.json and adapter_model.safetensors (nothing else).
 
-    Offline, gated, missing and other failures each become one sentence.
+    ``repo_id`` is whatever a visitor typed: it is fetched without the operator's HF_TOKEN
+    (``token=False``), and both files' sizes are read from the Hub's file listing and checked
+    against the adapter limits before anything is downloaded. Offline, only the cache is read.
+    Offline, gated, missing, oversized and other failures each become one sentence.
     """
-    from huggingface_hub import errors, snapshot_download
+    from huggingface_hub import HfApi, constants, errors, snapshot_download
 
     local_hint = f"copy the adapter folder into {adapter_dir} and load it by name" if adapter_dir else "load a folder"
+    wanted = [ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE]
     try:
-        folder = Path(snapshot_download(repo_id, allow_patterns=[ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE]))
+        if not constants.HF_HUB_OFFLINE:  # offline, snapshot_download reads the cache and nothing is fetched
+            _check_hub_sizes(repo_id, HfApi().get_paths_info(repo_id, wanted, token=False))
+        folder = Path(snapshot_download(repo_id, allow_patterns=wanted, token=False))
     except errors.GatedRepoError:
         raise ValueError(
-            f"The Hub repository {repo_id} is gated: accept its terms on its page and set HF_TOKEN, or {local_hint}."
+            f"The Hub repository {repo_id} is gated, and only public repositories can be named here: {local_hint}."
         ) from None
     except errors.RepositoryNotFoundError:
         raise ValueError(
-            f"No Hub repository {repo_id} was found (or it is private: set HF_TOKEN); check the id, or {local_hint}."
+            f"No public Hub repository {repo_id} was found; check the id (private repositories cannot be named), "
+            f"or {local_hint}."
         ) from None
     except errors.RevisionNotFoundError:
         raise ValueError(f"The Hub repository {repo_id} has no such revision; check the id, or {local_hint}.") from None
@@ -67,6 +74,31 @@ def download_adapter(repo_id: str, adapter_dir: Path | None = None) -> Path:
     if not (folder / ADAPTER_WEIGHTS_FILE).is_file():
         raise ValueError(f"The Hub repository {repo_id} has no {ADAPTER_WEIGHTS_FILE}; {PICKLE_SENTENCE}.")
     return folder
+
+
+def _check_hub_sizes(repo_id: str, listed) -> None:
+    """ValueError when a listed adapter file is over its limit or its size is unknown; missing files pass.
+
+    (A missing file gets its own sentence once the snapshot shows what the repo holds.)
+    """
+    limits = {
+        ADAPTER_CONFIG_FILE: settings.MAX_BLIP_ADAPTER_CONFIG_BYTES,
+        ADAPTER_WEIGHTS_FILE: settings.MAX_BLIP_ADAPTER_BYTES,
+    }
+    for item in listed:
+        limit = limits.get(getattr(item, "path", None))
+        if limit is None:
+            continue  # a folder of that name, or a file nobody asked for
+        size = getattr(item, "size", None)
+        if size is None:
+            raise ValueError(
+                f"The Hub did not report the size of {repo_id}/{item.path}, so it was not downloaded; try again later."
+            )
+        if size > limit:
+            raise ValueError(
+                f"{repo_id}/{item.path} is {size / 2**20:,.1f} MB, over the {limit / 2**20:,.0f} MB limit for a BLIP "
+                "adapter's file; it was not downloaded."
+            )
 
 
 def unpack_adapter_upload(paths: Iterable[str | Path], work_dir: Path) -> tuple[Path, str]:

@@ -129,16 +129,22 @@ def _resolve_in_folder(name: str, folder: Path, what: str) -> Path:
     return candidate
 
 
-def _hub_error_sentence(repo: str, weight_name: str, error: BaseException) -> str | None:
+def _hub_error_sentence(repo: str, weight_name: str, error: BaseException, public_only: bool = False) -> str | None:
     from huggingface_hub import errors as hub_errors
 
     target = f"{repo}/{weight_name}" if weight_name else repo
     if isinstance(error, hub_errors.GatedRepoError):
+        if public_only:
+            return f"{repo} is gated, and only public repos can be named here; download the file and upload it."
         return (
             f"{repo} is gated: accept its terms at https://huggingface.co/{repo} and set HF_TOKEN to a token of "
             "that account, or download the file and put it in the LoRA folder."
         )
     if isinstance(error, hub_errors.RepositoryNotFoundError):
+        if public_only:
+            return (
+                f"There is no public LoRA repo {repo!r} on the Hub; check the repo id (private repos cannot be named)."
+            )
         return f"There is no LoRA repo {repo!r} on the Hub (or it is private: set HF_TOKEN); check the repo id."
     if isinstance(error, (hub_errors.LocalEntryNotFoundError, hub_errors.OfflineModeIsEnabled)):
         return (
@@ -154,8 +160,15 @@ def _hub_error_sentence(repo: str, weight_name: str, error: BaseException) -> st
     return None
 
 
-def _resolve_hub(repo: str, weight_name: str | None, cache_dir: str | Path | None) -> tuple[Path, str]:
-    """Download (or find in the cache) one .safetensors file of a Hub repo; (path, weight_name)."""
+def _resolve_hub(
+    repo: str, weight_name: str | None, cache_dir: str | Path | None, token: bool | None = False
+) -> tuple[Path, str]:
+    """Download (or find in the cache) one .safetensors file of a Hub repo; (path, weight_name).
+
+    The file's size comes from the Hub's file listing first; a file over ``settings.MAX_LORA_BYTES``
+    is refused before a byte of it is downloaded. ``token``: False (a repo a visitor names: the
+    operator's HF_TOKEN is never sent), None (the registry's own repos: HF_TOKEN if set).
+    """
     from huggingface_hub import HfApi, constants, hf_hub_download
     from huggingface_hub.utils import validate_repo_id
 
@@ -169,17 +182,21 @@ def _resolve_hub(repo: str, weight_name: str | None, cache_dir: str | Path | Non
                 raise ValueError(f"{weight_name!r} must be a file name inside the repo {repo}.")
             # 1. Already downloaded: no network needed.
             try:
-                return Path(hf_hub_download(repo, weight_name, cache_dir=cache_dir, local_files_only=True)), weight_name
+                path = hf_hub_download(repo, weight_name, cache_dir=cache_dir, local_files_only=True, token=token)
+                return Path(path), weight_name
             except Exception as error:
                 if constants.HF_HUB_OFFLINE:
                     raise
                 logger.debug("%s/%s not cached (%s)", repo, weight_name, error)
             # 2. Its size, before downloading anything.
-            info = hf_hub_download(repo, weight_name, cache_dir=cache_dir, dry_run=True)
-            size = info.file_size
+            listed = HfApi().get_paths_info(repo, [weight_name], token=token)
+            sizes = {item.path: getattr(item, "size", None) for item in listed}
+            if weight_name not in sizes:
+                raise ValueError(f"{repo} has no file {weight_name!r}; check the file name in the repo's Files tab.")
+            size = sizes[weight_name]
         else:
             # 1. The repo's single .safetensors file, with its size.
-            siblings = HfApi().model_info(repo, files_metadata=True).siblings or []
+            siblings = HfApi().model_info(repo, files_metadata=True, token=token).siblings or []
             candidates = [item for item in siblings if item.rfilename.lower().endswith(".safetensors")]
             if not candidates:
                 raise ValueError(f"{repo} holds no .safetensors file; LoRAs are loaded from .safetensors files only.")
@@ -187,23 +204,27 @@ def _resolve_hub(repo: str, weight_name: str | None, cache_dir: str | Path | Non
                 names = ", ".join(item.rfilename for item in candidates[:6])
                 raise ValueError(f"{repo} holds several .safetensors files ({names}); give weight_name to pick one.")
             weight_name, size = candidates[0].rfilename, candidates[0].size
-        if size is not None and size > settings.MAX_LORA_BYTES:
-            raise ValueError(
-                f"{repo}/{weight_name} is {size / 2**20:,.0f} MB, over the {settings.MAX_LORA_BYTES / 2**20:,.0f} MB "
-                "limit for a LoRA (STUDIO_MAX_LORA_MB)."
-            )
+        check_hub_file_size(f"{repo}/{weight_name}", size, settings.MAX_LORA_BYTES, "a LoRA (STUDIO_MAX_LORA_MB)")
         # 3. Download.
-        return Path(hf_hub_download(repo, weight_name, cache_dir=cache_dir)), weight_name
+        return Path(hf_hub_download(repo, weight_name, cache_dir=cache_dir, token=token)), weight_name
     except ValueError as error:
-        sentence = _hub_error_sentence(repo, weight_name, error)
+        sentence = _hub_error_sentence(repo, weight_name, error, public_only=token is False)
         if sentence is None:
             raise
         raise ValueError(sentence) from error
     except Exception as error:
-        sentence = _hub_error_sentence(repo, weight_name, error)
+        sentence = _hub_error_sentence(repo, weight_name, error, public_only=token is False)
         if sentence is None:
             raise ValueError(f"{repo}: the LoRA could not be fetched ({type(error).__name__}: {error}).") from error
         raise ValueError(sentence) from error
+
+
+def check_hub_file_size(label: str, size: int | None, limit: int, what: str) -> None:
+    """ValueError unless the Hub reported ``size`` and it is within ``limit``: checked before any download."""
+    if size is None:
+        raise ValueError(f"The Hub did not report the size of {label}, so it was not downloaded; try again later.")
+    if size > limit:
+        raise ValueError(f"{label} is {size / 2**20:,.0f} MB, over the {limit / 2**20:,.0f} MB limit for {what}.")
 
 
 def resolve_lora_source(
@@ -254,7 +275,7 @@ def resolve_lora_source(
             path=path, kind="upload", description=f"upload:{path.name}", name=sanitize_lora_name(path.stem)
         )
     if repo:
-        path, weight_name = _resolve_hub(str(repo), weight_name, cache_dir)
+        path, weight_name = _resolve_hub(str(repo), weight_name, cache_dir, token=False)  # never the operator's token
         label = f"hub:{str(repo).strip()}/{weight_name}"
         _check_file(path, label)
         return LoraSource(
@@ -270,7 +291,7 @@ def resolve_lora_source(
         known = ", ".join(entries) or "none"
         raise ValueError(f"There is no LoRA {registry_name!r} in the registry; it has: {known}.")
     if entry.repo:
-        path, _ = _resolve_hub(entry.repo, entry.weight_name, cache_dir)
+        path, _ = _resolve_hub(entry.repo, entry.weight_name, cache_dir, token=None)  # the operator's own list
     else:
         path = _resolve_in_folder(entry.file, entry.folder, "registry's folder")
     label = f"registry:{entry.name}"

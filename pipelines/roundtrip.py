@@ -153,6 +153,17 @@ def summarize(rows: list[dict]) -> dict:
     }
 
 
+def check_evaluation_size(models: list[str], seeds: list[int], prompts: list[tuple[str, str]], max_images: int) -> int:
+    """The number of images an evaluation run draws (models x seeds x prompts); ValueError past ``max_images``."""
+    images = len(models) * len(seeds) * len(prompts)
+    if images > max_images:
+        raise ValueError(
+            f"{len(models)} model(s) x {len(seeds)} seed(s) x {len(prompts)} prompts is {images} images; one "
+            f"evaluation run draws at most {max_images}. Choose fewer models, seeds or categories."
+        )
+    return images
+
+
 def run_evaluation(
     manager,
     matcher: ImageTextMatcher,
@@ -167,14 +178,18 @@ def run_evaluation(
     model_size: str = "",
     on_progress: Callable[[int, int], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    max_images: int | None = None,
 ) -> dict:
     """Score every (model, seed, prompt) into ``out_path``; rows already there are skipped (resume).
 
     The file is rewritten after every image, so an interrupted run keeps what
-    it did. Returns the file's content.
+    it did. Returns the file's content. ``max_images`` (None: no limit, as on
+    the command line) refuses a larger run before anything is drawn.
     """
     from pipelines.sd3 import model_key
 
+    if max_images is not None:
+        check_evaluation_size(models, seeds, prompts, max_images)
     out_path = Path(out_path)
     existing = json.loads(out_path.read_text()) if out_path.is_file() else {}
     rows: list[dict] = list(existing.get("rows", []))

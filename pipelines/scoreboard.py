@@ -602,8 +602,9 @@ def build_report(
     """The whole scoreboard; a broken data file or results file becomes a warning, never an exception."""
     report = ScoreboardReport()
     payloads, report.warnings = read_results(results_dir)
-    if results_dir == RESULTS_DIR and settings.EVALUATION_RESULTS_DIR != RESULTS_DIR:
-        extra, extra_warnings = read_results(settings.EVALUATION_RESULTS_DIR)  # the Round trip tab's evaluations
+    evaluations = settings.EVALUATION_RESULTS_DIR
+    if results_dir == RESULTS_DIR and evaluations != RESULTS_DIR and evaluations.is_dir():  # none run yet: no folder
+        extra, extra_warnings = read_results(evaluations)  # the Round trip tab's evaluations
         payloads += extra
         report.warnings += extra_warnings
     report.warnings += failed_runs(payloads)

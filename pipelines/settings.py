@@ -81,6 +81,13 @@ MAX_ATTENTION_CAPTION_CHARS = 500
 ATTENTION_OVERLAY_SIDE = 384  # longest side of each overlay (BLIP itself looks at 384 px)
 DEFAULT_ATTENTION_OPACITY = 0.6  # how strongly the hottest spots are coloured over the image
 ATTENTION_EXPORT_FORMATS = ("npy", "json")
+# Word pieces one request computes maps for: any caption BLIP can write. The raw maps grow with them
+# (BLIP base: 12 layers x 12 heads x 577 keys, 0.33 MB of float32 per token; a 500-token caption
+# would export 167 MB as .npy and 0.9 GB as JSON).
+MAX_ATTENTION_TOKENS = MAX_NEW_TOKENS
+# Bytes one raw-maps export may take, estimated from the shape before anything is written.
+# 75 tokens on BLIP base: 25 MB as .npy, at most 63 MB as JSON (10 bytes per number).
+MAX_ATTENTION_EXPORT_BYTES = _env_int("STUDIO_MAX_ATTENTION_EXPORT_MB", 64, ceiling=512) * 1024 * 1024
 ATTENTION_SHEET_COLUMNS = 6  # words per row in the laid-out sheet
 ATTENTION_SHEET_CELL = 192  # side of each overlay in the sheet, in pixels
 
@@ -106,10 +113,13 @@ VAE_TILING_ABOVE_PIXELS = 1536 * 1024  # larger images decode in tiles (the VAE 
 MAX_HISTORY_IMAGES = 48  # images kept in a browser session's history gallery
 
 # --- results (bench/, the Round trip tab, the Scoreboard) ---------------------------
-# Benchmarks write bench/results; the Round trip tab writes its evaluations to
-# STUDIO_RESULTS_DIR when set (e.g. a persistent volume on a Space), else there too.
+# Benchmarks write bench/results (the repository's measured figures). The Round trip tab writes
+# the evaluations that visitors run to STUDIO_RESULTS_DIR when set (e.g. a persistent volume on a
+# Space), else to the user's cache folder: never into the repository, whose files the Scoreboard
+# presents as the project's own measurements. The Scoreboard shows both.
 BENCH_RESULTS_DIR = Path(__file__).resolve().parent.parent / "bench" / "results"
-EVALUATION_RESULTS_DIR = Path(os.environ.get("STUDIO_RESULTS_DIR") or BENCH_RESULTS_DIR)
+_CACHE_HOME = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+EVALUATION_RESULTS_DIR = Path(os.environ.get("STUDIO_RESULTS_DIR") or _CACHE_HOME / "blip-sd3-studio" / "evaluations")
 
 # --- serving (app.py) ---------------------------------------------------------------
 # Requests that may run at once per event, and requests that may wait. Past
@@ -187,6 +197,10 @@ GPU_CONCURRENCY_ID = "gpu"
 # Suggested after an out-of-memory error when the planner cannot name a smaller mode for the request.
 OOM_FALLBACK_MEMORY_MODE = "nf4-t5nf4-offload"
 MAX_EVALUATION_SEEDS = 10  # seeds in one Round trip evaluation run; each seed draws every prompt once
+# Images one Round trip evaluation run may draw (models x seeds x prompts), all inside the GPU slot:
+# 60 is two models over the 30 built-in prompts: at the published 11.6 s per SD3.5 Large image
+# (H100, 1024², 50 steps) about 12 minutes.
+MAX_EVALUATION_IMAGES = _env_int("STUDIO_MAX_EVALUATION_IMAGES", 60, ceiling=1000)
 # Pillow formats an upload may be decoded as. Pillow reads many more (EPS through Ghostscript, PSD,
 # ICO, ...); each is code a stranger's file could reach, and no tab needs them.
 UPLOAD_IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
