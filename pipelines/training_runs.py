@@ -7,6 +7,11 @@ app's request queue, survives a closed browser tab, and can be cancelled as a
 whole (an ``accelerate launch`` spawns workers). The loss curve is read back
 from the trainer's log lines (``step N/M ... loss X``).
 
+On an app that strangers share: a run id is random and a run answers only the
+visitor who started it; the log tail a visitor sees names no server path; each
+run's folder holds its log, its dataset and a PID file, so a restarted app stops
+trainers a crashed one left behind, and ``stop_on_exit`` stops them on SIGTERM.
+
 Datasets come in as uploads: a zip (the Batch tab's export, edited or not) or
 loose files, laid out by ``unpack_training_upload`` into an imagefolder with a
 ``metadata.jsonl``. Kohya-style sidecar ``.txt`` captions are turned into that

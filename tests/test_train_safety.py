@@ -192,6 +192,19 @@ def _train_tab_app(studio):
     return demo
 
 
+def test_train_start_checks_one_dataset_at_a_time(tiny_manager, tmp_path):
+    """Starts wait in Gradio's queue (holding no thread) while one dataset is checked; nothing else shares the slot."""
+    from pipelines import settings
+    from pipelines.studio import Studio
+
+    demo = _train_tab_app(Studio(manager=tiny_manager, lora_dir=tmp_path / "loras"))
+    events = {fn.api_name: fn for fn in demo.fns.values() if fn.api_name}
+    start = events["train_start"]
+    assert start.queue and start.concurrency_limit == 1 and start.concurrency_id == "train_start"
+    assert [name for name, fn in events.items() if fn.concurrency_id == "train_start"] == ["train_start"]
+    assert events["train_load_result"].concurrency_id == settings.GPU_CONCURRENCY_ID
+
+
 @pytest.mark.parametrize("allowed", [False, True])
 def test_public_mode_trains_only_when_the_operator_allows_it(tiny_manager, tmp_path, allowed):
     import gradio as gr
