@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 import zipfile
@@ -374,3 +375,38 @@ def test_dataset_checks_run_one_at_a_time_outside_the_callers_thread(fake_traine
         worker.join()
     assert most[0] == 1
     assert threads == {"training-dataset-check_0"}
+
+
+def test_exit_signals_stop_trainers_then_chain_to_the_previous_handler(tmp_path):
+    """In a child app: SIGTERM stops the trainer's group, runs the handler that was there before, and exits."""
+    import subprocess
+
+    (tmp_path / "fake_trainers").mkdir()
+    (tmp_path / "fake_trainers" / "__init__.py").write_text("")
+    (tmp_path / "fake_trainers" / "waits.py").write_text("import time\ntime.sleep(120)\n")
+    script = tmp_path / "app_like.py"
+    script.write_text(
+        "import os, signal, sys, time\n"
+        "from pathlib import Path\n"
+        "from pipelines import training_runs\n"
+        "training_runs.TRAINER_MODULES['sd3'] = 'fake_trainers.waits'\n"
+        "signal.signal(signal.SIGTERM, lambda *_: print('previous handler ran', flush=True))\n"
+        f"runs = training_runs.TrainingRuns(Path({str(tmp_path / 'runs')!r}), environment={{'PYTHONPATH': {str(tmp_path)!r}}})\n"
+        "runs.stop_on_exit()\n"
+        "run = runs.start('sd3', [], Path('out'))\n"
+        "print('trainer', run.process.pid, flush=True)\n"
+        "os.kill(os.getpid(), signal.SIGTERM)\n"
+        "time.sleep(30)\n"
+        "print('not reached', flush=True)\n"
+    )
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run(
+        [sys.executable, str(script)], cwd=root, env={**os.environ, "PYTHONPATH": str(root)},
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    lines = done.stdout.splitlines()
+    trainer = int(lines[0].split()[1])
+    assert lines[1:] == ["previous handler ran"], done.stderr
+    assert done.returncode == 128 + 15
+    assert not _alive(trainer)
+    assert list((tmp_path / "runs").glob("*/trainer.pid")) == []
