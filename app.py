@@ -201,6 +201,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
     studio = _studio_from_args(args)
+    studio.training_runs.stop_on_exit()  # no trainer outlives the app (atexit, SIGTERM, SIGINT)
     if not args.no_preload:
         studio.manager.preload("blip-caption")  # BLIP is small; the first click should not wait for it
     demo = build_app(studio)

@@ -9,22 +9,66 @@ Caption tabs load them by name.
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
 import gradio as gr
 
-from components.common import ValidatedNumber, launch_alone, named_endpoint, parameter
+from components.common import ValidatedNumber, launch_alone, named_endpoint, parameter, visitor_id
 from pipelines import settings
 from pipelines.sd3 import MODEL_CHOICES
 from pipelines.studio import Studio
-from pipelines.training_runs import RunStatus, run_name, unpack_training_upload
+from pipelines.training_runs import RunStatus, run_name
+from pipelines.validation import as_float, as_int
 
 TRAINERS = {"sd3": "SD3.5 LoRA (images → style or subject)", "blip": "BLIP caption LoRA (new language or style)"}
+OPERATOR_ONLY_NOTICE = (
+    "Training is reserved for the operator of this public instance; run the Studio yourself (python app.py) "
+    "to train a LoRA."
+)
 TRAINING_NOTICE = (
     "Training needs a CUDA GPU for real models: an SD3.5 Medium LoRA at 1024 px takes roughly 20-30 GB "
     "of GPU memory with gradient checkpointing, Large more. On the CPU only the tiny models train in reasonable time."
 )
+
+
+# The Train tab's number fields per trainer: (low, high) for each; the trainer's own config checks them
+# again (resolution's multiple of 16, for one). A field the trainer does not use is not read.
+NUMBER_RANGES = {
+    "sd3": {
+        "steps": (1, settings.SD3_TRAIN_MAX_STEPS),
+        "rank": (1, settings.SD3_TRAIN_MAX_RANK),
+        "learning_rate": (0.0, settings.SD3_TRAIN_MAX_LEARNING_RATE),
+        "batch_size": (1, settings.SD3_TRAIN_MAX_BATCH_SIZE),
+        "gradient_accumulation": (1, settings.SD3_TRAIN_MAX_GRADIENT_ACCUMULATION),
+        "resolution": (settings.SD3_TRAIN_MIN_RESOLUTION, settings.SD3_TRAIN_MAX_RESOLUTION),
+        "validation_every": (1, settings.SD3_TRAIN_MAX_STEPS),
+    },
+    "blip": {
+        "steps": (1, settings.BLIP_TRAIN_MAX_STEPS),
+        "rank": (1, settings.BLIP_TRAIN_MAX_RANK),
+        "learning_rate": (0.0, settings.BLIP_TRAIN_MAX_LEARNING_RATE),
+        "batch_size": (1, settings.BLIP_TRAIN_MAX_BATCH_SIZE),
+        "gradient_accumulation": (1, settings.BLIP_TRAIN_MAX_GRADIENT_ACCUMULATION),
+        "validation_split": (0.0, 0.5),
+    },
+}
+FLOAT_FIELDS = ("learning_rate", "validation_split")
+
+
+def training_numbers(kind: str, values: dict) -> dict:
+    """The number fields ``kind``'s trainer uses, checked: ValueError with one sentence for any bad one
+    (text, inf, nan, 1e400, out of range)."""
+    if kind not in NUMBER_RANGES:
+        raise ValueError(f"Unknown trainer {kind!r}; choose one of: {', '.join(TRAINERS)}.")
+    numbers = {}
+    for label, (low, high) in NUMBER_RANGES[kind].items():
+        if label == "learning_rate":
+            numbers[label] = as_float(label, values.get(label), low, high, low_open=True)
+        elif label in FLOAT_FIELDS:
+            numbers[label] = as_float(label, values.get(label), low, high)
+        else:
+            numbers[label] = as_int(label, values.get(label), low, high)
+    return numbers
 
 
 def trainer_arguments(
@@ -34,46 +78,35 @@ def trainer_arguments(
     output_dir: Path,
     *,
     model: str,
-    steps,
-    rank,
-    learning_rate,
-    batch_size,
-    gradient_accumulation,
-    resolution,
-    trigger: str,
-    validation_prompt: str,
-    validation_every,
-    gradient_checkpointing: bool,
-    use_8bit_adam: bool,
-    validation_split,
+    trigger: str = "",
+    validation_prompt: str = "",
+    gradient_checkpointing: bool = False,
+    use_8bit_adam: bool = False,
+    **values,
 ) -> list[str]:
-    """The trainer's command line for these form values; every value is checked by the trainer's own config."""
-    steps, rank, batch_size, gradient_accumulation, resolution, validation_every = (
-        _number(label, value, integer=True)
-        for label, value in [
-            ("steps", steps),
-            ("rank", rank),
-            ("batch_size", batch_size),
-            ("gradient_accumulation", gradient_accumulation),
-            ("resolution", resolution),
-            ("validation_every", validation_every),
-        ]
-    )
-    learning_rate = _number("learning_rate", learning_rate, integer=False)
-    validation_split = _number("validation_split", validation_split, integer=False)
-    arguments = [str(dataset), str(output_dir), "--rank", str(rank), "--learning-rate", str(learning_rate)]
-    arguments += ["--batch-size", str(batch_size), "--gradient-accumulation", str(gradient_accumulation)]
+    """The trainer's command line for these form values (``values``: the number fields, as sent).
+
+    Numbers are checked here (``training_numbers``) and then by the trainer's own config, so every
+    bad value is a sentence before a process starts.
+    """
+    numbers = training_numbers(kind, values)
+    arguments = [str(dataset), str(output_dir), "--rank", str(numbers["rank"])]
+    arguments += ["--learning-rate", str(numbers["learning_rate"]), "--batch-size", str(numbers["batch_size"])]
+    arguments += ["--gradient-accumulation", str(numbers["gradient_accumulation"])]
     if kind == "sd3":
+        if not isinstance(model, str) or model not in MODEL_CHOICES:
+            raise ValueError(f"Unknown SD3.5 model {model!r}; choose one of: {', '.join(MODEL_CHOICES)}.")
         if studio.tiny:
             arguments += ["--tiny", model, "--tiny-dir", str(studio.manager.tiny_root)]
         else:
             key = MODEL_CHOICES[model]
             arguments += ["--model", studio.manager.source_for(key)]
-        arguments += ["--steps", str(steps), "--resolution", str(resolution)]
+        arguments += ["--steps", str(numbers["steps"]), "--resolution", str(numbers["resolution"])]
         if trigger.strip():
             arguments += ["--trigger", trigger.strip()]
         if validation_prompt.strip():
-            arguments += ["--validation-prompt", validation_prompt.strip(), "--validation-every", str(validation_every)]
+            arguments += ["--validation-prompt", validation_prompt.strip()]
+            arguments += ["--validation-every", str(numbers["validation_every"])]
         if gradient_checkpointing:
             arguments.append("--gradient-checkpointing")
         if use_8bit_adam:
@@ -84,26 +117,13 @@ def trainer_arguments(
             arguments += ["--tiny", "--tiny-dir", str(studio.manager.tiny_root)]
         else:
             arguments += ["--model", studio.manager.source_for("blip-caption")]
-        arguments += ["--max-steps", str(steps), "--validation-split", str(validation_split)]
+        arguments += ["--max-steps", str(numbers["steps"]), "--validation-split", str(numbers["validation_split"])]
         from pipelines.train_blip_lora import parse_args
     try:
         parse_args(arguments).validated()  # the trainer's sentences, before a process starts
     except SystemExit:
         raise ValueError("A training setting is not a valid number; check the form.") from None
     return arguments
-
-
-def _number(label: str, value, *, integer: bool):
-    """``value`` as a number for the command line; the trainer's config checks its range."""
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{label} must be a number, not {value!r}.") from None
-    if integer:
-        if number != int(number):
-            raise ValueError(f"{label} must be a whole number, not {value!r}.")
-        return int(number)
-    return number
 
 
 def status_markdown(status: RunStatus) -> str:
@@ -121,55 +141,70 @@ def status_markdown(status: RunStatus) -> str:
 
 def build_train_tab(studio: Studio) -> dict:
     """Build the Train tab inside the current Blocks; returns its main components."""
-    upload_root = Path(tempfile.mkdtemp(prefix="studio-train-"))
+    runs = studio.training_runs
 
     def start_training(
         kind, files, name, model, steps, rank, learning_rate, batch_size, gradient_accumulation, resolution,
         trigger, validation_prompt, validation_every, gradient_checkpointing, use_8bit_adam, validation_split,
+        request: gr.Request,
     ):  # fmt: skip
-        """Check the dataset and settings, then start the run; returns its id at once."""
+        """Check the settings, then the dataset (one upload at a time), then start the run; returns its id at once."""
+        # 1. Who may train: everyone locally; on a public instance only if the operator allows it.
+        if not studio.visitors_may_train:
+            studio.require_operator("Training")
         if kind not in TRAINERS:
             raise ValueError(f"Unknown trainer {kind!r}; choose one of: {', '.join(TRAINERS)}.")
-        paths = [getattr(file, "name", file) for file in (files or [])]
+        # 2. Cheap checks: the name, the output folder; the numbers come with the arguments below.
         folder_name = run_name(name)
-        dataset = unpack_training_upload(paths, Path(tempfile.mkdtemp(prefix="dataset-", dir=upload_root)))
         output_root = studio.lora_dir if kind == "sd3" else studio.adapter_dir
-        output_dir = output_root / folder_name
+        output_dir = Path(output_root) / folder_name
         if output_dir.exists() and any(output_dir.iterdir()):
-            raise ValueError(f"{folder_name!r} already exists in {output_root.name}/; choose another run name.")
-        arguments = trainer_arguments(
-            studio, kind, dataset, output_dir, model=model, steps=steps, rank=rank, learning_rate=learning_rate,
-            batch_size=batch_size, gradient_accumulation=gradient_accumulation, resolution=resolution,
-            trigger=trigger or "", validation_prompt=validation_prompt or "", validation_every=validation_every,
-            gradient_checkpointing=bool(gradient_checkpointing), use_8bit_adam=bool(use_8bit_adam),
-            validation_split=validation_split,
+            raise ValueError(f"{folder_name!r} already exists in {Path(output_root).name}/; choose another run name.")
+        numbers = {
+            "steps": steps, "rank": rank, "learning_rate": learning_rate, "batch_size": batch_size,
+            "gradient_accumulation": gradient_accumulation, "resolution": resolution,
+            "validation_every": validation_every, "validation_split": validation_split,
+        }  # fmt: skip
+
+        def arguments_for(dataset: Path) -> list[str]:
+            return trainer_arguments(
+                studio, kind, dataset, output_dir, model=model, trigger=str(trigger or ""),
+                validation_prompt=str(validation_prompt or ""), gradient_checkpointing=bool(gradient_checkpointing),
+                use_8bit_adam=bool(use_8bit_adam), **numbers,
+            )  # fmt: skip
+
+        # 3. The dataset is checked in the runs' dataset thread into the run's own folder, then the run starts.
+        paths = [getattr(file, "name", file) for file in (files or [])]
+        placeholders = {studio.manager.tiny_root: "<models>"} if studio.tiny else {}
+        run = runs.start_with_dataset(
+            kind, paths, output_dir, arguments_for, name=folder_name, owner=visitor_id(request),
+            placeholders=placeholders,
         )  # fmt: skip
-        run = studio.training_runs.start(kind, arguments, output_dir, name=folder_name)
         return run.run_id, status_markdown(run.status()), gr.Timer(active=True)
 
-    def training_status(run_id):
-        """The run's state, loss curve and log tail (the page stops polling once the run has ended)."""
+    def training_status(run_id, request: gr.Request):
+        """Your run's state, loss curve and log tail (the page stops polling once the run has ended)."""
         if not run_id:
             return "No run started yet.", None, "", gr.Timer(active=False)
-        status = studio.training_runs.get(run_id).status()
+        status = runs.get(run_id, visitor_id(request)).status()
         return status_markdown(status), _loss_frame(status), status.log_tail, gr.Timer(active=not status.done)
 
-    def cancel_training(run_id):
-        """Stop the run and everything it started; checkpoints stay."""
+    def cancel_training(run_id, request: gr.Request):
+        """Stop your run and everything it started; checkpoints stay."""
         if not run_id:
             raise ValueError("No run to cancel; start one first.")
-        run = studio.training_runs.get(run_id)
+        run = runs.get(run_id, visitor_id(request))
         run.cancel()
         return status_markdown(run.status())
 
-    def load_result(run_id, model):
-        """Load a finished run's output into the Generate tab (SD3.5) or the Caption tab (BLIP)."""
+    def load_result(run_id, model, request: gr.Request):
+        """Load your finished run's output into the Generate tab (SD3.5) or the Caption tab (BLIP)."""
         if not run_id:
             raise ValueError("No run yet; start one and wait for it to finish.")
-        run = studio.training_runs.get(run_id)
+        run = runs.get(run_id, visitor_id(request))
         status = run.status()
         if status.state != "finished":
-            raise ValueError(f"Run {run_id} is {status.state}; load its result once it has finished.")
+            raise ValueError(f"Run {run.run_id} is {status.state}; load its result once it has finished.")
         return studio.load_training_result(run.kind, run.output_dir, model=model)
 
     gr.Markdown(
@@ -178,6 +213,8 @@ def build_train_tab(studio: Studio) -> dict:
         "the command it runs is the first line of its log, so you can run the same thing from a terminal."
     )
     gr.Markdown(TRAINING_NOTICE if not studio.tiny else "Tiny mode: the tiny models train on the CPU in seconds.")
+    if not studio.visitors_may_train:
+        gr.Markdown(f"**{OPERATOR_ONLY_NOTICE}**")
     with gr.Row():
         with gr.Column(scale=1):
             kind = gr.Radio([(label, key) for key, label in TRAINERS.items()], value="sd3", label="Train")
@@ -211,8 +248,8 @@ def build_train_tab(studio: Studio) -> dict:
                 validation_prompt = gr.Textbox(value="", label="Validation prompt (SD3.5: rendered every N steps)")
                 validation_every = ValidatedNumber(value=100, precision=0, label="Validation every N steps")
             with gr.Row():
-                start = gr.Button("Start training", variant="primary")
-                cancel = gr.Button("Cancel", variant="stop")
+                start = gr.Button("Start training", variant="primary", visible=studio.visitors_may_train)
+                cancel = gr.Button("Cancel", variant="stop", visible=studio.visitors_may_train)
         with gr.Column(scale=1):
             run_id = gr.Textbox(label="Run id", interactive=False)
             status = gr.Markdown("No run started yet.")
@@ -239,6 +276,7 @@ def build_train_tab(studio: Studio) -> dict:
         parameter("gradient_checkpointing", True),
         parameter("use_8bit_adam", False),
         parameter("validation_split", 0.0),
+        parameter("request", None, gr.Request),
     ]
     start.click(
         named_endpoint(start_training, start_parameters),
@@ -262,10 +300,13 @@ def build_train_tab(studio: Studio) -> dict:
         ],  # fmt: skip
         outputs=[run_id, status, timer],
         api_name="train_start",
-        concurrency_limit=None,  # starting a run is quick; the run itself is a separate process
+        # One start at a time: its dataset check unpacks and decodes up to MAX_TRAINING_IMAGES images.
+        # Other starts wait in the queue (holding no thread); the run itself is a separate process.
+        concurrency_limit=1,
+        concurrency_id="train_start",
     )
     timer.tick(
-        named_endpoint(training_status, [parameter("run_id", "")]),
+        named_endpoint(training_status, [parameter("run_id", ""), parameter("request", None, gr.Request)]),
         inputs=run_id,
         outputs=[status, loss_plot, log_tail, timer],
         api_name="train_status",
@@ -273,14 +314,17 @@ def build_train_tab(studio: Studio) -> dict:
         show_progress="hidden",
     )
     cancel.click(
-        named_endpoint(cancel_training, [parameter("run_id", "")]),
+        named_endpoint(cancel_training, [parameter("run_id", ""), parameter("request", None, gr.Request)]),
         inputs=run_id,
         outputs=status,
         api_name="train_cancel",
         queue=False,
     )
     load.click(
-        named_endpoint(load_result, [parameter("run_id", ""), parameter("model", "medium")]),
+        named_endpoint(
+            load_result,
+            [parameter("run_id", ""), parameter("model", "medium"), parameter("request", None, gr.Request)],
+        ),
         inputs=[run_id, model],
         outputs=loaded,
         api_name="train_load_result",

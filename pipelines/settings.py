@@ -146,6 +146,10 @@ MAX_SIDECAR_BYTES = 64 * 1024  # one .txt caption
 MAX_METADATA_BYTES = 64 * 1024**2  # one metadata.jsonl
 TRAINING_LOG_TAIL_LINES = 30  # log lines the Train tab shows
 TRAINING_CANCEL_GRACE_SECONDS = 10  # after SIGTERM, before SIGKILL
+TRAINING_EXIT_GRACE_SECONDS = 5  # on app exit (or a survivor found at start): after SIGTERM, before SIGKILL
+TRAINING_RUN_ID_BYTES = 12  # random bytes in a run id (96 bits): not guessable, so not readable by others
+# A /train_start waits this long for another visitor's dataset check (one runs at a time) before a sentence.
+TRAINING_DATASET_CHECK_WAIT_SECONDS = 120
 
 # --- SD3.5 LoRA training (pipelines/train_sd3_lora, pipelines/sd3_training_data) ----
 SD3_TRAIN_DEFAULT_MODEL = "sd35-large"  # the Generate tab's default model, so a LoRA trained by default loads there

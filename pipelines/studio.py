@@ -36,7 +36,7 @@ class Studio:
     blip_adapters: BlipAdapterSet = field(init=False, repr=False)
     lora_dir: Path | None = None  # --lora-dir; None: <tiny root>/loras under --tiny, else loras/
     lora_registry_path: Path | None = None  # None: the tiny registry under --tiny, else assets/loras.json
-    runs_dir: Path | None = None  # training logs; None: <lora_dir>/.runs
+    runs_dir: Path | None = None  # one folder per training run (log, dataset, PID file); None: <lora_dir>/.runs
     training_enabled: bool = True  # --no-train leaves the Train tab out
     # --public / $SPACE_ID: anonymous visitors share this process. Operator-only actions (unload,
     # evaluation runs, memory-mode changes, training unless $STUDIO_PUBLIC_TRAINING=1) are refused to them.

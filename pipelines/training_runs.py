@@ -7,6 +7,11 @@ app's request queue, survives a closed browser tab, and can be cancelled as a
 whole (an ``accelerate launch`` spawns workers). The loss curve is read back
 from the trainer's log lines (``step N/M ... loss X``).
 
+On an app that strangers share: a run id is random and a run answers only the
+visitor who started it; the log tail a visitor sees names no server path; each
+run's folder holds its log, its dataset and a PID file, so a restarted app stops
+trainers a crashed one left behind, and ``stop_on_exit`` stops them on SIGTERM.
+
 Datasets come in as uploads: a zip (the Batch tab's export, edited or not) or
 loose files, laid out by ``unpack_training_upload`` into an imagefolder with a
 ``metadata.jsonl``. Kohya-style sidecar ``.txt`` captions are turned into that
@@ -15,22 +20,30 @@ file when it is missing.
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import json
+import logging
 import os
 import re
+import secrets
+import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
 import zipfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipelines import settings
 from pipelines.batch_caption import collect_uploads, member_path, sidecar_clashes
 from pipelines.training_data import METADATA_FILE, read_dataset
+
+logger = logging.getLogger(__name__)
 
 TRAINER_MODULES = {"sd3": "pipelines.train_sd3_lora", "blip": "pipelines.train_blip_lora"}
 # One log line per logged step, e.g. "step 40/200  loss 0.1234  lr 1.0e-04  0.52 s/step".
@@ -136,6 +149,38 @@ def _zip_texts(path: Path) -> dict[str, str]:
     return texts
 
 
+OWNER_LOCAL = "local"  # the owner of runs started from Python or the CLI (no visitor)
+PID_FILE = "trainer.pid"  # in each run's folder while its trainer may be running
+LOG_FILE = "trainer.log"
+DATASET_FOLDER = "dataset"
+# An absolute POSIX path in a log line or message (after a space, quote, '=' or '(' and the like, not inside a word).
+# Two components at least, so an endpoint name such as /train_start stays as it is.
+ABSOLUTE_PATH = re.compile(r"(?<![\w.:/~<>-])/[^\s'\"(),;:/]+/[^\s'\"(),;:]*")
+
+
+def new_run_id(kind: str, name: str = "") -> str:
+    """A run id nobody can guess: random hex from ``secrets``, then the kind and readable name."""
+    return f"{secrets.token_hex(settings.TRAINING_RUN_ID_BYTES)}-{kind}-{run_name(name or kind)}"
+
+
+def hide_paths(text: str, placeholders: dict[str | Path, str] | None = None) -> str:
+    """``text`` with server paths replaced: each of ``placeholders`` by its label, any other absolute path
+    by ``<path>`` (a Python file keeps its name, so a traceback stays readable)."""
+    variants: dict[str, str] = {}
+    for path, label in (placeholders or {}).items():
+        for variant in (str(path), os.path.abspath(path), str(Path(path).resolve())):
+            if len(variant) > 1 and "/" in variant:
+                variants.setdefault(variant.rstrip("/"), label)
+    for variant in sorted(variants, key=len, reverse=True):  # the longest first: a dataset inside its run folder
+        text = text.replace(variant, variants[variant])
+
+    def generic(match: re.Match) -> str:
+        name = match.group(0).rstrip("/").rsplit("/", 1)[-1]
+        return f"<path>/{name}" if name.endswith(".py") else "<path>"
+
+    return ABSOLUTE_PATH.sub(generic, text)
+
+
 @dataclass
 class RunStatus:
     run_id: str
@@ -146,7 +191,7 @@ class RunStatus:
     losses: list[tuple[int, float]]  # (step, loss) for every logged step
     seconds: float
     output_dir: Path
-    log_tail: str  # the last lines of the log, for the user to read
+    log_tail: str  # the last lines of the log, for the user to read; server paths are placeholders
 
     @property
     def done(self) -> bool:
@@ -161,6 +206,9 @@ class TrainingRun:
     output_dir: Path
     log_path: Path
     process: subprocess.Popen
+    owner: str = OWNER_LOCAL  # the visitor who started it (components.common.visitor_id); only they see it
+    folder: Path | None = None  # the run's own folder: its log, PID file and dataset
+    placeholders: dict[str, str] = field(default_factory=dict)  # server path -> what the log tail shows
     started: float = field(default_factory=time.monotonic)
     finished: float | None = None
     cancelled: bool = False
@@ -169,6 +217,7 @@ class TrainingRun:
         code = self.process.poll()
         if code is not None and self.finished is None:
             self.finished = time.monotonic()
+            self._forget_pid()
         if code is None:
             state = "running"
         elif self.cancelled:
@@ -184,6 +233,7 @@ class TrainingRun:
                 losses.append((int(match.group(1)), float(match.group(3))))
                 total = int(match.group(2)) if match.group(2) else total
         end = self.finished if self.finished is not None else time.monotonic()
+        tail = "\n".join(text.splitlines()[-settings.TRAINING_LOG_TAIL_LINES :])
         return RunStatus(
             run_id=self.run_id,
             kind=self.kind,
@@ -193,26 +243,30 @@ class TrainingRun:
             losses=losses,
             seconds=end - self.started,
             output_dir=self.output_dir,
-            log_tail="\n".join(text.splitlines()[-settings.TRAINING_LOG_TAIL_LINES :]),
+            log_tail=hide_paths(tail, self.placeholders),
         )
 
-    def cancel(self) -> None:
+    def cancel(self, grace: float = settings.TRAINING_CANCEL_GRACE_SECONDS) -> None:
         """Stop the run and every process it started; its checkpoints stay on disk."""
         if self.process.poll() is not None:
             return
         self.cancelled = True
-        try:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            self.process.wait(timeout=settings.TRAINING_CANCEL_GRACE_SECONDS)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
-        except ProcessLookupError:
-            pass
+        stop_process_groups([self.process.pid], grace, reap=[self.process])
+        self.process.wait()
+        self._forget_pid()
+
+    def _forget_pid(self) -> None:
+        if self.folder is not None:
+            (self.folder / PID_FILE).unlink(missing_ok=True)
 
 
 class TrainingRuns:
     """The runs this app started; at most ``max_running`` at a time.
+
+    Each run has a folder ``runs_dir/<run id>/`` with its log, its dataset and, while it may
+    be running, a PID file. A new ``TrainingRuns`` stops the trainers an earlier app process
+    left running there (a crash, a SIGKILL), so the limit holds across restarts;
+    ``stop_on_exit`` stops this app's trainers when it exits.
 
     ``python`` is the interpreter the trainers run under (this one by default);
     ``environment`` is added to the subprocess environment (e.g. HF_HUB_OFFLINE).
@@ -232,23 +286,117 @@ class TrainingRuns:
         self.environment = dict(environment or {})
         self._runs: dict[str, TrainingRun] = {}
         self._lock = threading.Lock()
+        # Dataset checks unpack and decode up to MAX_TRAINING_IMAGES images: one at a time, in their own thread.
+        self._dataset_checker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="training-dataset-check")
+        self._dataset_slot = threading.Lock()
+        self._previous_handlers: dict[int, object] = {}
+        self.survivors_stopped = self.stop_survivors()
 
-    def start(self, kind: str, arguments: Sequence[str], output_dir: Path, *, name: str = "") -> TrainingRun:
-        """Start ``python -m <trainer> <arguments>``; the trainer writes into ``output_dir``."""
+    # -- starting
+
+    def run_folder(self, run_id: str) -> Path:
+        return self.runs_dir / run_id
+
+    def check_room(self, owner: str = OWNER_LOCAL) -> None:
+        """ValueError with a sentence when ``max_running`` runs are going; names only ``owner``'s own runs."""
+        running = [run for run in self._runs.values() if run.process.poll() is None]
+        if len(running) >= self.max_running:
+            own = [run.run_id for run in running if run.owner == owner]
+            yours = f" (yours: {', '.join(own)})" if own else ""
+            raise ValueError(
+                f"{len(running)} training run(s) already going on this server{yours}; "
+                "wait for it to finish or cancel it first."
+            )
+
+    def check_dataset(self, uploads: Sequence[str | Path], work_dir: Path, *, wait: float | None = None) -> Path:
+        """``unpack_training_upload(uploads, work_dir)`` in the dataset-check thread, one check at a time.
+
+        Waits up to ``wait`` seconds (default: settings) for another check to end, then refuses
+        with a sentence. On any failure ``work_dir`` is deleted, and the sentence names files
+        relative to the upload, never a server path.
+        """
+        wait = settings.TRAINING_DATASET_CHECK_WAIT_SECONDS if wait is None else wait
+        work_dir = Path(work_dir)
+        if not self._dataset_slot.acquire(timeout=wait):
+            raise ValueError("Another training dataset is being checked right now; try again in a minute.")
+        try:
+            return self._dataset_checker.submit(unpack_training_upload, list(uploads), work_dir).result()
+        except BaseException as error:
+            shutil.rmtree(work_dir, ignore_errors=True)
+            if isinstance(error, ValueError):
+                message = str(error).replace(f"{work_dir}/", "").replace(str(work_dir), "the upload")
+                if hide_paths(message) != str(error):
+                    raise type(error)(hide_paths(message)) from None
+            raise
+        finally:
+            self._dataset_slot.release()
+
+    def start_with_dataset(
+        self,
+        kind: str,
+        uploads: Sequence[str | Path],
+        output_dir: Path,
+        arguments_for: Callable[[Path], Sequence[str]],
+        *,
+        name: str = "",
+        owner: str = OWNER_LOCAL,
+        placeholders: dict[str | Path, str] | None = None,
+    ) -> TrainingRun:
+        """Check an uploaded dataset into a new run's folder and start the trainer on it.
+
+        ``arguments_for(dataset)`` gives the trainer's arguments (and raises ValueError for bad
+        settings); it is called once before the dataset check, so bad settings cost nothing. A run
+        that does not start leaves no folder behind; one that starts keeps its dataset in its folder.
+        """
+        if kind not in TRAINER_MODULES:
+            raise ValueError(f"Unknown trainer {kind!r}; choose one of: {', '.join(TRAINER_MODULES)}.")
+        run_id = new_run_id(kind, name)
+        folder = self.run_folder(run_id)
+        arguments_for(folder / DATASET_FOLDER)  # settings first: cheap, and named before any upload is opened
+        self.check_room(owner)
+        try:
+            dataset = self.check_dataset(uploads, folder / DATASET_FOLDER)
+            return self.start(
+                kind,
+                arguments_for(dataset),
+                output_dir,
+                name=name,
+                owner=owner,
+                run_id=run_id,
+                placeholders={**(placeholders or {}), dataset: "<dataset>"},
+            )
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+
+    def start(
+        self,
+        kind: str,
+        arguments: Sequence[str],
+        output_dir: Path,
+        *,
+        name: str = "",
+        owner: str = OWNER_LOCAL,
+        run_id: str | None = None,
+        placeholders: dict[str | Path, str] | None = None,
+    ) -> TrainingRun:
+        """Start ``python -m <trainer> <arguments>``; the trainer writes into ``output_dir``.
+
+        ``run_id`` is a fresh ``new_run_id`` unless given (``start_with_dataset`` reserves one);
+        ``placeholders`` maps server paths in the arguments to what the log tail shows instead.
+        """
         if kind not in TRAINER_MODULES:
             raise ValueError(f"Unknown trainer {kind!r}; choose one of: {', '.join(TRAINER_MODULES)}.")
         with self._lock:
-            running = [run for run in self._runs.values() if run.process.poll() is None]
-            if len(running) >= self.max_running:
-                raise ValueError(
-                    f"{len(running)} training run(s) already going ({', '.join(run.run_id for run in running)}); "
-                    "wait for it to finish or cancel it first."
-                )
-            run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{kind}-{run_name(name or kind)}"
-            self.runs_dir.mkdir(parents=True, exist_ok=True)
-            log_path = self.runs_dir / f"{run_id}.log"
-            argv = [self.python, "-u", "-m", TRAINER_MODULES[kind], *map(str, arguments)]
+            self.check_room(owner)
+            run_id = run_id or new_run_id(kind, name)
+            folder = self.run_folder(run_id)
+            folder.mkdir(parents=True, exist_ok=True)
+            log_path = folder / LOG_FILE
+            module = TRAINER_MODULES[kind]
+            argv = [self.python, "-u", "-m", module, *map(str, arguments)]
             environment = {**os.environ, **self.environment, "PYTHONUNBUFFERED": "1"}
+            app_root = Path(__file__).resolve().parent.parent
             with open(log_path, "w", encoding="utf-8") as log:
                 log.write("$ " + " ".join(argv[2:]) + "\n")
                 log.flush()
@@ -256,23 +404,201 @@ class TrainingRuns:
                     argv,
                     stdout=log,
                     stderr=subprocess.STDOUT,
-                    cwd=Path(__file__).resolve().parent.parent,
+                    cwd=app_root,
                     env=environment,
                     start_new_session=True,  # its own process group: cancel reaches every worker
                 )
-            run = TrainingRun(run_id, kind, argv, Path(output_dir), log_path, process)
+            _write_pid_file(folder / PID_FILE, process.pid, module)
+            shown = {
+                **(placeholders or {}),
+                Path(output_dir): "<output>",
+                folder: "<run>",
+                self.runs_dir: "<runs>",
+                app_root: "<app>",
+            }
+            run = TrainingRun(
+                run_id,
+                kind,
+                argv,
+                Path(output_dir),
+                log_path,
+                process,
+                owner=owner,
+                folder=folder,
+                placeholders={str(path): label for path, label in shown.items()},
+            )
             self._runs[run_id] = run
             return run
 
-    def get(self, run_id: str) -> TrainingRun:
+    # -- finding
+
+    def get(self, run_id: str, owner: str = OWNER_LOCAL) -> TrainingRun:
+        """``owner``'s run ``run_id``; another visitor's run is answered exactly like one that never existed."""
+        run = self._runs.get(str(run_id))
+        if run is None or run.owner != owner:
+            raise ValueError(
+                f"No such training run {_shown_id(run_id)}; start one first (run ids come from /train_start)."
+            )
+        return run
+
+    def runs(self, owner: str | None = None) -> list[TrainingRun]:
+        """Every run this app started, or ``owner``'s only."""
+        return [run for run in list(self._runs.values()) if owner is None or run.owner == owner]
+
+    # -- stopping
+
+    def cancel_all(self, grace: float = settings.TRAINING_CANCEL_GRACE_SECONDS) -> None:
+        """Stop every running trainer's process group: SIGTERM, then SIGKILL after ``grace`` seconds."""
+        running = [run for run in self.runs() if run.process.poll() is None]
+        for run in running:
+            run.cancelled = True
+        stop_process_groups([run.process.pid for run in running], grace, reap=[run.process for run in running])
+        for run in running:
+            run._forget_pid()
+
+    def stop_on_exit(self) -> None:
+        """Stop every trainer when this app exits: at interpreter exit and on SIGTERM or SIGINT.
+
+        Call from the main thread (signal handlers can only be set there). A signal handler stops
+        the trainers, then hands the signal on: to the handler that was there before (SIGINT's
+        KeyboardInterrupt lets Gradio close), or to the default action, so the app still exits.
+        """
+        atexit.register(self.cancel_all, settings.TRAINING_EXIT_GRACE_SECONDS)
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            previous = signal.getsignal(signum)
+            if previous is signal.SIG_IGN:
+                continue  # whoever started the app chose to ignore it
+            self._previous_handlers[signum] = previous
+            signal.signal(signum, self._on_exit_signal)
+
+    def _on_exit_signal(self, signum: int, frame) -> None:
+        self.cancel_all(settings.TRAINING_EXIT_GRACE_SECONDS)
+        previous = self._previous_handlers.get(signum)
+        if callable(previous):
+            previous(signum, frame)
+            raise SystemExit(128 + signum)  # the previous handler returned: exit all the same
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+
+    def stop_survivors(self, grace: float = settings.TRAINING_EXIT_GRACE_SECONDS) -> list[int]:
+        """Stop trainers that an earlier, no longer running app process left behind; returns their PIDs.
+
+        A PID file whose app is still running (another app sharing the folder) is left alone. A
+        PID is stopped only if it is still the trainer it names: the same start time and the
+        trainer module in its command line, so a reused PID is never killed.
+        """
+        stopped: list[int] = []
+        if not self.runs_dir.is_dir():
+            return stopped
+        for pid_file in sorted(self.runs_dir.glob(f"*/{PID_FILE}")):
+            try:
+                record = json.loads(pid_file.read_text(encoding="utf-8"))
+                pid, started, module = int(record["pid"]), int(record["started"]), str(record["module"])
+                app_pid, app_started = int(record["app_pid"]), int(record["app_started"])
+            except (OSError, ValueError, KeyError, TypeError):
+                logger.warning("ignoring an unreadable training PID file %s", pid_file)
+                pid_file.unlink(missing_ok=True)
+                continue
+            if _is_process(app_pid, app_started):
+                continue  # its app is alive: that app's run, not a survivor
+            if pid > 1 and _is_process(pid, started) and module in _command_line(pid):
+                logger.warning("stopping trainer %s (pid %d) left running by an earlier app", pid_file.parent.name, pid)
+                stop_process_groups([pid], grace)
+                stopped.append(pid)
+            pid_file.unlink(missing_ok=True)
+        return stopped
+
+
+def stop_process_groups(
+    groups: Sequence[int], grace: float, *, reap: Sequence[subprocess.Popen] = (), poll: float = 0.05
+) -> None:
+    """SIGTERM each process group, wait up to ``grace`` seconds for all to end, then SIGKILL what is left.
+
+    ``reap``: our own child processes among them, polled so that they do not linger as zombies.
+    """
+    groups = list(groups)
+    for group in groups:
+        _signal_group(group, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while True:
+        for process in reap:
+            process.poll()
+        alive = [group for group in groups if _group_alive(group)]
+        if not alive:
+            return
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(poll)
+    for group in alive:
+        _signal_group(group, signal.SIGKILL)
+    for process in reap:
         try:
-            return self._runs[run_id]
-        except KeyError:
-            raise ValueError(f"No training run {run_id!r} in this app; start one first.") from None
+            process.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            logger.warning("trainer pid %d did not end after SIGKILL", process.pid)
 
-    def runs(self) -> list[TrainingRun]:
-        return list(self._runs.values())
 
-    def cancel_all(self) -> None:
-        for run in self.runs():
-            run.cancel()
+def _signal_group(group: int, signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(group, signum)
+
+
+def _proc_stat(pid: int) -> list[str] | None:
+    """The fields of /proc/<pid>/stat after the command name (state first), or None."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return text.rsplit(")", 1)[-1].split()
+
+
+def _start_time(pid: int) -> int | None:
+    """When ``pid`` started, in clock ticks since boot (stat field 22); None if it is gone or unknowable."""
+    fields = _proc_stat(pid)
+    return int(fields[19]) if fields and len(fields) > 19 else None
+
+
+def _is_process(pid: int, started: int) -> bool:
+    """Whether ``pid`` is alive and is the process that started at ``started`` (not a reused PID)."""
+    return pid > 0 and _start_time(pid) == started
+
+
+def _command_line(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _group_alive(group: int) -> bool:
+    """Whether any process of the group is still running (zombies, which only wait to be reaped, are not)."""
+    proc = Path("/proc")
+    if not proc.is_dir():  # no /proc: ask the kernel (a zombie leader then counts as alive)
+        try:
+            os.killpg(group, 0)
+        except (ProcessLookupError, PermissionError):
+            return False
+        return True
+    for entry in proc.iterdir():
+        if entry.name.isdigit():
+            fields = _proc_stat(int(entry.name))
+            if fields and len(fields) > 2 and fields[2] == str(group) and fields[0] != "Z":
+                return True
+    return False
+
+
+def _write_pid_file(path: Path, pid: int, module: str) -> None:
+    """Enough to find the trainer after a crash, and to tell it from a process that reused its PID."""
+    record = {
+        "pid": pid,
+        "started": _start_time(pid) or 0,
+        "module": module,
+        "app_pid": os.getpid(),
+        "app_started": _start_time(os.getpid()) or 0,
+    }
+    path.write_text(json.dumps(record), encoding="utf-8")
+
+
+def _shown_id(run_id) -> str:
+    text = repr(str(run_id))
+    return text if len(text) <= 80 else text[:77] + "..."

@@ -54,7 +54,7 @@ OUTSIDE_GPU_QUEUE = (
     "system",  # the planner works on the meta device: no weights run
     "unload",  # drops a reference; a running event keeps its own until it ends
     "scoreboard",  # reads files and meta-device architectures
-    "train_start",  # starts a training subprocess, bounded by STUDIO_MAX_TRAININGS instead
+    "train_start",  # checks a dataset (one at a time, its own concurrency id) and starts a subprocess
 )
 
 

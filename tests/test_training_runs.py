@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 import zipfile
@@ -208,3 +209,223 @@ def test_a_finished_sd3_run_loads_from_a_relative_lora_folder(tiny_manager, tiny
     library.unload(studio.sd3_pipeline("sd35-large"))
     with pytest.raises(ValueError, match="holds no .safetensors LoRA"):
         studio.load_training_result("sd3", Path("loras") / "empty", model="large")
+
+
+# -- safety: ownership, paths, survivors, one dataset check at a time (issue 15)
+
+
+@pytest.fixture
+def fake_trainer(tmp_path, monkeypatch):
+    """``TrainingRuns`` whose sd3 trainer is a stand-in module: prints its arguments and a loss, then waits."""
+    package = tmp_path / "fake_trainers"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "waits.py").write_text(
+        "import sys, time\n"
+        "print('arguments', *sys.argv[1:], flush=True)\n"
+        "print(f'File \"{__file__}\", line 1', flush=True)\n"
+        "print('step 1/10 loss 0.5', flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    monkeypatch.setitem(sys.modules["pipelines.training_runs"].TRAINER_MODULES, "sd3", "fake_trainers.waits")
+    runs = TrainingRuns(tmp_path / "runs", environment={"PYTHONPATH": str(tmp_path)})
+    yield runs
+    runs.cancel_all(grace=2)
+
+
+def _wait_for(condition, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_run_ids_are_random_and_end_with_the_readable_name():
+    from pipelines.training_runs import new_run_id
+
+    ids = {new_run_id("sd3", "My Style") for _ in range(50)}
+    assert len(ids) == 50
+    for run_id in ids:
+        secret, kind, name = run_id.split("-", 2)
+        assert (kind, name) == ("sd3", "my-style")
+        assert len(secret) >= 16 and int(secret, 16) >= 0  # at least 64 random bits, not a time stamp
+    assert not any(time.strftime("%Y%m%d") in run_id for run_id in ids)
+
+
+def test_another_owner_is_told_there_is_no_such_run(fake_trainer, tmp_path):
+    run = fake_trainer.start("sd3", ["--x"], tmp_path / "out", name="mine", owner="alice")
+    assert fake_trainer.get(run.run_id, "alice") is run
+    with pytest.raises(ValueError, match="No such training run") as other:
+        fake_trainer.get(run.run_id, "bob")
+    with pytest.raises(ValueError, match="No such training run") as unknown:
+        fake_trainer.get(run.run_id.replace(run.run_id[:4], "0000"), "bob")
+    # The same sentence as for an id that never existed: nothing about the run, its state or its log.
+    assert str(other.value).replace(run.run_id, "ID") == str(unknown.value).replace(
+        run.run_id.replace(run.run_id[:4], "0000"), "ID"
+    )
+    assert fake_trainer.runs("bob") == [] and fake_trainer.runs("alice") == [run]
+    # The one-run limit tells bob to wait without naming alice's run.
+    with pytest.raises(ValueError, match="already going") as refused:
+        fake_trainer.start("sd3", [], tmp_path / "out2", owner="bob")
+    assert run.run_id not in str(refused.value)
+    with pytest.raises(ValueError, match=f"yours: {run.run_id}"):
+        fake_trainer.start("sd3", [], tmp_path / "out2", owner="alice")
+
+
+def test_the_log_tail_shows_placeholders_not_server_paths(fake_trainer, tmp_path):
+    dataset = tmp_path / "secret-datasets" / "faces"
+    run = fake_trainer.start(
+        "sd3",
+        [dataset, tmp_path / "loras" / "mine", "--tiny-dir", "/opt/private/models", "--note=/home/op/x"],
+        tmp_path / "loras" / "mine",
+        name="mine",
+        placeholders={dataset: "<dataset>"},
+    )
+    _wait_for(lambda: run.status().step == 1)
+    tail = run.status().log_tail
+    assert "<dataset> <output> --tiny-dir <path> --note=<path>" in tail
+    assert 'File "<path>/waits.py", line 1' in tail  # a traceback keeps the file name
+    assert str(tmp_path) not in tail and "/opt/private" not in tail and "/home/op" not in tail
+    assert str(tmp_path) in run.log_path.read_text()  # the operator's log on disk keeps everything
+
+
+def test_a_survivor_of_an_earlier_app_is_stopped_and_the_limit_holds(fake_trainer, tmp_path):
+    """An app killed without cleanup leaves a trainer and its PID file; the next app's runs stop it."""
+    from pipelines.training_runs import PID_FILE
+
+    run = fake_trainer.start("sd3", [], tmp_path / "out", name="orphan")
+    pid_file = run.folder / PID_FILE
+    record = json.loads(pid_file.read_text())
+    assert record["pid"] == run.process.pid and record["module"] == "fake_trainers.waits"
+    # The app that started it is alive (this process): a second app on the folder leaves it alone.
+    assert TrainingRuns(tmp_path / "runs").survivors_stopped == []
+    assert run.process.poll() is None
+    # Now pretend that app has died: its pid no longer belongs to the process that wrote the file.
+    pid_file.write_text(json.dumps({**record, "app_started": record["app_started"] + 1}))
+    restarted = TrainingRuns(tmp_path / "runs", environment={"PYTHONPATH": str(tmp_path)})
+    assert restarted.survivors_stopped == [run.process.pid]
+    _wait_for(lambda: run.process.poll() is not None, timeout=10)
+    assert not pid_file.exists()
+    started = restarted.start("sd3", [], tmp_path / "out", name="next")  # the limit of 1 holds: room again
+    restarted.cancel_all(grace=2)
+    assert started.status().state == "cancelled"
+
+
+def test_a_reused_pid_is_never_killed(tmp_path):
+    """A PID file whose pid now belongs to another program (or started at another time) is dropped, not acted on."""
+    import subprocess
+
+    from pipelines.training_runs import PID_FILE, _start_time
+
+    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+    try:
+        folder = tmp_path / "runs" / "abc-sd3-x"
+        folder.mkdir(parents=True)
+        record = {"pid": bystander.pid, "module": "pipelines.train_sd3_lora", "app_pid": 999_999_999}
+        record.update(started=_start_time(bystander.pid), app_started=1)  # same start: the module must match too
+        (folder / PID_FILE).write_text(json.dumps(record))
+        (tmp_path / "runs" / "broken-sd3-y").mkdir()
+        (tmp_path / "runs" / "broken-sd3-y" / PID_FILE).write_text("not json")
+        assert TrainingRuns(tmp_path / "runs").survivors_stopped == []
+        assert bystander.poll() is None
+        assert not (folder / PID_FILE).exists() and not (tmp_path / "runs" / "broken-sd3-y" / PID_FILE).exists()
+    finally:
+        bystander.kill()
+        bystander.wait()
+
+
+def test_a_refused_dataset_leaves_nothing_behind_and_names_no_server_path(fake_trainer, tmp_path):
+    upload = _zip(
+        tmp_path / "bad.zip",
+        {"data/a.png": _png_bytes((9, 9, 9)), f"data/{METADATA_FILE}": b'{"file_name": "a.png", "text": ""}\n'},
+    )
+    with pytest.raises(ValueError, match="has an empty text") as refused:
+        fake_trainer.start_with_dataset("sd3", [upload], tmp_path / "out", lambda dataset: [], name="bad")
+    assert str(fake_trainer.runs_dir) not in str(refused.value)
+    assert f"Fix data/{METADATA_FILE} before training" in str(refused.value)
+    assert not fake_trainer.runs_dir.exists() or list(fake_trainer.runs_dir.iterdir()) == []
+
+    def bad_settings(dataset):
+        raise ValueError("steps must be a whole number between 1 and 100000, not 'inf'.")
+
+    good = _zip(tmp_path / "good.zip", {"a.png": _png_bytes((1, 1, 1)), "a.txt": b"a grey square"})
+    with pytest.raises(ValueError, match="steps must be"):
+        fake_trainer.start_with_dataset("sd3", [good], tmp_path / "out", bad_settings, name="bad")
+    assert not fake_trainer.runs_dir.exists() or list(fake_trainer.runs_dir.iterdir()) == []
+
+
+def test_a_started_run_keeps_its_dataset_in_its_own_folder(fake_trainer, tmp_path):
+    good = _zip(tmp_path / "good.zip", {"a.png": _png_bytes((1, 1, 1)), "a.txt": b"a grey square"})
+    seen = []
+    run = fake_trainer.start_with_dataset(
+        "sd3", [good], tmp_path / "out", lambda dataset: seen.append(dataset) or [dataset], name="kept", owner="ann"
+    )
+    assert run.owner == "ann" and run.folder == fake_trainer.runs_dir / run.run_id
+    assert seen[-1] == run.folder / "dataset" and (run.folder / "dataset" / METADATA_FILE).is_file()
+    assert run.log_path.parent == run.folder
+    _wait_for(lambda: run.status().step == 1)
+    assert "arguments <dataset>" in run.status().log_tail
+
+
+def test_dataset_checks_run_one_at_a_time_outside_the_callers_thread(fake_trainer, tmp_path, monkeypatch):
+    import threading
+
+    module = sys.modules["pipelines.training_runs"]
+    active, most, threads = [0], [0], set()
+    entered = threading.Event()
+
+    def slow_unpack(paths, work_dir):
+        threads.add(threading.current_thread().name)
+        active[0] += 1
+        most[0] = max(most[0], active[0])
+        entered.set()
+        time.sleep(0.3)
+        active[0] -= 1
+        return Path(work_dir)
+
+    monkeypatch.setattr(module, "unpack_training_upload", slow_unpack)
+    workers = [threading.Thread(target=fake_trainer.check_dataset, args=([], tmp_path / f"w{i}")) for i in range(3)]
+    for worker in workers:
+        worker.start()
+    entered.wait(5)
+    with pytest.raises(ValueError, match="Another training dataset is being checked"):
+        fake_trainer.check_dataset([], tmp_path / "impatient", wait=0)
+    for worker in workers:
+        worker.join()
+    assert most[0] == 1
+    assert threads == {"training-dataset-check_0"}
+
+
+def test_exit_signals_stop_trainers_then_chain_to_the_previous_handler(tmp_path):
+    """In a child app: SIGTERM stops the trainer's group, runs the handler that was there before, and exits."""
+    import subprocess
+
+    (tmp_path / "fake_trainers").mkdir()
+    (tmp_path / "fake_trainers" / "__init__.py").write_text("")
+    (tmp_path / "fake_trainers" / "waits.py").write_text("import time\ntime.sleep(120)\n")
+    script = tmp_path / "app_like.py"
+    script.write_text(
+        "import os, signal, sys, time\n"
+        "from pathlib import Path\n"
+        "from pipelines import training_runs\n"
+        "training_runs.TRAINER_MODULES['sd3'] = 'fake_trainers.waits'\n"
+        "signal.signal(signal.SIGTERM, lambda *_: print('previous handler ran', flush=True))\n"
+        f"runs = training_runs.TrainingRuns(Path({str(tmp_path / 'runs')!r}), environment={{'PYTHONPATH': {str(tmp_path)!r}}})\n"
+        "runs.stop_on_exit()\n"
+        "run = runs.start('sd3', [], Path('out'))\n"
+        "print('trainer', run.process.pid, flush=True)\n"
+        "os.kill(os.getpid(), signal.SIGTERM)\n"
+        "time.sleep(30)\n"
+        "print('not reached', flush=True)\n"
+    )
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run(
+        [sys.executable, str(script)], cwd=root, env={**os.environ, "PYTHONPATH": str(root)},
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    lines = done.stdout.splitlines()
+    trainer = int(lines[0].split()[1])
+    assert lines[1:] == ["previous handler ran"], done.stderr
+    assert done.returncode == 128 + 15
+    assert not _alive(trainer)
+    assert list((tmp_path / "runs").glob("*/trainer.pid")) == []
