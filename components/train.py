@@ -15,7 +15,7 @@ from pathlib import Path
 import gradio as gr
 
 from components.common import ValidatedNumber, launch_alone, named_endpoint, parameter
-from pipelines import settings
+from pipelines import settings, workspace
 from pipelines.sd3 import MODEL_CHOICES
 from pipelines.studio import Studio
 from pipelines.training_runs import RunStatus, run_name, unpack_training_upload
@@ -121,7 +121,7 @@ def status_markdown(status: RunStatus) -> str:
 
 def build_train_tab(studio: Studio) -> dict:
     """Build the Train tab inside the current Blocks; returns its main components."""
-    upload_root = Path(tempfile.mkdtemp(prefix="studio-train-"))
+    upload_root = workspace.datasets_root()  # under the work root; app.py keeps Gradio from serving it
 
     def start_training(
         kind, files, name, model, steps, rank, learning_rate, batch_size, gradient_accumulation, resolution,
