@@ -152,3 +152,28 @@ def test_history_is_capped_and_keeps_only_the_sessions_own_files(tmp_path, monke
     history = session_history(files[2:], history, folder)
     assert history == [files[2], files[3], files[0]]
     assert not Path(files[1]).exists()  # dropped off the history: deleted
+
+
+def test_app_blocks_the_private_folders_and_sets_delete_cache(tiny_root, monkeypatch):
+    import gradio as gr
+
+    import app
+    from pipelines import settings
+
+    launched = {}
+    monkeypatch.setattr(gr.Blocks, "launch", lambda self, **kwargs: launched.update(kwargs, blocks=self))
+    app.main(["--tiny", "--tiny-dir", str(tiny_root), "--no-preload", "--port", "0"])
+    blocked = launched["blocked_paths"]
+    studio = app.build_studio(["--tiny", "--tiny-dir", str(tiny_root), "--no-preload"])
+    for folder in (
+        studio.lora_dir,
+        studio.adapter_dir,
+        studio.training_runs.runs_dir,
+        workspace.datasets_root(),
+        Path(app.__file__).resolve().parent / ".git",
+    ):
+        assert str(Path(folder).resolve()) in blocked
+    assert all(Path(path).is_absolute() for path in blocked)
+    # Session folders are not blocked: the app returns its own generated files from there.
+    assert not any(workspace.sessions_root().is_relative_to(path) for path in blocked)
+    assert launched["blocks"].delete_cache == settings.DELETE_CACHE
