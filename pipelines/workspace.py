@@ -1,7 +1,8 @@
 """The Studio's one work root: every file the app writes while serving lives under it.
 
 Layout (``<root>`` is ``$STUDIO_WORK_DIR`` or ``<system temp>/blip-sd3-studio-work``, plus one
-folder per process, ``<pid>-<random>``, removed when the process exits)::
+folder per process, ``<pid>-<random>``, removed when the process exits, or by the next process to
+start if it was killed)::
 
     <root>/sessions/<visitor>/          what one visitor's session made (generated images); the app
                                         returns these files itself, Gradio copies them to its cache
@@ -49,9 +50,24 @@ def work_root() -> Path:
         if _root is None:
             base = Path(os.environ.get(WORK_DIR_ENV) or Path(tempfile.gettempdir()) / DEFAULT_BASE_NAME)
             base.mkdir(parents=True, exist_ok=True)
+            _remove_dead_roots(base)
             _root = Path(tempfile.mkdtemp(prefix=f"{os.getpid()}-", dir=base)).resolve()
             atexit.register(shutil.rmtree, _root, ignore_errors=True)
         return _root
+
+
+def _remove_dead_roots(base: Path) -> None:
+    """Delete the roots of processes that are gone (atexit does not run after SIGTERM or a crash)."""
+    for folder in base.iterdir():
+        pid_text = folder.name.partition("-")[0]
+        if not folder.is_dir() or not pid_text.isdigit():
+            continue
+        try:
+            os.kill(int(pid_text), 0)
+        except ProcessLookupError:
+            shutil.rmtree(folder, ignore_errors=True)
+        except (PermissionError, OverflowError):
+            continue  # alive (another user's) or not a pid: leave it
 
 
 def visitor_key(visitor: str) -> str:

@@ -30,6 +30,16 @@ def test_work_root_is_one_folder_per_process_under_studio_work_dir(tmp_path):
     assert workspace.datasets_root() == root / "datasets"
 
 
+def test_a_killed_processs_root_is_removed_by_the_next_process(tmp_path, monkeypatch):
+    base = tmp_path / "work"
+    dead = base / "999999999-abc"  # beyond any pid this machine hands out
+    alive = base / f"{os.getppid()}-abc"
+    for folder in (dead, alive):
+        (folder / "sessions").mkdir(parents=True)
+    workspace.work_root()
+    assert not dead.exists() and alive.exists()
+
+
 def test_a_session_hash_never_becomes_a_path():
     for hostile in ("../../etc", "/tmp/x", "..", "a/b", ""):
         folder = workspace.session_folder(hostile)
