@@ -16,19 +16,21 @@ import gradio as gr
 from components.attention import build_attention_tab
 from components.batch import build_batch_tab
 from components.caption import build_caption_tab
-from components.generate import build_generate_tab
+from components.common import visitor_id
+from components.generate import build_generate_tab, selected_image
 from components.match import build_match_tab
 from components.roundtrip import build_roundtrip_tab
 from components.scoreboard import build_scoreboard_tab
 from components.system import build_system_tab
 from components.train import build_train_tab
-from pipelines import settings
+from pipelines import settings, workspace
 from pipelines.catalog import CATALOG
 from pipelines.manager import ModelManager
 from pipelines.runtime import choose_runtime
 from pipelines.studio import TINY_MODE_NOTICE, Studio
 
 TITLE = "BLIP × SD3.5 Studio"
+APP_DIR = Path(__file__).resolve().parent
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -160,9 +162,29 @@ def _studio_from_args(args: argparse.Namespace) -> Studio:
     )
 
 
+def blocked_paths(studio: Studio) -> list[str]:
+    """Folders Gradio must never serve, whatever an event returns: run logs, training datasets, the
+    LoRA and adapter folders, and the app's git folder. (Session folders under the work root are
+    served only as files the app itself returned: no event takes a path from the client.)
+    """
+    folders = [
+        studio.lora_dir,
+        studio.adapter_dir,
+        studio.training_runs.runs_dir,
+        workspace.datasets_root(),
+        APP_DIR / ".git",
+    ]
+    return sorted({str(Path(folder).resolve()) for folder in folders})
+
+
+def forget_visitor(request: gr.Request) -> None:
+    """Delete the files a session kept (its generated images) when its page closes."""
+    workspace.forget_session(visitor_id(request))
+
+
 def build_app(studio: Studio) -> gr.Blocks:
     """Assemble one tab per module."""
-    with gr.Blocks(title=TITLE) as demo:
+    with gr.Blocks(title=TITLE, delete_cache=settings.DELETE_CACHE) as demo:
         gr.Markdown(f"# {TITLE}\nBLIP captions images; Stable Diffusion 3.5 draws them. Every tab is also an API.")
         if studio.tiny:
             gr.Markdown(f"**{TINY_MODE_NOTICE}**")
@@ -186,14 +208,18 @@ def build_app(studio: Studio) -> gr.Blocks:
                 build_scoreboard_tab(studio, scoreboard_tab)
             with gr.Tab("System", id="system") as system_tab:
                 build_system_tab(studio, system_tab)
-        # Close the loop: a generated image goes to BLIP.
+        # Close the loop: a generated image goes to BLIP. The file is the one the session selected,
+        # looked up by index in the session's own list (server state): the page never sends a path.
         generate["send_to_caption"].click(
-            lambda path: (path, gr.Tabs(selected="caption")),
-            inputs=generate["selected_image"],
+            lambda shown, index: (selected_image(shown, index), gr.Tabs(selected="caption")),
+            inputs=[generate["shown_images"], generate["selected_index"]],
             outputs=[caption["image"], tabs],
             queue=False,
+            api_name="send_to_caption",
             api_visibility="private",
         )
+        # A closed page's files go at once; sessions that never close are swept by age (see generate).
+        demo.unload(forget_visitor)
     return demo
 
 
@@ -211,6 +237,7 @@ def main(argv: list[str] | None = None) -> None:
         server_port=args.port,
         share=args.share,
         max_file_size=settings.MAX_UPLOAD_BYTES,
+        blocked_paths=blocked_paths(studio),
         theme=gr.themes.Soft(),
     )
 

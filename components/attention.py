@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import shutil
-
 import gradio as gr
 
 from components.common import (
     UploadedImage,
     ValidatedSlider,
-    download_folder,
     example_photos,
     launch_alone,
     named_endpoint,
     parameter,
+    visitor_id,
 )
-from pipelines import settings
+from pipelines import settings, workspace
 from pipelines.attention import AttentionRequest, AttentionResult, decoder_layout, explain_attention
 from pipelines.images import describe_image, load_image
 from pipelines.studio import Studio
@@ -54,7 +52,9 @@ def make_attention_function(studio: Studio):
     """The `/attention` endpoint: ``image`` is required; without a caption BLIP writes one."""
     layers, heads = decoder_layout(studio.manager)  # from config.json, so requests are checked before loading
 
-    def attention(image, caption, layer, head, merge_word_pieces, opacity, export_format):
+    # A generator: the export is written into a folder of this request and yielded; Gradio copies it
+    # to its cache, then the folder is deleted.
+    def attention(image, caption, layer, head, merge_word_pieces, opacity, export_format, http_request):
         if image is None:
             raise ValueError("Upload an image (PNG, JPEG, WebP, GIF, BMP or TIFF) first.")
         request = AttentionRequest(
@@ -66,24 +66,20 @@ def make_attention_function(studio: Studio):
             export_format=export_format,
         ).validated(layers, heads)
         picture = load_image(image)
-        export_dir = download_folder("studio-attention-")
-        try:
+        with workspace.request_folder(visitor_id(http_request), prefix="attention-") as export_dir:
             result, exported = explain_attention(studio.captioner(), picture, request, export_dir=export_dir)
-        except BaseException:
-            shutil.rmtree(export_dir, ignore_errors=True)  # a refused or failed request leaves no folder
-            raise
-        gallery = [(overlay, word.word) for overlay, word in zip(result.overlays, result.words, strict=True)]
-        layer_text = "mean of all layers" if request.layer == 0 else f"layer {request.layer}"
-        head_text = "mean of heads" if request.head == 0 else f"head {request.head}"
-        source = "BLIP's own caption" if result.caption_generated else "your caption"
-        summary = (
-            f"{len(result.words)} word(s) of {source}: **{result.request.caption}** · {layer_text}, {head_text} · "
-            f"{result.maps.grid}×{result.maps.grid} patches · {result.seconds:.2f} s"
-        )
-        if studio.tiny:
-            summary += "\n\nTiny random model: the maps are real computations of a model that has learnt nothing."
-        details = attention_details(result, studio, describe_image(picture))
-        return gallery, result.sheet, str(exported), summary, details
+            gallery = [(overlay, word.word) for overlay, word in zip(result.overlays, result.words, strict=True)]
+            layer_text = "mean of all layers" if request.layer == 0 else f"layer {request.layer}"
+            head_text = "mean of heads" if request.head == 0 else f"head {request.head}"
+            source = "BLIP's own caption" if result.caption_generated else "your caption"
+            summary = (
+                f"{len(result.words)} word(s) of {source}: **{result.request.caption}** · {layer_text}, {head_text} · "
+                f"{result.maps.grid}×{result.maps.grid} patches · {result.seconds:.2f} s"
+            )
+            if studio.tiny:
+                summary += "\n\nTiny random model: the maps are real computations of a model that has learnt nothing."
+            details = attention_details(result, studio, describe_image(picture))
+            yield gallery, result.sheet, str(exported), summary, details
 
     defaults = AttentionRequest()
     return named_endpoint(
@@ -96,6 +92,7 @@ def make_attention_function(studio: Studio):
             parameter("merge_word_pieces", defaults.merge_word_pieces),
             parameter("opacity", defaults.opacity),
             parameter("export_format", defaults.export_format),
+            parameter("http_request", None, gr.Request),
         ],
     )
 

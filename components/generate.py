@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import queue
-import tempfile
 import threading
-import time
 from pathlib import Path
 
 import gradio as gr
@@ -19,13 +17,13 @@ from components.common import (
     named_endpoint,
     on_gpu,
     parameter,
+    visitor_id,
 )
 from components.lora_panel import build_lora_panel
-from pipelines import settings
+from pipelines import settings, workspace
 from pipelines.catalog import CATALOG
 from pipelines.lora import prompt_with_triggers
 from pipelines.memory import SD3_MODES, resolve_mode
-from pipelines.png_metadata import save_png
 from pipelines.sd3 import (
     ASPECT_RATIOS,
     MODEL_CHOICES,
@@ -34,6 +32,7 @@ from pipelines.sd3 import (
     generate,
     model_key,
     resolve_request,
+    save_images,
     size_for_aspect,
     size_limits,
 )
@@ -75,10 +74,44 @@ def estimated_gpu_seconds(prompt, model, negative_prompt, seed, steps, guidance,
     return int(min(300, 30 + 0.35 * work * (2.5 if model == "large" else 1.0)))
 
 
+def selection_index(index, shown: list[str] | None) -> int | None:
+    """A gallery position the page sent, if it names one of the images shown; else None.
+
+    The page sends an index and a value; only the index is kept, and only if it is a whole
+    number within this session's own list of images, so no path from the client is ever used.
+    """
+    if isinstance(index, list | tuple) and len(index) == 1:
+        index = index[0]
+    if isinstance(index, bool) or not isinstance(index, int):
+        return None
+    return index if 0 <= index < len(shown or []) else None
+
+
+def selected_image(shown: list[str] | None, index: int | None) -> str | None:
+    """The file the session selected (the first image if none was), chosen from the server's own list."""
+    shown = [path for path in (shown or []) if Path(path).is_file()]
+    if not shown:
+        return None
+    return shown[index] if isinstance(index, int) and 0 <= index < len(shown) else shown[0]
+
+
+def session_history(new: list[str], history: list[str] | None, folder: Path) -> list[str]:
+    """The session's history, newest first, capped; files that drop off it (or went missing) are deleted.
+
+    Only files inside the session's own ``folder`` are kept or deleted: the history is server state,
+    but it is checked anyway.
+    """
+    folder = folder.resolve()
+    own = [path for path in [*new, *(history or [])] if Path(path).resolve().parent == folder]
+    kept = [path for path in own if Path(path).is_file()][: settings.MAX_HISTORY_IMAGES]
+    for path in set(own) - set(kept):
+        Path(path).unlink(missing_ok=True)
+    return kept
+
+
 def build_generate_tab(studio: Studio, outputs_dir: Path | None = None) -> dict:
     """Build the Generate tab inside the current Blocks; returns its main components."""
     stop_requests = StopRequests()
-    work_dir = Path(tempfile.mkdtemp(prefix="studio-generate-"))
     first_key = model_key("large")
     first_preset = CATALOG[first_key].image_preset
     default_width, default_height = size_for_aspect("1:1", CATALOG[first_key], studio.tiny)
@@ -170,20 +203,14 @@ def build_generate_tab(studio: Studio, outputs_dir: Path | None = None) -> dict:
             _, step, total, previews = event
             progress((step, total), desc="denoising", unit="steps")
             if previews:
-                yield (gr.skip(),) * 6 + (gr.update(value=previews[0], visible=True),)
+                yield (gr.skip(),) * 7 + (gr.update(value=previews[0], visible=True),)
 
         for warning in result.warnings:
             gr.Warning(warning)
-        paths = []
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        for image, seed_used, text, image_settings in zip(
-            result.images, result.seeds, result.parameters, result.settings, strict=True
-        ):
-            name = f"{stamp}-{resolved.model_key}-{seed_used}.png"
-            paths.append(str(save_png(image, work_dir / name, text, image_settings)))
-            if outputs_dir is not None:
-                outputs_dir.mkdir(parents=True, exist_ok=True)
-                save_png(image, outputs_dir / name, text, image_settings)
+        # The images belong to this session: its own folder, names no other request can take.
+        workspace.sweep(settings.CACHE_SECONDS)  # sessions that left without closing their page
+        folder = workspace.session_folder(visitor_id(request))
+        paths = [str(path) for path in save_images(result, folder, outputs_dir=outputs_dir)]
         summary = (
             f"{len(paths)} image(s), {resolved.width}x{resolved.height}, {result.steps_done}/{resolved.steps} steps, "
             f"guidance {resolved.guidance:g}, seed {resolved.seed}"
@@ -200,8 +227,8 @@ def build_generate_tab(studio: Studio, outputs_dir: Path | None = None) -> dict:
             summary += f" · stopped at step {result.steps_done}"
         if studio.tiny:
             summary += " · tiny random model: the images are noise by design"
-        history = (paths + list(history or []))[: settings.MAX_HISTORY_IMAGES]
-        yield paths, resolved.seed, summary, history, history, paths[0], gr.update(value=None, visible=False)
+        history = session_history(paths, history, folder)
+        yield paths, resolved.seed, summary, history, history, paths, 0, gr.update(value=None, visible=False)
 
     generate_fn = on_gpu(estimated_gpu_seconds)(generate_images)
 
@@ -312,7 +339,9 @@ def build_generate_tab(studio: Studio, outputs_dir: Path | None = None) -> dict:
             summary = gr.Markdown()
             used_seed = ValidatedNumber(visible=False, precision=0)
             send_to_caption = gr.Button("Caption the selected image with BLIP →")
-            selected_image = gr.State(None)
+            # Server-side only: the files the gallery shows now, and which one is selected (an index).
+            shown_images = gr.State([])
+            selected_index = gr.State(None)
             with gr.Accordion("This session's images", open=False):
                 history_gallery = gr.Gallery(label="History", format="png", columns=4, height=300)
             history = gr.State([])
@@ -361,7 +390,7 @@ def build_generate_tab(studio: Studio, outputs_dir: Path | None = None) -> dict:
             lora_panel.lora_fuse,
             history,
         ],  # fmt: skip
-        outputs=[gallery, used_seed, summary, history, history_gallery, selected_image, preview],
+        outputs=[gallery, used_seed, summary, history, history_gallery, shown_images, selected_index, preview],
         api_name="generate",
         concurrency_id=settings.GPU_CONCURRENCY_ID,
     )
@@ -382,16 +411,24 @@ def build_generate_tab(studio: Studio, outputs_dir: Path | None = None) -> dict:
     )
     aspect.input(apply_aspect, inputs=[aspect, model], outputs=[width, height], queue=False, api_visibility="private")
 
-    def remember_selection(evt: gr.SelectData):
-        value = evt.value
-        return value.get("image", {}).get("path") if isinstance(value, dict) else value
+    def remember_selection(shown, evt: gr.SelectData):
+        # Only the position is taken from the page; the file is looked up in this session's own list.
+        return selection_index(evt.index, shown)
 
-    gallery.select(remember_selection, inputs=None, outputs=selected_image, queue=False, api_visibility="private")
+    gallery.select(
+        remember_selection,
+        inputs=shown_images,
+        outputs=selected_index,
+        queue=False,
+        api_name="generate_select",
+        api_visibility="private",
+    )
     return {
         "prompt": prompt,
         "gallery": gallery,
         "send_to_caption": send_to_caption,
-        "selected_image": selected_image,
+        "shown_images": shown_images,
+        "selected_index": selected_index,
         "preview": preview,
         "run": run,
         "stop": stop,

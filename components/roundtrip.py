@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import tempfile
-from pathlib import Path
 
 import gradio as gr
 
@@ -16,8 +14,9 @@ from components.common import (
     launch_alone,
     named_endpoint,
     parameter,
+    visitor_id,
 )
-from pipelines import settings
+from pipelines import settings, workspace
 from pipelines.catalog import CATALOG
 from pipelines.images import load_image
 from pipelines.png_metadata import save_png
@@ -49,11 +48,12 @@ def _model_choices():
 
 def build_roundtrip_tab(studio: Studio) -> dict:
     """Build the Round trip tab inside the current Blocks; returns its main components."""
-    work_dir = Path(tempfile.mkdtemp(prefix="studio-roundtrip-"))
     stop_evaluations = StopRequests()
     known_categories = sorted(path.stem for path in PROMPTS_DIR.glob("*.txt"))
 
-    def roundtrip(prompt, model, seed, steps, second_opinion):
+    # The functions that return a file are generators: the file is written into a folder of this
+    # request and yielded; Gradio copies it to its cache, then the folder is deleted.
+    def roundtrip(prompt, model, seed, steps, second_opinion, request):
         key = model_key(model)
         request = GenerateRequest(
             prompt=prompt, model=model, seed=-1 if seed is None else seed, steps=blank_to_none(steps)
@@ -68,9 +68,6 @@ def build_roundtrip_tab(studio: Studio) -> dict:
             second_opinion=bool(second_opinion),
         )
         generated = trip.generated
-        path = save_png(
-            trip.image, work_dir / f"roundtrip-{generated.seeds[0]}.png", generated.parameters[0], generated.settings[0]
-        )
         scores = [
             ["prompt", trip.prompt_fit.text, round(trip.prompt_fit.mean_logprob, 4), trip.prompt_fit.itm_probability],
             [
@@ -90,9 +87,12 @@ def build_roundtrip_tab(studio: Studio) -> dict:
             summary += (
                 "\n\nTiny random models: image, caption and scores are real computations of models that learnt nothing."
             )
-        return str(path), summary, scores, trip.diff, generated.seeds[0]
+        with workspace.request_folder(visitor_id(request)) as folder:
+            name = workspace.unique_name("roundtrip", generated.seeds[0], suffix=".png")
+            path = save_png(trip.image, folder / name, generated.parameters[0], generated.settings[0])
+            yield str(path), summary, scores, trip.diff, generated.seeds[0]
 
-    def reverse_trip(image, model, seed):
+    def reverse_trip(image, model, seed, request):
         if image is None:
             raise ValueError("Upload an image (PNG, JPEG, WebP, GIF, BMP or TIFF) first.")
         picture = load_image(image)
@@ -107,13 +107,11 @@ def build_roundtrip_tab(studio: Studio) -> dict:
             seed=seed,
             tiny=studio.tiny,
         )
-        path = save_png(
-            generated.images[0],
-            work_dir / f"redrawn-{generated.seeds[0]}.png",
-            generated.parameters[0],
-            generated.settings[0],
-        )
-        return caption, str(path), f"The caption fits the redrawn image with a mean log-prob of {fit.mean_logprob:.3f}."
+        with workspace.request_folder(visitor_id(request)) as folder:
+            name = workspace.unique_name("redrawn", generated.seeds[0], suffix=".png")
+            path = save_png(generated.images[0], folder / name, generated.parameters[0], generated.settings[0])
+            fits = f"The caption fits the redrawn image with a mean log-prob of {fit.mean_logprob:.3f}."
+            yield caption, str(path), fits
 
     def evaluate(categories, models, seeds, steps, side, progress, request):
         # 1. Check every input before anything runs or any file name is made from it.
@@ -170,9 +168,10 @@ def build_roundtrip_tab(studio: Studio) -> dict:
             for row in payload["rows"]
         ]
         # 3. Hand back a copy: the results folder may be a volume outside what Gradio may serve.
-        download = work_dir / name
-        shutil.copyfile(RESULTS_DIR / name, download)
-        return evaluation_table(payload), rows, str(download)
+        with workspace.request_folder(visitor_id(request)) as folder:
+            download = folder / name
+            shutil.copyfile(RESULTS_DIR / name, download)
+            yield evaluation_table(payload), rows, str(download)
 
     gr.Markdown(
         "Neither model's own demo does this: SD3.5 draws, BLIP reads the picture back and scores how well it "
@@ -246,6 +245,7 @@ def build_roundtrip_tab(studio: Studio) -> dict:
                 parameter("seed", -1),
                 parameter("steps", ""),
                 parameter("second_opinion", False),
+                parameter("request", None, gr.Request),
             ],
         ),
         inputs=[prompt, model, seed, steps, second_opinion],
@@ -254,7 +254,15 @@ def build_roundtrip_tab(studio: Studio) -> dict:
         concurrency_id=settings.GPU_CONCURRENCY_ID,
     )
     reverse_run.click(
-        named_endpoint(reverse_trip, [parameter("image"), parameter("model", "large"), parameter("seed", -1)]),
+        named_endpoint(
+            reverse_trip,
+            [
+                parameter("image"),
+                parameter("model", "large"),
+                parameter("seed", -1),
+                parameter("request", None, gr.Request),
+            ],
+        ),
         inputs=[upload, reverse_model, reverse_seed],
         outputs=[reverse_caption, redrawn, reverse_summary],
         api_name="roundtrip_image",

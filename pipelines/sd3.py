@@ -15,13 +15,14 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from PIL import Image
 
-from pipelines import settings
+from pipelines import settings, workspace
 from pipelines.catalog import CATALOG, ImagePreset, ModelSpec
-from pipelines.png_metadata import a1111_parameters
+from pipelines.png_metadata import a1111_parameters, save_png
 from pipelines.validation import as_float, as_int
 
 # What the UI and the API call each model; values are catalog keys.
@@ -482,3 +483,23 @@ def generate(
         stopped=state["stopped"],
         warnings=warnings,
     )
+
+
+def save_images(result: GenerateResult, folder: Path, *, outputs_dir: Path | None = None) -> list[Path]:
+    """Write each image of ``result`` as a PNG carrying its settings; returns the paths in ``folder``.
+
+    Names are ``<stamp>-<model>-<seed>-<random>.png``: two requests with the same seed in the same
+    second (two visitors, say) get two files. ``outputs_dir`` (--outputs) gets a copy of each under
+    the same name; an existing file there is never overwritten (a counter is added instead).
+    """
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    model = result.request.model_key
+    paths = []
+    for image, seed, text, image_settings in zip(
+        result.images, result.seeds, result.parameters, result.settings, strict=True
+    ):
+        name = workspace.unique_name(stamp, model, seed, suffix=".png")
+        paths.append(save_png(image, workspace.exclusive_path(folder, name), text, image_settings))
+        if outputs_dir is not None:
+            save_png(image, workspace.exclusive_path(outputs_dir, name), text, image_settings)
+    return paths

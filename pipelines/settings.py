@@ -270,6 +270,11 @@ TRAIN_TAB_DEFAULT_RESOLUTION = 1024  # SD3.5's native size; lower (512, 768) tra
 TRAIN_TAB_POLL_SECONDS = 2.0  # how often the Train tab reads a running run's log
 
 # --- public instances (Spaces, share links) -----------------------------------------
+# Gradio's cache of files handed to visitors: checked every CACHE_SECONDS, files older than that are
+# deleted (Blocks(delete_cache=...)). Session folders under the work root (pipelines/workspace) unused
+# for as long are swept too.
+CACHE_SECONDS = _env_int("STUDIO_CACHE_SECONDS", 3600, ceiling=7 * 24 * 3600)
+DELETE_CACHE = (CACHE_SECONDS, CACHE_SECONDS)
 # Every Space sets SPACE_ID; public mode then starts on its own. STUDIO_PUBLIC=0 turns it off
 # (a private Space), STUDIO_PUBLIC=1 or --public turns it on anywhere.
 PUBLIC_ENV = "STUDIO_PUBLIC"
