@@ -116,7 +116,7 @@ def build_roundtrip_tab(studio: Studio) -> dict:
 
     def evaluate(categories, models, seeds, steps, side, progress, request):
         # 1. Check every input before anything runs or any file name is made from it.
-        studio.require_operator("Evaluation runs")  # hours of GPU time, written where the Scoreboard reads
+        studio.require_operator("Running an evaluation")  # hours of GPU time, written where the Scoreboard reads
         categories = list(categories or [])
         models = list(models or [])
         if not categories or not models:
