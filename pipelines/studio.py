@@ -116,8 +116,11 @@ class Studio:
         current, _ = resolve_mode(key, self.memory_mode, self.manager.runtime, height, width)
         if requested == current:
             return self.memory_mode
-        self.require_operator(f"Changing the memory mode (to {requested!r}; this instance runs {current!r})")
-        return self.memory_mode  # not reached: require_operator raises in public mode
+        raise ValueError(
+            f"Changing the memory mode (to {requested!r}; this instance runs {current!r}) is reserved for the "
+            "operator of this public instance; leave memory_mode empty or 'auto', or run the Studio yourself "
+            "(python app.py) to choose one."
+        )
 
     def captioner(self) -> BlipCaptioner:
         """The BLIP captioning model, loaded on first use, with every loaded adapter attached (inactive)."""
