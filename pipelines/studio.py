@@ -118,7 +118,7 @@ class Studio:
             return self.memory_mode
         raise ValueError(
             f"Changing the memory mode (to {requested!r}; this instance runs {current!r}) is reserved for the "
-            "operator of this public instance; leave memory_mode empty or 'auto', or run the Studio yourself "
+            "operator of this public instance; leave memory_mode out or send 'auto', or run the Studio yourself "
             "(python app.py) to choose one."
         )
 
