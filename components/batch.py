@@ -23,6 +23,7 @@ from components.common import (
     launch_alone,
     named_endpoint,
     parameter,
+    visitor_id,
 )
 from components.decoding import build_decoding_controls, decoding_parameters, request_from_values
 from pipelines import settings
@@ -110,7 +111,8 @@ def make_caption_batch_function(studio: Studio, stop_requests: StopRequests):
         batch_size = as_int("batch_size", batch_size, 1, settings.MAX_BATCH_SIZE)
         trigger, suffix = caption_decoration("trigger", trigger), caption_decoration("suffix", suffix)
         captioner = studio.captioner()
-        adapter = captioner.check_adapter(requested_adapter(adapter))  # a wrong name fails before any upload work
+        # A wrong name, or another visitor's upload, fails before any upload work.
+        adapter = captioner.check_adapter(studio.blip_adapters.use(requested_adapter(adapter), visitor_id(request)))
         stop = stop_requests.start(request)
 
         # 2. Unpack, caption and zip inside a work folder that never outlives the request.

@@ -11,7 +11,7 @@ from dataclasses import fields
 
 import gradio as gr
 
-from components.common import UploadedImage, example_photos, launch_alone, named_endpoint, parameter
+from components.common import UploadedImage, example_photos, launch_alone, named_endpoint, parameter, visitor_id
 from components.decoding import build_decoding_controls, decoding_parameters, request_from_values
 from pipelines import settings
 from pipelines.blip import CaptionRequest, CaptionResult
@@ -32,9 +32,9 @@ def requested_adapter(adapter) -> str | None:
     return None if not text or text.lower() == BASE_MODEL_LABEL else text
 
 
-def adapter_choices(studio: Studio) -> list[tuple[str, str]]:
-    """Dropdown choices: the base model, then every loaded adapter."""
-    return [(BASE_MODEL_LABEL, ""), *((name, name) for name in studio.blip_adapters.names())]
+def adapter_choices(studio: Studio, visitor: str | None = None) -> list[tuple[str, str]]:
+    """Dropdown choices: the base model, then every loaded adapter ``visitor`` may use."""
+    return [(BASE_MODEL_LABEL, ""), *((name, name) for name in studio.blip_adapters.names(visitor))]
 
 
 def caption_table(result: CaptionResult) -> list[list]:
@@ -65,12 +65,13 @@ def caption_details(result: CaptionResult, studio: Studio, image_description: st
 def make_caption_function(studio: Studio):
     """The `/caption` endpoint: ``image`` is required, every decoding setting and the adapter have a default."""
 
-    def caption(image, adapter="", **decoding):
+    def caption(image, adapter="", request=None, **decoding):
         if image is None:
             raise ValueError("Upload an image (PNG, JPEG, WebP, GIF, BMP or TIFF) first.")
+        adapter = studio.blip_adapters.use(requested_adapter(adapter), visitor_id(request))  # another's upload: no such
         picture = load_image(image)
         request = request_from_values(decoding).validated()
-        result = studio.captioner().caption(picture, request, adapter=requested_adapter(adapter))
+        result = studio.captioner().caption(picture, request, adapter=adapter)
         details = caption_details(result, studio, describe_image(picture))
         summary = f"{len(result.captions)} caption(s) in {result.seconds:.2f} s · {request.strategy}"
         if request.strategy == "sampling":
@@ -81,36 +82,61 @@ def make_caption_function(studio: Studio):
         return caption_table(result), summary, details
 
     # New parameters go at the end, so positional API callers keep working.
-    return named_endpoint(caption, [parameter("image"), *decoding_parameters(), parameter("adapter", "")])
+    return named_endpoint(
+        caption,
+        [parameter("image"), *decoding_parameters(), parameter("adapter", ""), parameter("request", None, gr.Request)],
+    )
 
 
 def make_adapter_load_function(studio: Studio):
     """The `/blip_adapter_load` endpoint: a folder name or Hub id in ``source``, or uploaded files.
 
     Returns the adapter's name (what ``/caption``'s ``adapter`` takes), a status
-    line and the listing of ``/blip_adapter_list``.
+    line and the listing of ``/blip_adapter_list``. An uploaded adapter is the
+    caller's own: other visitors neither see nor use it.
     """
 
-    def blip_adapter_load(source="", upload=None):
+    def blip_adapter_load(source="", upload=None, request=None):
         uploads = [getattr(file, "name", file) for file in (upload or [])]
-        info = studio.load_blip_adapter(str(source or ""), uploads)
+        visitor = visitor_id(request)
+        info = studio.load_blip_adapter(str(source or ""), uploads, visitor=visitor)
         base = f" (made for {info.base_model})" if info.base_model else ""
         status = (
             f"Loaded **{info.name}**{base}: LoRA rank {info.rank}, alpha {info.alpha:g}, on {info.lora_layers} "
             "text-decoder layers. Pick it above to caption with it."
         )
-        return info.name, status, studio.blip_adapters.describe()
+        return info.name, status, studio.blip_adapters.describe(visitor)
 
-    return named_endpoint(blip_adapter_load, [parameter("source", ""), parameter("upload", None)])
+    return named_endpoint(
+        blip_adapter_load, [parameter("source", ""), parameter("upload", None), parameter("request", None, gr.Request)]
+    )
 
 
 def make_adapter_list_function(studio: Studio):
-    """The `/blip_adapter_list` endpoint: the adapters folder, the loaded adapters, the folders found there."""
+    """The `/blip_adapter_list` endpoint: the adapters folder, the adapters the caller may use, the folders there."""
 
-    def blip_adapter_list():
-        return studio.blip_adapters.describe()
+    def blip_adapter_list(request=None):
+        return studio.blip_adapters.describe(visitor_id(request))
 
-    return named_endpoint(blip_adapter_list, [])
+    return named_endpoint(blip_adapter_list, [parameter("request", None, gr.Request)])
+
+
+def make_adapter_unload_function(studio: Studio):
+    """The `/blip_adapter_unload` endpoint: remove one of the caller's uploaded adapters by name.
+
+    Locally, folder and Hub adapters may be removed too; on a public instance they are the
+    operator's (shared by every visitor) and a visitor gets a sentence instead.
+    """
+
+    def blip_adapter_unload(name="", request=None):
+        name = str(name or "").strip()
+        if not name:
+            raise ValueError("Give the name of the adapter to remove (the Adapters list shows them).")
+        visitor = visitor_id(request)
+        studio.blip_adapters.remove(studio.captioner(), name, visitor=visitor, shared=not studio.public)
+        return f"Removed the adapter **{name}**.", studio.blip_adapters.describe(visitor)
+
+    return named_endpoint(blip_adapter_unload, [parameter("name", ""), parameter("request", None, gr.Request)])
 
 
 def build_adapter_picker(studio: Studio, label: str = "Adapter") -> gr.Dropdown:
@@ -122,9 +148,11 @@ def build_adapter_picker(studio: Studio, label: str = "Adapter") -> gr.Dropdown:
         info="LoRA adapter on BLIP's text decoder; load more in the Caption tab",
         allow_custom_value=True,  # adapters loaded after the page was built; the pipeline checks the name
     )
-    picker.focus(
-        lambda: gr.update(choices=adapter_choices(studio)), outputs=picker, queue=False, api_visibility="private"
-    )
+
+    def visible_choices(request: gr.Request):
+        return gr.update(choices=adapter_choices(studio, visitor_id(request)))
+
+    picker.focus(visible_choices, outputs=picker, queue=False, api_visibility="private")
     return picker
 
 
@@ -153,6 +181,9 @@ def build_caption_tab(studio: Studio) -> dict:
                 with gr.Row():
                     load = gr.Button("Load adapter")
                     refresh = gr.Button("List adapters", size="sm")
+                with gr.Row():
+                    unload_name = gr.Textbox(label="Remove (name of your uploaded adapter)", scale=3)
+                    unload = gr.Button("Remove", variant="stop", size="sm", scale=1)
                 adapter_status = gr.Markdown()
                 loaded_name = gr.Textbox(visible=False)  # the API's first output; the picker follows it
                 adapter_list = gr.JSON(label="Adapters")
@@ -170,6 +201,10 @@ def build_caption_tab(studio: Studio) -> dict:
             with gr.Accordion("Raw result (JSON)", open=False):
                 details = gr.JSON(label="Result")
     example_photos(image)
+
+    def picked_adapter(name: str = "", request: gr.Request = None):
+        return gr.update(choices=adapter_choices(studio, visitor_id(request)), value=name or "")
+
     gr.on(
         triggers=[run.click],
         fn=make_caption_function(studio),
@@ -185,13 +220,20 @@ def build_caption_tab(studio: Studio) -> dict:
         api_name="blip_adapter_load",
         concurrency_id=settings.GPU_CONCURRENCY_ID,  # it changes the model a running caption uses
     ).success(
-        lambda name: gr.update(choices=adapter_choices(studio), value=name),
+        picked_adapter,
         inputs=loaded_name,
         outputs=adapter,
         queue=False,
         api_visibility="private",
     )
     refresh.click(make_adapter_list_function(studio), outputs=adapter_list, queue=False, api_name="blip_adapter_list")
+    unload.click(
+        make_adapter_unload_function(studio),
+        inputs=unload_name,
+        outputs=[adapter_status, adapter_list],
+        api_name="blip_adapter_unload",
+        concurrency_id=settings.GPU_CONCURRENCY_ID,  # it changes the model a running caption uses
+    ).success(picked_adapter, inputs=None, outputs=adapter, queue=False, api_visibility="private")
     return {"image": image, "controls": controls, "table": table, "details": details, "adapter": adapter}
 
 

@@ -127,10 +127,12 @@ def build_generate_tab(studio: Studio, outputs_dir: Path | None = None) -> dict:
         ``lora_scale`` multiplies their weights, ``lora_fuse`` merges them into the weights first.
         """
         preview_every = as_int("preview_every", 0 if preview_every is None else preview_every, 0, settings.MAX_STEPS)
+        visitor = visitor_id(request)  # another visitor's uploaded LoRA is "not loaded" for this one
         library = studio.sd3_loras[model_key(model)]
-        selection = library.parse_selection(lora or "", 1.0 if blank_to_none(lora_scale) is None else lora_scale)
+        lora_weight = 1.0 if blank_to_none(lora_scale) is None else lora_scale
+        selection = library.parse_selection(lora or "", lora_weight, visitor)
         prompt, trigger_words = prompt_with_triggers(
-            prompt or "", [(library.get(name), weight) for name, weight in selection]
+            prompt or "", [(library.get(name, visitor), weight) for name, weight in selection]
         )
         if trigger_words:
             gr.Info(f"Added the LoRAs' trigger words to the prompt: {', '.join(trigger_words)}.")
@@ -150,19 +152,21 @@ def build_generate_tab(studio: Studio, outputs_dir: Path | None = None) -> dict:
             ),
             tiny=studio.tiny,
         )
+        # A public instance runs the operator's memory mode: another one is refused, not loaded for everyone.
+        wanted_mode = studio.memory_mode_for(memory_mode, resolved.model_key, resolved.height, resolved.width)
         for note in resolved.notes:
             gr.Info(note)
         stop = stop_requests.start(request)
         mode, mode_reason = resolve_mode(
-            resolved.model_key, memory_mode or "auto", studio.manager.runtime, resolved.height, resolved.width
+            resolved.model_key, wanted_mode or "auto", studio.manager.runtime, resolved.height, resolved.width
         )
         pipeline = studio.manager.get(resolved.model_key, variant=mode, notify=gr.Info)
         if lora_fuse and selection:
-            library.fuse(pipeline, selection)
+            library.fuse(pipeline, selection, visitor)
         else:
             if library.fused:
                 library.unfuse(pipeline)
-            library.apply(pipeline, selection)
+            library.apply(pipeline, selection, visitor)
         loras = [entry.png_entry(weight) for entry, weight in library.active()]
         previewer = LatentPreviewer.for_pipeline(pipeline)
         repo_id = CATALOG[resolved.model_key].repo_id
@@ -328,6 +332,7 @@ def build_generate_tab(studio: Studio, outputs_dir: Path | None = None) -> dict:
                         value=studio.memory_mode,
                         label="Memory mode (quantization / offload)",
                         info="bitsandbytes and offload need a CUDA GPU; dropping T5 weakens long prompts",
+                        visible=not studio.public,  # a public instance runs the operator's --memory
                     )
                     preview_every = ValidatedSlider(
                         0, 10, value=settings.DEFAULT_PREVIEW_EVERY, step=1, label="Preview every N steps (0 = off)"

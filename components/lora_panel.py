@@ -3,6 +3,10 @@
 What a generation uses is the ``lora`` text ("name:0.8, other:0.5"), the same
 parameter ``/generate`` takes, so the page and a script mix LoRAs the same way.
 Loading adds the LoRA to that text at its default weight; unloading removes it.
+
+An uploaded LoRA belongs to the visitor who sent it (``visitor_id``): nobody else
+lists, uses or unloads it. Folder, registry and Hub LoRAs are shared; on a public
+instance visitors cannot unload those.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ from dataclasses import dataclass
 
 import gradio as gr
 
-from components.common import ValidatedSlider, blank_to_none, named_endpoint, parameter
+from components.common import ValidatedSlider, blank_to_none, named_endpoint, parameter, visitor_id
 from pipelines import settings
 from pipelines.lora import LIST_HEADERS
 from pipelines.lora_sources import list_lora_files, sanitize_lora_name
@@ -44,10 +48,10 @@ def active_with(active: str, name: str, weight: float) -> str:
     return ", ".join(part for part in (kept, f"{name}:{weight:g}") if part)
 
 
-def lora_rows(studio: Studio, model: str = "") -> list[list]:
-    """One row per loaded LoRA (of ``model``, or of every SD3.5 model when empty)."""
+def lora_rows(studio: Studio, model: str = "", visitor: str | None = None) -> list[list]:
+    """One row per loaded LoRA ``visitor`` may use (of ``model``, or of every SD3.5 model when empty)."""
     keys = [model_key(model)] if model else list(studio.sd3_loras)
-    return [[key, *row] for key in keys for row in studio.sd3_loras[key].list()]
+    return [[key, *row] for key in keys for row in studio.sd3_loras[key].list(visitor)]
 
 
 def _registry_choices(studio: Studio) -> list[tuple[str, str]]:
@@ -66,9 +70,13 @@ def _registry_choices(studio: Studio) -> list[tuple[str, str]]:
 def build_lora_panel(studio: Studio, model: gr.Radio, memory_mode: gr.Dropdown) -> LoraPanel:
     """The LoRA accordion, inside the current Blocks; ``model`` and ``memory_mode`` are the tab's own inputs."""
 
-    def load_lora(source, weight_name, upload, model, name, scale, memory_mode, active, progress):
-        """Load a LoRA onto the chosen SD3.5 model and add it to the active set at its default weight."""
+    def load_lora(source, weight_name, upload, model, name, scale, memory_mode, active, progress, request):
+        """Load a LoRA onto the chosen SD3.5 model and add it to the active set at its default weight.
+
+        An upload is the caller's own LoRA; a public instance refuses a memory mode other than its own.
+        """
         key = model_key(model)
+        visitor = visitor_id(request)
         progress(0, desc=f"loading {key} and the LoRA")
         loaded = studio.load_sd3_lora(
             key,
@@ -79,6 +87,7 @@ def build_lora_panel(studio: Studio, model: gr.Radio, memory_mode: gr.Dropdown) 
             scale=None if blank_to_none(scale) is None else as_float("scale", scale, 0, settings.MAX_LORA_WEIGHT),
             memory_mode=None if memory_mode in (None, "", "auto") else memory_mode,
             notify=gr.Info,
+            visitor=visitor,
         )
         for warning in loaded.warnings:
             gr.Warning(warning)
@@ -89,21 +98,26 @@ def build_lora_panel(studio: Studio, model: gr.Radio, memory_mode: gr.Dropdown) 
             f"Loaded **{loaded.name}** ({loaded.style} keys, {loaded.modules_changed} layers changed) "
             f"on {key}.{triggers}"
         )
-        return lora_rows(studio), note, active_with(active or "", loaded.name, loaded.default_scale)
+        return lora_rows(studio, visitor=visitor), note, active_with(active or "", loaded.name, loaded.default_scale)
 
-    def list_loras():
-        """The loaded LoRAs of every SD3.5 model (the first column names the model)."""
-        return lora_rows(studio)
+    def list_loras(request: gr.Request):
+        """The loaded LoRAs of every SD3.5 model that the caller may use (the first column names the model)."""
+        return lora_rows(studio, visitor=visitor_id(request))
 
-    def unload_lora(name, model, active):
-        """Unload one LoRA by name, or all of this model's with an empty name; the base model draws again."""
+    def unload_lora(name, model, active, request):
+        """Unload one LoRA by name, or all of this model's with an empty name; the base model draws again.
+
+        Only the caller's own uploads go, and on a public instance never a shared LoRA.
+        """
         key = model_key(model)
+        visitor = visitor_id(request)
         library = studio.sd3_loras[key]
-        if not library.names():
-            return lora_rows(studio), f"No LoRA is loaded on {key}.", active or ""
+        if not library.names(visitor):
+            return lora_rows(studio, visitor=visitor), f"No LoRA is loaded on {key}.", active or ""
         pipeline = studio.sd3_pipeline(key, notify=gr.Info)
-        removed = library.unload(pipeline, (name or "").strip() or None)
-        return lora_rows(studio), f"Unloaded {', '.join(removed)} from {key}.", active_without(active, removed)
+        removed = library.unload(pipeline, (name or "").strip() or None, visitor=visitor, shared=not studio.public)
+        note = f"Unloaded {', '.join(removed)} from {key}." if removed else f"None of your LoRAs is loaded on {key}."
+        return lora_rows(studio, visitor=visitor), note, active_without(active, removed)
 
     with gr.Accordion("LoRA", open=False):
         lora = gr.Textbox(
@@ -168,6 +182,7 @@ def build_lora_panel(studio: Studio, model: gr.Radio, memory_mode: gr.Dropdown) 
                 parameter("memory_mode", "auto"),
                 parameter("active", ""),
                 parameter("progress", gr.Progress()),
+                parameter("request", None, gr.Request),
             ],
         ),
         inputs=[source, weight_name, upload, model, name, scale, memory_mode, lora],
@@ -176,7 +191,15 @@ def build_lora_panel(studio: Studio, model: gr.Radio, memory_mode: gr.Dropdown) 
         concurrency_id=settings.GPU_CONCURRENCY_ID,
     )
     unload.click(
-        named_endpoint(unload_lora, [parameter("name", ""), parameter("model", "large"), parameter("active", "")]),
+        named_endpoint(
+            unload_lora,
+            [
+                parameter("name", ""),
+                parameter("model", "large"),
+                parameter("active", ""),
+                parameter("request", None, gr.Request),
+            ],
+        ),
         inputs=[unload_name, model, lora],
         outputs=[table, note, lora],
         api_name="lora_unload",
@@ -184,7 +207,7 @@ def build_lora_panel(studio: Studio, model: gr.Radio, memory_mode: gr.Dropdown) 
     )
     gr.on(
         triggers=[model.change],
-        fn=named_endpoint(list_loras, []),
+        fn=named_endpoint(list_loras, [parameter("request", None, gr.Request)]),
         inputs=None,
         outputs=table,
         api_name="lora_list",

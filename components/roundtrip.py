@@ -115,6 +115,7 @@ def build_roundtrip_tab(studio: Studio) -> dict:
 
     def evaluate(categories, models, seeds, steps, side, progress, request):
         # 1. Check every input before anything runs or any file name is made from it.
+        studio.require_operator("Running an evaluation")  # hours of GPU time, written where the Scoreboard reads
         categories = list(categories or [])
         models = list(models or [])
         if not categories or not models:
@@ -212,7 +213,9 @@ def build_roundtrip_tab(studio: Studio) -> dict:
             reverse_run = gr.Button("Caption, then draw the caption", variant="primary")
         reverse_caption = gr.Textbox(label="BLIP's caption", interactive=False)
         reverse_summary = gr.Markdown()
-    with gr.Accordion("Evaluation run (prompt adherence per model and category)", open=False):
+    with gr.Accordion(
+        "Evaluation run (prompt adherence per model and category)", open=False, visible=not studio.public
+    ):
         with gr.Row():
             chosen_categories = gr.CheckboxGroup(
                 choices=known_categories, value=known_categories, label="Prompt categories"

@@ -131,9 +131,10 @@ def make_system_function(studio: Studio):
 
 
 def make_unload_function(studio: Studio):
-    """The `/unload` endpoint: drop one loaded model from memory."""
+    """The `/unload` endpoint: drop one loaded model from memory (the operator's alone on a public instance)."""
 
     def unload(model):
+        studio.require_operator("Unloading models")
         if not isinstance(model, str) or not model.strip():
             raise ValueError("Choose a loaded model to unload (the table above lists them).")
         if studio.manager.unload(model):  # ValueError naming the valid keys for an unknown one
@@ -157,7 +158,7 @@ def build_system_tab(studio: Studio, tab: gr.Tab | None = None) -> dict:
         gr.Markdown("Tiny mode: the loaded models are miniatures; the planner below is for the real models.")
     gr.Markdown("### Loaded models")
     loaded = gr.Dataframe(headers=LOADED_HEADERS, label="Loaded models (real footprint)", interactive=False)
-    with gr.Row():
+    with gr.Row(visible=not studio.public):  # unloading is the operator's on a public instance
         model = gr.Dropdown(label="Loaded model", choices=[], allow_custom_value=True, scale=3)
         unload_button = gr.Button("Unload", variant="stop", scale=1)
     message = gr.Markdown()
@@ -203,9 +204,14 @@ def build_system_tab(studio: Studio, tab: gr.Tab | None = None) -> dict:
         outputs=outputs,
         api_name="system",
     ).then(lambda: loaded_choices(studio), outputs=model, api_visibility="private")
-    unload_button.click(make_unload_function(studio), inputs=model, outputs=[message, loaded], api_name="unload").then(
-        lambda: loaded_choices(studio), outputs=model, api_visibility="private"
-    )
+    unload_button.click(
+        make_unload_function(studio),
+        inputs=model,
+        outputs=[message, loaded],
+        api_name="unload",
+        # In the GPU group: an unload waits for a running generation or caption instead of pulling its model away.
+        concurrency_id=settings.GPU_CONCURRENCY_ID,
+    ).then(lambda: loaded_choices(studio), outputs=model, api_visibility="private")
     return {"device": device, "loaded": loaded, "model": model, "table": table, "details": details}
 
 

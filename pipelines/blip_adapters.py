@@ -59,6 +59,7 @@ from pipelines.blip_adapter_sources import (
     download_adapter,
     unpack_adapter_upload,
 )
+from pipelines.ownership import SHARED, UploadSlots, may_see
 
 logger = logging.getLogger(__name__)
 
@@ -254,12 +255,14 @@ class BlipAdapterInfo:
     target_modules: str  # as its config states them
     lora_layers: int  # text-decoder layers it changes
     base_model: str  # the base model its config names ("" if none)
+    owner: str | None = SHARED  # an upload's visitor (pipelines.ownership); None: shared, read-only for visitors
 
     def as_dict(self) -> dict:
         return {
             "name": self.name,
             "source": self.source,
             "kind": self.kind,
+            "shared": self.owner is SHARED,
             "rank": self.rank,
             "alpha": self.alpha,
             "target_modules": self.target_modules,
@@ -399,6 +402,10 @@ class BlipAdapterSet:
     only names inside it (no absolute paths, no ``..``, no symbolic link out of
     it). ``tiny_blip_source`` (``--tiny`` mode) makes the random ``tiny-demo``
     adapter appear there, built on first use.
+
+    Ownership (``pipelines.ownership``): an uploaded adapter belongs to the ``visitor`` who
+    loaded it; others neither see nor use it. Folder and Hub adapters are shared.
+    ``visitor=None`` is the operator (Python, the CLI), who sees everything.
     """
 
     def __init__(
@@ -408,17 +415,38 @@ class BlipAdapterSet:
         self.tiny_blip_source = tiny_blip_source
         self._work_dir = Path(work_dir) if work_dir is not None else None
         self._adapters: dict[str, BlipAdapterInfo] = {}
+        self._slots = UploadSlots("BLIP adapter")
         self._lock = threading.RLock()
         self._demo_ready = False
 
     # -- what is there
 
-    def loaded(self) -> list[BlipAdapterInfo]:
+    def loaded(self, visitor: str | None = None) -> list[BlipAdapterInfo]:
+        """The adapters ``visitor`` may use: the shared ones and their own uploads."""
         with self._lock:
-            return list(self._adapters.values())
+            return [info for info in self._adapters.values() if may_see(info.owner, visitor)]
 
-    def names(self) -> list[str]:
-        return [info.name for info in self.loaded()]
+    def names(self, visitor: str | None = None) -> list[str]:
+        return [info.name for info in self.loaded(visitor)]
+
+    def use(self, name: str | None, visitor: str | None = None) -> str | None:
+        """``name`` tidied (None or blank: the base model) once ``visitor`` may use it; marks it as used now.
+
+        Another visitor's upload is "not loaded", in the same sentence as a name nobody loaded.
+        """
+        if name is None or not str(name).strip():
+            return None
+        name = str(name).strip()
+        with self._lock:
+            if not self._slots.visible(name, visitor):
+                names = self.names(visitor)
+                loaded = f"the loaded ones are: {', '.join(names)}" if names else "none is loaded yet"
+                raise ValueError(
+                    f"No BLIP adapter named {name!r} is loaded ({loaded}); load it first, or leave the adapter "
+                    "empty for the base model."
+                )
+            self._slots.touch(name)
+        return name
 
     def available(self) -> list[str]:
         """Folder names in ``adapter_dir`` (one or two levels deep) that hold an adapter config."""
@@ -436,11 +464,11 @@ class BlipAdapterSet:
             found.append(folder.relative_to(self.adapter_dir).as_posix())
         return found
 
-    def describe(self) -> dict:
-        """What ``/blip_adapter_list`` answers: the adapters folder, the loaded adapters, the folders there."""
+    def describe(self, visitor: str | None = None) -> dict:
+        """What ``/blip_adapter_list`` answers: the adapters folder, the adapters ``visitor`` may use, the folders there."""
         return {
             "adapter_dir": str(self.adapter_dir),
-            "loaded": [info.as_dict() for info in self.loaded()],
+            "loaded": [info.as_dict() for info in self.loaded(visitor)],
             "available": self.available(),
         }
 
@@ -454,11 +482,15 @@ class BlipAdapterSet:
         *,
         name: str | None = None,
         trusted_paths: bool = False,
+        visitor: str | None = None,
     ) -> BlipAdapterInfo:
         """Load an adapter onto ``captioner`` from a folder name, a Hub id or uploaded files; returns its entry.
 
         ``trusted_paths`` (the command line) also accepts any folder path. The
-        same folder loaded twice returns the adapter already loaded.
+        same folder loaded twice returns the adapter already loaded. Uploaded files
+        become ``visitor``'s (at most ``settings.MAX_UPLOADS_PER_SESSION`` each); when all
+        ``settings.MAX_BLIP_ADAPTERS`` slots are taken, the least recently used upload is
+        removed to make room, never a shared adapter.
         """
         # 1. Check inputs: one source, within limits.
         uploads = [Path(path) for path in uploads or ()]
@@ -470,6 +502,11 @@ class BlipAdapterSet:
                 else "Give an adapter: a folder name in the adapters folder, a Hub id (owner/name), or upload its files."
             )
 
+        owner = visitor if uploads else SHARED
+        if uploads:  # before anything is unpacked
+            with self._lock:
+                self._slots.check_visitor_cap(owner, settings.MAX_UPLOADS_PER_SESSION)
+
         # 2. Its files in a local folder.
         if uploads:
             folder, suggested = unpack_adapter_upload(uploads, self._uploads_dir())
@@ -477,30 +514,52 @@ class BlipAdapterSet:
         else:
             folder, kind, suggested, described = self._resolve(source, trusted_paths)
 
-        # 3. Read, check and attach under a free name.
-        files = read_adapter_folder(folder, label=suggested if kind == "upload" else source)
-        with self._lock:
-            for info in self._adapters.values():
-                if info.folder.resolve() == folder.resolve() and info.name in captioner.adapter_names():
-                    return info
-            if len(self._adapters) >= settings.MAX_BLIP_ADAPTERS:
-                raise ValueError(
-                    f"{len(self._adapters)} adapters are loaded, the most at once; remove one before loading another."
-                )
-            chosen = self._free_name(adapter_name(name or suggested), captioner)
-            changed = attach_adapter(captioner, chosen, files)
-            info = BlipAdapterInfo(
-                name=chosen,
-                source=described,
-                kind=kind,
-                folder=folder,
-                rank=int(files.config.r),
-                alpha=float(files.config.lora_alpha),
-                target_modules=_describe_targets(files.config),
-                lora_layers=changed,
-                base_model=files.base_model,
-            )
-            self._adapters[chosen] = info
+        # 3. Read, check and attach under a free name; then make room (the least recently used upload).
+        try:
+            files = read_adapter_folder(folder, label=suggested if kind == "upload" else source)
+            with self._lock:
+                return self._attach_new(captioner, files, folder, kind, described, name or suggested, owner)
+        except BaseException:
+            if kind == "upload":
+                shutil.rmtree(folder, ignore_errors=True)  # a refused upload leaves nothing behind
+            raise
+
+    def _attach_new(
+        self, captioner, files: AdapterFiles, folder: Path, kind: str, described: str, wanted: str, owner
+    ) -> BlipAdapterInfo:
+        """Attach checked ``files`` as a new entry owned by ``owner``, evicting an upload if full (lock held)."""
+        for info in self.loaded(owner):
+            if info.folder.resolve() == folder.resolve() and info.name in captioner.adapter_names():
+                self._slots.touch(info.name)
+                return info
+        if owner is not SHARED:
+            self._slots.check_visitor_cap(owner, settings.MAX_UPLOADS_PER_SESSION)
+        try:
+            victim = self._slots.victim(settings.MAX_BLIP_ADAPTERS)
+        except ValueError:
+            raise ValueError(
+                f"{len(self._adapters)} adapters are loaded, the most at once, and none is an upload that could "
+                "make room; remove one before loading another."
+            ) from None
+        chosen = self._free_name(adapter_name(wanted), captioner)
+        changed = attach_adapter(captioner, chosen, files)
+        info = BlipAdapterInfo(
+            name=chosen,
+            source=described,
+            kind=kind,
+            folder=folder,
+            rank=int(files.config.r),
+            alpha=float(files.config.lora_alpha),
+            target_modules=_describe_targets(files.config),
+            lora_layers=changed,
+            base_model=files.base_model,
+            owner=owner,
+        )
+        self._adapters[chosen] = info
+        self._slots.add(chosen, owner)
+        if victim is not None:
+            self._forget(captioner, victim)
+            logger.info("BLIP adapter upload %s removed to make room for %s", victim, chosen)
         logger.info("BLIP adapter %s loaded from %s (%d LoRA layers)", chosen, described, changed)
         return info
 
@@ -516,17 +575,33 @@ class BlipAdapterSet:
                 except ValueError as error:  # its files went away or changed: drop it rather than fail every caption
                     logger.warning("BLIP adapter %s could not be attached again and was dropped: %s", info.name, error)
                     self._adapters.pop(info.name, None)
+                    self._slots.remove(info.name)
         return captioner
 
-    def remove(self, captioner: BlipCaptioner, name: str) -> None:
-        """Unload adapter ``name``; ValueError if it is not loaded."""
+    def remove(self, captioner: BlipCaptioner, name: str, *, visitor: str | None = None, shared: bool = True) -> None:
+        """Unload adapter ``name``; ValueError if ``visitor`` has no such adapter.
+
+        With ``shared=False`` (a public instance's visitors) shared adapters are refused: only
+        the operator removes those. An upload's unpacked files are deleted with it.
+        """
         with self._lock:
-            if name not in self._adapters:
+            if not self._slots.visible(name, visitor):
+                loaded = ", ".join(self.names(visitor)) or "none"
+                raise ValueError(f"No BLIP adapter named {name!r} is loaded; the loaded ones: {loaded}.")
+            if not shared and not self._slots.is_upload(name):
                 raise ValueError(
-                    f"No BLIP adapter named {name!r} is loaded; the loaded ones: {', '.join(self._adapters)}."
+                    f"The BLIP adapter {name!r} is shared by every visitor of this public instance; only the operator "
+                    "can remove it (leave the adapter empty to caption without it)."
                 )
-            detach_adapter(captioner, name)
-            del self._adapters[name]
+            self._forget(captioner, name)
+
+    def _forget(self, captioner: BlipCaptioner, name: str) -> None:
+        """Detach ``name``, drop its entry and delete an upload's files (the lock is held)."""
+        detach_adapter(captioner, name)
+        info = self._adapters.pop(name)
+        self._slots.remove(name)
+        if info.kind == "upload" and self._work_dir is not None and info.folder.is_relative_to(self._work_dir):
+            shutil.rmtree(info.folder, ignore_errors=True)
 
     # -- helpers
 

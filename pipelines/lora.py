@@ -46,6 +46,7 @@ from pipelines.lora_formats import (
     read_safetensors_header,
 )
 from pipelines.lora_sources import LoraSource, sanitize_lora_name
+from pipelines.ownership import SHARED, UploadSlots
 
 logger = logging.getLogger(__name__)
 
@@ -156,6 +157,7 @@ class LoadedLora:
     warnings: tuple[str, ...] = ()
     licence: str = ""
     url: str = ""
+    owner: str | None = SHARED  # an upload's visitor (pipelines.ownership); None: shared, read-only for visitors
     state_dict: dict[str, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
 
     def png_entry(self, weight: float) -> dict:
@@ -211,6 +213,10 @@ class LoraLibrary:
 
     Thread-safe: every public method holds the library's lock. Call ``apply`` (or ``fuse``)
     right before generating, in the same queued event, so what is drawn is what was asked for.
+
+    Ownership (``pipelines.ownership``): methods taking ``visitor`` act for that visitor, who
+    sees shared LoRAs and their own uploads only; another visitor's upload is "not loaded".
+    ``visitor=None`` is the operator (Python, the CLI): everything is visible.
     """
 
     def __init__(
@@ -228,21 +234,22 @@ class LoraLibrary:
         self._entries: dict[str, LoadedLora] = {}
         self._selection: tuple[tuple[str, float], ...] = ()
         self._fused: _Fused | None = None
+        self._slots = UploadSlots("LoRA", f"on {self.model_title}")
         self._lock = threading.RLock()
 
     # -- reading
 
-    def names(self) -> list[str]:
+    def names(self, visitor: str | None = None) -> list[str]:
         with self._lock:
-            return list(self._entries)
+            return self._slots.visible_names(self._entries, visitor)
 
-    def get(self, name: str) -> LoadedLora:
+    def get(self, name: str, visitor: str | None = None) -> LoadedLora:
         with self._lock:
-            return self._entries[self._known_name(name)]
+            return self._entries[self._known_name(name, visitor)]
 
-    def loaded(self) -> list[LoadedLora]:
+    def loaded(self, visitor: str | None = None) -> list[LoadedLora]:
         with self._lock:
-            return list(self._entries.values())
+            return [self._entries[name] for name in self.names(visitor)]
 
     @property
     def selection(self) -> list[tuple[str, float]]:
@@ -260,8 +267,8 @@ class LoraLibrary:
         with self._lock:
             return [(self._entries[name], weight) for name, weight in self._selection if name in self._entries]
 
-    def list(self) -> list[list]:
-        """One row per loaded LoRA, columns ``LIST_HEADERS``, for a UI table."""
+    def list(self, visitor: str | None = None) -> list[list]:
+        """One row per loaded LoRA ``visitor`` may see, columns ``LIST_HEADERS``, for a UI table."""
         with self._lock:
             weights = dict(self._selection)
             return [
@@ -276,34 +283,50 @@ class LoraLibrary:
                     entry.a1111_hash,
                     entry.base,
                 ]
-                for entry in self._entries.values()
+                for entry in self.loaded(visitor)
             ]
 
-    def parse_selection(self, text: str, lora_scale: float = 1.0) -> list[tuple[str, float]]:
-        """``parse_lora_selection`` against this library's LoRAs."""
+    def parse_selection(
+        self, text: str, lora_scale: float = 1.0, visitor: str | None = None
+    ) -> list[tuple[str, float]]:
+        """``parse_lora_selection`` against the LoRAs of this library that ``visitor`` may use."""
         with self._lock:
-            return parse_lora_selection(text, lora_scale, loaded=self._entries.values())
+            return parse_lora_selection(text, lora_scale, loaded=self.loaded(visitor))
 
     # -- loading
 
-    def load(self, pipeline, source: LoraSource, *, name: str | None = None, scale: float | None = None) -> LoadedLora:
+    def load(
+        self,
+        pipeline,
+        source: LoraSource,
+        *,
+        name: str | None = None,
+        scale: float | None = None,
+        visitor: str | None = None,
+    ) -> LoadedLora:
         """Check, convert and attach the LoRA of ``source``; return what was loaded.
 
         ``name`` (sanitised to ``[a-z0-9_]``) defaults to the source's; ``scale`` overrides the
         source's default weight. The same file loaded again returns the entry already there.
         Loading never changes what is drawn: the new LoRA is used once ``apply`` selects it.
         Any failure raises ValueError in one sentence and leaves the pipeline as it was.
+
+        An upload belongs to ``visitor`` (at most ``settings.MAX_UPLOADS_PER_SESSION`` each); every
+        other source is shared. When all ``settings.MAX_LOADED_LORAS`` slots are taken, the least
+        recently used upload is unloaded to make room; shared LoRAs are never evicted.
         """
         with self._lock:
             label = source.description
+            owner = visitor if source.kind == "upload" else SHARED
             # 1. The file, before the pipeline is touched.
             header = read_safetensors_header(source.path, label=label)
             if header.file_bytes > settings.MAX_LORA_BYTES:
                 raise ValueError(f"{label} is over the {settings.MAX_LORA_BYTES / 2**20:,.0f} MB limit for a LoRA.")
             inspect_lora_keys(header.shapes, label=label)
             sha256, a1111_hash = _file_hashes(source.path, header.header_bytes)
-            for entry in self._entries.values():
+            for entry in self.loaded(visitor):
                 if entry.sha256 == sha256 and (name is None or sanitize_lora_name(name) == entry.name):
+                    self._slots.touch(entry.name)
                     return entry
             if name is not None:
                 adapter = sanitize_lora_name(name)
@@ -313,11 +336,15 @@ class LoraLibrary:
                     )
             else:
                 adapter = self._unique_name(source.name)
-            if len(self._entries) >= settings.MAX_LOADED_LORAS:
+            if owner is not SHARED:
+                self._slots.check_visitor_cap(owner, settings.MAX_UPLOADS_PER_SESSION)
+            try:
+                victim = self._slots.victim(settings.MAX_LOADED_LORAS, keep=dict(self._selection))
+            except ValueError:
                 raise ValueError(
-                    f"{len(self._entries)} LoRAs are loaded, the most this Studio keeps (STUDIO_MAX_LOADED_LORAS); "
-                    "unload one first."
-                )
+                    f"{len(self._entries)} LoRAs are loaded, the most this Studio keeps (STUDIO_MAX_LOADED_LORAS), "
+                    "and none is an upload that could make room; unload one first."
+                ) from None
             default_scale = source.default_scale if scale is None else _check_weight("scale", scale)
 
             # 2. Convert to the canonical diffusers form.
@@ -345,9 +372,13 @@ class LoraLibrary:
                 made_for = ", ".join(CATALOG[key].title for key in source.bases)
                 notes.append(f"{label} was made for {made_for}; on {self.model_title} it may look different.")
 
-            # 4. Attach it, count what changed, and undo everything on any surprise.
+            # 4. Attach it, count what changed, and undo everything on any surprise; then make room.
             self._drop_fused(pipeline)
             modules = self._attach(pipeline, adapter, converted.state_dict, label)
+            if victim is not None:  # the least recently used upload goes, once the new one is in
+                self._remove(pipeline, victim)
+                self._set_adapters(pipeline, self._selection)
+                logger.info("unloaded the upload %s from %s to make room for %s", victim, self.model_key, label)
             entry = LoadedLora(
                 name=adapter,
                 source=label,
@@ -363,9 +394,11 @@ class LoraLibrary:
                 warnings=tuple(notes),
                 licence=source.licence,
                 url=source.url,
+                owner=owner,
                 state_dict=converted.state_dict,
             )
             self._entries[adapter] = entry
+            self._slots.add(adapter, owner)
             for note in notes:
                 logger.warning(note)
             return entry
@@ -424,22 +457,25 @@ class LoraLibrary:
         if not _adapter_names(transformer) and any(isinstance(m, LoraLayer) for m in transformer.modules()):
             transformer.unload_lora()  # no adapter left: put the plain layers back
 
-    def _known_name(self, name: str) -> str:
+    def _known_name(self, name: str, visitor: str | None = None) -> str:
         key = sanitize_lora_name(name)
-        if key not in self._entries:
-            raise ValueError(_unknown_lora_sentence(name, list(self._entries)))
+        if not self._slots.visible(key, visitor):
+            raise ValueError(_unknown_lora_sentence(name, self.names(visitor)))
         return key
 
     # -- choosing what is drawn
 
-    def apply(self, pipeline, selection: Sequence[tuple[str, float]]) -> None:
+    def apply(self, pipeline, selection: Sequence[tuple[str, float]], visitor: str | None = None) -> None:
         """Make the next image use exactly ``selection`` ((name, weight) pairs); ``[]`` = the base model.
 
         Adapters missing from ``pipeline`` (the manager evicted and reloaded the model) are
         loaded again from the stored state dicts first. A fused set that differs is unfused.
+        Every name must be one ``visitor`` may use.
         """
         with self._lock:
-            selection = self._checked_selection(selection)
+            selection = self._checked_selection(selection, visitor)
+            for name, _ in selection:
+                self._slots.touch(name)
             self._restore_missing(pipeline, selection)
             fused = self._fused
             if fused is not None and fused.pipeline() is pipeline and fused.selection == selection:
@@ -449,13 +485,13 @@ class LoraLibrary:
             self._selection = selection
             self._set_adapters(pipeline, selection)
 
-    def _checked_selection(self, selection) -> tuple[tuple[str, float], ...]:
+    def _checked_selection(self, selection, visitor: str | None = None) -> tuple[tuple[str, float], ...]:
         if isinstance(selection, str):
             raise ValueError("Pass the LoRAs as (name, weight) pairs; parse text with parse_selection first.")
         checked = []
         for item in selection:
             name, weight = item
-            key = self._known_name(name)
+            key = self._known_name(name, visitor)
             if key in dict(checked):
                 raise ValueError(f"The LoRA {key!r} is chosen twice; give each LoRA once.")
             checked.append((key, _check_weight(f"the weight of {key}", weight)))
@@ -498,7 +534,7 @@ class LoraLibrary:
 
     # -- fusing
 
-    def fuse(self, pipeline, selection: Sequence[tuple[str, float]]) -> None:
+    def fuse(self, pipeline, selection: Sequence[tuple[str, float]], visitor: str | None = None) -> None:
         """Merge ``selection`` into the transformer's weights for speed (no LoRA branch per layer).
 
         The weights it changes are copied to the CPU first, so ``unfuse`` restores them bit for
@@ -519,7 +555,7 @@ class LoraLibrary:
                     "them; keep the LoRAs unfused, or choose a memory mode without sequential offload."
                 )
             # 2. Select (re-attaching or unfusing as needed).
-            self.apply(pipeline, selection)
+            self.apply(pipeline, selection, visitor)
             if self._fused is not None or not self._selection:
                 return  # already fused with this selection, or nothing to fuse
             names = [name for name, _ in self._selection]
@@ -563,27 +599,44 @@ class LoraLibrary:
 
     # -- unloading
 
-    def unload(self, pipeline, name: str | None = None) -> list[str]:
+    def unload(
+        self, pipeline, name: str | None = None, *, visitor: str | None = None, shared: bool = True
+    ) -> list[str]:
         """Remove one LoRA (or all, with ``name=None``) from the pipeline and the library; the names removed.
 
-        After unloading all, the pipeline draws exactly what the base model draws.
+        ``visitor`` removes only what they may see: their own uploads, and the shared LoRAs
+        unless ``shared`` is False (a public instance's visitors, for whom those are read-only).
+        After unloading everything, the pipeline draws exactly what the base model draws.
         """
         with self._lock:
+            if name is not None:
+                key = self._known_name(name, visitor)
+                if not shared and not self._slots.is_upload(key):
+                    raise ValueError(
+                        f"The LoRA {key!r} is shared by every visitor of this public instance; only the operator "
+                        "can unload it (leave it out of the lora text to draw without it)."
+                    )
+                keys = [key]
+            else:
+                keys = [key for key in self.names(visitor) if shared or self._slots.is_upload(key)]
             self._unfuse_locked(pipeline)
-            transformer = pipeline.transformer
-            if name is None:
-                removed = list(self._entries)
-                if _adapter_names(transformer):
-                    pipeline.unload_lora_weights()
+            if keys and len(keys) == len(self._entries) and _adapter_names(pipeline.transformer):
+                pipeline.unload_lora_weights()  # everything: put the plain layers back in one go
                 self._entries.clear()
+                self._slots.clear()
                 self._selection = ()
-                return removed
-            key = self._known_name(name)
-            self._detach(pipeline, key)
-            del self._entries[key]
-            self._selection = tuple((item, weight) for item, weight in self._selection if item != key)
+                return keys
+            for key in keys:
+                self._remove(pipeline, key)
             self._set_adapters(pipeline, self._selection)
-            return [key]
+            return keys
+
+    def _remove(self, pipeline, key: str) -> None:
+        """Detach ``key`` and forget it (the lock is held)."""
+        self._detach(pipeline, key)
+        del self._entries[key]
+        self._slots.remove(key)
+        self._selection = tuple((item, weight) for item, weight in self._selection if item != key)
 
 
 # ----------------------------------------------------------------------------- selections and prompts

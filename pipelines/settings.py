@@ -280,6 +280,10 @@ DELETE_CACHE = (CACHE_SECONDS, CACHE_SECONDS)
 PUBLIC_ENV = "STUDIO_PUBLIC"
 # In public mode visitors may start training runs only when the operator allows it.
 PUBLIC_TRAINING_ENV = "STUDIO_PUBLIC_TRAINING"
+# Uploaded SD3.5 LoRAs (per model) and uploaded BLIP adapters one visitor (session) may keep loaded.
+# Past it the visitor unloads one of their own; when all slots (MAX_LOADED_LORAS, MAX_BLIP_ADAPTERS)
+# are full, the least recently used upload of anyone makes room (pipelines/ownership).
+MAX_UPLOADS_PER_SESSION = _env_int("STUDIO_MAX_UPLOADS_PER_SESSION", 4, ceiling=16)
 
 
 def public_mode(flag: bool = False, environ: dict[str, str] | None = None) -> bool:

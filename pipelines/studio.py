@@ -98,13 +98,42 @@ class Studio:
                 "(python app.py) to use it."
             )
 
+    def memory_mode_for(self, requested: str | None, key: str, height: int, width: int) -> str:
+        """The memory mode a request runs in: ``requested`` locally ("" or None: --memory).
+
+        In public mode the mode is the operator's (--memory, or auto): a visitor asking for
+        another one gets a sentence, so nobody reloads Large in a new mode for everyone else.
+        "", "auto" (let the instance choose), the operator's setting and the mode it resolves to
+        here are all accepted.
+        """
+        from pipelines.memory import resolve_mode
+
+        requested = str(requested or "").strip()
+        if not self.public:
+            return requested or self.memory_mode
+        if requested in ("", "auto", self.memory_mode):
+            return self.memory_mode
+        current, _ = resolve_mode(key, self.memory_mode, self.manager.runtime, height, width)
+        if requested == current:
+            return self.memory_mode
+        raise ValueError(
+            f"Changing the memory mode (to {requested!r}; this instance runs {current!r}) is reserved for the "
+            "operator of this public instance; leave memory_mode out or send 'auto', or run the Studio yourself "
+            "(python app.py) to choose one."
+        )
+
     def captioner(self) -> BlipCaptioner:
         """The BLIP captioning model, loaded on first use, with every loaded adapter attached (inactive)."""
         return self.blip_adapters.attached(self.manager.get("blip-caption"))
 
-    def load_blip_adapter(self, source: str = "", uploads: list[str | Path] | tuple = ()) -> BlipAdapterInfo:
-        """Load a BLIP LoRA adapter (folder name, Hub id, or uploaded files) for every tab that captions."""
-        return self.blip_adapters.load(self.captioner(), source, uploads)
+    def load_blip_adapter(
+        self, source: str = "", uploads: list[str | Path] | tuple = (), *, visitor: str | None = None
+    ) -> BlipAdapterInfo:
+        """Load a BLIP LoRA adapter (folder name, Hub id, or uploaded files) for every tab that captions.
+
+        Uploaded files become ``visitor``'s own adapter; folder and Hub adapters are shared.
+        """
+        return self.blip_adapters.load(self.captioner(), source, uploads, visitor=visitor)
 
     def matcher(self) -> ImageTextMatcher:
         """Image-text matching with the captioner; the retrieval model loads only if a request asks for it."""
@@ -163,11 +192,20 @@ class Studio:
         scale: float | None = None,
         memory_mode: str | None = None,
         notify: Callable[[str], None] | None = None,
+        visitor: str | None = None,
     ) -> LoadedLora:
-        """Load a LoRA onto the SD3.5 model ``key`` (loading the model first if needed)."""
+        """Load a LoRA onto the SD3.5 model ``key`` (loading the model first if needed).
+
+        An upload becomes ``visitor``'s own LoRA (see ``LoraLibrary.load``); in public mode a
+        ``memory_mode`` other than the operator's is refused before anything loads.
+        """
+        if self.public and memory_mode:
+            side = settings.PLAN_DEFAULT_SIDE
+            self.memory_mode_for(memory_mode, key, side, side)
+            memory_mode = None  # as loaded, else the operator's mode
         lora_source = self.lora_source(source, weight_name, upload)  # checked before any model loads
         pipeline = self.sd3_pipeline(key, memory_mode, notify)
-        return self.sd3_loras[key].load(pipeline, lora_source, name=name or None, scale=scale)
+        return self.sd3_loras[key].load(pipeline, lora_source, name=name or None, scale=scale, visitor=visitor)
 
     def load_training_result(self, kind: str, output_dir: Path, *, model: str = "medium") -> str:
         """Load what a finished training run wrote; returns a sentence saying where it is now."""

@@ -16,7 +16,7 @@ import torch
 from gradio_client import handle_file
 from PIL import Image
 
-from pipelines import caption_folder
+from pipelines import caption_folder, settings
 from pipelines.attention import cross_attention_maps
 from pipelines.batch_caption import MANIFEST_FILE, caption_files, captions_csv, dataset_zip
 from pipelines.blip import CaptionRequest
@@ -218,6 +218,53 @@ def test_uploads_as_two_files_or_a_zip(tiny_root, adapter_dir, images, tmp_path)
     assert texts(captioner.caption_batch(images, adapter="upload")) == texts(
         captioner.caption_batch(images, adapter="my-lora")
     )
+
+
+def two_files(adapter_dir: Path, name: str = "second") -> list[Path]:
+    return [adapter_dir / name / ADAPTER_CONFIG_FILE, adapter_dir / name / ADAPTER_WEIGHTS_FILE]
+
+
+def test_an_uploaded_adapter_is_its_visitors_alone(tiny_root, adapter_dir, images, tmp_path):
+    captioner = fresh_captioner(tiny_root)
+    adapters = BlipAdapterSet(adapter_dir, work_dir=tmp_path / "work")
+    shared = adapters.load(captioner, "decoder-only", visitor="bob")  # a folder adapter: shared
+    mine = adapters.load(captioner, uploads=two_files(adapter_dir), visitor="alice")
+    assert (shared.owner, mine.owner) == (None, "alice")
+    assert adapters.names("alice") == ["decoder-only", "upload"] and adapters.names("bob") == ["decoder-only"]
+    assert [entry["name"] for entry in adapters.describe("bob")["loaded"]] == ["decoder-only"]
+    assert adapters.describe("alice")["loaded"][1]["shared"] is False
+    assert adapters.use("upload", "alice") == "upload" and adapters.use("", "bob") is None
+    with pytest.raises(ValueError, match=r"No BLIP adapter named 'upload' is loaded \(the loaded ones are: decoder"):
+        adapters.use("upload", "bob")
+    with pytest.raises(ValueError, match="No BLIP adapter named 'upload' is loaded"):
+        adapters.remove(captioner, "upload", visitor="bob")
+    with pytest.raises(ValueError, match="shared by every visitor of this public instance"):
+        adapters.remove(captioner, "decoder-only", visitor="alice", shared=False)
+    adapters.remove(captioner, "upload", visitor="alice", shared=False)
+    assert not mine.folder.exists()  # the unpacked upload goes with it
+    assert captioner.adapter_names() == ["decoder-only"]
+
+
+def test_adapter_uploads_are_capped_per_visitor_and_the_least_recently_used_makes_room(
+    tiny_root, adapter_dir, images, tmp_path, monkeypatch
+):
+    monkeypatch.setattr(settings, "MAX_UPLOADS_PER_SESSION", 1)
+    monkeypatch.setattr(settings, "MAX_BLIP_ADAPTERS", 3)
+    captioner = fresh_captioner(tiny_root)
+    adapters = BlipAdapterSet(adapter_dir, work_dir=tmp_path / "work")
+    adapters.load(captioner, "second")  # shared: never evicted
+    alices = adapters.load(captioner, uploads=two_files(adapter_dir), name="alices", visitor="alice")
+    with pytest.raises(ValueError, match=r"You have 1 uploaded BLIP adapters loaded \(alices\)"):
+        adapters.load(captioner, uploads=two_files(adapter_dir), visitor="alice")
+    assert len(list((tmp_path / "work").iterdir())) == 1  # the refused upload was never unpacked
+    bobs = adapters.load(captioner, uploads=two_files(adapter_dir), name="bobs", visitor="bob")
+    adapters.use("alices", "alice")  # alice captioned just now: bob's upload is the oldest
+    adapters.load(captioner, uploads=two_files(adapter_dir), name="carols", visitor="carol")
+    assert adapters.names() == ["second", "alices", "carols"] and not bobs.folder.exists()
+    assert sorted(captioner.adapter_names()) == ["alices", "carols", "second"]
+    with pytest.raises(ValueError, match="No BLIP adapter named 'bobs' is loaded"):
+        adapters.use("bobs", "bob")
+    assert alices.folder.exists()
 
 
 # ----------------------------------------------------------------------------- refusals

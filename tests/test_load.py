@@ -40,6 +40,7 @@ MODEL_EVENTS = (
     "caption",
     "caption_batch",
     "blip_adapter_load",  # attaches LoRA weights to the BLIP a running caption uses
+    "blip_adapter_unload",  # takes them out again
     "match",
     "attention",
     "generate",
@@ -49,10 +50,10 @@ MODEL_EVENTS = (
     "roundtrip_image",
     "evaluate",
     "train_load_result",  # loads a trained adapter into the pipeline
+    "unload",  # would pull a model away from a running generation (issue 15, attack 6)
 )
 OUTSIDE_GPU_QUEUE = (
     "system",  # the planner works on the meta device: no weights run
-    "unload",  # drops a reference; a running event keeps its own until it ends
     "scoreboard",  # reads files and meta-device architectures
     "train_start",  # checks a dataset (one at a time, its own concurrency id) and starts a subprocess
 )

@@ -484,3 +484,77 @@ def test_real_sized_models_are_named_in_mismatch_messages():
 def test_only_sd3_models_take_loras():
     with pytest.raises(ValueError, match="'blip-caption' is not one"):
         LoraLibrary("blip-caption")
+
+
+# ----------------------------------------------------------------------------- ownership (pipelines.ownership)
+
+
+def upload_variant(lora_dir, tmp_path, index: int):
+    """An upload source: the tiny style LoRA with its factors scaled, so each index is a different file."""
+    tensors = {key: value * (1 + index / 10) for key, value in load_file(str(lora_dir / STYLE)).items()}
+    path = tmp_path / f"upload-{index}.safetensors"
+    save_file(tensors, str(path))
+    return resolve_lora_source(upload=path)
+
+
+def test_an_upload_is_its_visitors_alone_and_shared_loras_are_everyones(pipeline, library, lora_dir, tmp_path):
+    shared = load(library, pipeline, lora_dir, KOHYA, visitor="bob")  # a folder file: shared, whoever loaded it
+    alices = library.load(pipeline, upload_variant(lora_dir, tmp_path, 1), visitor="alice")
+    assert (shared.owner, alices.owner) == (None, "alice")
+    assert library.names("alice") == [shared.name, alices.name] and library.names("bob") == [shared.name]
+    assert [row[0] for row in library.list("bob")] == [shared.name] and len(library.list()) == 2
+    for use in (
+        lambda: library.parse_selection(alices.name, visitor="bob"),
+        lambda: library.get(alices.name, "bob"),
+        lambda: library.apply(pipeline, [(alices.name, 1.0)], visitor="bob"),
+        lambda: library.unload(pipeline, alices.name, visitor="bob"),
+    ):
+        with pytest.raises(ValueError, match=f"No LoRA named '{alices.name}' is loaded; loaded: {shared.name}"):
+            use()
+    # The same file uploaded by bob is bob's own entry, not a handle on alice's.
+    bobs = library.load(pipeline, upload_variant(lora_dir, tmp_path, 1), visitor="bob")
+    assert bobs.name != alices.name and bobs.owner == "bob" and bobs.sha256 == alices.sha256
+    library.apply(pipeline, [(alices.name, 1.0)], visitor="alice")
+
+
+def test_unloading_everything_takes_only_what_the_visitor_may_unload(pipeline, library, lora_dir, tmp_path):
+    shared = load(library, pipeline, lora_dir, KOHYA)
+    alices = library.load(pipeline, upload_variant(lora_dir, tmp_path, 1), visitor="alice")
+    bobs = library.load(pipeline, upload_variant(lora_dir, tmp_path, 2), visitor="bob")
+    library.apply(pipeline, [(shared.name, 1.0), (alices.name, 0.5)], visitor="alice")
+    # Public mode: shared LoRAs are read-only for visitors, by name or in "unload all".
+    with pytest.raises(ValueError, match="shared by every visitor of this public instance; only the operator"):
+        library.unload(pipeline, shared.name, visitor="bob", shared=False)
+    assert library.unload(pipeline, visitor="bob", shared=False) == [bobs.name]
+    assert library.names() == [shared.name, alices.name]
+    # Locally a visitor may unload shared LoRAs too, but never another visitor's upload.
+    assert library.unload(pipeline, visitor="carol") == [shared.name]
+    assert library.names() == [alices.name] and library.selection == [(alices.name, 0.5)]
+    assert count_adapter_modules(pipeline.transformer, shared.name) == 0
+
+
+def test_uploads_are_capped_per_visitor_and_the_least_recently_used_makes_room(
+    pipeline, library, lora_dir, tmp_path, monkeypatch, base_image
+):
+    monkeypatch.setattr(settings, "MAX_UPLOADS_PER_SESSION", 2)
+    monkeypatch.setattr(settings, "MAX_LOADED_LORAS", 4)
+    shared = load(library, pipeline, lora_dir, KOHYA)
+    a1 = library.load(pipeline, upload_variant(lora_dir, tmp_path, 1), visitor="alice")
+    a2 = library.load(pipeline, upload_variant(lora_dir, tmp_path, 2), visitor="alice")
+    with pytest.raises(ValueError, match=r"You have 2 uploaded LoRAs loaded on .*unload one of them first"):
+        library.load(pipeline, upload_variant(lora_dir, tmp_path, 3), visitor="alice")
+    b1 = library.load(pipeline, upload_variant(lora_dir, tmp_path, 4), visitor="bob")  # the 4th slot
+    library.apply(pipeline, [(a1.name, 1.0)], visitor="alice")  # a1 used last: a2 is now the oldest upload
+    c1 = library.load(pipeline, upload_variant(lora_dir, tmp_path, 5), visitor="carol")
+    assert library.names() == [shared.name, a1.name, b1.name, c1.name]
+    assert count_adapter_modules(pipeline.transformer, a2.name) == 0  # really detached from the model
+    with pytest.raises(ValueError, match=f"No LoRA named '{a2.name}' is loaded"):
+        library.parse_selection(a2.name, visitor="alice")
+    # Slots full of shared LoRAs are never emptied for an upload.
+    library.unload(pipeline)
+    monkeypatch.setattr(settings, "MAX_LOADED_LORAS", 1)
+    load(library, pipeline, lora_dir, KOHYA)
+    with pytest.raises(ValueError, match="none is an upload that could make room; unload one first"):
+        library.load(pipeline, upload_variant(lora_dir, tmp_path, 6), visitor="alice")
+    library.unload(pipeline)
+    assert torch.equal(draw(pipeline), base_image)

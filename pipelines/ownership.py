@@ -1,0 +1,106 @@
+"""Who owns an uploaded LoRA or adapter, and which upload makes room when every slot is taken.
+
+A public instance keeps one set of loaded LoRAs per SD3.5 model and one set of
+BLIP adapters for every visitor. What comes from the operator's folders, the
+curated registry or the Hub is *shared*: everyone sees and uses it, nobody owns
+it. An *upload* belongs to the visitor (``components.common.visitor_id``) who
+sent it: only they see, use or unload it. Uploads are capped per visitor, and
+when all slots are full the least recently used upload (of anyone) is evicted
+to make room; a shared entry is never evicted.
+
+``UploadSlots`` keeps that book for one collection. It holds no lock: its owner
+(``LoraLibrary``, ``BlipAdapterSet``) calls it under its own.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable
+
+SHARED: str | None = None  # the owner of folder, registry and Hub entries
+
+
+def may_see(owner: str | None, visitor: str | None) -> bool:
+    """Whether ``visitor`` may see and use an entry of ``owner``; ``visitor=None`` is the operator (sees all)."""
+    return owner is SHARED or visitor is None or owner == visitor
+
+
+class UploadSlots:
+    """Owners and last use of the entries of one collection, by entry name.
+
+    ``what`` names an entry in sentences ("LoRA", "BLIP adapter"); ``where`` says
+    whose slots these are ("on SD3.5 Large", "") for the per-visitor cap.
+    """
+
+    def __init__(self, what: str, where: str = "") -> None:
+        self.what = what
+        self.where = where
+        self._owners: dict[str, str | None] = {}
+        self._last_use: dict[str, int] = {}
+        self._clock = itertools.count()
+
+    # -- the book
+
+    def add(self, name: str, owner: str | None) -> None:
+        self._owners[name] = owner
+        self.touch(name)
+
+    def remove(self, name: str) -> None:
+        self._owners.pop(name, None)
+        self._last_use.pop(name, None)
+
+    def clear(self) -> None:
+        self._owners.clear()
+        self._last_use.clear()
+
+    def touch(self, name: str) -> None:
+        """Mark ``name`` as used now (loaded, chosen for an image or a caption)."""
+        if name in self._owners:
+            self._last_use[name] = next(self._clock)
+
+    def owner(self, name: str) -> str | None:
+        return self._owners.get(name)
+
+    def is_upload(self, name: str) -> bool:
+        return self._owners.get(name) is not SHARED
+
+    def visible(self, name: str, visitor: str | None) -> bool:
+        return name in self._owners and may_see(self._owners[name], visitor)
+
+    def visible_names(self, names: Iterable[str], visitor: str | None) -> list[str]:
+        return [name for name in names if self.visible(name, visitor)]
+
+    def uploads_of(self, visitor: str | None) -> list[str]:
+        return [name for name, owner in self._owners.items() if owner is not SHARED and owner == visitor]
+
+    # -- making room
+
+    def check_visitor_cap(self, visitor: str | None, cap: int) -> None:
+        """ValueError when ``visitor`` already keeps ``cap`` uploads here (``visitor=None``: no cap)."""
+        if visitor is None:
+            return
+        mine = self.uploads_of(visitor)
+        if len(mine) >= cap:
+            where = f" {self.where}" if self.where else ""
+            raise ValueError(
+                f"You have {len(mine)} uploaded {self.what}s loaded{where} ({', '.join(mine)}), the most one visitor "
+                f"may keep (STUDIO_MAX_UPLOADS_PER_SESSION={cap}); unload one of them first."
+            )
+
+    def victim(self, capacity: int, keep: Iterable[str] = ()) -> str | None:
+        """The upload to evict so one more entry fits in ``capacity`` slots; None when there is room.
+
+        The least recently used upload goes first, preferring any outside ``keep`` (what the
+        current image is drawn with). ValueError when every slot holds a shared entry.
+        """
+        if len(self._owners) < capacity:
+            return None
+        uploads = [name for name in self._owners if self.is_upload(name)]
+        if not uploads:
+            raise ValueError(
+                f"All {len(self._owners)} {self.what} slots hold shared {self.what}s, which are never evicted; "
+                "ask the operator to unload one, or try again later."
+            )
+        kept = set(keep)
+        candidates = [name for name in uploads if name not in kept] or uploads
+        return min(candidates, key=lambda name: self._last_use.get(name, -1))

@@ -1,0 +1,52 @@
+"""pipelines.ownership: who sees an upload, the per-visitor cap, and which upload makes room."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipelines.ownership import SHARED, UploadSlots, may_see
+
+
+def slots_with(*entries: tuple[str, str | None]) -> UploadSlots:
+    slots = UploadSlots("LoRA", "on SD3.5 Large")
+    for name, owner in entries:
+        slots.add(name, owner)
+    return slots
+
+
+def test_shared_entries_are_everyones_uploads_their_owners_and_the_operator_sees_all():
+    slots = slots_with(("style", SHARED), ("mine", "alice"), ("theirs", "bob"))
+    assert slots.visible_names(["style", "mine", "theirs"], "alice") == ["style", "mine"]
+    assert slots.visible_names(["style", "mine", "theirs"], "bob") == ["style", "theirs"]
+    assert slots.visible_names(["style", "mine", "theirs"], None) == ["style", "mine", "theirs"]
+    assert not slots.visible("missing", None)
+    assert may_see(SHARED, "anyone") and may_see("alice", None) and not may_see("alice", "bob")
+    assert slots.uploads_of("alice") == ["mine"] and slots.uploads_of("carol") == []
+    assert not slots.is_upload("style") and slots.is_upload("theirs")
+
+
+def test_a_visitor_at_the_cap_gets_a_sentence_naming_their_uploads():
+    slots = slots_with(("a1", "alice"), ("a2", "alice"), ("b1", "bob"), ("shared", SHARED))
+    with pytest.raises(ValueError, match=r"You have 2 uploaded LoRAs loaded on SD3.5 Large \(a1, a2\).*unload one"):
+        slots.check_visitor_cap("alice", 2)
+    slots.check_visitor_cap("bob", 2)  # one of their own: room for another
+    slots.check_visitor_cap(None, 0)  # the operator has no cap
+
+
+def test_the_least_recently_used_upload_makes_room_and_shared_entries_never_do():
+    slots = slots_with(("shared", SHARED), ("a1", "alice"), ("b1", "bob"), ("c1", "carol"))
+    assert slots.victim(capacity=5) is None  # room left: nobody goes
+    assert slots.victim(capacity=4) == "a1"  # the oldest upload, whoever owns it
+    slots.touch("a1")  # alice drew with it just now
+    slots.touch("shared")  # using a shared one does not make it a candidate
+    assert slots.victim(capacity=4) == "b1"
+    assert slots.victim(capacity=4, keep=["b1"]) == "c1"  # what the current image uses stays if it can
+    assert slots.victim(capacity=4, keep=["a1", "b1", "c1"]) == "b1"  # ...but room is made regardless
+    slots.remove("b1")
+    assert slots.victim(capacity=3) == "c1"
+
+
+def test_slots_full_of_shared_entries_are_refused_with_a_sentence():
+    slots = slots_with(("one", SHARED), ("two", SHARED))
+    with pytest.raises(ValueError, match="All 2 LoRA slots hold shared LoRAs, which are never evicted"):
+        slots.victim(capacity=2)

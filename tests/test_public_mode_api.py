@@ -1,0 +1,152 @@
+"""`python app.py --tiny --public`: what stays the operator's, and what visitors keep (issue 15, public mode).
+
+A second app of its own, started with --public, on a free loopback port: /unload, /evaluate and a
+memory-mode change are refused with a sentence, shared LoRAs are read-only, while /caption and
+/generate work as everywhere.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from gradio_client import Client, handle_file
+from gradio_client.exceptions import AppError
+
+pytestmark = pytest.mark.api
+
+DRAW = {"model": "large", "seed": 5, "steps": 2, "width": 64, "height": 64, "preview_every": 0}
+OPERATOR_ONLY = "reserved for the operator of this public instance; run the Studio yourself"
+
+
+@pytest.fixture(scope="module")
+def public_app_url(tiny_root, tmp_path_factory):
+    """`python app.py --tiny --public` on a loopback port for this module."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    log_path = tmp_path_factory.mktemp("public-app") / "app.log"
+    environment = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "GRADIO_ANALYTICS_ENABLED": "False",
+        "STUDIO_RESULTS_DIR": str(tmp_path_factory.mktemp("public-results")),
+    }
+    environment.pop("STUDIO_PUBLIC", None)  # --public alone decides
+    command = [sys.executable, "app.py", "--tiny", "--tiny-dir", str(tiny_root), "--port", str(port), "--public"]
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(
+            command, cwd=Path(__file__).resolve().parent.parent, env=environment, stdout=log, stderr=subprocess.STDOUT
+        )
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.monotonic() + 120
+    try:
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"app.py --public exited early:\n{log_path.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(url + "config", timeout=2):
+                    break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"app.py --public did not start in 120 s:\n{log_path.read_text()[-3000:]}"
+                    ) from None
+                time.sleep(0.5)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+@pytest.fixture(scope="module")
+def public_client(public_app_url):
+    return Client(public_app_url, verbose=False)
+
+
+def test_operator_actions_are_refused_with_a_sentence_and_visitors_keep_captions_and_images(public_client):
+    photo = handle_file("assets/examples/chelsea.png")
+    table, _, _ = public_client.predict(photo, strategy="greedy", api_name="/caption")
+    assert table["data"][0][1]
+    with pytest.raises(AppError, match=f"Unloading models is {OPERATOR_ONLY}"):
+        public_client.predict("blip-caption", api_name="/unload")
+    with pytest.raises(AppError, match=f"Running an evaluation is {OPERATOR_ONLY}"):
+        public_client.predict(categories=["counting"], steps=1, side=64, api_name="/evaluate")
+    gallery, _, summary, *_ = public_client.predict("a red fox", **DRAW, api_name="/generate")
+    assert len(gallery) == 1 and "memory mode bf16" in summary
+    *_, details = public_client.predict(api_name="/system")
+    assert "blip-caption" in [item["key"] for item in details["loaded_models"]]  # nothing was unloaded
+
+
+@pytest.mark.parametrize("endpoint", ["/generate", "/lora_load"])
+def test_a_memory_mode_change_is_refused_and_the_operators_mode_is_accepted(public_client, endpoint):
+    arguments = {"/generate": {"prompt": "a cat", **DRAW}, "/lora_load": {"source": "tiny_large_style"}}[endpoint]
+    # Alternating bf16 and bf16-no-t5 reloaded Large on every request (attack 6): a visitor cannot switch.
+    with pytest.raises(
+        AppError, match=r"Changing the memory mode \(to .bf16-no-t5.; this instance runs .bf16.\) is reserved"
+    ):
+        public_client.predict(**arguments, memory_mode="bf16-no-t5", api_name=endpoint)
+    for same in ("auto", "bf16"):  # the instance's choice, or the mode it runs
+        public_client.predict(**arguments, memory_mode=same, api_name=endpoint)
+
+
+def test_shared_loras_are_read_only_for_visitors(public_app_url, public_client):
+    other = Client(public_app_url, verbose=False)
+    public_client.predict(source="tiny_large_style", model="large", api_name="/lora_load")
+    with pytest.raises(AppError, match="'tiny_large_style' is shared by every visitor of this public instance"):
+        other.predict(name="tiny_large_style", model="large", active="", api_name="/lora_unload")
+    _, note, _ = other.predict(name="", model="large", active="", api_name="/lora_unload")
+    assert "None of your LoRAs" in note
+    _, _, summary, *_ = other.predict("a fox", lora="tiny_large_style", **DRAW, api_name="/generate")
+    assert "LoRA tiny_large_style" in summary
+
+
+def operator_controls(url: str) -> dict[str, bool]:
+    """Whether the page shows the memory-mode dropdown, the Unload row and the evaluation run (from /config)."""
+    import json
+
+    with urllib.request.urlopen(url + "config", timeout=10) as response:
+        config = json.load(response)
+    components = {item["id"]: item for item in config["components"]}
+    parents: dict[int, int] = {}
+
+    def walk(node):
+        for child in node.get("children", []):
+            parents[child["id"]] = node["id"]
+            walk(child)
+
+    walk(config["layout"])
+
+    def shown(component_id) -> bool:  # visible itself and inside visible containers
+        while component_id is not None:
+            if components.get(component_id, {}).get("props", {}).get("visible") is False:
+                return False
+            component_id = parents.get(component_id)
+        return True
+
+    def find(kind: str, text: str) -> int:
+        return next(
+            item["id"]
+            for item in config["components"]
+            if item["type"] == kind and text in str(item["props"].get("label") or item["props"].get("value"))
+        )
+
+    return {
+        "memory mode": shown(find("dropdown", "Memory mode")),
+        "unload": shown(find("dropdown", "Loaded model")),  # the System tab's row: this dropdown and Unload
+        "evaluation": shown(find("button", "Run (resumes where it stopped)")),
+    }
+
+
+def test_the_page_hides_the_operators_controls_only_in_public_mode(public_app_url, tiny_app_url):
+    assert operator_controls(public_app_url) == {"memory mode": False, "unload": False, "evaluation": False}
+    assert operator_controls(tiny_app_url) == {"memory mode": True, "unload": True, "evaluation": True}
