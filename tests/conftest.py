@@ -62,62 +62,15 @@ def tiny_captioner(tiny_manager):
     return tiny_manager.get("blip-caption")
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def tiny_app_url(tiny_root, tmp_path_factory):
     """`python app.py --tiny` running on a loopback port for the whole session."""
-    import subprocess
-    import sys
-    import time
-    import urllib.request
-    from pathlib import Path
+    from tests.app_server import tiny_app
 
-    port = _free_port()
     log_path = tmp_path_factory.mktemp("app") / "app.log"
     results_dir = tmp_path_factory.mktemp("results")  # evaluation files the app writes stay out of the repo
-    environment = {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "GRADIO_ANALYTICS_ENABLED": "False",
-        "STUDIO_RESULTS_DIR": str(results_dir),
-    }
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(
-            [sys.executable, "app.py", "--tiny", "--tiny-dir", str(tiny_root), "--port", str(port)],
-            cwd=Path(__file__).resolve().parent.parent,
-            env=environment,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.monotonic() + 120
-    try:
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"app.py --tiny exited early:\n{log_path.read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(url + "config", timeout=2):
-                    break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(
-                        f"app.py --tiny did not start in 120 s:\n{log_path.read_text()[-3000:]}"
-                    ) from None
-                time.sleep(0.5)
+    with tiny_app(tiny_root, log_path, environment={"STUDIO_RESULTS_DIR": str(results_dir)}) as (_, url):
         yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
 
 
 @pytest.fixture(scope="session")

@@ -7,17 +7,13 @@ memory-mode change are refused with a sentence, shared LoRAs are read-only, whil
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-import time
 import urllib.request
-from pathlib import Path
 
 import pytest
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
+
+from tests.app_server import tiny_app
 
 pytestmark = pytest.mark.api
 
@@ -28,44 +24,13 @@ OPERATOR_ONLY = "reserved for the operator of this public instance; run the Stud
 @pytest.fixture(scope="module")
 def public_app_url(tiny_root, tmp_path_factory):
     """`python app.py --tiny --public` on a loopback port for this module."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
     log_path = tmp_path_factory.mktemp("public-app") / "app.log"
     environment = {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "GRADIO_ANALYTICS_ENABLED": "False",
         "STUDIO_RESULTS_DIR": str(tmp_path_factory.mktemp("public-results")),
+        "STUDIO_PUBLIC": "",  # --public alone decides
     }
-    environment.pop("STUDIO_PUBLIC", None)  # --public alone decides
-    command = [sys.executable, "app.py", "--tiny", "--tiny-dir", str(tiny_root), "--port", str(port), "--public"]
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(
-            command, cwd=Path(__file__).resolve().parent.parent, env=environment, stdout=log, stderr=subprocess.STDOUT
-        )
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.monotonic() + 120
-    try:
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"app.py --public exited early:\n{log_path.read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(url + "config", timeout=2):
-                    break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(
-                        f"app.py --public did not start in 120 s:\n{log_path.read_text()[-3000:]}"
-                    ) from None
-                time.sleep(0.5)
+    with tiny_app(tiny_root, log_path, "--public", environment=environment) as (_, url):
         yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
 
 
 @pytest.fixture(scope="module")

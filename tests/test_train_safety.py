@@ -9,11 +9,7 @@ import contextlib
 import json
 import os
 import signal
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 import zipfile
 from pathlib import Path
 
@@ -23,9 +19,10 @@ from gradio_client.exceptions import AppError
 
 from pipelines.tiny import tiny_lora_dir
 from pipelines.training_runs import PID_FILE, _group_alive
+from tests.app_server import free_port, tiny_app
 from tests.test_train_blip_lora import make_dataset
 
-pytestmark = pytest.mark.api
+pytestmark = [pytest.mark.api, pytest.mark.slow]  # background trainers and apps of their own
 
 APP_ROOT = Path(__file__).resolve().parent.parent
 
@@ -51,45 +48,16 @@ def _start_long_run(client: Client, dataset_zip: Path, name: str) -> str:
     return run_id
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @contextlib.contextmanager
 def _tiny_app(tiny_root: Path, lora_dir: Path, log_path: Path, *flags: str, environment: dict | None = None):
     """``python app.py --tiny`` on its own port and LoRA folder (so its runs folder is its own); yields (process, url)."""
-    port = _free_port()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False", **(environment or {})}
-    command = [sys.executable, "app.py", "--tiny", "--tiny-dir", str(tiny_root), "--port", str(port)]
-    with open(log_path, "a") as log:
-        process = subprocess.Popen(
-            [*command, "--lora-dir", str(lora_dir), "--no-preload", *flags],
-            cwd=APP_ROOT,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    url = f"http://127.0.0.1:{port}/"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert process.poll() is None, f"app.py exited early:\n{log_path.read_text()[-3000:]}"
-            try:
-                with urllib.request.urlopen(url + "config", timeout=2):
-                    break
-            except OSError:
-                assert time.monotonic() < deadline, f"app.py did not start:\n{log_path.read_text()[-3000:]}"
-                time.sleep(0.5)
+    with tiny_app(
+        tiny_root, log_path, "--lora-dir", str(lora_dir), "--no-preload", *flags, environment=environment
+    ) as (
+        process,
+        url,
+    ):
         yield process, url
-    finally:
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                process.kill()
 
 
 def _trainer_pid(lora_dir: Path, run_id: str, timeout: float = 30) -> int:
@@ -217,7 +185,7 @@ def test_public_mode_trains_only_when_the_operator_allows_it(tiny_manager, tmp_p
         block for block in demo.blocks.values() if isinstance(block, gr.Button) and block.value == "Start training"
     )
     assert start_button.visible is allowed
-    demo.queue().launch(server_port=_free_port(), prevent_thread_lock=True, quiet=True)
+    demo.queue().launch(server_port=free_port(), prevent_thread_lock=True, quiet=True)
     try:
         client = Client(demo.local_url, verbose=False)
         expected = "Upload a dataset first" if allowed else "reserved for the operator"

@@ -21,20 +21,11 @@ from gradio_client import handle_file
 from PIL import Image
 
 from pipelines import batch_caption, settings
-from pipelines.batch_caption import CaptionedImage, FailedImage, collect_uploads
+from pipelines.batch_caption import CaptionedImage, FailedImage
+from tests.test_batch_caption import collect
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "assets" / "examples"
 PNG = (EXAMPLES / "coffee.png").read_bytes()
-
-
-def collect(paths, work_dir, **limits):
-    limits = {
-        "max_files": settings.MAX_BATCH_FILES,
-        "max_unpacked_bytes": settings.MAX_ZIP_UNCOMPRESSED_BYTES,
-        "max_ratio": settings.MAX_ZIP_RATIO,
-        **limits,
-    }
-    return collect_uploads(paths, work_dir, **limits)
 
 
 def zip_of(path: Path, names, data: bytes = b"x") -> Path:
