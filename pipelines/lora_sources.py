@@ -291,7 +291,8 @@ def resolve_lora_source(
         known = ", ".join(entries) or "none"
         raise ValueError(f"There is no LoRA {registry_name!r} in the registry; it has: {known}.")
     if entry.repo:
-        path, _ = _resolve_hub(entry.repo, entry.weight_name, cache_dir, token=None)  # the operator's own list
+        # Registry LoRAs are public: HF_TOKEN is sent only for the catalog's own (gated) models.
+        path, _ = _resolve_hub(entry.repo, entry.weight_name, cache_dir, token=False)
     else:
         path = _resolve_in_folder(entry.file, entry.folder, "registry's folder")
     label = f"registry:{entry.name}"

@@ -197,7 +197,7 @@ def test_a_visitors_lora_within_the_limit_is_downloaded_without_the_token(monkey
     assert "authorization" not in {key.lower() for key in build_hf_headers(token=False)}  # HF_TOKEN is set
 
 
-def test_the_registrys_own_repos_may_use_the_operators_token_and_are_size_checked(monkeypatch, tmp_path):
+def test_the_registrys_repos_are_size_checked_and_fetched_without_the_token(monkeypatch, tmp_path):
     from pipelines.lora_sources import RegistryEntry, resolve_lora_source
 
     hub = FakeHub({"red.safetensors": 30 * MB}, tmp_path).install(monkeypatch)
@@ -207,7 +207,7 @@ def test_the_registrys_own_repos_may_use_the_operators_token_and_are_size_checke
     )
     with pytest.raises(ValueError, match="over the 1 MB limit"):
         resolve_lora_source(registry_name="red", registry={"red": entry}, cache_dir=tmp_path)
-    assert hub.calls == [("get_paths_info", "curated/red", None)]  # None: huggingface_hub's default, HF_TOKEN
+    assert hub.calls == [("get_paths_info", "curated/red", False)]  # HF_TOKEN is for the catalog's models only
 
 
 def test_a_hub_adapter_over_the_limit_is_refused_before_download_without_the_token(monkeypatch, tmp_path):
