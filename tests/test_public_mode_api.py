@@ -15,7 +15,7 @@ from gradio_client.exceptions import AppError
 
 from tests.app_server import tiny_app
 
-pytestmark = pytest.mark.api
+pytestmark = [pytest.mark.api, pytest.mark.slow]  # starts an app of its own
 
 DRAW = {"model": "large", "seed": 5, "steps": 2, "width": 64, "height": 64, "preview_every": 0}
 OPERATOR_ONLY = "reserved for the operator of this public instance; run the Studio yourself"
