@@ -293,7 +293,12 @@ def test_a_survivor_of_an_earlier_app_is_stopped_and_the_limit_holds(fake_traine
     """An app killed without cleanup leaves a trainer and its PID file; the next app's runs stop it."""
     from pipelines.training_runs import PID_FILE
 
+    from pipelines.training_runs import _command_line
+
     run = fake_trainer.start("sd3", [], tmp_path / "out", name="orphan")
+    # A survivor has long been running; right after its start the child may not have exec'd yet
+    # (its /proc cmdline is still empty), so wait until it is the trainer it will be found as.
+    _wait_for(lambda: "fake_trainers.waits" in _command_line(run.process.pid), timeout=30)
     pid_file = run.folder / PID_FILE
     record = json.loads(pid_file.read_text())
     assert record["pid"] == run.process.pid and record["module"] == "fake_trainers.waits"
