@@ -291,9 +291,7 @@ def test_the_log_tail_shows_placeholders_not_server_paths(fake_trainer, tmp_path
 
 def test_a_survivor_of_an_earlier_app_is_stopped_and_the_limit_holds(fake_trainer, tmp_path):
     """An app killed without cleanup leaves a trainer and its PID file; the next app's runs stop it."""
-    from pipelines.training_runs import PID_FILE
-
-    from pipelines.training_runs import _command_line
+    from pipelines.training_runs import PID_FILE, _command_line
 
     run = fake_trainer.start("sd3", [], tmp_path / "out", name="orphan")
     # A survivor has long been running; right after its start the child may not have exec'd yet
