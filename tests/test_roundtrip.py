@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from pipelines import roundtrip
+from pipelines.generation import GenerationRequest, GenerationService
 from pipelines.matching import ImageTextMatcher
 from pipelines.roundtrip import (
     evaluation_table,
@@ -19,7 +20,6 @@ from pipelines.roundtrip import (
     run_evaluation,
     word_diff,
 )
-from pipelines.sd3 import GenerateRequest
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "assets" / "examples"
 
@@ -48,11 +48,10 @@ def test_the_built_in_prompts_cover_five_categories():
 def test_prompt_round_trip_returns_an_image_a_caption_and_finite_scores(tiny_manager):
     matcher = ImageTextMatcher(tiny_manager.get("blip-caption"))
     trip = prompt_round_trip(
-        tiny_manager.get("sd35-large"),
-        GenerateRequest(prompt="a red cube on a table", seed=3, steps=2, width=64, height=64),
+        GenerationService(tiny_manager),
+        GenerationRequest(prompt="a red cube on a table", seed=3, steps=2, width=64, height=64),
         matcher,
-        repo_id="tiny",
-        tiny=True,
+        save=False,
     )
     assert trip.image.size == (64, 64) and trip.caption
     for score in (trip.prompt_fit, trip.caption_fit):
@@ -65,13 +64,13 @@ def test_prompt_round_trip_returns_an_image_a_caption_and_finite_scores(tiny_man
 def test_image_round_trip_draws_the_caption_at_the_image_shape(tiny_manager):
     matcher = ImageTextMatcher(tiny_manager.get("blip-caption"))
     photo = Image.open(EXAMPLES / "rocket.jpg").convert("RGB")  # 640x427
-    caption, generated, fit = image_round_trip(
-        photo, tiny_manager.get("sd35-large"), matcher, repo_id="tiny", seed=1, tiny=True
+    trip = image_round_trip(
+        photo, GenerationService(tiny_manager), matcher, GenerationRequest(prompt="", seed=1), save=False
     )
-    assert generated.request.prompt == caption
-    width, height = generated.images[0].size
+    assert trip.generated.request.prompt == trip.caption
+    width, height = trip.generated.images[0].size
     assert width > height and width % 16 == 0 and height % 16 == 0
-    assert math.isfinite(fit.mean_logprob)
+    assert math.isfinite(trip.fit.mean_logprob)
 
 
 def test_evaluation_writes_json_the_scoreboard_reads_and_resumes(tiny_manager, tmp_path, monkeypatch):
