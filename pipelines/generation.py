@@ -354,13 +354,7 @@ class GenerationService:
             for warning in loaded.warnings:
                 notes.append(warning)
                 say(warning)
-        selection = [
-            (
-                entries[choice.name][0].name,
-                entries[choice.name][0].default_scale if choice.weight is None else choice.weight,
-            )
-            for choice in choices
-        ]
+        selection = [(entries[choice.name][0].name, choice.weight_for(entries[choice.name][0])) for choice in choices]
 
         # 4. Trigger words join the prompt (once: a prompt that has them already, as a PNG's does, keeps its own).
         prompt, trigger_words = prompt_with_triggers(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 
@@ -59,3 +60,28 @@ def test_stop_ends_the_run_and_the_queue_moves_on(tiny_client):
     assert 0 < steps_done < 100
     _, _, after, *_ = tiny_client.predict("the next one", steps=2, api_name="/generate")
     assert "2/2 steps" in after and "stopped" not in after
+
+
+def test_generate_returns_a_details_dict_as_its_last_output(tiny_client):
+    gallery, seed, *_, details = tiny_client.predict(
+        "two cats", model="medium", seed=40, steps=2, width=64, height=96, num_images=2, api_name="/generate"
+    )
+    assert details["seeds"] == [40, 41] and details["seed"] == seed == 40 and details["num_images"] == 2
+    assert (details["steps"], details["steps_done"], details["stopped"]) == (2, 2, False)
+    assert (
+        details["guidance"] == 4.5 and details["size"] == "64x96" and (details["width"], details["height"]) == (64, 96)
+    )
+    assert details["skip_layer_guidance_layers"] == []  # the API's default is off; the page turns it on for Medium
+    assert details["model"]["key"] == "sd35-medium" and details["model"]["repo_id"].endswith(
+        "stable-diffusion-3.5-medium"
+    )
+    assert details["memory_mode"]["mode"] == "bf16" and "no CUDA GPU" in details["memory_mode"]["reason"]
+    assert details["loras"] == [] and details["tiny"] is True and details["warnings"] == []
+    assert details["files"] == [Path(item["image"]).name for item in gallery]
+    assert (
+        details["timings"]["generate_seconds"] > 0
+        and details["timings"]["total_seconds"] >= details["timings"]["generate_seconds"]
+    )
+    for item, image_seed, parameters in zip(gallery, details["seeds"], details["parameters"], strict=True):
+        text, studio = read_png_settings(item["image"])
+        assert text == parameters and studio["seed"] == image_seed

@@ -3,6 +3,8 @@ A1111 tags, the PNG prompt redraw, the memory mode, the details dict, and every 
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 
@@ -60,6 +62,8 @@ def test_lora_tags_leave_the_prompt_and_name_their_weights():
         LoraChoice("style", 1.0, "lora"),
         LoraChoice("detail", 2.0, "lora"),
     ]
+    (default,) = parse_lora_text("style", 0.5)  # no weight: the LoRA's default weight times lora_scale
+    assert default.weight is None and default.weight_for(SimpleNamespace(default_scale=0.8)) == 0.4
     refusals = {
         "<lora:x:1:0.5>": "gives several weights",
         "<lora::1>": "names no LoRA",

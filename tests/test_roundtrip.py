@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 import pytest
+from gradio_client import handle_file
 from PIL import Image
 
 from pipelines import roundtrip
@@ -106,8 +107,9 @@ def test_evaluation_writes_json_the_scoreboard_reads_and_resumes(tiny_manager, t
 
 @pytest.mark.api
 def test_roundtrip_answers_with_only_a_prompt(tiny_client):
-    image, summary, scores, diff, seed = tiny_client.predict("a red apple", api_name="/roundtrip")
+    image, summary, scores, diff, seed, details = tiny_client.predict("a red apple", api_name="/roundtrip")
     assert image.endswith(".png") and "BLIP wrote" in summary
+    assert details["seed"] == seed and details["steps"] == 28 and details["files"] == [Path(image).name]
     rows = scores["data"]
     assert [row[0] for row in rows] == ["prompt", "BLIP's caption"] and rows[0][1] == "a red apple"
     assert all(math.isfinite(row[2]) and row[2] <= 0 for row in rows)
@@ -116,6 +118,33 @@ def test_roundtrip_answers_with_only_a_prompt(tiny_client):
         "red",
         "apple",
     ]
+
+
+@pytest.mark.api
+def test_the_round_trip_takes_generate_settings_and_loras_by_name(tiny_client):
+    import numpy as np
+
+    small = {"seed": 5, "steps": 2, "width": 64, "height": 64}
+    try:
+        plain_image, *_, plain = tiny_client.predict("a red apple", api_name="/roundtrip", **small)
+        styled_image, _, _, _, seed, styled = tiny_client.predict(
+            "a red apple", api_name="/roundtrip", lora="tiny_large_style:0.8", **small
+        )
+        assert plain["loras"] == [] and seed == styled["seed"] == 5
+        assert [(lora["name"], lora["weight"]) for lora in styled["loras"]] == [("tiny_large_style", 0.8)]
+        assert styled["prompt"] == "a red apple, tinystyle" and styled["prompt_fit"]["text"] == styled["prompt"]
+        assert styled["caption"] and styled["caption_fit"]["mean_logprob"] <= 0 and styled["size"] == "64x64"
+        assert styled["memory_mode"]["mode"] == plain["memory_mode"]["mode"] == "bf16"
+        pixels = [np.asarray(Image.open(path).convert("RGB"), dtype=np.int16) for path in (plain_image, styled_image)]
+        assert np.abs(pixels[0] - pixels[1]).max() > 0  # the LoRA changes the round trip's image
+
+        caption, redrawn, _, details = tiny_client.predict(
+            handle_file(str(EXAMPLES / "rocket.jpg")), api_name="/roundtrip_image", lora="tiny_large_style", **small
+        )
+        assert details["caption"] == caption and details["loras"][0]["name"] == "tiny_large_style"
+        assert details["prompt"].startswith(caption) and redrawn.endswith(".png")
+    finally:
+        tiny_client.predict(name="", model="large", active="", api_name="/lora_unload")
 
 
 def test_the_scoreboard_reads_back_what_an_evaluation_wrote(tiny_manager, tmp_path):
