@@ -85,3 +85,37 @@ def test_generate_returns_a_details_dict_as_its_last_output(tiny_client):
     for item, image_seed, parameters in zip(gallery, details["seeds"], details["parameters"], strict=True):
         text, studio = read_png_settings(item["image"])
         assert text == parameters and studio["seed"] == image_seed
+
+
+def test_the_sliders_ranges_are_the_limits_validation_uses(tiny_app_url, tiny_client):
+    """One source per limit: the Generate tab's sliders read the constants /generate checks against."""
+    import json
+    import urllib.request
+
+    from gradio_client.exceptions import AppError
+
+    from pipelines import settings
+    from pipelines.catalog import CATALOG
+    from pipelines.sd3 import SIZE_MULTIPLE, slider_range
+
+    with urllib.request.urlopen(tiny_app_url + "config", timeout=10) as response:
+        components = json.load(response)["components"]
+
+    def sliders(label: str) -> list[tuple]:
+        found = [
+            item["props"]
+            for item in components
+            if item.get("type") == "slider" and item.get("props", {}).get("label") == label
+        ]
+        assert found, label
+        return sorted({(props["minimum"], props["maximum"], props.get("step")) for props in found})
+
+    low, high = slider_range(CATALOG["sd35-large"], tiny=True)
+    assert sliders("Width") == sliders("Height") == [(low, high, SIZE_MULTIPLE)]
+    assert sliders("Images") == [(1, settings.MAX_IMAGES_PER_REQUEST, 1)]
+    assert sliders("T5 tokens (max_sequence_length)") == [(settings.MIN_T5_TOKENS, settings.MAX_T5_TOKENS, 1)]
+    assert sliders("Preview every N steps (0 = off)") == [(0, settings.MAX_PREVIEW_EVERY, 1)]
+    with pytest.raises(AppError, match=f"preview_every must be between 0 and {settings.MAX_PREVIEW_EVERY}"):
+        tiny_client.predict("a cat", steps=2, preview_every=settings.MAX_PREVIEW_EVERY + 1, api_name="/generate")
+    with pytest.raises(AppError, match="megapixels"):  # the slider's top on both sides is past the area limit
+        tiny_client.predict("a cat", steps=2, width=high, height=high + SIZE_MULTIPLE, api_name="/generate")
