@@ -17,6 +17,10 @@ named steps, which a caller may also run one by one (an img2img call swaps ``dra
 2. ``draw``: ``sd3.generate`` with the step callback, previews and stop.
 3. ``finish``: the PNGs are written (``sd3.save_images``) and the details dict is built.
 
+Image-to-image, inpainting and ControlNet reuse 1 and 3 as they are and bring their own
+``draw`` (e.g. ``StableDiffusion3Img2ImgPipeline.from_pipe(prepared.pipeline)``, which shares
+the loaded weights, LoRAs included) returning a ``GenerateResult``.
+
 ``pipelines`` never imports gradio: notes go to a ``notify`` callable, the step stream to
 ``on_step``, and a stop request is polled through ``should_stop``.
 """
