@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import queue
 import threading
 from pathlib import Path
@@ -22,22 +23,10 @@ from components.common import (
 from components.lora_panel import build_lora_panel
 from pipelines import settings, workspace
 from pipelines.catalog import CATALOG
-from pipelines.lora import prompt_with_triggers
-from pipelines.memory import SD3_MODES, resolve_mode
-from pipelines.sd3 import (
-    ASPECT_RATIOS,
-    MODEL_CHOICES,
-    GenerateRequest,
-    LatentPreviewer,
-    generate,
-    model_key,
-    resolve_request,
-    save_images,
-    size_for_aspect,
-    size_limits,
-)
+from pipelines.generation import GenerationRequest
+from pipelines.memory import SD3_MODES
+from pipelines.sd3 import ASPECT_RATIOS, MODEL_CHOICES, SIZE_MULTIPLE, model_key, size_for_aspect, slider_range
 from pipelines.studio import Studio
-from pipelines.validation import as_int
 
 EXAMPLE_PROMPTS = [
     # text rendering
@@ -54,9 +43,29 @@ EXAMPLE_PROMPTS = [
 
 
 def _slider_ranges(studio: Studio, key: str) -> tuple[int, int]:
-    limits = size_limits(CATALOG[key], studio.tiny)
-    low = max(16, int(limits["min_pixels"] ** 0.5) // 2 // 16 * 16)
-    return low, limits["max_side"]
+    return slider_range(CATALOG[key], studio.tiny)
+
+
+def generation_summary(details: dict) -> str:
+    """The Generate tab's one-line summary of a details dict (prose for people; clients read the dict)."""
+    seeds = details["seeds"]
+    summary = (
+        f"{len(details['files']) or details['num_images']} image(s), {details['size']}, "
+        f"{details['steps_done']}/{details['steps']} steps, guidance {details['guidance']:g}, seed {seeds[0]}"
+        + (f"–{seeds[-1]}" if len(seeds) > 1 else "")
+        + f", {details['timings']['generate_seconds']:.1f} s"
+    )
+    summary += f" · memory mode {details['memory_mode']['mode']} ({details['memory_mode']['reason']})"
+    if details["loras"]:
+        fused = " (fused)" if details["lora_fused"] else ""
+        summary += " · LoRA " + ", ".join(f"{item['name']}:{item['weight']:g}" for item in details["loras"]) + fused
+    if details["trigger_words_added"]:
+        summary += f" · trigger words added: {', '.join(details['trigger_words_added'])}"
+    if details["stopped"]:
+        summary += f" · stopped at step {details['steps_done']}"
+    if details["tiny"]:
+        summary += " · tiny random model: the images are noise by design"
+    return summary
 
 
 def estimated_gpu_seconds(prompt, model, negative_prompt, seed, steps, guidance, width, height, *rest, **named) -> int:
@@ -121,118 +130,71 @@ def build_generate_tab(studio: Studio, outputs_dir: Path | None = None) -> dict:
         skip_layer_guidance, num_images, preview_every, memory_mode, lora, lora_scale, lora_fuse, history, progress,
         request,
     ):  # fmt: skip
-        """Yields step previews while the pipeline runs, then the PNGs and their summary.
+        """Yields step previews while the pipeline runs, then the PNGs, their summary and a details dict.
 
-        ``lora`` names the LoRAs to mix ("name:0.8, other:0.5", loaded with /lora_load; empty = none),
-        ``lora_scale`` multiplies their weights, ``lora_fuse`` merges them into the weights first.
+        ``lora`` names the LoRAs to mix ("name:0.8, other:0.5"; empty = none): a name not loaded yet
+        loads from the LoRA folder or the registry, and ``<lora:name:0.8>`` tags in the prompt work too.
+        ``lora_scale`` multiplies the weights of ``lora``; ``lora_fuse`` merges them into the weights first.
         """
-        preview_every = as_int("preview_every", 0 if preview_every is None else preview_every, 0, settings.MAX_STEPS)
+        job = GenerationRequest(
+            prompt=prompt or "",
+            model=model,
+            negative_prompt=negative_prompt or "",
+            seed=-1 if seed is None else seed,
+            steps=blank_to_none(steps),
+            guidance=blank_to_none(guidance),
+            width=blank_to_none(width),
+            height=blank_to_none(height),
+            max_sequence_length=max_sequence_length,
+            skip_layer_guidance=skip_layer_guidance,
+            num_images=num_images,
+            memory_mode=memory_mode,
+            lora=lora or "",
+            lora_scale=blank_to_none(lora_scale),
+            lora_fuse=bool(lora_fuse),
+            preview_every=0 if preview_every is None else preview_every,
+        )
         visitor = visitor_id(request)  # another visitor's uploaded LoRA is "not loaded" for this one
-        library = studio.sd3_loras[model_key(model)]
-        lora_weight = 1.0 if blank_to_none(lora_scale) is None else lora_scale
-        selection = library.parse_selection(lora or "", lora_weight, visitor)
-        prompt, trigger_words = prompt_with_triggers(
-            prompt or "", [(library.get(name, visitor), weight) for name, weight in selection]
-        )
-        if trigger_words:
-            gr.Info(f"Added the LoRAs' trigger words to the prompt: {', '.join(trigger_words)}.")
-        resolved = resolve_request(
-            GenerateRequest(
-                prompt=prompt,
-                model=model,
-                negative_prompt=negative_prompt or "",
-                seed=-1 if seed is None else seed,
-                steps=blank_to_none(steps),
-                guidance=blank_to_none(guidance),
-                width=None if width in (None, "") else width,
-                height=None if height in (None, "") else height,
-                max_sequence_length=max_sequence_length,
-                skip_layer_guidance=skip_layer_guidance,
-                num_images=num_images,
-            ),
-            tiny=studio.tiny,
-        )
-        # A public instance runs the operator's memory mode: another one is refused, not loaded for everyone.
-        wanted_mode = studio.memory_mode_for(memory_mode, resolved.model_key, resolved.height, resolved.width)
-        for note in resolved.notes:
-            gr.Info(note)
         stop = stop_requests.start(request)
-        mode, mode_reason = resolve_mode(
-            resolved.model_key, wanted_mode or "auto", studio.manager.runtime, resolved.height, resolved.width
-        )
-        pipeline = studio.manager.get(resolved.model_key, variant=mode, notify=gr.Info)
-        if lora_fuse and selection:
-            library.fuse(pipeline, selection, visitor)
-        else:
-            if library.fused:
-                library.unfuse(pipeline)
-            library.apply(pipeline, selection, visitor)
-        loras = [entry.png_entry(weight) for entry, weight in library.active()]
-        previewer = LatentPreviewer.for_pipeline(pipeline)
-        repo_id = CATALOG[resolved.model_key].repo_id
-        progress((0, resolved.steps), desc="denoising", unit="steps")
 
-        # The pipeline runs in a worker thread; this generator relays its steps to the
-        # progress bar and its previews to the page (Progress must be called from here).
+        # The service runs in a worker thread (in this request's context, so its notes reach the page);
+        # this generator relays its steps to the progress bar and its previews to the page.
         events: queue.Queue = queue.Queue()
 
         def run():
             try:
-                events.put(
-                    (
-                        "done",
-                        generate(
-                            pipeline,
-                            resolved,
-                            repo_id=repo_id,
-                            on_step=lambda step, total, previews: events.put(("step", step, total, previews)),
-                            should_stop=stop.is_set,
-                            preview_every=preview_every,
-                            previewer=previewer,
-                            loras=loras,
-                        ),
-                    )
+                outcome = studio.generation.run(
+                    job,
+                    visitor=visitor,
+                    notify=gr.Info,
+                    on_step=lambda step, total, previews: events.put(("step", step, total, previews)),
+                    should_stop=stop.is_set,
                 )
+                events.put(("done", outcome))
             except BaseException as error:  # re-raised below, in the request's thread
                 events.put(("error", error))
 
-        threading.Thread(target=run, name="sd3-generate", daemon=True).start()
+        context = contextvars.copy_context()
+        threading.Thread(target=context.run, args=(run,), name="sd3-generate", daemon=True).start()
         while True:
             event = events.get()
             if event[0] == "error":
                 raise event[1]
             if event[0] == "done":
-                result = event[1]
+                outcome = event[1]
                 break
             _, step, total, previews = event
             progress((step, total), desc="denoising", unit="steps")
             if previews:
-                yield (gr.skip(),) * 7 + (gr.update(value=previews[0], visible=True),)
+                yield (gr.skip(),) * 7 + (gr.update(value=previews[0], visible=True), gr.skip())
 
-        for warning in result.warnings:
+        details = outcome.details
+        for warning in details["warnings"]:
             gr.Warning(warning)
-        # The images belong to this session: its own folder, names no other request can take.
-        workspace.sweep(settings.CACHE_SECONDS)  # sessions that left without closing their page
-        folder = workspace.session_folder(visitor_id(request))
-        paths = [str(path) for path in save_images(result, folder, outputs_dir=outputs_dir)]
-        summary = (
-            f"{len(paths)} image(s), {resolved.width}x{resolved.height}, {result.steps_done}/{resolved.steps} steps, "
-            f"guidance {resolved.guidance:g}, seed {resolved.seed}"
-            + (f"–{resolved.seed + resolved.num_images - 1}" if resolved.num_images > 1 else "")
-            + f", {result.seconds:.1f} s"
-        )
-        summary += f" · memory mode {mode} ({mode_reason})"
-        if loras:
-            fused = " (fused)" if library.fused else ""
-            summary += " · LoRA " + ", ".join(f"{item['name']}:{item['weight']:g}" for item in loras) + fused
-        if trigger_words:
-            summary += f" · trigger words added: {', '.join(trigger_words)}"
-        if result.stopped:
-            summary += f" · stopped at step {result.steps_done}"
-        if studio.tiny:
-            summary += " · tiny random model: the images are noise by design"
-        history = session_history(paths, history, folder)
-        yield paths, resolved.seed, summary, history, history, paths, 0, gr.update(value=None, visible=False)
+        paths = [str(path) for path in outcome.paths]
+        history = session_history(paths, history, workspace.session_folder(visitor))
+        hidden = gr.update(value=None, visible=False)
+        yield paths, details["seed"], generation_summary(details), history, history, paths, 0, hidden, details
 
     generate_fn = on_gpu(estimated_gpu_seconds)(generate_images)
 
@@ -311,8 +273,8 @@ def build_generate_tab(studio: Studio, outputs_dir: Path | None = None) -> dict:
                     )
                 aspect = gr.Radio(choices=list(ASPECT_RATIOS), value="1:1", label="Aspect ratio")
                 with gr.Row():
-                    width = ValidatedSlider(low, high, value=default_width, step=16, label="Width")
-                    height = ValidatedSlider(low, high, value=default_height, step=16, label="Height")
+                    width = ValidatedSlider(low, high, value=default_width, step=SIZE_MULTIPLE, label="Width")
+                    height = ValidatedSlider(low, high, value=default_height, step=SIZE_MULTIPLE, label="Height")
                 with gr.Row():
                     num_images = ValidatedSlider(1, settings.MAX_IMAGES_PER_REQUEST, value=1, step=1, label="Images")
                     max_sequence_length = ValidatedSlider(
@@ -335,13 +297,19 @@ def build_generate_tab(studio: Studio, outputs_dir: Path | None = None) -> dict:
                         visible=not studio.public,  # a public instance runs the operator's --memory
                     )
                     preview_every = ValidatedSlider(
-                        0, 10, value=settings.DEFAULT_PREVIEW_EVERY, step=1, label="Preview every N steps (0 = off)"
+                        0,
+                        settings.MAX_PREVIEW_EVERY,
+                        value=settings.DEFAULT_PREVIEW_EVERY,
+                        step=1,
+                        label="Preview every N steps (0 = off)",
                     )
             lora_panel = build_lora_panel(studio, model, memory_mode)
         with gr.Column(scale=1):
             preview = gr.Image(label="Preview", format="png", interactive=False, height=256, visible=False)
             gallery = gr.Gallery(label="Images", format="png", columns=2, height=520, preview=True)
             summary = gr.Markdown()
+            with gr.Accordion("Details (JSON)", open=False):
+                details = gr.JSON(label="Details")
             used_seed = ValidatedNumber(visible=False, precision=0)
             send_to_caption = gr.Button("Caption the selected image with BLIP →")
             # Server-side only: the files the gallery shows now, and which one is selected (an index).
@@ -395,7 +363,7 @@ def build_generate_tab(studio: Studio, outputs_dir: Path | None = None) -> dict:
             lora_panel.lora_fuse,
             history,
         ],  # fmt: skip
-        outputs=[gallery, used_seed, summary, history, history_gallery, shown_images, selected_index, preview],
+        outputs=[gallery, used_seed, summary, history, history_gallery, shown_images, selected_index, preview, details],
         api_name="generate",
         concurrency_id=settings.GPU_CONCURRENCY_ID,
     )

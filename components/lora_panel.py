@@ -3,6 +3,9 @@
 What a generation uses is the ``lora`` text ("name:0.8, other:0.5"), the same
 parameter ``/generate`` takes, so the page and a script mix LoRAs the same way.
 Loading adds the LoRA to that text at its default weight; unloading removes it.
+A name in that text (or a ``<lora:name:w>`` tag in the prompt) that is not loaded
+yet loads on demand from the LoRA folder or the registry (``pipelines.generation``);
+loading here first only checks it early. Models come from the generation service too.
 
 An uploaded LoRA belongs to the visitor who sent it (``visitor_id``): nobody else
 lists, uses or unloads it. Folder, registry and Hub LoRAs are shared; on a public
@@ -114,7 +117,7 @@ def build_lora_panel(studio: Studio, model: gr.Radio, memory_mode: gr.Dropdown) 
         library = studio.sd3_loras[key]
         if not library.names(visitor):
             return lora_rows(studio, visitor=visitor), f"No LoRA is loaded on {key}.", active or ""
-        pipeline = studio.sd3_pipeline(key, notify=gr.Info)
+        pipeline = studio.generation.pipeline(key, notify=gr.Info)  # as loaded: unloading never reloads it
         removed = library.unload(pipeline, (name or "").strip() or None, visitor=visitor, shared=not studio.public)
         note = f"Unloaded {', '.join(removed)} from {key}." if removed else f"None of your LoRAs is loaded on {key}."
         return lora_rows(studio, visitor=visitor), note, active_without(active, removed)
@@ -127,7 +130,11 @@ def build_lora_panel(studio: Studio, model: gr.Radio, memory_mode: gr.Dropdown) 
         )
         with gr.Row():
             lora_scale = ValidatedSlider(
-                0, settings.MAX_LORA_WEIGHT, value=1.0, step=0.05, label="LoRA scale (multiplies every weight)"
+                -settings.MAX_LORA_WEIGHT,
+                settings.MAX_LORA_WEIGHT,
+                value=1.0,
+                step=0.05,
+                label="LoRA scale (multiplies the weights above; not the prompt's <lora:name:w> tags)",
             )
             lora_fuse = gr.Checkbox(
                 value=False, label="Fuse the active LoRAs (faster steps; not in NF4/8-bit or sequential modes)"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 
 import gradio as gr
@@ -10,6 +11,7 @@ from components.common import (
     StopRequests,
     UploadedImage,
     ValidatedNumber,
+    ValidatedSlider,
     blank_to_none,
     launch_alone,
     named_endpoint,
@@ -18,8 +20,9 @@ from components.common import (
 )
 from pipelines import settings, workspace
 from pipelines.catalog import CATALOG
+from pipelines.generation import GenerationRequest
 from pipelines.images import load_image
-from pipelines.png_metadata import save_png
+from pipelines.memory import SD3_MODES
 from pipelines.roundtrip import (
     PROMPTS_DIR,
     check_evaluation_size,
@@ -29,7 +32,7 @@ from pipelines.roundtrip import (
     prompt_round_trip,
     run_evaluation,
 )
-from pipelines.sd3 import MODEL_CHOICES, GenerateRequest, model_key, resolve_request
+from pipelines.sd3 import MODEL_CHOICES, model_key
 from pipelines.studio import Studio
 from pipelines.validation import as_int
 
@@ -42,6 +45,23 @@ SCORE_NOTE = (
 )
 
 
+SKIP_LAYER_GUIDANCE_CHOICES = [("the model's preset", "preset"), ("on", "on"), ("off", "off")]
+
+
+def optional_flag(name: str, value) -> bool | None:
+    """A yes/no setting that may also be "preset" (None): True/False, "on"/"off", or ""/"preset"/None."""
+    if value is None or isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("", "preset"):
+        return None
+    if text in ("on", "true", "yes", "1"):
+        return True
+    if text in ("off", "false", "no", "0"):
+        return False
+    raise ValueError(f"{name} must be on, off or preset, not {str(value)[:40]!r}.")
+
+
 def _model_choices():
     return [(CATALOG[key].title.removeprefix("Stable Diffusion "), name) for name, key in MODEL_CHOICES.items()]
 
@@ -51,67 +71,88 @@ def build_roundtrip_tab(studio: Studio) -> dict:
     stop_evaluations = StopRequests()
     known_categories = sorted(path.stem for path in PROMPTS_DIR.glob("*.txt"))
 
+    def settings_request(
+        prompt, model, seed, steps, negative_prompt="", guidance="", width="", height="",
+        max_sequence_length=settings.DEFAULT_T5_TOKENS, skip_layer_guidance="preset", memory_mode=None, lora="",
+        lora_scale=1.0, lora_fuse=False,
+    ) -> GenerationRequest:  # fmt: skip
+        """The settings both directions share, as /generate takes them (empty = preset)."""
+        return GenerationRequest(
+            prompt=prompt or "",
+            model=model,
+            negative_prompt=negative_prompt or "",
+            seed=-1 if seed is None else seed,
+            steps=blank_to_none(steps),
+            guidance=blank_to_none(guidance),
+            width=blank_to_none(width),
+            height=blank_to_none(height),
+            max_sequence_length=settings.DEFAULT_T5_TOKENS if max_sequence_length is None else max_sequence_length,
+            skip_layer_guidance=optional_flag("skip_layer_guidance", skip_layer_guidance),
+            memory_mode=memory_mode,
+            lora=lora or "",
+            lora_scale=blank_to_none(lora_scale),
+            lora_fuse=bool(lora_fuse),
+        )
+
     # The functions that return a file are generators: the file is written into a folder of this
     # request and yielded; Gradio copies it to its cache, then the folder is deleted.
-    def roundtrip(prompt, model, seed, steps, second_opinion, request):
-        key = model_key(model)
-        request = GenerateRequest(
-            prompt=prompt, model=model, seed=-1 if seed is None else seed, steps=blank_to_none(steps)
-        )
-        resolve_request(request, tiny=studio.tiny)  # refuse a bad request before loading two models
-        trip = prompt_round_trip(
-            studio.manager.get(key),
-            request,
-            studio.matcher(),
-            repo_id=CATALOG[key].repo_id,
-            tiny=studio.tiny,
-            second_opinion=bool(second_opinion),
-        )
-        generated = trip.generated
-        scores = [
-            ["prompt", trip.prompt_fit.text, round(trip.prompt_fit.mean_logprob, 4), trip.prompt_fit.itm_probability],
-            [
-                "BLIP's caption",
-                trip.caption_fit.text,
-                round(trip.caption_fit.mean_logprob, 4),
-                trip.caption_fit.itm_probability,
-            ],
-        ]
-        summary = (
-            f"Seed {generated.seeds[0]}, {generated.request.steps} steps, {generated.seconds:.1f} s. "
-            f"BLIP wrote: **{trip.caption}**"
-        )
-        if trip.second_opinion_note:
-            summary += f"\n\nNo second opinion: {trip.second_opinion_note}"
-        if studio.tiny:
-            summary += (
-                "\n\nTiny random models: image, caption and scores are real computations of models that learnt nothing."
+    def roundtrip(prompt, model, seed, steps, second_opinion, request, **shared):
+        visitor = visitor_id(request)
+        job = settings_request(prompt, model, seed, steps, **shared)
+        studio.generation.check(job, visitor=visitor)  # refuse a bad request before loading two models
+        with workspace.request_folder(visitor) as folder:
+            trip = prompt_round_trip(
+                studio.generation,
+                job,
+                studio.matcher(),
+                visitor=visitor,
+                second_opinion=bool(second_opinion),
+                notify=gr.Info,
+                folder=folder,
             )
-        with workspace.request_folder(visitor_id(request)) as folder:
-            name = workspace.unique_name("roundtrip", generated.seeds[0], suffix=".png")
-            path = save_png(trip.image, folder / name, generated.parameters[0], generated.settings[0])
-            yield str(path), summary, scores, trip.diff, generated.seeds[0]
+            details = trip.details()
+            scores = [
+                [
+                    "prompt",
+                    trip.prompt_fit.text,
+                    round(trip.prompt_fit.mean_logprob, 4),
+                    trip.prompt_fit.itm_probability,
+                ],
+                [
+                    "BLIP's caption",
+                    trip.caption_fit.text,
+                    round(trip.caption_fit.mean_logprob, 4),
+                    trip.caption_fit.itm_probability,
+                ],
+            ]
+            summary = (
+                f"Seed {details['seed']}, {details['steps']} steps, {details['timings']['generate_seconds']:.1f} s"
+                + "".join(f", LoRA {item['name']}:{item['weight']:g}" for item in details["loras"])
+                + f". BLIP wrote: **{trip.caption}**"
+            )
+            if trip.second_opinion_note:
+                summary += f"\n\nNo second opinion: {trip.second_opinion_note}"
+            if studio.tiny:
+                summary += (
+                    "\n\nTiny random models: image, caption and scores are real computations of models that "
+                    "learnt nothing."
+                )
+            yield str(trip.generation.paths[0]), summary, scores, trip.diff, details["seed"], details
 
-    def reverse_trip(image, model, seed, request):
+    def reverse_trip(image, model, seed, steps, request, **shared):
         if image is None:
             raise ValueError("Upload an image (PNG, JPEG, WebP, GIF, BMP or TIFF) first.")
         picture = load_image(image)
-        key = model_key(model)
-        seed = -1 if seed is None else as_int("seed", seed, -1, settings.MAX_SEED)
-        caption, generated, fit = image_round_trip(
-            picture,
-            studio.manager.get(key),
-            studio.matcher(),
-            repo_id=CATALOG[key].repo_id,
-            model=model,
-            seed=seed,
-            tiny=studio.tiny,
-        )
-        with workspace.request_folder(visitor_id(request)) as folder:
-            name = workspace.unique_name("redrawn", generated.seeds[0], suffix=".png")
-            path = save_png(generated.images[0], folder / name, generated.parameters[0], generated.settings[0])
-            fits = f"The caption fits the redrawn image with a mean log-prob of {fit.mean_logprob:.3f}."
-            yield caption, str(path), fits
+        visitor = visitor_id(request)
+        job = settings_request("", model, seed, steps, **shared)
+        # The caption is the prompt, so it is not known yet; every other setting is checked now.
+        studio.generation.check(dataclasses.replace(job, prompt="the caption"), visitor=visitor)
+        with workspace.request_folder(visitor) as folder:
+            trip = image_round_trip(
+                picture, studio.generation, studio.matcher(), job, visitor=visitor, notify=gr.Info, folder=folder
+            )
+            fits = f"The caption fits the redrawn image with a mean log-prob of {trip.fit.mean_logprob:.3f}."
+            yield trip.caption, str(trip.generation.paths[0]), fits, trip.details()
 
     def evaluate(categories, models, seeds, steps, side, progress, request):
         # 1. Check every input before anything runs or any file name is made from it.
@@ -203,6 +244,8 @@ def build_roundtrip_tab(studio: Studio) -> dict:
                 wrap=True,
             )
             used_seed = gr.Number(visible=False)
+            with gr.Accordion("Details (JSON)", open=False):
+                details = gr.JSON(label="Details")
     with gr.Accordion("Image → caption → image", open=False):
         with gr.Row():
             upload = UploadedImage(label="Your image", height=280)
@@ -211,8 +254,49 @@ def build_roundtrip_tab(studio: Studio) -> dict:
             reverse_model = gr.Radio(choices=_model_choices(), value="large", label="Model")
             reverse_seed = ValidatedNumber(value=-1, precision=0, label="Seed (-1 = random)")
             reverse_run = gr.Button("Caption, then draw the caption", variant="primary")
+        reverse_steps = gr.Textbox(value="", label="Steps (empty = preset)", placeholder="preset")
         reverse_caption = gr.Textbox(label="BLIP's caption", interactive=False)
         reverse_summary = gr.Markdown()
+        with gr.Accordion("Details (JSON)", open=False):
+            reverse_details = gr.JSON(label="Details")
+    with gr.Accordion("Generation settings for both directions (as in the Generate tab)", open=False):
+        with gr.Row():
+            negative_prompt = gr.Textbox(
+                label="Negative prompt", lines=1, value="", max_length=settings.MAX_PROMPT_CHARS
+            )
+            guidance = gr.Textbox(value="", label="Guidance / CFG (empty = preset)", placeholder="preset")
+        with gr.Row():
+            # Empty: the preset's size (prompt -> image) or the upload's shape (image -> image).
+            width = gr.Textbox(value="", label="Width (empty = preset / the image's shape)", placeholder="preset")
+            height = gr.Textbox(value="", label="Height (empty = preset / the image's shape)", placeholder="preset")
+            max_sequence_length = ValidatedSlider(
+                settings.MIN_T5_TOKENS,
+                settings.MAX_T5_TOKENS,
+                value=settings.DEFAULT_T5_TOKENS,
+                step=1,
+                label="T5 tokens (max_sequence_length)",
+            )
+        with gr.Row():
+            skip_layer_guidance = gr.Dropdown(
+                choices=SKIP_LAYER_GUIDANCE_CHOICES, value="preset", label="Skip-layer guidance (Medium)"
+            )
+            memory_mode = gr.Dropdown(
+                choices=[("auto: the fastest that fits", "auto")]
+                + [(f"{mode.key}: {mode.title}", mode.key) for mode in SD3_MODES],
+                value=studio.memory_mode,
+                label="Memory mode (quantization / offload)",
+                visible=not studio.public,  # a public instance runs the operator's --memory
+            )
+        with gr.Row():
+            lora = gr.Textbox(
+                value="",
+                label="LoRAs (name:weight, comma-separated; loaded on demand from the LoRA folder or registry)",
+                placeholder="pixel_style:0.8",
+            )
+            lora_scale = ValidatedSlider(
+                -settings.MAX_LORA_WEIGHT, settings.MAX_LORA_WEIGHT, value=1.0, step=0.05, label="LoRA scale"
+            )
+            lora_fuse = gr.Checkbox(value=False, label="Fuse the LoRAs")
     with gr.Accordion(
         "Evaluation run (prompt adherence per model and category)", open=False, visible=not studio.public
     ):
@@ -239,6 +323,25 @@ def build_roundtrip_tab(studio: Studio) -> dict:
             wrap=True,
         )
 
+    # The settings /generate takes, after each endpoint's own parameters (positional callers keep working).
+    shared_parameters = [
+        parameter("negative_prompt", ""),
+        parameter("guidance", ""),
+        parameter("width", ""),
+        parameter("height", ""),
+        parameter("max_sequence_length", settings.DEFAULT_T5_TOKENS),
+        parameter("skip_layer_guidance", "preset"),
+        parameter("memory_mode", studio.memory_mode),
+        parameter("lora", ""),
+        parameter("lora_scale", 1.0),
+        parameter("lora_fuse", False),
+        parameter("request", None, gr.Request),
+    ]
+    shared_inputs = [
+        negative_prompt, guidance, width, height, max_sequence_length, skip_layer_guidance, memory_mode, lora,
+        lora_scale, lora_fuse,
+    ]  # fmt: skip
+
     run.click(
         named_endpoint(
             roundtrip,
@@ -248,11 +351,11 @@ def build_roundtrip_tab(studio: Studio) -> dict:
                 parameter("seed", -1),
                 parameter("steps", ""),
                 parameter("second_opinion", False),
-                parameter("request", None, gr.Request),
+                *shared_parameters,
             ],
         ),
-        inputs=[prompt, model, seed, steps, second_opinion],
-        outputs=[image, summary, scores, diff, used_seed],
+        inputs=[prompt, model, seed, steps, second_opinion, *shared_inputs],
+        outputs=[image, summary, scores, diff, used_seed, details],
         api_name="roundtrip",
         concurrency_id=settings.GPU_CONCURRENCY_ID,
     )
@@ -263,11 +366,12 @@ def build_roundtrip_tab(studio: Studio) -> dict:
                 parameter("image"),
                 parameter("model", "large"),
                 parameter("seed", -1),
-                parameter("request", None, gr.Request),
+                parameter("steps", ""),
+                *shared_parameters,
             ],
         ),
-        inputs=[upload, reverse_model, reverse_seed],
-        outputs=[reverse_caption, redrawn, reverse_summary],
+        inputs=[upload, reverse_model, reverse_seed, reverse_steps, *shared_inputs],
+        outputs=[reverse_caption, redrawn, reverse_summary, reverse_details],
         api_name="roundtrip_image",
         concurrency_id=settings.GPU_CONCURRENCY_ID,
     )

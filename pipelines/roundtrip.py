@@ -14,6 +14,7 @@ would describe the image with the prompt's words, not human judgement.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import difflib
 import json
@@ -26,8 +27,10 @@ from pathlib import Path
 from PIL import Image
 
 from pipelines.blip import CaptionRequest
+from pipelines.catalog import CATALOG
+from pipelines.generation import GenerationOutcome, GenerationRequest, GenerationService
 from pipelines.matching import ImageTextMatcher, MatchRequest, TextScore
-from pipelines.sd3 import GenerateRequest, GenerateResult, generate, resolve_request
+from pipelines.sd3 import GenerateRequest, GenerateResult, model_key, size_limits
 
 PROMPTS_DIR = Path(__file__).resolve().parent.parent / "assets" / "prompts"
 _WORD = re.compile(r"[\w']+")
@@ -53,7 +56,7 @@ def word_diff(prompt: str, caption: str) -> list[tuple[str, str]]:
 
 @dataclass(frozen=True)
 class PromptRoundTrip:
-    generated: GenerateResult  # the image and its PNG parameters
+    generation: GenerationOutcome  # the image, its PNG and the generation's details
     caption: str
     caption_score: float  # the caption's own score (mean token log-prob)
     prompt_fit: TextScore  # how well the image fits the prompt, in BLIP's eyes
@@ -62,61 +65,126 @@ class PromptRoundTrip:
     second_opinion_note: str
 
     @property
+    def generated(self) -> GenerateResult:
+        return self.generation.result
+
+    @property
     def image(self) -> Image.Image:
         return self.generated.images[0]
 
+    def details(self) -> dict:
+        """The generation's details dict plus the caption and both scores (``/roundtrip``'s last output)."""
+        return {
+            **self.generation.details,
+            "caption": self.caption,
+            "caption_score": self.caption_score,
+            "prompt_fit": _score_details(self.prompt_fit),
+            "caption_fit": _score_details(self.caption_fit),
+            "second_opinion_note": self.second_opinion_note,
+        }
+
+
+@dataclass(frozen=True)
+class ImageRoundTrip:
+    caption: str  # BLIP's caption of the image, the prompt the model drew
+    generation: GenerationOutcome
+    fit: TextScore  # how well the caption fits the new image
+
+    @property
+    def generated(self) -> GenerateResult:
+        return self.generation.result
+
+    def details(self) -> dict:
+        """The generation's details dict plus the caption and its fit (``/roundtrip_image``'s last output)."""
+        return {**self.generation.details, "caption": self.caption, "caption_fit": _score_details(self.fit)}
+
+
+def _score_details(score: TextScore) -> dict:
+    return {
+        "text": score.text,
+        "mean_logprob": score.mean_logprob,
+        "num_tokens": score.num_tokens,
+        "itm_probability": score.itm_probability,
+    }
+
+
+def _generation_service(generation) -> GenerationService:
+    """``generation`` itself, or a service over a bare ModelManager (scripts and the command line)."""
+    return generation if isinstance(generation, GenerationService) else GenerationService(generation)
+
 
 def prompt_round_trip(
-    pipeline,
-    request: GenerateRequest,
+    generation: GenerationService,
+    request: GenerationRequest | GenerateRequest,
     matcher: ImageTextMatcher,
     *,
-    repo_id: str,
-    tiny: bool = False,
+    visitor: str | None = None,
     caption_request: CaptionRequest | None = None,
     second_opinion: bool = False,
     on_step: Callable[[int, int, list | None], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    notify: Callable[[str], None] | None = None,
+    folder: Path | None = None,
+    save: bool = True,
 ) -> PromptRoundTrip:
-    """Draw ``request.prompt`` (one image), caption it, and score prompt and caption against it."""
-    resolved = resolve_request(GenerateRequest(**{**request.__dict__, "num_images": 1}), tiny=tiny)
-    generated = generate(pipeline, resolved, repo_id=repo_id, on_step=on_step, should_stop=should_stop)
-    image = generated.images[0]
+    """Draw ``request.prompt`` (one image) through the generation service, caption it, and score
+    prompt and caption against it. ``save``/``folder``: where the PNG goes (see ``GenerationService.finish``)."""
+    generation = _generation_service(generation)
+    request = dataclasses.replace(_as_generation_request(request), num_images=1)
+    outcome = generation.run(
+        request, visitor=visitor, notify=notify, on_step=on_step, should_stop=should_stop, folder=folder, save=save
+    )
+    image = outcome.images[0]
+    prompt = outcome.result.request.prompt  # what the encoders read: LoRA tags out, trigger words in
     best = matcher.captioner.caption(image, caption_request).captions[0]
-    matched = matcher.match([image], MatchRequest(texts=(resolved.prompt, best.text), second_opinion=second_opinion))
+    matched = matcher.match([image], MatchRequest(texts=(prompt, best.text), second_opinion=second_opinion))
     prompt_fit, caption_fit = matched.scores[0]
     return PromptRoundTrip(
-        generated=generated,
+        generation=outcome,
         caption=best.text,
         caption_score=best.score,
         prompt_fit=prompt_fit,
         caption_fit=caption_fit,
-        diff=word_diff(resolved.prompt, best.text),
+        diff=word_diff(prompt, best.text),
         second_opinion_note=matched.second_opinion_note,
     )
 
 
 def image_round_trip(
     image: Image.Image,
-    pipeline,
+    generation: GenerationService,
     matcher: ImageTextMatcher,
+    request: GenerationRequest | None = None,
     *,
-    repo_id: str,
-    model: str = "large",
-    seed: int = -1,
-    tiny: bool = False,
+    visitor: str | None = None,
     caption_request: CaptionRequest | None = None,
-) -> tuple[str, GenerateResult, TextScore]:
-    """Caption ``image``, draw the caption, and score the caption against the new image."""
+    notify: Callable[[str], None] | None = None,
+    folder: Path | None = None,
+    save: bool = True,
+) -> ImageRoundTrip:
+    """Caption ``image``, draw the caption with ``request``'s settings (its prompt is replaced by the
+    caption; its LoRAs apply), and score the caption against the new image.
+
+    Without a width and height the image's shape is drawn at the model's default area.
+    """
+    generation = _generation_service(generation)
+    request = request or GenerationRequest(prompt="")
     caption = matcher.captioner.caption(image, caption_request).captions[0].text
-    width, height = image.size
-    scale = ((1024 * 1024 if not tiny else 128 * 128) / (width * height)) ** 0.5  # the model's usual area, same shape
-    resolved = resolve_request(
-        GenerateRequest(prompt=caption, model=model, seed=seed, width=width * scale, height=height * scale), tiny=tiny
-    )
-    generated = generate(pipeline, resolved, repo_id=repo_id)
-    fit = matcher.match([generated.images[0]], MatchRequest(texts=(caption,))).scores[0][0]
-    return caption, generated, fit
+    if request.width is None or request.height is None:
+        side = size_limits(CATALOG[model_key(request.model)], generation.tiny)["default_size"]
+        width, height = image.size
+        scale = (side * side / (width * height)) ** 0.5  # the model's usual area, the image's shape
+        request = dataclasses.replace(request, width=width * scale, height=height * scale)
+    request = dataclasses.replace(request, prompt=caption, num_images=1)
+    outcome = generation.run(request, visitor=visitor, notify=notify, folder=folder, save=save)
+    fit = matcher.match([outcome.images[0]], MatchRequest(texts=(caption,))).scores[0][0]
+    return ImageRoundTrip(caption=caption, generation=outcome, fit=fit)
+
+
+def _as_generation_request(request: GenerationRequest | GenerateRequest) -> GenerationRequest:
+    if isinstance(request, GenerationRequest):
+        return request
+    return GenerationRequest(**dataclasses.asdict(request))
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -165,7 +233,7 @@ def check_evaluation_size(models: list[str], seeds: list[int], prompts: list[tup
 
 
 def run_evaluation(
-    manager,
+    generation,
     matcher: ImageTextMatcher,
     prompts: list[tuple[str, str]],
     *,
@@ -182,14 +250,14 @@ def run_evaluation(
 ) -> dict:
     """Score every (model, seed, prompt) into ``out_path``; rows already there are skipped (resume).
 
-    The file is rewritten after every image, so an interrupted run keeps what
+    ``generation`` is the Studio's GenerationService (or a ModelManager, for a service of its own):
+    each image is drawn in the instance's memory mode, as /generate draws it. The file is rewritten after every image, so an interrupted run keeps what
     it did. Returns the file's content. ``max_images`` (None: no limit, as on
     the command line) refuses a larger run before anything is drawn.
     """
-    from pipelines.sd3 import model_key
-
     if max_images is not None:
         check_evaluation_size(models, seeds, prompts, max_images)
+    generation = _generation_service(generation)
     out_path = Path(out_path)
     existing = json.loads(out_path.read_text()) if out_path.is_file() else {}
     rows: list[dict] = list(existing.get("rows", []))
@@ -201,10 +269,8 @@ def run_evaluation(
             break
         key = model_key(model)
         if (key, seed, prompt) not in done:
-            request = GenerateRequest(prompt=prompt, model=model, seed=seed, steps=steps, width=side, height=side)
-            trip = prompt_round_trip(
-                manager.get(key), request, matcher, repo_id=manager.source_for(key), tiny=manager.tiny
-            )
+            request = GenerationRequest(prompt=prompt, model=model, seed=seed, steps=steps, width=side, height=side)
+            trip = prompt_round_trip(generation, request, matcher, save=False)
             rows.append(
                 {
                     "model": key,

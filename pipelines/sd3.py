@@ -32,6 +32,7 @@ MODEL_CHOICES = {"large": "sd35-large", "large-turbo": "sd35-large-turbo", "medi
 # start at 64 px; everything else about their presets is the real models'.
 TINY_SIZE_LIMITS = {"min_pixels": 64 * 64, "max_pixels": 512 * 512, "default_size": 128, "max_side": 512}
 REAL_MAX_SIDE = 2048  # no SD3.5 checkpoint was trained past ~1440 px a side
+SIZE_MULTIPLE = 16  # sides snap to this: the VAE's 8x times the MMDiT's 2x patch
 
 ASPECT_RATIOS = {  # name -> (width units, height units)
     "1:1": (1, 1),
@@ -106,8 +107,24 @@ def size_limits(spec: ModelSpec, tiny: bool) -> dict:
 
 
 def snap(value: float) -> int:
-    """Nearest multiple of 16 (the VAE's 8x times the MMDiT's 2x patch), at least 16."""
-    return max(16, math.floor(value / 16 + 0.5) * 16)  # halves round up: 1000 -> 1008
+    """Nearest multiple of ``SIZE_MULTIPLE`` (16), at least 16."""
+    return max(SIZE_MULTIPLE, math.floor(value / SIZE_MULTIPLE + 0.5) * SIZE_MULTIPLE)  # halves round up: 1000 -> 1008
+
+
+def slider_range(spec: ModelSpec, tiny: bool) -> tuple[int, int]:
+    """(smallest, largest) side a size slider offers for ``spec``, from the limits ``resolve_request`` checks.
+
+    The smallest is half the side of the smallest square (the other side can make up the area).
+    """
+    limits = size_limits(spec, tiny)
+    low = max(SIZE_MULTIPLE, int(limits["min_pixels"] ** 0.5) // 2 // SIZE_MULTIPLE * SIZE_MULTIPLE)
+    return low, limits["max_side"]
+
+
+def lora_weight_text(weight: float) -> str:
+    """A LoRA weight as A1111 writes it ("1", "0.8"), but never rounded: parsing it back gives ``weight``."""
+    short = f"{weight:g}"
+    return short if float(short) == weight else repr(float(weight))
 
 
 def size_for_aspect(ratio: str, spec: ModelSpec, tiny: bool) -> tuple[int, int]:
@@ -456,7 +473,7 @@ def generate(
             pairs["Interrupted at step"] = state["steps_done"]
         # A1111 keeps LoRAs in the prompt as <lora:name:weight> tags; image browsers and Civitai read them there.
         tagged_prompt = " ".join(
-            [request.prompt, *(f"<lora:{lora['name']}:{lora['weight']:g}>" for lora in loras or [])]
+            [request.prompt, *(f"<lora:{lora['name']}:{lora_weight_text(lora['weight'])}>" for lora in loras or [])]
         )
         parameters.append(a1111_parameters(tagged_prompt, request.negative_prompt if request.uses_cfg else "", pairs))
         all_settings.append(

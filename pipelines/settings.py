@@ -109,6 +109,7 @@ MIN_T5_TOKENS = 77
 MAX_T5_TOKENS = 512  # T5-XXL's trained context
 MAX_PROMPT_CHARS = 4000  # ~1,000 T5 tokens: enough to see a truncation warning, not a flood
 DEFAULT_PREVIEW_EVERY = 4  # steps between live previews (latent projection; 0 = off)
+MAX_PREVIEW_EVERY = 10  # the Generate tab's slider and /generate's check: rarer previews are barely previews
 VAE_TILING_ABOVE_PIXELS = 1536 * 1024  # larger images decode in tiles (the VAE is the peak there)
 MAX_HISTORY_IMAGES = 48  # images kept in a browser session's history gallery
 

@@ -11,9 +11,17 @@ from pipelines import settings
 from pipelines.blip import BlipCaptioner
 from pipelines.blip_adapters import TINY_ADAPTER_DIR, BlipAdapterInfo, BlipAdapterSet, default_adapter_dir
 from pipelines.catalog import CATALOG
+from pipelines.generation import GenerationService
 from pipelines.lora import LoadedLora, LoraLibrary
 from pipelines.lora_formats import PICKLED_SUFFIXES
-from pipelines.lora_sources import RegistryEntry, load_registry, resolve_lora_source
+from pipelines.lora_sources import (
+    LoraSource,
+    RegistryEntry,
+    list_lora_files,
+    load_registry,
+    resolve_lora_source,
+    sanitize_lora_name,
+)
 from pipelines.manager import ModelManager
 from pipelines.matching import ImageTextMatcher
 from pipelines.training_runs import TrainingRuns
@@ -45,6 +53,8 @@ class Studio:
     # The SD3.5 LoRAs loaded per model (catalog key); they survive the model being evicted and reloaded.
     sd3_loras: dict[str, LoraLibrary] = field(init=False, repr=False)
     training_runs: TrainingRuns = field(init=False, repr=False)
+    # The one way to draw (pipelines/generation.py): every tab that makes an SD3.5 image calls it.
+    generation: GenerationService = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         directory = self.blip_adapter_dir or default_adapter_dir(self.manager.tiny_root)
@@ -53,6 +63,14 @@ class Studio:
         demo_source = self.manager.source_for("blip-caption") if tiny_folder else None
         self.blip_adapters = BlipAdapterSet(directory, tiny_blip_source=demo_source)
         self._init_sd3_loras()
+        self.generation = GenerationService(
+            self.manager,
+            libraries=self.sd3_loras,
+            find_lora=self.find_lora,
+            memory_mode=self.memory_mode,
+            memory_mode_for=self.memory_mode_for,
+            outputs_dir=self.outputs_dir,
+        )
 
     def _init_sd3_loras(self) -> None:
         from pipelines.tiny import tiny_base_names, tiny_lora_dir, tiny_registry_path
@@ -169,17 +187,32 @@ class Studio:
             return resolve_lora_source(repo=source, weight_name=weight_name or None)
         return resolve_lora_source(file=source, lora_dir=self.lora_dir)
 
+    def find_lora(self, name: str) -> LoraSource | None:
+        """The LoRA a bare name stands for, A1111's way: a registry entry, else a file in the LoRA folder
+        (by its relative name, or by its stem as the Studio names adapters); None when neither has it.
+
+        What this finds is shared by every visitor (an upload is found only by its own visitor, loaded).
+        """
+        name = str(name or "").strip()
+        if not name:
+            return None
+        registry = self.lora_registry()
+        wanted = sanitize_lora_name(name)
+        for entry_name in registry:
+            if entry_name in (name, wanted):
+                return resolve_lora_source(registry_name=entry_name, registry=registry)
+        files = list_lora_files(self.lora_dir)
+        matches = [file for file in files if file == name or sanitize_lora_name(Path(file).stem) == wanted]
+        if len(matches) > 1:
+            raise ValueError(
+                f"Several files in the LoRA folder are named like {name!r} ({', '.join(matches[:4])}); "
+                "load the one you mean in the LoRA panel, or rename the others."
+            )
+        return resolve_lora_source(file=matches[0], lora_dir=self.lora_dir) if matches else None
+
     def sd3_pipeline(self, key: str, memory_mode: str | None = None, notify: Callable[[str], None] | None = None):
         """The SD3.5 pipeline for ``key``: as loaded already, else in ``memory_mode`` (default: --memory)."""
-        from pipelines.memory import resolve_mode
-
-        if memory_mode is None:
-            for loaded in self.manager.loaded_models():
-                if loaded.key == key:
-                    return self.manager.get(key, variant=loaded.variant, notify=notify)
-        side = settings.PLAN_DEFAULT_SIDE
-        mode, _ = resolve_mode(key, memory_mode or self.memory_mode, self.manager.runtime, side, side)
-        return self.manager.get(key, variant=mode, notify=notify)
+        return self.generation.pipeline(key, memory_mode, notify)
 
     def load_sd3_lora(
         self,
@@ -204,8 +237,9 @@ class Studio:
             self.memory_mode_for(memory_mode, key, side, side)
             memory_mode = None  # as loaded, else the operator's mode
         lora_source = self.lora_source(source, weight_name, upload)  # checked before any model loads
-        pipeline = self.sd3_pipeline(key, memory_mode, notify)
-        return self.sd3_loras[key].load(pipeline, lora_source, name=name or None, scale=scale, visitor=visitor)
+        return self.generation.load_lora(
+            key, lora_source, memory_mode=memory_mode, name=name or None, scale=scale, notify=notify, visitor=visitor
+        )
 
     def load_training_result(self, kind: str, output_dir: Path, *, model: str = "medium") -> str:
         """Load what a finished training run wrote; returns a sentence saying where it is now."""

@@ -73,8 +73,8 @@ def test_load_mix_fuse_and_unload_change_exactly_what_they_should(clean_loras):
     table, note, active = client.predict(name="", model="large", active=mix, api_name="/lora_unload")
     assert _names(table) == [] and active == ""
     assert np.array_equal(_draw(client)[0], base)
-    with pytest.raises(AppError, match="No LoRA is loaded"):
-        _draw(client, lora="tiny_large_style")
+    with pytest.raises(AppError, match="No LoRA is loaded, so 'no_such_style' cannot be used"):
+        _draw(client, lora="no_such_style")
 
 
 @pytest.mark.parametrize(
@@ -115,7 +115,54 @@ def test_medium_lora_loads_on_medium_and_is_listed_per_model(clean_loras):
         assert active == "tiny_medium_detail:0.8"
         assert [row[0] for row in table["data"]] == ["sd35-medium"]
         assert _names(client.predict(api_name="/lora_list")) == ["tiny_medium_detail"]
-        with pytest.raises(AppError, match="No LoRA"):
-            _draw(client, lora="tiny_medium_detail")  # loaded on Medium, not on Large
+        with pytest.raises(AppError, match="made for .*Medium.*Large"):
+            _draw(client, lora="tiny_medium_detail")  # loaded on Medium; on demand on Large, it does not fit
+        assert _names(client.predict(api_name="/lora_list")) == ["tiny_medium_detail"]
     finally:
         client.predict(name="", model="medium", active="", api_name="/lora_unload")
+
+
+def _draw_with_details(client, prompt: str = "a red fox", **overrides) -> tuple[np.ndarray, dict, str]:
+    """(pixels, details dict, png path) of one tiny image: the details are /generate's last output."""
+    gallery, *_, details = client.predict(prompt, **{**DRAW, **overrides}, api_name="/generate")
+    path = gallery[0]["image"]
+    return np.asarray(Image.open(path).convert("RGB"), dtype=np.int16), details, path
+
+
+def test_a_lora_by_name_loads_on_demand_and_a_prompt_tag_draws_the_same_pixels(clean_loras):
+    client = clean_loras
+    assert _names(client.predict(api_name="/lora_list")) == []  # nothing loaded first
+    named, details, path = _draw_with_details(client, lora="tiny_large_style:0.7")
+    (lora,) = details["loras"]
+    assert (lora["name"], lora["weight"], lora["loaded_now"]) == ("tiny_large_style", 0.7, True)
+    assert lora["source"] == "registry:tiny_large_style" and details["trigger_words_added"] == ["tinystyle"]
+    assert parse_a1111_parameters(read_png_settings(path)[0])[2]["Lora hashes"] == f"tiny_large_style: {lora['hash']}"
+    assert _names(client.predict(api_name="/lora_list")) == ["tiny_large_style"]  # it stays loaded, shared
+
+    tagged, tagged_details, _ = _draw_with_details(client, "a red fox <lora:tiny_large_style:0.7>")
+    assert np.array_equal(tagged, named)
+    assert tagged_details["loras"][0]["loaded_now"] is False and tagged_details["prompt"] == details["prompt"]
+    base, base_details, _ = _draw_with_details(client)
+    assert base_details["loras"] == [] and np.abs(base - named).max() > 0
+
+
+def test_a_studio_png_prompt_and_settings_redraw_the_same_pixels(clean_loras):
+    client = clean_loras
+    first, _, path = _draw_with_details(client, lora="tiny_large_style:0.7", seed=21)
+    client.predict(name="", model="large", active="", api_name="/lora_unload")  # the redraw loads it again itself
+    prompt, negative, pairs = parse_a1111_parameters(read_png_settings(path)[0])
+    assert prompt == "a red fox, tinystyle <lora:tiny_large_style:0.7>"
+    width, height = pairs["Size"].split("x")
+    again, details, again_path = _draw_with_details(
+        client,
+        prompt,
+        negative_prompt=negative,
+        seed=int(pairs["Seed"]),
+        steps=pairs["Steps"],
+        guidance=pairs["CFG scale"],
+        width=int(width),
+        height=int(height),
+    )
+    assert np.array_equal(again, first)
+    assert details["loras"][0]["loaded_now"] is True and details["trigger_words_added"] == []
+    assert parse_a1111_parameters(read_png_settings(again_path)[0])[0] == prompt  # tag and trigger word once

@@ -7,9 +7,11 @@ import math
 from pathlib import Path
 
 import pytest
+from gradio_client import handle_file
 from PIL import Image
 
 from pipelines import roundtrip
+from pipelines.generation import GenerationRequest, GenerationService
 from pipelines.matching import ImageTextMatcher
 from pipelines.roundtrip import (
     evaluation_table,
@@ -19,7 +21,6 @@ from pipelines.roundtrip import (
     run_evaluation,
     word_diff,
 )
-from pipelines.sd3 import GenerateRequest
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "assets" / "examples"
 
@@ -48,11 +49,10 @@ def test_the_built_in_prompts_cover_five_categories():
 def test_prompt_round_trip_returns_an_image_a_caption_and_finite_scores(tiny_manager):
     matcher = ImageTextMatcher(tiny_manager.get("blip-caption"))
     trip = prompt_round_trip(
-        tiny_manager.get("sd35-large"),
-        GenerateRequest(prompt="a red cube on a table", seed=3, steps=2, width=64, height=64),
+        GenerationService(tiny_manager),
+        GenerationRequest(prompt="a red cube on a table", seed=3, steps=2, width=64, height=64),
         matcher,
-        repo_id="tiny",
-        tiny=True,
+        save=False,
     )
     assert trip.image.size == (64, 64) and trip.caption
     for score in (trip.prompt_fit, trip.caption_fit):
@@ -65,13 +65,13 @@ def test_prompt_round_trip_returns_an_image_a_caption_and_finite_scores(tiny_man
 def test_image_round_trip_draws_the_caption_at_the_image_shape(tiny_manager):
     matcher = ImageTextMatcher(tiny_manager.get("blip-caption"))
     photo = Image.open(EXAMPLES / "rocket.jpg").convert("RGB")  # 640x427
-    caption, generated, fit = image_round_trip(
-        photo, tiny_manager.get("sd35-large"), matcher, repo_id="tiny", seed=1, tiny=True
+    trip = image_round_trip(
+        photo, GenerationService(tiny_manager), matcher, GenerationRequest(prompt="", seed=1), save=False
     )
-    assert generated.request.prompt == caption
-    width, height = generated.images[0].size
+    assert trip.generated.request.prompt == trip.caption
+    width, height = trip.generated.images[0].size
     assert width > height and width % 16 == 0 and height % 16 == 0
-    assert math.isfinite(fit.mean_logprob)
+    assert math.isfinite(trip.fit.mean_logprob)
 
 
 def test_evaluation_writes_json_the_scoreboard_reads_and_resumes(tiny_manager, tmp_path, monkeypatch):
@@ -107,8 +107,9 @@ def test_evaluation_writes_json_the_scoreboard_reads_and_resumes(tiny_manager, t
 
 @pytest.mark.api
 def test_roundtrip_answers_with_only_a_prompt(tiny_client):
-    image, summary, scores, diff, seed = tiny_client.predict("a red apple", api_name="/roundtrip")
+    image, summary, scores, diff, seed, details = tiny_client.predict("a red apple", api_name="/roundtrip")
     assert image.endswith(".png") and "BLIP wrote" in summary
+    assert details["seed"] == seed and details["steps"] == 28 and details["files"] == [Path(image).name]
     rows = scores["data"]
     assert [row[0] for row in rows] == ["prompt", "BLIP's caption"] and rows[0][1] == "a red apple"
     assert all(math.isfinite(row[2]) and row[2] <= 0 for row in rows)
@@ -117,6 +118,33 @@ def test_roundtrip_answers_with_only_a_prompt(tiny_client):
         "red",
         "apple",
     ]
+
+
+@pytest.mark.api
+def test_the_round_trip_takes_generate_settings_and_loras_by_name(tiny_client):
+    import numpy as np
+
+    small = {"seed": 5, "steps": 2, "width": 64, "height": 64}
+    try:
+        plain_image, *_, plain = tiny_client.predict("a red apple", api_name="/roundtrip", **small)
+        styled_image, _, _, _, seed, styled = tiny_client.predict(
+            "a red apple", api_name="/roundtrip", lora="tiny_large_style:0.8", **small
+        )
+        assert plain["loras"] == [] and seed == styled["seed"] == 5
+        assert [(lora["name"], lora["weight"]) for lora in styled["loras"]] == [("tiny_large_style", 0.8)]
+        assert styled["prompt"] == "a red apple, tinystyle" and styled["prompt_fit"]["text"] == styled["prompt"]
+        assert styled["caption"] and styled["caption_fit"]["mean_logprob"] <= 0 and styled["size"] == "64x64"
+        assert styled["memory_mode"]["mode"] == plain["memory_mode"]["mode"] == "bf16"
+        pixels = [np.asarray(Image.open(path).convert("RGB"), dtype=np.int16) for path in (plain_image, styled_image)]
+        assert np.abs(pixels[0] - pixels[1]).max() > 0  # the LoRA changes the round trip's image
+
+        caption, redrawn, _, details = tiny_client.predict(
+            handle_file(str(EXAMPLES / "rocket.jpg")), api_name="/roundtrip_image", lora="tiny_large_style", **small
+        )
+        assert details["caption"] == caption and details["loras"][0]["name"] == "tiny_large_style"
+        assert details["prompt"].startswith(caption) and redrawn.endswith(".png")
+    finally:
+        tiny_client.predict(name="", model="large", active="", api_name="/lora_unload")
 
 
 def test_the_scoreboard_reads_back_what_an_evaluation_wrote(tiny_manager, tmp_path):
