@@ -9,7 +9,7 @@ as the Batch tab's export edited by hand, or captions in another language. It
 is checked first, so a bad file fails in one sentence before any model loads.
 OUT receives the adapter (``adapter_config.json`` + ``adapter_model.safetensors``,
 the layout the Caption tab loads), ``training_args.json``, a ``README.md`` model
-card and resumable ``checkpoint-N/`` folders (``--resume latest`` continues the
+card (YAML front matter the Hub indexes) and resumable ``checkpoint-N/`` folders (``--resume latest`` continues the
 step count).
 
 Choices, documented once:
@@ -25,9 +25,18 @@ Choices, documented once:
   before training and kept on the CPU (in the mixed-precision dtype on a GPU);
   an epoch then costs only decoder passes. There is no image augmentation.
 - **Optimiser**: AdamW (weight decay 0.01) with gradient clipping at 1.0; the
-  learning rate warms up linearly over ``--warmup-steps``, then follows a cosine
-  down to 0 at the last step (``--schedule cosine``, the default) or stays
-  constant (``--schedule constant``).
+  learning rate is diffusers' ``get_scheduler``: a linear warmup over
+  ``--warmup-steps`` (step k at ``lr * k / warmup``), then a cosine down to 0 at
+  the last step (``--schedule cosine``, the default) or constant
+  (``--schedule constant``).
+- **Data**: a shuffled ``DataLoader`` under ``accelerator.prepare`` with
+  accelerate's seedable sampler: each epoch's order is a function of the seed
+  and the epoch; an update always takes ``--gradient-accumulation``
+  micro-batches, across epoch ends too.
+- **Checkpoints**: ``accelerator.save_state`` with hooks that save the adapter
+  alone (``checkpoint-N/`` is also an adapter folder peft loads), the optimiser,
+  the schedule and every process's random generators (dropout);
+  ``--resume`` reloads them with ``accelerator.load_state``.
 - **Steps** are optimiser updates: ``--max-steps``, or ``--epochs`` times the
   micro-batches of an epoch divided by ``--gradient-accumulation`` (rounded up).
 - **Several processes** (``accelerate launch``): every process walks the same
@@ -48,15 +57,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import logging
 import math
 import os
-import random
 import sys
 import time
 import warnings
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -65,15 +73,20 @@ import torch
 from pipelines import settings
 from pipelines.blip import BlipCaptioner, CaptionRequest
 from pipelines.blip_adapters import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, text_decoder_targets
+from pipelines.catalog import CATALOG
 from pipelines.manager import ModelLoadError
 from pipelines.training_common import (
     CHECKPOINT_PREFIX,
-    STATE_FILE,
     check_device,
     find_checkpoint,
-    forget_single_process_state,
+    make_accelerator,
+    make_lr_scheduler,
+    micro_batches,
     read_checkpoint_state,
     resolve_mixed_precision,
+    save_training_state,
+    take_models,
+    write_model_card,
 )
 from pipelines.training_data import TrainingDataError, TrainingExample, read_dataset, split_validation
 from pipelines.validation import as_float, as_int
@@ -82,7 +95,7 @@ logger = logging.getLogger(__name__)
 
 ADAPTER_NAME = "default"  # peft's name for the adapter being trained
 TRAINING_ARGS_FILE = "training_args.json"
-MODEL_CARD_FILE = "README.md"
+CARD_TAGS = ("image-to-text", "image-captioning", "blip", "lora", "peft")
 
 
 # ----------------------------------------------------------------------------- settings
@@ -189,8 +202,8 @@ class TrainingResult:
     start_step: int  # 0, or the checkpoint's step when resumed
     steps: int  # the global step reached
     total_steps: int
-    losses: list[float]  # per optimiser step, averaged over micro-batches and processes
-    learning_rates: list[float]
+    losses: list[float] = field(default_factory=list)  # per optimiser step, averaged over micro-batches and processes
+    learning_rates: list[float] = field(default_factory=list)  # the rate after each step (0 after the last)
     validation_losses: dict[int, float] = field(default_factory=dict)  # step -> loss on the fixed validation set
     samples: list[dict] = field(default_factory=list)  # the last validation's captions: file, base, adapter
     checkpoints: list[Path] = field(default_factory=list)
@@ -304,19 +317,21 @@ def collate(encoded: EncodedSet, indices: list[int], pad_token_id: int, device) 
     }
 
 
-def epoch_order(size: int, epoch: int, seed: int, batch_size: int, process: int, processes: int) -> list[list[int]]:
-    """This process's micro-batches of one epoch: a seeded shuffle, cycled to fill every process's last batch.
+def caption_loader(encoded: EncodedSet, batch_size: int, seed: int, pad_token_id: int):
+    """The training set as a shuffled ``DataLoader`` of collated micro-batches (on the CPU; accelerate moves them).
 
-    Every process computes the same order and takes every ``processes``-th
-    index from ``process`` on, so all take the same number of batches.
+    Under ``accelerator.prepare`` with a seedable sampler (``make_accelerator(data_seed=seed)``) every process
+    walks the same order of each epoch, a function of seed and epoch, and takes whole batches of it in turn.
     """
-    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    order = torch.randperm(size, generator=generator).tolist()
-    per_round = batch_size * processes
-    rounds = math.ceil(size / per_round)
-    order = (order * math.ceil(rounds * per_round / size))[: rounds * per_round]
-    mine = order[process::processes]
-    return [mine[start : start + batch_size] for start in range(0, len(mine), batch_size)]
+    from torch.utils.data import DataLoader
+
+    return DataLoader(
+        list(range(len(encoded))),
+        batch_size=batch_size,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(seed),
+        collate_fn=functools.partial(collate, encoded, pad_token_id=pad_token_id, device="cpu"),
+    )
 
 
 def decoder_loss(text_decoder, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -349,16 +364,6 @@ def evaluation_loss(text_decoder, encoded: EncodedSet, *, pad_token_id: int, dev
         tokens += float((batch["labels"][:, 1:] != -100).sum())
     text_decoder.train(was_training)
     return total / max(tokens, 1.0)
-
-
-def learning_rate_factor(step: int, total_steps: int, warmup_steps: int, schedule: str) -> float:
-    """The multiplier of the base learning rate for optimiser update ``step`` (counting from 0)."""
-    if warmup_steps and step < warmup_steps:
-        return (step + 1) / warmup_steps
-    if schedule == "constant":
-        return 1.0
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
 # ----------------------------------------------------------------------------- the model
@@ -425,46 +430,34 @@ def load_adapter_weights(peft_model, folder: Path) -> None:
         raise ValueError(f"{folder} does not fit this adapter ({unexpected[0]} unexpected); train into a new folder.")
 
 
-def save_checkpoint(accelerator, folder: Path, peft_model, optimizer, scheduler, state: dict) -> None:
-    """Adapter, optimiser, LR schedule, step and every process's random state; the state file last."""
-    if accelerator.is_main_process:
-        folder.mkdir(parents=True, exist_ok=True)
-    accelerator.wait_for_everyone()
-    torch.save(random_state(accelerator.device), folder / f"rng-{accelerator.process_index}.pt")
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        save_adapter(peft_model, folder)
-        torch.save(optimizer.state_dict(), folder / "optimizer.pt")
-        torch.save(scheduler.state_dict(), folder / "scheduler.pt")
-        (folder / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")  # last: marks it complete
-    accelerator.wait_for_everyone()
+def register_checkpoint_hooks(accelerator, peft_model) -> None:
+    """Make ``accelerator.save_state`` / ``load_state`` save and load the adapter alone, as diffusers' LoRA
+    scripts do: the frozen BLIP stays out of the checkpoint, which holds an adapter folder peft loads."""
+
+    def save_lora(models: list, weights: list, output_dir: str) -> None:
+        take_models(models, weights)
+        if accelerator.is_main_process:
+            save_adapter(peft_model, Path(output_dir))
+
+    def load_lora(models: list, input_dir: str) -> None:
+        take_models(models)
+        load_adapter_weights(peft_model, Path(input_dir))
+
+    accelerator.register_save_state_pre_hook(save_lora)
+    accelerator.register_load_state_pre_hook(load_lora)
 
 
-def random_state(device: torch.device) -> dict:
-    """The random generators dropout and shuffling use, in a form ``torch.load(weights_only=True)`` reads."""
-    state = {"torch": torch.get_rng_state(), "python": _plain(random.getstate())}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
+def base_model_id(config: BlipLoraTrainingConfig, source: str) -> str:
+    """The base model as the Hub names it: the catalog's BLIP for ``blip-caption`` (its tiny stand-in or a
+    local copy included), else what ``--model`` gave."""
+    return CATALOG["blip-caption"].repo_id if config.tiny or config.model == "blip-caption" else config.model
 
 
-def restore_random_state(state: dict, device: torch.device) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(_tupled(state["python"]))
-    if "cuda" in state and device.type == "cuda":
-        torch.cuda.set_rng_state(state["cuda"], device)
+def write_outputs(config: BlipLoraTrainingConfig, source: str, result: TrainingResult) -> None:
+    """training_args.json (every setting and the outcome) and README.md, a ``ModelCard`` whose YAML front
+    matter the Hub indexes (base model, tags, licence), saying what the adapter is and how to load it."""
+    from huggingface_hub import ModelCardData
 
-
-def _plain(value):
-    return [_plain(item) for item in value] if isinstance(value, tuple) else value
-
-
-def _tupled(value):
-    return tuple(_tupled(item) for item in value) if isinstance(value, list) else value
-
-
-def write_model_card(config: BlipLoraTrainingConfig, source: str, result: TrainingResult) -> None:
-    """training_args.json (every setting and the outcome) and README.md (what it is, how to load it)."""
     folder = Path(config.output_dir)
     arguments = {
         key: str(value) if isinstance(value, Path) else value for key, value in dataclasses.asdict(config).items()
@@ -492,6 +485,13 @@ def write_model_card(config: BlipLoraTrainingConfig, source: str, result: Traini
         losses.append(f"final training loss {result.losses[-1]:.4f}")
     if final_validation is not None and first_validation is not None:
         losses.append(f"validation loss {first_validation:.4f} → {final_validation:.4f} on {held_out}")
+    data = ModelCardData(
+        base_model=base_model_id(config, source),
+        library_name="peft",
+        license=CATALOG["blip-caption"].licence,
+        tags=list(CARD_TAGS),
+        pipeline_tag="image-to-text",
+    )
     card = [
         f"# {folder.name}: a BLIP caption LoRA",
         "",
@@ -509,12 +509,149 @@ def write_model_card(config: BlipLoraTrainingConfig, source: str, result: Traini
         "from peft import PeftModel",
         f'model = PeftModel.from_pretrained(blip, "{folder}")',
         "```",
-        "",
     ]
-    (folder / MODEL_CARD_FILE).write_text("\n".join(card))
+    write_model_card(folder, data, "\n".join(card))
 
 
 # ----------------------------------------------------------------------------- training
+
+
+@dataclass
+class _Run:
+    """What the steps of ``train`` share."""
+
+    config: BlipLoraTrainingConfig
+    accelerator: object
+    captioner: BlipCaptioner
+    result: TrainingResult | None = None
+    train_set: EncodedSet | None = None
+    fixed_set: EncodedSet | None = None  # validation loss and sample captions
+    held_out: bool = False  # whether fixed_set is a held-out split (else the first training images)
+    peft_model: object = None
+    decoder: object = None  # as prepared by accelerate
+    parameters: list = field(default_factory=list)
+    optimizer: object = None
+    lr_scheduler: object = None
+    loader: object = None  # the prepared DataLoader of micro-batches
+
+    def say(self, message: str) -> None:
+        self.accelerator.print(message)
+
+
+def _check_vocabulary(run: _Run, examples: list[TrainingExample]) -> VocabularyReport:
+    """3. How well the model's vocabulary spells the captions; a warning before training when badly."""
+    report = vocabulary_report(run.captioner.processor.tokenizer, [example.text for example in examples])
+    warning = vocabulary_warning(report)
+    if warning and run.accelerator.is_main_process:
+        logger.warning(warning)
+        run.say(warning)
+    return report
+
+
+def _encode(run: _Run, train_examples: list[TrainingExample], validation_examples: list[TrainingExample]) -> None:
+    """4. Every image once through the frozen vision encoder; the fixed set for validation loss and samples."""
+    precision = run.accelerator.mixed_precision
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    batch = settings.BLIP_TRAIN_DEFAULT_BATCH_SIZE
+    run.train_set = encode_examples(run.captioner, train_examples, batch_size=batch, dtype=dtype)
+    fixed = validation_examples or train_examples[: settings.BLIP_TRAIN_SAMPLE_CAPTIONS * 4]
+    run.fixed_set = encode_examples(run.captioner, fixed, batch_size=batch, dtype=dtype)
+    run.held_out = bool(validation_examples)
+
+
+def _prepare(run: _Run, checkpoint: Path | None, resume_step: int) -> tuple[int, int]:
+    """5. LoRA, optimiser, diffusers' LR schedule and the DataLoader, through accelerate; then resume.
+
+    Returns (start step, total steps). A resumed run takes LoRA, optimiser, schedule and random state from
+    its checkpoint (``accelerator.load_state``); its place in the data follows from the step.
+    """
+    config, accelerator = run.config, run.accelerator
+    run.peft_model = add_lora(run.captioner, config)
+    run.parameters = [parameter for parameter in run.peft_model.parameters() if parameter.requires_grad]
+    optimizer = torch.optim.AdamW(run.parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
+    loader = caption_loader(run.train_set, config.batch_size, config.seed, run.captioner.pad_token_id)
+    decoder = run.captioner.model.text_decoder
+    run.decoder, run.optimizer, run.loader = accelerator.prepare(decoder, optimizer, loader)
+    total_steps = config.max_steps or math.ceil(config.epochs * len(run.loader) / config.gradient_accumulation)
+    run.lr_scheduler = make_lr_scheduler(
+        config.schedule, optimizer, warmup_steps=config.warmup_steps, total_steps=total_steps
+    )
+    register_checkpoint_hooks(accelerator, run.peft_model)
+    accelerator.register_for_checkpointing(run.lr_scheduler)
+    if checkpoint is None:
+        return 0, total_steps
+    accelerator.load_state(str(checkpoint))
+    run.say(f"resumed from {checkpoint} at step {resume_step} of {total_steps}")
+    return resume_step, total_steps
+
+
+def _validate(run: _Run, step: int) -> None:
+    """The fixed set's loss and sample captions (main process), then everyone waits."""
+    accelerator, result = run.accelerator, run.result
+    if accelerator.is_main_process:
+        with accelerator.autocast():
+            loss = evaluation_loss(
+                run.captioner.model.text_decoder,
+                run.fixed_set,
+                pad_token_id=run.captioner.pad_token_id,
+                device=accelerator.device,
+                batch_size=16,
+            )
+            result.samples = sample_captions(run.captioner, run.fixed_set, run.config.sample_captions)
+        result.validation_losses[step] = loss
+        which = "held-out images" if run.held_out else "training images (no held-out split)"
+        run.say(f"validation after {step} steps: val_loss {loss:.4f} on {len(run.fixed_set)} {which}")
+        for sample in result.samples:
+            run.say(f"  {sample['file_name']}: base: {sample['base']!r} | adapter: {sample['adapter']!r}")
+    accelerator.wait_for_everyone()
+
+
+def _micro_step(run: _Run, batch: dict) -> float:
+    """One micro-batch's loss and gradients; clipping and the optimiser step when the update is complete."""
+    accelerator = run.accelerator
+    with accelerator.accumulate(run.decoder):
+        loss = decoder_loss(run.decoder, batch)
+        accelerator.backward(loss)  # divided by gradient_accumulation there
+        if accelerator.sync_gradients:
+            accelerator.clip_grad_norm_(run.parameters, run.config.max_grad_norm)
+        run.optimizer.step()
+        run.optimizer.zero_grad(set_to_none=True)
+    return float(loss.detach())
+
+
+def _train_loop(run: _Run, start_step: int, total_steps: int) -> None:
+    """6. One update per ``gradient_accumulation`` micro-batches, epoch after epoch; logs, validation, checkpoints."""
+    config, accelerator, result = run.config, run.accelerator, run.result
+    accumulation = config.gradient_accumulation
+    order = run.loader.get_sampler()  # accelerate's seedable sampler: an epoch's order is seed + epoch
+    batches = micro_batches(accelerator, run.loader, order, start=start_step * accumulation)
+    run.decoder.train()
+    tick = time.perf_counter()
+    for done in range(start_step + 1, total_steps + 1):
+        running = sum(_micro_step(run, next(batches)) for _ in range(accumulation)) / accumulation
+        run.lr_scheduler.step()
+        mean_loss = float(accelerator.reduce(torch.tensor(running, device=accelerator.device), reduction="mean"))
+        result.losses.append(mean_loss)
+        result.learning_rates.append(run.lr_scheduler.get_last_lr()[0])
+        result.steps = done
+        if done % config.log_every == 0 or done == total_steps:
+            seconds = (time.perf_counter() - tick) / config.log_every
+            lr = result.learning_rates[-1]
+            run.say(f"step {done}/{total_steps}  loss {mean_loss:.4f}  lr {lr:.2e}  {seconds:.2f} s/step")
+            tick = time.perf_counter()
+        if done % config.validation_every == 0 or done == total_steps:
+            _validate(run, done)
+            run.decoder.train()
+        if config.checkpoint_every and done % config.checkpoint_every == 0:
+            folder = Path(config.output_dir) / f"{CHECKPOINT_PREFIX}{done}"
+            state = {
+                "step": done,
+                "total_steps": total_steps,
+                "adapter": _adapter_settings(config, run.captioner.source),
+            }
+            save_training_state(accelerator, folder, state)
+            result.checkpoints.append(folder)
+            run.say(f"checkpoint saved: {folder}")
 
 
 def train(config: BlipLoraTrainingConfig, captioner: BlipCaptioner | None = None) -> TrainingResult:
@@ -523,7 +660,6 @@ def train(config: BlipLoraTrainingConfig, captioner: BlipCaptioner | None = None
     ``captioner`` (optional) is a BLIP to train instead of loading ``config.model``;
     a LoRA is added to it in place, so give one no other code is using.
     """
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     started = time.perf_counter()
@@ -533,146 +669,48 @@ def train(config: BlipLoraTrainingConfig, captioner: BlipCaptioner | None = None
     train_examples, validation_examples = split_validation(examples, config.validation_split, config.seed)
     checkpoint = find_checkpoint(config.resume, config.output_dir)
 
-    # 2. Processes, precision, seed.
+    # 2. Processes, precision, seed (the data order has its own: accelerate's seedable sampler).
     mixed_precision = resolve_mixed_precision(config.device, config.mixed_precision)
-    forget_single_process_state()
-    accelerator = Accelerator(mixed_precision=mixed_precision, cpu=config.device == "cpu")
+    accelerator = make_accelerator(config.device, mixed_precision, config.gradient_accumulation, data_seed=config.seed)
     set_seed(config.seed)
-    say = accelerator.print
 
     # 3. The model, and how well its vocabulary spells the captions.
     captioner = captioner if captioner is not None else load_captioner(config, accelerator.device)
-    source = captioner.source
-    if checkpoint is not None:
-        state = check_checkpoint(checkpoint, config, source)
-    report = vocabulary_report(captioner.processor.tokenizer, [example.text for example in examples])
-    warning = vocabulary_warning(report)
-    if warning and accelerator.is_main_process:
-        logger.warning(warning)
-        say(warning)
-
-    # 4. Encode every image once; the fixed set for validation loss and samples.
-    feature_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision, torch.float32)
-    encode_batch = settings.BLIP_TRAIN_DEFAULT_BATCH_SIZE
-    train_set = encode_examples(captioner, train_examples, batch_size=encode_batch, dtype=feature_dtype)
-    fixed_examples = validation_examples or train_examples[: settings.BLIP_TRAIN_SAMPLE_CAPTIONS * 4]
-    fixed_set = encode_examples(captioner, fixed_examples, batch_size=encode_batch, dtype=feature_dtype)
-
-    # 5. LoRA, optimiser, schedule; a resumed run takes all of them from its checkpoint.
-    peft_model = add_lora(captioner, config)
-    decoder = captioner.model.text_decoder
-    parameters = [parameter for parameter in peft_model.parameters() if parameter.requires_grad]
-    optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
-    batches_per_epoch = len(
-        epoch_order(len(train_set), 0, config.seed, config.batch_size, 0, accelerator.num_processes)
-    )
-    total_steps = config.max_steps or math.ceil(config.epochs * batches_per_epoch / config.gradient_accumulation)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: learning_rate_factor(step, total_steps, config.warmup_steps, config.schedule)
-    )
-    prepared_decoder, optimizer = accelerator.prepare(decoder, optimizer)
-    start_step = 0
-    if checkpoint is not None:
-        load_adapter_weights(peft_model, checkpoint)
-        optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=True))
-        scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=True))
-        start_step = int(state["step"])
-        restore_random_state(
-            torch.load(checkpoint / f"rng-{accelerator.process_index}.pt", weights_only=True), accelerator.device
-        )
-        say(f"resumed from {checkpoint} at step {start_step} of {total_steps}")
-    result = TrainingResult(
+    run = _Run(config, accelerator, captioner)
+    resume_step = 0 if checkpoint is None else int(check_checkpoint(checkpoint, config, captioner.source)["step"])
+    report = _check_vocabulary(run, examples)
+    # 4. Encode every image once.  5. LoRA, optimiser, schedule, data; resume.
+    _encode(run, train_examples, validation_examples)
+    start_step, total_steps = _prepare(run, checkpoint, resume_step)
+    run.result = TrainingResult(
         output_dir=Path(config.output_dir),
         start_step=start_step,
         steps=start_step,
         total_steps=total_steps,
-        losses=[],
-        learning_rates=[],
         train_images=len(train_examples),
         validation_images=len(validation_examples),
         unknown_token_rate=report.unknown_rate,
     )
-    pad = captioner.pad_token_id
-    say(
-        f"training {total_steps} steps on {len(train_examples)} images ({batches_per_epoch} micro-batches of "
+    run.say(
+        f"training {total_steps} steps on {len(train_examples)} images ({len(run.loader)} micro-batches of "
         f"{config.batch_size} per epoch and process, {accelerator.num_processes} process(es), "
         f"{mixed_precision if mixed_precision != 'no' else 'fp32'})"
     )
-
-    def validate(step: int) -> None:
-        if accelerator.is_main_process:
-            with accelerator.autocast():
-                loss = evaluation_loss(decoder, fixed_set, pad_token_id=pad, device=accelerator.device, batch_size=16)
-                result.samples = sample_captions(captioner, fixed_set, config.sample_captions)
-            result.validation_losses[step] = loss
-            which = "held-out images" if validation_examples else "training images (no held-out split)"
-            say(f"validation after {step} steps: val_loss {loss:.4f} on {len(fixed_set)} {which}")
-            for sample in result.samples:
-                say(f"  {sample['file_name']}: base: {sample['base']!r} | adapter: {sample['adapter']!r}")
-        accelerator.wait_for_everyone()
-
-    # 6. Train: gradient accumulation over micro-batches, clipping, one schedule step per update.
+    # 6. Train (validation before the first step, and every validation_every steps).
     if start_step == 0:
-        validate(0)
-    prepared_decoder.train()
-    tick = time.perf_counter()
-    orders: dict[int, list[list[int]]] = {}
-    for step in range(start_step, total_steps):
-        running = 0.0
-        for micro in range(config.gradient_accumulation):
-            # The micro-batch is a function of the global position alone, so a resumed run continues exactly.
-            epoch, position = divmod(step * config.gradient_accumulation + micro, batches_per_epoch)
-            if epoch not in orders:
-                orders = {
-                    epoch: epoch_order(
-                        len(train_set),
-                        epoch,
-                        config.seed,
-                        config.batch_size,
-                        accelerator.process_index,
-                        accelerator.num_processes,
-                    )
-                }
-            batch = collate(train_set, orders[epoch][position], pad, accelerator.device)
-            last = micro == config.gradient_accumulation - 1
-            with nullcontext() if last else accelerator.no_sync(prepared_decoder):
-                loss = decoder_loss(prepared_decoder, batch)
-                accelerator.backward(loss / config.gradient_accumulation)
-            running += float(loss.detach()) / config.gradient_accumulation
-        accelerator.clip_grad_norm_(parameters, config.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        done = step + 1
-        mean_loss = float(accelerator.reduce(torch.tensor(running, device=accelerator.device), reduction="mean"))
-        result.losses.append(mean_loss)
-        result.learning_rates.append(scheduler.get_last_lr()[0])
-        result.steps = done
-        if done % config.log_every == 0 or done == total_steps:
-            seconds = (time.perf_counter() - tick) / config.log_every
-            say(
-                f"step {done}/{total_steps}  loss {mean_loss:.4f}  lr {result.learning_rates[-1]:.2e}  {seconds:.2f} s/step"
-            )
-            tick = time.perf_counter()
-        if done % config.validation_every == 0 or done == total_steps:
-            validate(done)
-            prepared_decoder.train()
-        if config.checkpoint_every and done % config.checkpoint_every == 0:
-            folder = Path(config.output_dir) / f"{CHECKPOINT_PREFIX}{done}"
-            state = {"step": done, "total_steps": total_steps, "adapter": _adapter_settings(config, source)}
-            save_checkpoint(accelerator, folder, peft_model, optimizer, scheduler, state)
-            result.checkpoints.append(folder)
-            say(f"checkpoint saved: {folder}")
+        _validate(run, 0)
+    _train_loop(run, start_step, total_steps)
 
     # 7. The adapter and its card.
     accelerator.wait_for_everyone()
-    result.seconds = time.perf_counter() - started
+    run.result.seconds = time.perf_counter() - started
     if accelerator.is_main_process:
-        save_adapter(peft_model, Path(config.output_dir))
-        write_model_card(config, source, result)
-        say(f"adapter saved: {Path(config.output_dir) / ADAPTER_CONFIG_FILE} ({result.seconds:.1f} s)")
+        save_adapter(run.peft_model, Path(config.output_dir))
+        write_outputs(config, captioner.source, run.result)
+        say = f"adapter saved: {Path(config.output_dir) / ADAPTER_CONFIG_FILE} ({run.result.seconds:.1f} s)"
+        run.say(say)
     accelerator.wait_for_everyone()
-    return result
+    return run.result
 
 
 @torch.no_grad()
