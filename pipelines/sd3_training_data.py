@@ -255,6 +255,23 @@ def encode_images(
     return latents
 
 
+def _encode_latents(
+    examples: Sequence[TrainingExample], resolution: int, center_crop: bool, random_flip: bool, vae, device, dtype
+) -> dict:
+    """What the latent cache holds: each image's bucket, its latents and (with flips) its mirror's latents."""
+    images = [example.load() for example in examples]
+    sizes = assign_buckets([image.size for image in images], resolution, center_crop=center_crop)
+    fitted = [fit_to_bucket(image, size) for image, size in zip(images, sizes, strict=True)]
+    if random_flip:
+        fitted += [image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) for image in fitted]
+    encoded = encode_images(vae, fitted, device=device, dtype=dtype)
+    return {
+        "sizes": [list(size) for size in sizes],
+        "latents": encoded[: len(examples)],
+        "flipped": encoded[len(examples) :] if random_flip else [],
+    }
+
+
 def precompute(
     examples: Sequence[TrainingExample],
     *,
@@ -319,17 +336,7 @@ def precompute(
     latents_from_cache = latent_cache is not None
     if latent_cache is None:
         log(f"encoding {len(examples)} images with the VAE")
-        images = [example.load() for example in examples]
-        sizes = assign_buckets([image.size for image in images], resolution, center_crop=center_crop)
-        fitted = [fit_to_bucket(image, size) for image, size in zip(images, sizes, strict=True)]
-        if random_flip:
-            fitted += [image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) for image in fitted]
-        encoded = encode_images(get_vae(), fitted, device=device, dtype=dtype)
-        latent_cache = {
-            "sizes": [list(size) for size in sizes],
-            "latents": encoded[: len(examples)],
-            "flipped": encoded[len(examples) :] if random_flip else [],
-        }
+        latent_cache = _encode_latents(examples, resolution, center_crop, random_flip, get_vae(), device, dtype)
         _save_cache(latent_path, latent_cache)
 
     # 4. Assemble.

@@ -89,6 +89,11 @@ def find_checkpoint(resume: str | None, output_dir: str | Path) -> Path | None:
 def read_checkpoint_state(path: Path, adapter: dict) -> dict:
     """The checkpoint's state; ValueError when its adapter settings (model, rank, targets...) differ from ``adapter``."""
     state = json.loads((path / STATE_FILE).read_text())
+    if not (path / "optimizer.bin").is_file():  # before accelerate's layout: optimizer.pt and rng-N.pt
+        raise ValueError(
+            f"{path} was written in the older checkpoint layout, which cannot be resumed; train into a new "
+            "output folder (its LoRA file still loads as a LoRA)."
+        )
     theirs = state["adapter"]
     for key, value in adapter.items():
         if theirs.get(key) != value:

@@ -312,6 +312,9 @@ def test_resume_continues_the_step_count_and_the_optimiser(dataset, tiny_root, t
         train(_config(dataset, tmp_path / "split", tiny_root, cache_dir, steps=6, rank=8, resume="latest"))
     with pytest.raises(ValueError, match="not a complete checkpoint"):
         train(_config(dataset, tmp_path / "other", tiny_root, cache_dir, resume=str(tmp_path / "nowhere")))
+    (checkpoint / "optimizer.bin").rename(checkpoint / "optimizer.pt")  # as the older layout had it
+    with pytest.raises(ValueError, match="older checkpoint layout"):
+        train(_config(dataset, tmp_path / "other", tiny_root, cache_dir, resume=str(checkpoint)))
 
 
 @pytest.mark.parametrize(
@@ -527,3 +530,23 @@ def test_cuda_bf16_8bit_adam_checkpointing_and_resume(dataset, tiny_root, tmp_pa
     before = _fixed_noise_loss(pipeline.transformer, examples)
     _load_in_studio(pipeline, resumed.lora_path)
     assert _fixed_noise_loss(pipeline.transformer, examples) < 0.95 * before
+
+
+def test_the_trainers_modules_import_nothing_above_them():
+    """Shared types sit below the code that uses them: no module of the SD3 trainer imports the driver, lazily or
+    for type checking either, and the common pieces import neither trainer."""
+    import ast
+
+    root = Path(__file__).resolve().parent.parent / "pipelines"
+    below = {
+        "sd3_training_config": {"train_sd3_lora", "flow_matching", "sd3_lora_files"},
+        "flow_matching": {"train_sd3_lora", "sd3_lora_files"},
+        "sd3_lora_files": {"train_sd3_lora", "flow_matching"},
+        "sd3_training_data": {"train_sd3_lora", "flow_matching", "sd3_lora_files", "sd3_training_config"},
+        "training_common": {"train_sd3_lora", "train_blip_lora", "sd3_lora_files", "sd3_training_config"},
+    }
+    for module, above in below.items():
+        tree = ast.parse((root / f"{module}.py").read_text())
+        imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+        imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+        assert not {name.removeprefix("pipelines.") for name in imported} & above, module
