@@ -131,6 +131,29 @@ def test_the_saved_adapter_loads_through_the_studio_and_changes_captions(trained
     assert sum(a.captions[0].text != b for a, b in zip(adapted, base, strict=True)) >= 3
 
 
+def test_plain_peft_loads_the_adapter_and_its_checkpoints(trained, tiny_root, dataset, tmp_path):
+    """Third-party code: ``PeftModel.from_pretrained`` on the output folder and on a checkpoint folder."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import BlipForConditionalGeneration
+
+    from pipelines.catalog import CATALOG
+
+    result, out, _ = trained
+    base = tiny_root / CATALOG["blip-caption"].tiny_dir
+    model = PeftModel.from_pretrained(BlipForConditionalGeneration.from_pretrained(base), out)
+    saved = load_file(out / ADAPTER_WEIGHTS_FILE)
+    state = {key: value for key, value in model.state_dict().items() if "lora_" in key}
+    assert len(state) == len(saved) == 32
+    assert all(torch.equal(state[key.replace(".weight", ".default.weight")], saved[key]) for key in saved)
+
+    short = train_blip_lora.train(config(dataset, tmp_path / "short", tiny_root, max_steps=2, checkpoint_every=2))
+    checkpoint = PeftModel.from_pretrained(BlipForConditionalGeneration.from_pretrained(base), short.checkpoints[0])
+    final = load_file(tmp_path / "short" / ADAPTER_WEIGHTS_FILE)
+    loaded = {key: value for key, value in checkpoint.state_dict().items() if "lora_" in key}
+    assert all(torch.equal(loaded[key.replace(".weight", ".default.weight")], final[key]) for key in final)
+
+
 def test_the_log_feeds_the_training_runs_loss_curve_and_the_card_tells_the_story(trained):
     result, out, printed = trained
     logged = [(int(match[1]), int(match[2]), float(match[3])) for line in printed if (match := LOSS_LINE.search(line))]

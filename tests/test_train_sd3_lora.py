@@ -248,6 +248,11 @@ def test_the_adapter_is_diffusers_format_and_changes_the_studios_images(trained,
     assert not set_peft_model_state_dict(by_hand.transformer, state, adapter_name="default").unexpected_keys
     assert abs(draw(by_hand) - with_lora).max() < 1e-4
 
+    # Plain diffusers reads the output folder as it is (third-party code: no Studio involved).
+    plain = _fresh_pipeline(tiny_root)
+    plain.load_lora_weights(str(lora_file.parent))
+    assert abs(draw(plain) - with_lora).max() < 1e-4
+
     # The run's other outputs: settings, model card, validation images, and log lines the Train tab reads.
     from pipelines.training_runs import LOSS_LINE
 
@@ -307,6 +312,9 @@ def test_resume_continues_the_step_count_and_the_optimiser(dataset, tiny_root, t
     optimizer = torch.load(checkpoint / "optimizer.bin", weights_only=True)
     assert all(int(state["step"]) == 2 for state in optimizer["state"].values())
     assert load_file(checkpoint / "pytorch_lora_weights.safetensors").keys() == theirs.keys()
+    pipeline = _fresh_pipeline(tiny_root)
+    pipeline.load_lora_weights(str(checkpoint))  # a checkpoint is a LoRA diffusers loads, too
+    assert pipeline.get_list_adapters() == {"transformer": ["default_0"]}
 
     with pytest.raises(ValueError, match="rank 4"):
         train(_config(dataset, tmp_path / "split", tiny_root, cache_dir, steps=6, rank=8, resume="latest"))
