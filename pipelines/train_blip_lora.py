@@ -48,6 +48,11 @@ Choices, documented once:
   same every time, so it compares between steps; without a split, the first
   training images stand in) and a few sample captions, base model next to the
   adapter, with the Caption tab's default beam search.
+- **Modules**: the settings and result types live in
+  ``pipelines.blip_training_config``, vocabulary checks and data in
+  ``pipelines.blip_training_data``, what is written (adapter, checkpoint hooks,
+  model card) in ``pipelines.blip_lora_files``; this module holds the loss, the
+  model and the training steps, and imports those, never the other way round.
 - **Vocabulary**: BLIP's decoder spells with BERT's uncased English vocabulary.
   Before training, the share of caption word pieces that are [UNK] is printed as
   a warning when it passes ``settings.BLIP_TRAIN_UNKNOWN_TOKEN_WARNING``.
@@ -56,9 +61,6 @@ Choices, documented once:
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import functools
-import json
 import logging
 import math
 import os
@@ -72,266 +74,52 @@ import torch
 
 from pipelines import settings
 from pipelines.blip import BlipCaptioner, CaptionRequest
-from pipelines.blip_adapters import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, text_decoder_targets
-from pipelines.catalog import CATALOG
+from pipelines.blip_adapters import ADAPTER_CONFIG_FILE
+from pipelines.blip_lora_files import (
+    ADAPTER_NAME,
+    adapter_settings,
+    check_checkpoint,
+    register_checkpoint_hooks,
+    save_adapter,
+    write_outputs,
+)
+from pipelines.blip_training_config import BlipLoraTrainingConfig, TrainingResult
+from pipelines.blip_training_data import (
+    EncodedSet,
+    VocabularyReport,
+    caption_loader,
+    collate,
+    encode_examples,
+    vocabulary_report,
+    vocabulary_warning,
+)
 from pipelines.manager import ModelLoadError
 from pipelines.training_common import (
     CHECKPOINT_PREFIX,
-    check_device,
     find_checkpoint,
     make_accelerator,
     make_lr_scheduler,
     micro_batches,
-    read_checkpoint_state,
     resolve_mixed_precision,
     save_training_state,
-    take_models,
-    write_model_card,
 )
 from pipelines.training_data import TrainingDataError, TrainingExample, read_dataset, split_validation
-from pipelines.validation import as_float, as_int
+
+__all__ = [
+    "BlipLoraTrainingConfig",
+    "EncodedSet",
+    "TrainingResult",
+    "add_lora",
+    "caption_loader",
+    "decoder_loss",
+    "main",
+    "parse_args",
+    "train",
+    "vocabulary_report",
+    "vocabulary_warning",
+]
 
 logger = logging.getLogger(__name__)
-
-ADAPTER_NAME = "default"  # peft's name for the adapter being trained
-TRAINING_ARGS_FILE = "training_args.json"
-CARD_TAGS = ("image-to-text", "image-captioning", "blip", "lora", "peft")
-
-
-# ----------------------------------------------------------------------------- settings
-
-
-@dataclass(frozen=True)
-class BlipLoraTrainingConfig:
-    """One training run. Every value has the default the CLI shows; ``validated()`` checks them all."""
-
-    dataset: str | Path  # an imagefolder with metadata.jsonl
-    output_dir: str | Path  # receives the adapter, training_args.json, README.md and checkpoints
-    model: str = "blip-caption"  # the catalog's BLIP, another Hub id, or a local folder
-    tiny: bool = False  # train the tiny offline BLIP instead of ``model``
-    tiny_dir: str | Path | None = None  # where tiny models are built (default: pipelines.tiny's cache)
-    rank: int = settings.BLIP_TRAIN_DEFAULT_RANK
-    lora_alpha: float | None = None  # None: alpha = rank (LoRA scale 1)
-    lora_dropout: float = 0.05
-    targets: tuple[str, ...] = settings.BLIP_TRAIN_TARGET_PROJECTIONS  # query, key, value, dense
-    attention: tuple[str, ...] = settings.BLIP_TRAIN_ATTENTION_KINDS  # self, cross
-    learning_rate: float = settings.BLIP_TRAIN_DEFAULT_LEARNING_RATE
-    epochs: int = settings.BLIP_TRAIN_DEFAULT_EPOCHS
-    max_steps: int | None = None  # optimiser updates in all; set, it replaces epochs
-    batch_size: int = settings.BLIP_TRAIN_DEFAULT_BATCH_SIZE  # captions per micro-batch per process
-    gradient_accumulation: int = 1
-    schedule: str = "cosine"  # cosine | constant, both after the warmup
-    warmup_steps: int = settings.BLIP_TRAIN_DEFAULT_WARMUP_STEPS
-    max_grad_norm: float = settings.BLIP_TRAIN_MAX_GRAD_NORM
-    weight_decay: float = settings.BLIP_TRAIN_WEIGHT_DECAY
-    mixed_precision: str = "auto"  # auto | no | bf16 | fp16 (GPU only)
-    seed: int = 0
-    validation_split: float = settings.BLIP_TRAIN_DEFAULT_VALIDATION_SPLIT
-    validation_every: int = settings.BLIP_TRAIN_DEFAULT_VALIDATION_EVERY  # steps; and always at the end
-    sample_captions: int = settings.BLIP_TRAIN_SAMPLE_CAPTIONS  # images captioned base vs adapter at validation
-    checkpoint_every: int = settings.BLIP_TRAIN_DEFAULT_CHECKPOINT_EVERY  # 0: no checkpoints
-    resume: str | None = None  # "latest" (the newest checkpoint in output_dir, if any) or a checkpoint folder
-    log_every: int = settings.BLIP_TRAIN_DEFAULT_LOG_EVERY
-    device: str = "auto"  # auto | cpu | cuda (under accelerate launch, each process takes its own GPU)
-
-    def validated(self) -> BlipLoraTrainingConfig:
-        """A copy with every value checked and normalised; ValueError names the first bad one and the fix."""
-        targets = tuple(item.strip() for item in self.targets if item.strip())
-        attention = tuple(item.strip() for item in self.attention if item.strip())
-        text_decoder_targets(targets, attention)  # raises a sentence for unknown names
-        if self.schedule not in settings.BLIP_TRAIN_SCHEDULES:
-            raise ValueError(
-                f"schedule {self.schedule!r} unknown; choose one of: {', '.join(settings.BLIP_TRAIN_SCHEDULES)}."
-            )
-        check_device(self.device, self.mixed_precision, settings.BLIP_TRAIN_MIXED_PRECISION)
-        if not str(self.model).strip():
-            raise ValueError("model is empty; give blip-caption, a Hub id or a local BLIP folder.")
-        if self.resume is not None and not str(self.resume).strip():
-            raise ValueError("resume is empty; give 'latest' or a checkpoint folder, or leave it out.")
-        max_steps = (
-            None if self.max_steps is None else as_int("max_steps", self.max_steps, 1, settings.BLIP_TRAIN_MAX_STEPS)
-        )
-        rank = as_int("rank", self.rank, 1, settings.BLIP_TRAIN_MAX_RANK)
-        alpha = None if self.lora_alpha is None else as_float("lora_alpha", self.lora_alpha, 0, 4096, low_open=True)
-        return dataclasses.replace(
-            self,
-            dataset=Path(self.dataset).expanduser(),
-            output_dir=Path(self.output_dir).expanduser(),
-            model=str(self.model).strip(),
-            tiny_dir=None if self.tiny_dir is None else Path(self.tiny_dir).expanduser(),
-            rank=rank,
-            lora_alpha=alpha,
-            lora_dropout=as_float("lora_dropout", self.lora_dropout, 0.0, 0.9),
-            targets=targets,
-            attention=attention,
-            learning_rate=as_float(
-                "learning_rate", self.learning_rate, 0, settings.BLIP_TRAIN_MAX_LEARNING_RATE, low_open=True
-            ),
-            epochs=as_int("epochs", self.epochs, 1, settings.BLIP_TRAIN_MAX_EPOCHS),
-            max_steps=max_steps,
-            batch_size=as_int("batch_size", self.batch_size, 1, settings.BLIP_TRAIN_MAX_BATCH_SIZE),
-            gradient_accumulation=as_int(
-                "gradient_accumulation", self.gradient_accumulation, 1, settings.BLIP_TRAIN_MAX_GRADIENT_ACCUMULATION
-            ),
-            warmup_steps=as_int("warmup_steps", self.warmup_steps, 0, settings.BLIP_TRAIN_MAX_STEPS),
-            max_grad_norm=as_float("max_grad_norm", self.max_grad_norm, 0, 1e6, low_open=True),
-            weight_decay=as_float("weight_decay", self.weight_decay, 0.0, 1.0),
-            seed=as_int("seed", self.seed, 0, settings.MAX_SEED),
-            validation_split=as_float("validation_split", self.validation_split, 0.0, 0.5),
-            validation_every=as_int("validation_every", self.validation_every, 1, settings.BLIP_TRAIN_MAX_STEPS),
-            sample_captions=as_int("sample_captions", self.sample_captions, 0, 32),
-            checkpoint_every=as_int("checkpoint_every", self.checkpoint_every, 0, settings.BLIP_TRAIN_MAX_STEPS),
-            log_every=as_int("log_every", self.log_every, 1, settings.BLIP_TRAIN_MAX_STEPS),
-        )
-
-    @property
-    def alpha(self) -> float:
-        return self.lora_alpha if self.lora_alpha is not None else float(self.rank)
-
-    @property
-    def target_modules(self) -> str:
-        """The peft ``target_modules`` regex these targets and attention kinds make."""
-        return text_decoder_targets(self.targets, self.attention)
-
-
-@dataclass
-class TrainingResult:
-    """What a run did. ``losses[i]`` is the training loss of step ``start_step + i + 1``."""
-
-    output_dir: Path  # the adapter folder
-    start_step: int  # 0, or the checkpoint's step when resumed
-    steps: int  # the global step reached
-    total_steps: int
-    losses: list[float] = field(default_factory=list)  # per optimiser step, averaged over micro-batches and processes
-    learning_rates: list[float] = field(default_factory=list)  # the rate after each step (0 after the last)
-    validation_losses: dict[int, float] = field(default_factory=dict)  # step -> loss on the fixed validation set
-    samples: list[dict] = field(default_factory=list)  # the last validation's captions: file, base, adapter
-    checkpoints: list[Path] = field(default_factory=list)
-    train_images: int = 0
-    validation_images: int = 0  # 0: the fixed set is the first training images
-    unknown_token_rate: float = 0.0
-    seconds: float = 0.0
-
-
-# ----------------------------------------------------------------------------- vocabulary
-
-
-@dataclass(frozen=True)
-class VocabularyReport:
-    """How well BLIP's tokenizer spells the captions."""
-
-    pieces: int  # word pieces in all captions
-    unknown: int  # of which [UNK]
-    unknown_words: tuple[str, ...]  # a few words that became [UNK], for the warning
-
-    @property
-    def unknown_rate(self) -> float:
-        return self.unknown / self.pieces if self.pieces else 0.0
-
-
-def vocabulary_report(tokenizer, texts: list[str], examples: int = 5) -> VocabularyReport:
-    """Count the [UNK] word pieces over every caption, and keep a few words that caused them."""
-    unknown_id = tokenizer.unk_token_id
-    pieces = unknown = 0
-    words: list[str] = []
-    for text in texts:
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        pieces += len(ids)
-        found = sum(1 for piece in ids if piece == unknown_id)
-        unknown += found
-        if found and len(words) < examples:
-            for word in text.split():
-                spelled = tokenizer(word, add_special_tokens=False)["input_ids"]
-                if unknown_id in spelled and word not in words and len(words) < examples:
-                    words.append(word)
-    return VocabularyReport(pieces=pieces, unknown=unknown, unknown_words=tuple(words))
-
-
-def vocabulary_warning(report: VocabularyReport) -> str | None:
-    """The warning printed before training when too many caption pieces are [UNK]; None when they are few."""
-    if report.unknown_rate <= settings.BLIP_TRAIN_UNKNOWN_TOKEN_WARNING:
-        return None
-    examples = f" (e.g. {', '.join(report.unknown_words)})" if report.unknown_words else ""
-    return (
-        f"Warning: {report.unknown_rate:.1%} of the captions' word pieces ({report.unknown} of {report.pieces}) "
-        f"are [UNK], words BLIP cannot spell{examples}. BLIP's decoder writes with BERT's uncased English "
-        "vocabulary: accents are stripped (é becomes e) and non-Latin scripts (Cyrillic, Greek, Arabic, CJK, ...) "
-        "are mostly not in it, so the adapter cannot learn to write those words. Romanise the captions "
-        "(transliterate them to Latin letters), or train a decoder with a multilingual vocabulary."
-    )
-
-
-# ----------------------------------------------------------------------------- data
-
-
-@dataclass(frozen=True)
-class EncodedSet:
-    """Examples ready for the decoder: frozen image features and caption token ids."""
-
-    examples: list[TrainingExample]
-    features: torch.Tensor  # (N, 1 + grid², hidden) on the CPU
-    token_ids: list[list[int]]  # [DEC] + caption pieces + [SEP], each
-
-    def __len__(self) -> int:
-        return len(self.examples)
-
-
-def caption_token_ids(captioner: BlipCaptioner, text: str) -> list[int]:
-    """``[DEC] + text's word pieces + [SEP]``, the pieces cut to what the decoder's positions hold."""
-    ids = captioner.processor.tokenizer(text, add_special_tokens=False)["input_ids"][: captioner.max_text_tokens]
-    return [captioner.bos_token_id, *ids, captioner.eos_token_id]
-
-
-@torch.no_grad()
-def encode_examples(
-    captioner: BlipCaptioner, examples: list[TrainingExample], *, batch_size: int, dtype: torch.dtype
-) -> EncodedSet:
-    """Encode every image once with the frozen vision encoder; features stay on the CPU in ``dtype``."""
-    features = []
-    for start in range(0, len(examples), batch_size):
-        images = [example.load() for example in examples[start : start + batch_size]]
-        encoded = captioner.encode_pixels(captioner.pixel_values(images), cache=False)
-        features.append(encoded.to("cpu", dtype))
-    return EncodedSet(
-        examples=list(examples),
-        features=torch.cat(features) if features else torch.empty(0),
-        token_ids=[caption_token_ids(captioner, example.text) for example in examples],
-    )
-
-
-def collate(encoded: EncodedSet, indices: list[int], pad_token_id: int, device) -> dict[str, torch.Tensor]:
-    """A micro-batch: image features, right-padded ids, attention mask, labels with padding at -100."""
-    rows = [encoded.token_ids[index] for index in indices]
-    length = max(len(row) for row in rows)
-    input_ids = torch.full((len(rows), length), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros_like(input_ids)
-    for row, ids in enumerate(rows):
-        input_ids[row, : len(ids)] = torch.tensor(ids)
-        attention_mask[row, : len(ids)] = 1
-    labels = input_ids.masked_fill(attention_mask == 0, -100)
-    return {
-        "features": encoded.features[indices].to(device),
-        "input_ids": input_ids.to(device),
-        "attention_mask": attention_mask.to(device),
-        "labels": labels.to(device),
-    }
-
-
-def caption_loader(encoded: EncodedSet, batch_size: int, seed: int, pad_token_id: int):
-    """The training set as a shuffled ``DataLoader`` of collated micro-batches (on the CPU; accelerate moves them).
-
-    Under ``accelerator.prepare`` with a seedable sampler (``make_accelerator(data_seed=seed)``) every process
-    walks the same order of each epoch, a function of seed and epoch, and takes whole batches of it in turn.
-    """
-    from torch.utils.data import DataLoader
-
-    return DataLoader(
-        list(range(len(encoded))),
-        batch_size=batch_size,
-        shuffle=True,
-        generator=torch.Generator().manual_seed(seed),
-        collate_fn=functools.partial(collate, encoded, pad_token_id=pad_token_id, device="cpu"),
-    )
 
 
 def decoder_loss(text_decoder, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -399,118 +187,6 @@ def add_lora(captioner: BlipCaptioner, config: BlipLoraTrainingConfig):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return get_peft_model(captioner.model, lora)
-
-
-# ----------------------------------------------------------------------------- files
-
-
-def _adapter_settings(config: BlipLoraTrainingConfig, source: str) -> dict:
-    return {"model": source, "rank": config.rank, "lora_alpha": config.alpha, "target_modules": config.target_modules}
-
-
-def check_checkpoint(path: Path, config: BlipLoraTrainingConfig, source: str) -> dict:
-    """The checkpoint's state; ValueError when it was trained with another model, rank or targets."""
-    return read_checkpoint_state(path, _adapter_settings(config, source))
-
-
-def save_adapter(peft_model, folder: Path) -> None:
-    """The adapter folder the Caption tab loads: adapter_config.json + adapter_model.safetensors."""
-    folder.mkdir(parents=True, exist_ok=True)
-    peft_model.save_pretrained(str(folder), safe_serialization=True)
-
-
-def load_adapter_weights(peft_model, folder: Path) -> None:
-    """Put a checkpoint's LoRA weights back into the adapter being trained."""
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    result = set_peft_model_state_dict(peft_model, load_file(str(folder / ADAPTER_WEIGHTS_FILE)), ADAPTER_NAME)
-    unexpected = list(getattr(result, "unexpected_keys", []) or [])
-    if unexpected:
-        raise ValueError(f"{folder} does not fit this adapter ({unexpected[0]} unexpected); train into a new folder.")
-
-
-def register_checkpoint_hooks(accelerator, peft_model) -> None:
-    """Make ``accelerator.save_state`` / ``load_state`` save and load the adapter alone, as diffusers' LoRA
-    scripts do: the frozen BLIP stays out of the checkpoint, which holds an adapter folder peft loads."""
-
-    def save_lora(models: list, weights: list, output_dir: str) -> None:
-        take_models(models, weights)
-        if accelerator.is_main_process:
-            save_adapter(peft_model, Path(output_dir))
-
-    def load_lora(models: list, input_dir: str) -> None:
-        take_models(models)
-        load_adapter_weights(peft_model, Path(input_dir))
-
-    accelerator.register_save_state_pre_hook(save_lora)
-    accelerator.register_load_state_pre_hook(load_lora)
-
-
-def base_model_id(config: BlipLoraTrainingConfig, source: str) -> str:
-    """The base model as the Hub names it: the catalog's BLIP for ``blip-caption`` (its tiny stand-in or a
-    local copy included), else what ``--model`` gave."""
-    return CATALOG["blip-caption"].repo_id if config.tiny or config.model == "blip-caption" else config.model
-
-
-def write_outputs(config: BlipLoraTrainingConfig, source: str, result: TrainingResult) -> None:
-    """training_args.json (every setting and the outcome) and README.md, a ``ModelCard`` whose YAML front
-    matter the Hub indexes (base model, tags, licence), saying what the adapter is and how to load it."""
-    from huggingface_hub import ModelCardData
-
-    folder = Path(config.output_dir)
-    arguments = {
-        key: str(value) if isinstance(value, Path) else value for key, value in dataclasses.asdict(config).items()
-    }
-    final_validation = result.validation_losses.get(result.steps)
-    first_validation = result.validation_losses.get(min(result.validation_losses, default=0))
-    arguments.update(
-        source=source,
-        target_modules=config.target_modules,
-        train_images=result.train_images,
-        validation_images=result.validation_images,
-        global_step=result.steps,
-        final_train_loss=result.losses[-1] if result.losses else None,
-        validation_losses={str(step): loss for step, loss in result.validation_losses.items()},
-        unknown_token_rate=result.unknown_token_rate,
-    )
-    (folder / TRAINING_ARGS_FILE).write_text(json.dumps(arguments, indent=2, default=list) + "\n")
-    held_out = (
-        f"{result.validation_images} held-out images"
-        if result.validation_images
-        else "the first training images (no held-out split)"
-    )
-    losses = []
-    if result.losses:
-        losses.append(f"final training loss {result.losses[-1]:.4f}")
-    if final_validation is not None and first_validation is not None:
-        losses.append(f"validation loss {first_validation:.4f} → {final_validation:.4f} on {held_out}")
-    data = ModelCardData(
-        base_model=base_model_id(config, source),
-        library_name="peft",
-        license=CATALOG["blip-caption"].licence,
-        tags=list(CARD_TAGS),
-        pipeline_tag="image-to-text",
-    )
-    card = [
-        f"# {folder.name}: a BLIP caption LoRA",
-        "",
-        f"- Base model: `{source}`{' (tiny random stand-in)' if config.tiny else ''}",
-        f"- Dataset: {result.train_images} training images from `{config.dataset}`",
-        f"- Trained {result.steps} steps: rank {config.rank}, alpha {config.alpha:g}, learning rate "
-        f"{config.learning_rate:g} ({config.schedule}, {config.warmup_steps} warmup steps), batch {config.batch_size} "
-        f"x {config.gradient_accumulation} accumulation",
-        f"- LoRA on the text decoder: {', '.join(config.targets)} of {' and '.join(config.attention)}-attention",
-        f"- Losses: {'; '.join(losses) or 'none recorded'}",
-        "",
-        "Load this folder in the Studio's Caption tab (Adapter), or with peft:",
-        "",
-        "```python",
-        "from peft import PeftModel",
-        f'model = PeftModel.from_pretrained(blip, "{folder}")',
-        "```",
-    ]
-    write_model_card(folder, data, "\n".join(card))
 
 
 # ----------------------------------------------------------------------------- training
@@ -647,7 +323,7 @@ def _train_loop(run: _Run, start_step: int, total_steps: int) -> None:
             state = {
                 "step": done,
                 "total_steps": total_steps,
-                "adapter": _adapter_settings(config, run.captioner.source),
+                "adapter": adapter_settings(config, run.captioner.source),
             }
             save_training_state(accelerator, folder, state)
             result.checkpoints.append(folder)

@@ -42,6 +42,12 @@ Choices, documented once:
   trainer's LoRAs), the optimiser, the LR schedule and every process's random
   generators; ``--resume`` reloads them with ``accelerator.load_state`` and
   continues exactly where the run stopped.
+- **Modules**: the settings and result types live in
+  ``pipelines.sd3_training_config``, buckets and the precomputed cache in
+  ``pipelines.sd3_training_data``, the loss in ``pipelines.flow_matching``, what
+  is written (LoRA, checkpoint hooks, model card) in ``pipelines.sd3_lora_files``;
+  this module holds the model loading and the training steps, and imports those,
+  never the other way round.
 - **Several processes**: each process trains on its own micro-batches of the same
   epoch order, gradients are averaged by accelerate; only the main process writes
   files and logs. ``--batch-size`` is per process: one step sees

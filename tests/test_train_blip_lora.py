@@ -314,3 +314,21 @@ def test_the_learning_rate_warms_up_then_follows_a_cosine_or_stays():
     assert cosine[:3] == pytest.approx([0.0, 0.5, 1.0]) and cosine[6] == pytest.approx(0.5)
     assert all(a > b for a, b in zip(cosine[2:], cosine[3:], strict=False)) and cosine[10] == pytest.approx(0.0)
     assert [factors("constant")[step] for step in (0, 1, 5, 9)] == pytest.approx([0.0, 0.5, 1.0, 1.0])
+
+
+def test_the_trainers_modules_import_nothing_above_them():
+    """The BLIP trainer's pieces sit below its driver: none imports ``train_blip_lora`` (lazily or not), and the
+    settings import neither the files nor the data modules."""
+    import ast
+
+    root = Path(__file__).resolve().parent.parent / "pipelines"
+    below = {
+        "blip_training_config": {"train_blip_lora", "blip_lora_files", "blip_training_data"},
+        "blip_training_data": {"train_blip_lora", "blip_lora_files"},
+        "blip_lora_files": {"train_blip_lora", "blip_training_data"},
+    }
+    for module, above in below.items():
+        tree = ast.parse((root / f"{module}.py").read_text())
+        imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+        imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+        assert not {name.removeprefix("pipelines.") for name in imported} & above, module
