@@ -118,7 +118,7 @@ class TrainingResult:
     steps: int  # the global step reached
     total_steps: int
     losses: list[float] = field(default_factory=list)  # per optimiser step, averaged over micro-batches and processes
-    learning_rates: list[float] = field(default_factory=list)  # the rate after each step (0 after the last)
+    learning_rates: list[float] = field(default_factory=list)  # after each step, the rate the next uses
     validation_losses: dict[int, float] = field(default_factory=dict)  # step -> loss on the fixed validation set
     samples: list[dict] = field(default_factory=list)  # the last validation's captions: file, base, adapter
     checkpoints: list[Path] = field(default_factory=list)
