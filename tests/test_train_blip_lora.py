@@ -332,3 +332,49 @@ def test_the_trainers_modules_import_nothing_above_them():
         imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
         imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
         assert not {name.removeprefix("pipelines.") for name in imported} & above, module
+
+
+@pytest.mark.slow
+def test_two_processes_train_checkpoint_and_resume(dataset, tiny_root, tmp_path):
+    """Two CPU processes (torch.distributed, as `accelerate launch --multi_gpu` starts them): each takes its share of
+    the seeded order, both write their random state, and a resumed two-process run continues the step count."""
+    import os
+    import subprocess
+    import sys
+
+    output_dir = tmp_path / "two"
+
+    def run(*extra: str) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+        command += ["-m", "pipelines.train_blip_lora", str(dataset), str(output_dir), "--tiny", "--tiny-dir"]
+        command += [
+            str(tiny_root),
+            "--device",
+            "cpu",
+            "--batch-size",
+            "2",
+            "--checkpoint-every",
+            "2",
+            "--log-every",
+            "1",
+        ]
+        command += ["--validation-split", "0", "--sample-captions", "0", *extra]
+        environment = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+        completed = subprocess.run(
+            command, cwd=Path(__file__).resolve().parent.parent, env=environment, capture_output=True, text=True
+        )
+        assert completed.returncode == 0, completed.stderr[-3000:]
+        return completed
+
+    first = run("--max-steps", "2")
+    assert "2 process(es)" in first.stdout and first.stdout.count("step 2/2  loss") == 1  # the main process logs
+    assert "2 micro-batches of 2 per epoch and process" in first.stdout  # 8 images: 4 batches, 2 each
+    checkpoint = output_dir / "checkpoint-2"
+    assert sorted(path.name for path in checkpoint.glob("random_states_*.pkl")) == [
+        "random_states_0.pkl",
+        "random_states_1.pkl",
+    ]
+    resumed = run("--max-steps", "4", "--resume", "latest")
+    assert f"resumed from {checkpoint} at step 2 of 4" in resumed.stdout
+    assert resumed.stdout.count("step 4/4  loss") == 1 and "step 1/4" not in resumed.stdout
+    assert (output_dir / "checkpoint-4" / "optimizer.bin").is_file() and (output_dir / ADAPTER_WEIGHTS_FILE).is_file()
