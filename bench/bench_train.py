@@ -1,7 +1,9 @@
-"""One LoRA training step on real-size architectures: with gradient checkpointing against without.
+"""One LoRA training step on real-size architectures: with gradient checkpointing against without; and the
+Studio's whole training step against a bare loop.
 
     python -m bench.bench_train            # CPU: SD3.5 Large/Medium width, 2 blocks each, 256 px; BLIP base whole
     python -m bench.bench_train --full     # CUDA: every block, 1024 px, bf16 (the README's H200 figures)
+    python -m bench.bench_train --studio-loop   # only the Studio's step against a bare loop (tiny SD3, seconds)
 
 Each step is the trainers' own: the MMDiT frozen in the training dtype with a
 rank-16 LoRA (fp32) on the layers ``pipelines.train_sd3_lora`` targets by
@@ -11,11 +13,19 @@ AdamW update, batch 1 with 77 + 256 text tokens; BLIP base with the default
 features (batch 8, 20-token captions). Weights are random (compute does not
 depend on their values). Per row: median seconds per step, peak GPU memory on
 CUDA, and checkpointing's cost as a ratio to the step without it.
+
+The Studio-loop row runs ``pipelines.train_sd3_lora.train`` itself (DataLoader
+under ``accelerator.prepare``, ``accelerator.accumulate``, diffusers' schedule,
+the loss reduced across processes, a log line per step) on the tiny SD3 Large at
+64 px, against a bare loop of the same transformer, LoRA, precomputed batches,
+loss, clipping and AdamW: on a model this small the loop's own cost weighs the
+most, so the ratio bounds what the library pieces add.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shutil
 import statistics
@@ -158,13 +168,145 @@ def blip_step_row(repeats: int, device, dtype) -> dict:
     }
 
 
+def _write_examples(folder: Path) -> Path:
+    import json
+
+    examples = Path(__file__).resolve().parent.parent / "assets" / "examples"
+    captions = {
+        "astronaut.png": "an astronaut",
+        "chelsea.png": "a cat",
+        "coffee.png": "a cup",
+        "rocket.jpg": "a rocket",
+    }
+    folder.mkdir(parents=True)
+    for name in captions:
+        shutil.copy(examples / name, folder / name)
+    lines = [json.dumps({"file_name": name, "text": text}) for name, text in captions.items()]
+    (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def _bare_loop_seconds(config, steps: int) -> float:
+    """Median s/step of the plainest loop over the trainer's own pieces: no accelerate, no DataLoader."""
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+    from peft import LoraConfig
+
+    from pipelines.flow_matching import flow_matching_loss, sample_noise_levels
+    from pipelines.sd3_training_data import precompute, stack_batch
+    from pipelines.train_sd3_lora import model_fingerprint, resolve_model
+    from pipelines.training_data import read_dataset
+
+    model = resolve_model(config)
+    data = precompute(  # the trainer's run before filled the cache, so nothing is encoded here
+        read_dataset(config.dataset),
+        resolution=config.resolution,
+        center_crop=config.center_crop,
+        random_flip=config.random_flip,
+        trigger=config.trigger,
+        extra_prompts=[],
+        max_sequence_length=config.max_sequence_length,
+        dtype=torch.float32,
+        device=torch.device("cpu"),
+        model_fingerprint=model_fingerprint(model),
+        cache_dir=config.cache_dir,
+        load_text_pipeline=lambda: StableDiffusion3Pipeline.from_pretrained(model.source, transformer=None, vae=None),
+        get_vae=lambda: AutoencoderKL.from_pretrained(model.source, subfolder="vae"),
+    )
+    transformer = SD3Transformer2DModel.from_pretrained(model.source, subfolder="transformer")
+    transformer.requires_grad_(False)
+    transformer.add_adapter(
+        LoraConfig(
+            r=config.rank, lora_alpha=config.rank, init_lora_weights="gaussian", target_modules=config.target_modules
+        )
+    )
+    transformer.train()
+    trainable = [parameter for parameter in transformer.parameters() if parameter.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=1e-4)
+    schedule = FlowMatchEulerDiscreteScheduler.from_pretrained(model.source, subfolder="scheduler")
+    batches = [stack_batch([item], "cpu", torch.float32) for item in data.examples]
+    times = []
+    for index in range(steps + 1):
+        started = time.perf_counter()
+        batch = batches[index % len(batches)]
+        noise = torch.randn(batch["latents"].shape)
+        timesteps, sigmas = sample_noise_levels(config, schedule, 1, None)
+        loss = flow_matching_loss(transformer, batch, noise, timesteps, sigmas, config.weighting_scheme)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss.item()  # as the trainer reads the loss each step
+        times.append(time.perf_counter() - started)
+    return statistics.median(times[1:])
+
+
+def studio_loop_row(steps: int, rounds: int = 3) -> dict:
+    """The Studio's whole SD3 training step (see the module docstring) against a bare loop, tiny SD3 Large, CPU."""
+    import tempfile
+
+    from pipelines.tiny import ensure_tiny_models
+    from pipelines.train_sd3_lora import SD3LoraTrainingConfig, train
+
+    with tempfile.TemporaryDirectory() as folder:
+        root = Path(folder)
+        config = SD3LoraTrainingConfig(
+            dataset=_write_examples(root / "data"),
+            output_dir=root / "warm",
+            tiny="large",
+            tiny_dir=ensure_tiny_models(None),
+            resolution=64,
+            rank=4,
+            steps=steps,
+            batch_size=1,
+            checkpoint_every=0,
+            log_every=1,
+            device="cpu",
+            cache_dir=root / "cache",
+        )
+        train(dataclasses.replace(config, steps=2), log=lambda line: None)  # fills the cache
+        studio_runs, bare_runs = [], []
+        for round_ in range(rounds):  # alternated, and the best round of each kept: a shared machine's noise
+            stamps: list[float] = []
+            run = dataclasses.replace(config, output_dir=root / f"run-{round_}")
+            train(run, log=lambda line, stamps=stamps: stamps.append(time.perf_counter()))
+            step_lines = stamps[1 : steps + 1]  # the first line says what trains; then one line per step
+            studio_runs.append(statistics.median(b - a for a, b in zip(step_lines[1:], step_lines[2:], strict=False)))
+            bare_runs.append(_bare_loop_seconds(config.validated(), steps))
+        studio, bare = min(studio_runs), min(bare_runs)
+    ratio = studio / bare
+    print(
+        f"sd35-large tiny, 64²: Studio step {studio * 1000:.1f} ms, bare loop {bare * 1000:.1f} ms, ratio {ratio:.2f}"
+    )
+    return {
+        "model": "sd35-large (tiny)",
+        "what": "the Studio's SD3 training step (DataLoader, accelerate, schedule, log) against a bare loop, 64²",
+        "seconds_per_step": round(studio, 5),
+        "bare_seconds_per_step": round(bare, 5),
+        "ratio_to_bare_loop": round(ratio, 3),
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--full", action="store_true", help="every block at 1024 px (a GPU's job)")
     parser.add_argument("--blocks", type=int, default=2, help="MMDiT blocks kept on the CPU (default 2)")
     parser.add_argument("--side", type=int, default=None, help="image side (default 256 on the CPU, 1024 with --full)")
     parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--studio-loop", action="store_true", help="only the Studio's step against a bare loop")
+    parser.add_argument("--loop-steps", type=int, default=30, help="steps of the Studio-loop row (default 30)")
     args = parser.parse_args(argv)
+    if args.studio_loop:
+        print(machine_description(), flush=True)
+        path = write_results(
+            "train-loop", "tiny SD3 Large, 64x64, LoRA rank 4, CPU", [studio_loop_row(args.loop_steps)]
+        )
+        print(f"saved to {path}")
+        return
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
@@ -177,6 +319,8 @@ def main(argv: list[str] | None = None) -> None:
     for model_key in ("sd35-medium", "sd35-large"):
         rows += sd3_step_rows(model_key, blocks, side, repeats, device, dtype)
     rows.append(blip_step_row(repeats, device, dtype))
+    if not cuda:
+        rows.append(studio_loop_row(args.loop_steps))
     size = f"real-size widths ({'all' if blocks is None else blocks} MMDiT blocks), {side}x{side}, LoRA rank 16"
     path = write_results("train-" + ("cuda" if cuda else "cpu"), size, rows)
     if os.environ.get("OUT"):  # the GPU machine hands back what is under $OUT

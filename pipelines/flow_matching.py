@@ -9,19 +9,18 @@ compares between steps where the training loss's random draws would not.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
 from pipelines import settings
+from pipelines.sd3_training_config import SD3LoraTrainingConfig
 from pipelines.sd3_training_data import CachedExample, stack_batch
 
-if TYPE_CHECKING:
-    from pipelines.train_sd3_lora import SD3LoraTrainingConfig
 
-
-def sample_noise_levels(config: SD3LoraTrainingConfig, scheduler, batch: int, generator: torch.Generator):
-    """(timesteps, sigmas) for a batch, drawn as ``weighting_scheme`` says from the scheduler's shifted schedule."""
+def sample_noise_levels(
+    config: SD3LoraTrainingConfig, scheduler, batch: int, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(timesteps, sigmas) for a batch, drawn as ``weighting_scheme`` says from the scheduler's shifted schedule
+    (from ``generator``, or torch's global generator, whose state ``accelerator.save_state`` keeps)."""
     from diffusers.training_utils import compute_density_for_timestep_sampling
 
     density = compute_density_for_timestep_sampling(

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 from PIL import Image
+from torch.utils.data import Sampler
 
 from pipelines import settings
 from pipelines.sd3 import snap
@@ -106,17 +107,31 @@ def epoch_batches(buckets: Sequence[Size], batch_size: int, seed: int, epoch: in
     return batches
 
 
-def epoch_rounds_for(
-    buckets: Sequence[Size], batch_size: int, seed: int, epoch: int, processes: int
-) -> list[list[list[int]]]:
-    """One epoch as rounds: in each round every process takes one micro-batch (``round[process_index]``).
+class BucketBatchSampler(Sampler):
+    """``epoch_batches`` as a ``DataLoader`` batch sampler: every batch from one aspect bucket.
 
-    A short last round is filled with batches from the epoch's start, so all processes step together.
+    ``set_epoch`` chooses the epoch's order. Its batches vary in size (a bucket's last batch may be short), so
+    it has no ``batch_size``: under ``accelerator.prepare`` each process then takes whole batches in turn,
+    and a short last round is filled with batches from the epoch's start, so all processes step together.
     """
-    batches = epoch_batches(buckets, batch_size, seed, epoch)
-    while len(batches) % processes:
-        batches.append(batches[len(batches) % processes])
-    return [batches[start : start + processes] for start in range(0, len(batches), processes)]
+
+    def __init__(self, buckets: Sequence[Size], batch_size: int, seed: int) -> None:
+        self.buckets = list(buckets)
+        self.per_batch = batch_size
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        return iter(epoch_batches(self.buckets, self.per_batch, self.seed, self.epoch))
+
+    def __len__(self) -> int:
+        sizes: dict[Size, int] = {}
+        for size in self.buckets:
+            sizes[size] = sizes.get(size, 0) + 1
+        return sum(math.ceil(count / self.per_batch) for count in sizes.values())
 
 
 # ----------------------------------------------------------------------------- precomputed examples
@@ -240,6 +255,23 @@ def encode_images(
     return latents
 
 
+def _encode_latents(
+    examples: Sequence[TrainingExample], resolution: int, center_crop: bool, random_flip: bool, vae, device, dtype
+) -> dict:
+    """What the latent cache holds: each image's bucket, its latents and (with flips) its mirror's latents."""
+    images = [example.load() for example in examples]
+    sizes = assign_buckets([image.size for image in images], resolution, center_crop=center_crop)
+    fitted = [fit_to_bucket(image, size) for image, size in zip(images, sizes, strict=True)]
+    if random_flip:
+        fitted += [image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) for image in fitted]
+    encoded = encode_images(vae, fitted, device=device, dtype=dtype)
+    return {
+        "sizes": [list(size) for size in sizes],
+        "latents": encoded[: len(examples)],
+        "flipped": encoded[len(examples) :] if random_flip else [],
+    }
+
+
 def precompute(
     examples: Sequence[TrainingExample],
     *,
@@ -304,17 +336,7 @@ def precompute(
     latents_from_cache = latent_cache is not None
     if latent_cache is None:
         log(f"encoding {len(examples)} images with the VAE")
-        images = [example.load() for example in examples]
-        sizes = assign_buckets([image.size for image in images], resolution, center_crop=center_crop)
-        fitted = [fit_to_bucket(image, size) for image, size in zip(images, sizes, strict=True)]
-        if random_flip:
-            fitted += [image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) for image in fitted]
-        encoded = encode_images(get_vae(), fitted, device=device, dtype=dtype)
-        latent_cache = {
-            "sizes": [list(size) for size in sizes],
-            "latents": encoded[: len(examples)],
-            "flipped": encoded[len(examples) :] if random_flip else [],
-        }
+        latent_cache = _encode_latents(examples, resolution, center_crop, random_flip, get_vae(), device, dtype)
         _save_cache(latent_path, latent_cache)
 
     # 4. Assemble.
@@ -337,6 +359,15 @@ def precompute(
         text_from_cache=not missing,
         latents_from_cache=latents_from_cache,
     )
+
+
+def collate_examples(items: list[CachedExample]) -> dict:
+    """The ``DataLoader``'s collate: a micro-batch of one bucket as CPU tensors (accelerate moves them), with the
+    mirrored latents too when flips are on; the training loop draws which images it flips."""
+    batch = stack_batch(items, "cpu", items[0].latents.dtype)
+    if items[0].flipped_latents is not None:
+        batch["flipped_latents"] = torch.stack([item.flipped_latents for item in items])
+    return batch
 
 
 def stack_batch(items: list[CachedExample], device, dtype, flips: list[bool] | None = None) -> dict:

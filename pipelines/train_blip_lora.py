@@ -9,7 +9,7 @@ as the Batch tab's export edited by hand, or captions in another language. It
 is checked first, so a bad file fails in one sentence before any model loads.
 OUT receives the adapter (``adapter_config.json`` + ``adapter_model.safetensors``,
 the layout the Caption tab loads), ``training_args.json``, a ``README.md`` model
-card and resumable ``checkpoint-N/`` folders (``--resume latest`` continues the
+card (YAML front matter the Hub indexes) and resumable ``checkpoint-N/`` folders (``--resume latest`` continues the
 step count).
 
 Choices, documented once:
@@ -25,9 +25,18 @@ Choices, documented once:
   before training and kept on the CPU (in the mixed-precision dtype on a GPU);
   an epoch then costs only decoder passes. There is no image augmentation.
 - **Optimiser**: AdamW (weight decay 0.01) with gradient clipping at 1.0; the
-  learning rate warms up linearly over ``--warmup-steps``, then follows a cosine
-  down to 0 at the last step (``--schedule cosine``, the default) or stays
-  constant (``--schedule constant``).
+  learning rate is diffusers' ``get_scheduler``: a linear warmup over
+  ``--warmup-steps`` (step k at ``lr * k / warmup``), then a cosine down to 0 at
+  the last step (``--schedule cosine``, the default) or constant
+  (``--schedule constant``).
+- **Data**: a shuffled ``DataLoader`` under ``accelerator.prepare`` with
+  accelerate's seedable sampler: each epoch's order is a function of the seed
+  and the epoch; an update always takes ``--gradient-accumulation``
+  micro-batches, across epoch ends too.
+- **Checkpoints**: ``accelerator.save_state`` with hooks that save the adapter
+  alone (``checkpoint-N/`` is also an adapter folder peft loads), the optimiser,
+  the schedule and every process's random generators (dropout);
+  ``--resume`` reloads them with ``accelerator.load_state``.
 - **Steps** are optimiser updates: ``--max-steps``, or ``--epochs`` times the
   micro-batches of an epoch divided by ``--gradient-accumulation`` (rounded up).
 - **Several processes** (``accelerate launch``): every process walks the same
@@ -39,6 +48,11 @@ Choices, documented once:
   same every time, so it compares between steps; without a split, the first
   training images stand in) and a few sample captions, base model next to the
   adapter, with the Caption tab's default beam search.
+- **Modules**: the settings and result types live in
+  ``pipelines.blip_training_config``, vocabulary checks and data in
+  ``pipelines.blip_training_data``, what is written (adapter, checkpoint hooks,
+  model card) in ``pipelines.blip_lora_files``; this module holds the loss, the
+  model and the training steps, and imports those, never the other way round.
 - **Vocabulary**: BLIP's decoder spells with BERT's uncased English vocabulary.
   Before training, the share of caption word pieces that are [UNK] is printed as
   a warning when it passes ``settings.BLIP_TRAIN_UNKNOWN_TOKEN_WARNING``.
@@ -47,16 +61,12 @@ Choices, documented once:
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 import logging
 import math
 import os
-import random
 import sys
 import time
 import warnings
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -64,259 +74,52 @@ import torch
 
 from pipelines import settings
 from pipelines.blip import BlipCaptioner, CaptionRequest
-from pipelines.blip_adapters import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, text_decoder_targets
+from pipelines.blip_adapters import ADAPTER_CONFIG_FILE
+from pipelines.blip_lora_files import (
+    ADAPTER_NAME,
+    adapter_settings,
+    check_checkpoint,
+    register_checkpoint_hooks,
+    save_adapter,
+    write_outputs,
+)
+from pipelines.blip_training_config import BlipLoraTrainingConfig, TrainingResult
+from pipelines.blip_training_data import (
+    EncodedSet,
+    VocabularyReport,
+    caption_loader,
+    collate,
+    encode_examples,
+    vocabulary_report,
+    vocabulary_warning,
+)
 from pipelines.manager import ModelLoadError
 from pipelines.training_common import (
     CHECKPOINT_PREFIX,
-    STATE_FILE,
-    check_device,
     find_checkpoint,
-    forget_single_process_state,
-    read_checkpoint_state,
+    make_accelerator,
+    make_lr_scheduler,
+    micro_batches,
     resolve_mixed_precision,
+    save_training_state,
 )
 from pipelines.training_data import TrainingDataError, TrainingExample, read_dataset, split_validation
-from pipelines.validation import as_float, as_int
+
+__all__ = [
+    "BlipLoraTrainingConfig",
+    "EncodedSet",
+    "TrainingResult",
+    "add_lora",
+    "caption_loader",
+    "decoder_loss",
+    "main",
+    "parse_args",
+    "train",
+    "vocabulary_report",
+    "vocabulary_warning",
+]
 
 logger = logging.getLogger(__name__)
-
-ADAPTER_NAME = "default"  # peft's name for the adapter being trained
-TRAINING_ARGS_FILE = "training_args.json"
-MODEL_CARD_FILE = "README.md"
-
-
-# ----------------------------------------------------------------------------- settings
-
-
-@dataclass(frozen=True)
-class BlipLoraTrainingConfig:
-    """One training run. Every value has the default the CLI shows; ``validated()`` checks them all."""
-
-    dataset: str | Path  # an imagefolder with metadata.jsonl
-    output_dir: str | Path  # receives the adapter, training_args.json, README.md and checkpoints
-    model: str = "blip-caption"  # the catalog's BLIP, another Hub id, or a local folder
-    tiny: bool = False  # train the tiny offline BLIP instead of ``model``
-    tiny_dir: str | Path | None = None  # where tiny models are built (default: pipelines.tiny's cache)
-    rank: int = settings.BLIP_TRAIN_DEFAULT_RANK
-    lora_alpha: float | None = None  # None: alpha = rank (LoRA scale 1)
-    lora_dropout: float = 0.05
-    targets: tuple[str, ...] = settings.BLIP_TRAIN_TARGET_PROJECTIONS  # query, key, value, dense
-    attention: tuple[str, ...] = settings.BLIP_TRAIN_ATTENTION_KINDS  # self, cross
-    learning_rate: float = settings.BLIP_TRAIN_DEFAULT_LEARNING_RATE
-    epochs: int = settings.BLIP_TRAIN_DEFAULT_EPOCHS
-    max_steps: int | None = None  # optimiser updates in all; set, it replaces epochs
-    batch_size: int = settings.BLIP_TRAIN_DEFAULT_BATCH_SIZE  # captions per micro-batch per process
-    gradient_accumulation: int = 1
-    schedule: str = "cosine"  # cosine | constant, both after the warmup
-    warmup_steps: int = settings.BLIP_TRAIN_DEFAULT_WARMUP_STEPS
-    max_grad_norm: float = settings.BLIP_TRAIN_MAX_GRAD_NORM
-    weight_decay: float = settings.BLIP_TRAIN_WEIGHT_DECAY
-    mixed_precision: str = "auto"  # auto | no | bf16 | fp16 (GPU only)
-    seed: int = 0
-    validation_split: float = settings.BLIP_TRAIN_DEFAULT_VALIDATION_SPLIT
-    validation_every: int = settings.BLIP_TRAIN_DEFAULT_VALIDATION_EVERY  # steps; and always at the end
-    sample_captions: int = settings.BLIP_TRAIN_SAMPLE_CAPTIONS  # images captioned base vs adapter at validation
-    checkpoint_every: int = settings.BLIP_TRAIN_DEFAULT_CHECKPOINT_EVERY  # 0: no checkpoints
-    resume: str | None = None  # "latest" (the newest checkpoint in output_dir, if any) or a checkpoint folder
-    log_every: int = settings.BLIP_TRAIN_DEFAULT_LOG_EVERY
-    device: str = "auto"  # auto | cpu | cuda (under accelerate launch, each process takes its own GPU)
-
-    def validated(self) -> BlipLoraTrainingConfig:
-        """A copy with every value checked and normalised; ValueError names the first bad one and the fix."""
-        targets = tuple(item.strip() for item in self.targets if item.strip())
-        attention = tuple(item.strip() for item in self.attention if item.strip())
-        text_decoder_targets(targets, attention)  # raises a sentence for unknown names
-        if self.schedule not in settings.BLIP_TRAIN_SCHEDULES:
-            raise ValueError(
-                f"schedule {self.schedule!r} unknown; choose one of: {', '.join(settings.BLIP_TRAIN_SCHEDULES)}."
-            )
-        check_device(self.device, self.mixed_precision, settings.BLIP_TRAIN_MIXED_PRECISION)
-        if not str(self.model).strip():
-            raise ValueError("model is empty; give blip-caption, a Hub id or a local BLIP folder.")
-        if self.resume is not None and not str(self.resume).strip():
-            raise ValueError("resume is empty; give 'latest' or a checkpoint folder, or leave it out.")
-        max_steps = (
-            None if self.max_steps is None else as_int("max_steps", self.max_steps, 1, settings.BLIP_TRAIN_MAX_STEPS)
-        )
-        rank = as_int("rank", self.rank, 1, settings.BLIP_TRAIN_MAX_RANK)
-        alpha = None if self.lora_alpha is None else as_float("lora_alpha", self.lora_alpha, 0, 4096, low_open=True)
-        return dataclasses.replace(
-            self,
-            dataset=Path(self.dataset).expanduser(),
-            output_dir=Path(self.output_dir).expanduser(),
-            model=str(self.model).strip(),
-            tiny_dir=None if self.tiny_dir is None else Path(self.tiny_dir).expanduser(),
-            rank=rank,
-            lora_alpha=alpha,
-            lora_dropout=as_float("lora_dropout", self.lora_dropout, 0.0, 0.9),
-            targets=targets,
-            attention=attention,
-            learning_rate=as_float(
-                "learning_rate", self.learning_rate, 0, settings.BLIP_TRAIN_MAX_LEARNING_RATE, low_open=True
-            ),
-            epochs=as_int("epochs", self.epochs, 1, settings.BLIP_TRAIN_MAX_EPOCHS),
-            max_steps=max_steps,
-            batch_size=as_int("batch_size", self.batch_size, 1, settings.BLIP_TRAIN_MAX_BATCH_SIZE),
-            gradient_accumulation=as_int(
-                "gradient_accumulation", self.gradient_accumulation, 1, settings.BLIP_TRAIN_MAX_GRADIENT_ACCUMULATION
-            ),
-            warmup_steps=as_int("warmup_steps", self.warmup_steps, 0, settings.BLIP_TRAIN_MAX_STEPS),
-            max_grad_norm=as_float("max_grad_norm", self.max_grad_norm, 0, 1e6, low_open=True),
-            weight_decay=as_float("weight_decay", self.weight_decay, 0.0, 1.0),
-            seed=as_int("seed", self.seed, 0, settings.MAX_SEED),
-            validation_split=as_float("validation_split", self.validation_split, 0.0, 0.5),
-            validation_every=as_int("validation_every", self.validation_every, 1, settings.BLIP_TRAIN_MAX_STEPS),
-            sample_captions=as_int("sample_captions", self.sample_captions, 0, 32),
-            checkpoint_every=as_int("checkpoint_every", self.checkpoint_every, 0, settings.BLIP_TRAIN_MAX_STEPS),
-            log_every=as_int("log_every", self.log_every, 1, settings.BLIP_TRAIN_MAX_STEPS),
-        )
-
-    @property
-    def alpha(self) -> float:
-        return self.lora_alpha if self.lora_alpha is not None else float(self.rank)
-
-    @property
-    def target_modules(self) -> str:
-        """The peft ``target_modules`` regex these targets and attention kinds make."""
-        return text_decoder_targets(self.targets, self.attention)
-
-
-@dataclass
-class TrainingResult:
-    """What a run did. ``losses[i]`` is the training loss of step ``start_step + i + 1``."""
-
-    output_dir: Path  # the adapter folder
-    start_step: int  # 0, or the checkpoint's step when resumed
-    steps: int  # the global step reached
-    total_steps: int
-    losses: list[float]  # per optimiser step, averaged over micro-batches and processes
-    learning_rates: list[float]
-    validation_losses: dict[int, float] = field(default_factory=dict)  # step -> loss on the fixed validation set
-    samples: list[dict] = field(default_factory=list)  # the last validation's captions: file, base, adapter
-    checkpoints: list[Path] = field(default_factory=list)
-    train_images: int = 0
-    validation_images: int = 0  # 0: the fixed set is the first training images
-    unknown_token_rate: float = 0.0
-    seconds: float = 0.0
-
-
-# ----------------------------------------------------------------------------- vocabulary
-
-
-@dataclass(frozen=True)
-class VocabularyReport:
-    """How well BLIP's tokenizer spells the captions."""
-
-    pieces: int  # word pieces in all captions
-    unknown: int  # of which [UNK]
-    unknown_words: tuple[str, ...]  # a few words that became [UNK], for the warning
-
-    @property
-    def unknown_rate(self) -> float:
-        return self.unknown / self.pieces if self.pieces else 0.0
-
-
-def vocabulary_report(tokenizer, texts: list[str], examples: int = 5) -> VocabularyReport:
-    """Count the [UNK] word pieces over every caption, and keep a few words that caused them."""
-    unknown_id = tokenizer.unk_token_id
-    pieces = unknown = 0
-    words: list[str] = []
-    for text in texts:
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        pieces += len(ids)
-        found = sum(1 for piece in ids if piece == unknown_id)
-        unknown += found
-        if found and len(words) < examples:
-            for word in text.split():
-                spelled = tokenizer(word, add_special_tokens=False)["input_ids"]
-                if unknown_id in spelled and word not in words and len(words) < examples:
-                    words.append(word)
-    return VocabularyReport(pieces=pieces, unknown=unknown, unknown_words=tuple(words))
-
-
-def vocabulary_warning(report: VocabularyReport) -> str | None:
-    """The warning printed before training when too many caption pieces are [UNK]; None when they are few."""
-    if report.unknown_rate <= settings.BLIP_TRAIN_UNKNOWN_TOKEN_WARNING:
-        return None
-    examples = f" (e.g. {', '.join(report.unknown_words)})" if report.unknown_words else ""
-    return (
-        f"Warning: {report.unknown_rate:.1%} of the captions' word pieces ({report.unknown} of {report.pieces}) "
-        f"are [UNK], words BLIP cannot spell{examples}. BLIP's decoder writes with BERT's uncased English "
-        "vocabulary: accents are stripped (é becomes e) and non-Latin scripts (Cyrillic, Greek, Arabic, CJK, ...) "
-        "are mostly not in it, so the adapter cannot learn to write those words. Romanise the captions "
-        "(transliterate them to Latin letters), or train a decoder with a multilingual vocabulary."
-    )
-
-
-# ----------------------------------------------------------------------------- data
-
-
-@dataclass(frozen=True)
-class EncodedSet:
-    """Examples ready for the decoder: frozen image features and caption token ids."""
-
-    examples: list[TrainingExample]
-    features: torch.Tensor  # (N, 1 + grid², hidden) on the CPU
-    token_ids: list[list[int]]  # [DEC] + caption pieces + [SEP], each
-
-    def __len__(self) -> int:
-        return len(self.examples)
-
-
-def caption_token_ids(captioner: BlipCaptioner, text: str) -> list[int]:
-    """``[DEC] + text's word pieces + [SEP]``, the pieces cut to what the decoder's positions hold."""
-    ids = captioner.processor.tokenizer(text, add_special_tokens=False)["input_ids"][: captioner.max_text_tokens]
-    return [captioner.bos_token_id, *ids, captioner.eos_token_id]
-
-
-@torch.no_grad()
-def encode_examples(
-    captioner: BlipCaptioner, examples: list[TrainingExample], *, batch_size: int, dtype: torch.dtype
-) -> EncodedSet:
-    """Encode every image once with the frozen vision encoder; features stay on the CPU in ``dtype``."""
-    features = []
-    for start in range(0, len(examples), batch_size):
-        images = [example.load() for example in examples[start : start + batch_size]]
-        encoded = captioner.encode_pixels(captioner.pixel_values(images), cache=False)
-        features.append(encoded.to("cpu", dtype))
-    return EncodedSet(
-        examples=list(examples),
-        features=torch.cat(features) if features else torch.empty(0),
-        token_ids=[caption_token_ids(captioner, example.text) for example in examples],
-    )
-
-
-def collate(encoded: EncodedSet, indices: list[int], pad_token_id: int, device) -> dict[str, torch.Tensor]:
-    """A micro-batch: image features, right-padded ids, attention mask, labels with padding at -100."""
-    rows = [encoded.token_ids[index] for index in indices]
-    length = max(len(row) for row in rows)
-    input_ids = torch.full((len(rows), length), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros_like(input_ids)
-    for row, ids in enumerate(rows):
-        input_ids[row, : len(ids)] = torch.tensor(ids)
-        attention_mask[row, : len(ids)] = 1
-    labels = input_ids.masked_fill(attention_mask == 0, -100)
-    return {
-        "features": encoded.features[indices].to(device),
-        "input_ids": input_ids.to(device),
-        "attention_mask": attention_mask.to(device),
-        "labels": labels.to(device),
-    }
-
-
-def epoch_order(size: int, epoch: int, seed: int, batch_size: int, process: int, processes: int) -> list[list[int]]:
-    """This process's micro-batches of one epoch: a seeded shuffle, cycled to fill every process's last batch.
-
-    Every process computes the same order and takes every ``processes``-th
-    index from ``process`` on, so all take the same number of batches.
-    """
-    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    order = torch.randperm(size, generator=generator).tolist()
-    per_round = batch_size * processes
-    rounds = math.ceil(size / per_round)
-    order = (order * math.ceil(rounds * per_round / size))[: rounds * per_round]
-    mine = order[process::processes]
-    return [mine[start : start + batch_size] for start in range(0, len(mine), batch_size)]
 
 
 def decoder_loss(text_decoder, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -349,16 +152,6 @@ def evaluation_loss(text_decoder, encoded: EncodedSet, *, pad_token_id: int, dev
         tokens += float((batch["labels"][:, 1:] != -100).sum())
     text_decoder.train(was_training)
     return total / max(tokens, 1.0)
-
-
-def learning_rate_factor(step: int, total_steps: int, warmup_steps: int, schedule: str) -> float:
-    """The multiplier of the base learning rate for optimiser update ``step`` (counting from 0)."""
-    if warmup_steps and step < warmup_steps:
-        return (step + 1) / warmup_steps
-    if schedule == "constant":
-        return 1.0
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
 # ----------------------------------------------------------------------------- the model
@@ -396,125 +189,145 @@ def add_lora(captioner: BlipCaptioner, config: BlipLoraTrainingConfig):
         return get_peft_model(captioner.model, lora)
 
 
-# ----------------------------------------------------------------------------- files
-
-
-def _adapter_settings(config: BlipLoraTrainingConfig, source: str) -> dict:
-    return {"model": source, "rank": config.rank, "lora_alpha": config.alpha, "target_modules": config.target_modules}
-
-
-def check_checkpoint(path: Path, config: BlipLoraTrainingConfig, source: str) -> dict:
-    """The checkpoint's state; ValueError when it was trained with another model, rank or targets."""
-    return read_checkpoint_state(path, _adapter_settings(config, source))
-
-
-def save_adapter(peft_model, folder: Path) -> None:
-    """The adapter folder the Caption tab loads: adapter_config.json + adapter_model.safetensors."""
-    folder.mkdir(parents=True, exist_ok=True)
-    peft_model.save_pretrained(str(folder), safe_serialization=True)
-
-
-def load_adapter_weights(peft_model, folder: Path) -> None:
-    """Put a checkpoint's LoRA weights back into the adapter being trained."""
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    result = set_peft_model_state_dict(peft_model, load_file(str(folder / ADAPTER_WEIGHTS_FILE)), ADAPTER_NAME)
-    unexpected = list(getattr(result, "unexpected_keys", []) or [])
-    if unexpected:
-        raise ValueError(f"{folder} does not fit this adapter ({unexpected[0]} unexpected); train into a new folder.")
-
-
-def save_checkpoint(accelerator, folder: Path, peft_model, optimizer, scheduler, state: dict) -> None:
-    """Adapter, optimiser, LR schedule, step and every process's random state; the state file last."""
-    if accelerator.is_main_process:
-        folder.mkdir(parents=True, exist_ok=True)
-    accelerator.wait_for_everyone()
-    torch.save(random_state(accelerator.device), folder / f"rng-{accelerator.process_index}.pt")
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        save_adapter(peft_model, folder)
-        torch.save(optimizer.state_dict(), folder / "optimizer.pt")
-        torch.save(scheduler.state_dict(), folder / "scheduler.pt")
-        (folder / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")  # last: marks it complete
-    accelerator.wait_for_everyone()
-
-
-def random_state(device: torch.device) -> dict:
-    """The random generators dropout and shuffling use, in a form ``torch.load(weights_only=True)`` reads."""
-    state = {"torch": torch.get_rng_state(), "python": _plain(random.getstate())}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def restore_random_state(state: dict, device: torch.device) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(_tupled(state["python"]))
-    if "cuda" in state and device.type == "cuda":
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
-def _plain(value):
-    return [_plain(item) for item in value] if isinstance(value, tuple) else value
-
-
-def _tupled(value):
-    return tuple(_tupled(item) for item in value) if isinstance(value, list) else value
-
-
-def write_model_card(config: BlipLoraTrainingConfig, source: str, result: TrainingResult) -> None:
-    """training_args.json (every setting and the outcome) and README.md (what it is, how to load it)."""
-    folder = Path(config.output_dir)
-    arguments = {
-        key: str(value) if isinstance(value, Path) else value for key, value in dataclasses.asdict(config).items()
-    }
-    final_validation = result.validation_losses.get(result.steps)
-    first_validation = result.validation_losses.get(min(result.validation_losses, default=0))
-    arguments.update(
-        source=source,
-        target_modules=config.target_modules,
-        train_images=result.train_images,
-        validation_images=result.validation_images,
-        global_step=result.steps,
-        final_train_loss=result.losses[-1] if result.losses else None,
-        validation_losses={str(step): loss for step, loss in result.validation_losses.items()},
-        unknown_token_rate=result.unknown_token_rate,
-    )
-    (folder / TRAINING_ARGS_FILE).write_text(json.dumps(arguments, indent=2, default=list) + "\n")
-    held_out = (
-        f"{result.validation_images} held-out images"
-        if result.validation_images
-        else "the first training images (no held-out split)"
-    )
-    losses = []
-    if result.losses:
-        losses.append(f"final training loss {result.losses[-1]:.4f}")
-    if final_validation is not None and first_validation is not None:
-        losses.append(f"validation loss {first_validation:.4f} → {final_validation:.4f} on {held_out}")
-    card = [
-        f"# {folder.name}: a BLIP caption LoRA",
-        "",
-        f"- Base model: `{source}`{' (tiny random stand-in)' if config.tiny else ''}",
-        f"- Dataset: {result.train_images} training images from `{config.dataset}`",
-        f"- Trained {result.steps} steps: rank {config.rank}, alpha {config.alpha:g}, learning rate "
-        f"{config.learning_rate:g} ({config.schedule}, {config.warmup_steps} warmup steps), batch {config.batch_size} "
-        f"x {config.gradient_accumulation} accumulation",
-        f"- LoRA on the text decoder: {', '.join(config.targets)} of {' and '.join(config.attention)}-attention",
-        f"- Losses: {'; '.join(losses) or 'none recorded'}",
-        "",
-        "Load this folder in the Studio's Caption tab (Adapter), or with peft:",
-        "",
-        "```python",
-        "from peft import PeftModel",
-        f'model = PeftModel.from_pretrained(blip, "{folder}")',
-        "```",
-        "",
-    ]
-    (folder / MODEL_CARD_FILE).write_text("\n".join(card))
-
-
 # ----------------------------------------------------------------------------- training
+
+
+@dataclass
+class _Run:
+    """What the steps of ``train`` share."""
+
+    config: BlipLoraTrainingConfig
+    accelerator: object
+    captioner: BlipCaptioner
+    result: TrainingResult | None = None
+    train_set: EncodedSet | None = None
+    fixed_set: EncodedSet | None = None  # validation loss and sample captions
+    held_out: bool = False  # whether fixed_set is a held-out split (else the first training images)
+    peft_model: object = None
+    decoder: object = None  # as prepared by accelerate
+    parameters: list = field(default_factory=list)
+    optimizer: object = None
+    lr_scheduler: object = None
+    loader: object = None  # the prepared DataLoader of micro-batches
+
+    def say(self, message: str) -> None:
+        self.accelerator.print(message)
+
+
+def _check_vocabulary(run: _Run, examples: list[TrainingExample]) -> VocabularyReport:
+    """3. How well the model's vocabulary spells the captions; a warning before training when badly."""
+    report = vocabulary_report(run.captioner.processor.tokenizer, [example.text for example in examples])
+    warning = vocabulary_warning(report)
+    if warning and run.accelerator.is_main_process:
+        logger.warning(warning)
+        run.say(warning)
+    return report
+
+
+def _encode(run: _Run, train_examples: list[TrainingExample], validation_examples: list[TrainingExample]) -> None:
+    """4. Every image once through the frozen vision encoder; the fixed set for validation loss and samples."""
+    precision = run.accelerator.mixed_precision
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    batch = settings.BLIP_TRAIN_DEFAULT_BATCH_SIZE
+    run.train_set = encode_examples(run.captioner, train_examples, batch_size=batch, dtype=dtype)
+    fixed = validation_examples or train_examples[: settings.BLIP_TRAIN_SAMPLE_CAPTIONS * 4]
+    run.fixed_set = encode_examples(run.captioner, fixed, batch_size=batch, dtype=dtype)
+    run.held_out = bool(validation_examples)
+
+
+def _prepare(run: _Run, checkpoint: Path | None, resume_step: int) -> tuple[int, int]:
+    """5. LoRA, optimiser, diffusers' LR schedule and the DataLoader, through accelerate; then resume.
+
+    Returns (start step, total steps). A resumed run takes LoRA, optimiser, schedule and random state from
+    its checkpoint (``accelerator.load_state``); its place in the data follows from the step.
+    """
+    config, accelerator = run.config, run.accelerator
+    run.peft_model = add_lora(run.captioner, config)
+    run.parameters = [parameter for parameter in run.peft_model.parameters() if parameter.requires_grad]
+    optimizer = torch.optim.AdamW(run.parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
+    loader = caption_loader(run.train_set, config.batch_size, config.seed, run.captioner.pad_token_id)
+    decoder = run.captioner.model.text_decoder
+    run.decoder, run.optimizer, run.loader = accelerator.prepare(decoder, optimizer, loader)
+    total_steps = config.max_steps or math.ceil(config.epochs * len(run.loader) / config.gradient_accumulation)
+    run.lr_scheduler = make_lr_scheduler(
+        config.schedule, optimizer, warmup_steps=config.warmup_steps, total_steps=total_steps
+    )
+    register_checkpoint_hooks(accelerator, run.peft_model)
+    accelerator.register_for_checkpointing(run.lr_scheduler)
+    if checkpoint is None:
+        return 0, total_steps
+    accelerator.load_state(str(checkpoint))
+    run.say(f"resumed from {checkpoint} at step {resume_step} of {total_steps}")
+    return resume_step, total_steps
+
+
+def _validate(run: _Run, step: int) -> None:
+    """The fixed set's loss and sample captions (main process), then everyone waits."""
+    accelerator, result = run.accelerator, run.result
+    if accelerator.is_main_process:
+        with accelerator.autocast():
+            loss = evaluation_loss(
+                run.captioner.model.text_decoder,
+                run.fixed_set,
+                pad_token_id=run.captioner.pad_token_id,
+                device=accelerator.device,
+                batch_size=16,
+            )
+            result.samples = sample_captions(run.captioner, run.fixed_set, run.config.sample_captions)
+        result.validation_losses[step] = loss
+        which = "held-out images" if run.held_out else "training images (no held-out split)"
+        run.say(f"validation after {step} steps: val_loss {loss:.4f} on {len(run.fixed_set)} {which}")
+        for sample in result.samples:
+            run.say(f"  {sample['file_name']}: base: {sample['base']!r} | adapter: {sample['adapter']!r}")
+    accelerator.wait_for_everyone()
+
+
+def _micro_step(run: _Run, batch: dict) -> float:
+    """One micro-batch's loss and gradients; clipping and the optimiser step when the update is complete."""
+    accelerator = run.accelerator
+    with accelerator.accumulate(run.decoder):
+        loss = decoder_loss(run.decoder, batch)
+        accelerator.backward(loss)  # divided by gradient_accumulation there
+        if accelerator.sync_gradients:
+            accelerator.clip_grad_norm_(run.parameters, run.config.max_grad_norm)
+        run.optimizer.step()
+        run.optimizer.zero_grad(set_to_none=True)
+    return float(loss.detach())
+
+
+def _train_loop(run: _Run, start_step: int, total_steps: int) -> None:
+    """6. One update per ``gradient_accumulation`` micro-batches, epoch after epoch; logs, validation, checkpoints."""
+    config, accelerator, result = run.config, run.accelerator, run.result
+    accumulation = config.gradient_accumulation
+    order = run.loader.get_sampler()  # accelerate's seedable sampler: an epoch's order is seed + epoch
+    batches = micro_batches(accelerator, run.loader, order, start=start_step * accumulation)
+    run.decoder.train()
+    tick = time.perf_counter()
+    for done in range(start_step + 1, total_steps + 1):
+        running = sum(_micro_step(run, next(batches)) for _ in range(accumulation)) / accumulation
+        run.lr_scheduler.step()
+        mean_loss = float(accelerator.reduce(torch.tensor(running, device=accelerator.device), reduction="mean"))
+        result.losses.append(mean_loss)
+        result.learning_rates.append(run.lr_scheduler.get_last_lr()[0])
+        result.steps = done
+        if done % config.log_every == 0 or done == total_steps:
+            seconds = (time.perf_counter() - tick) / config.log_every
+            lr = result.learning_rates[-1]
+            run.say(f"step {done}/{total_steps}  loss {mean_loss:.4f}  lr {lr:.2e}  {seconds:.2f} s/step")
+            tick = time.perf_counter()
+        if done % config.validation_every == 0 or done == total_steps:
+            _validate(run, done)
+            run.decoder.train()
+        if config.checkpoint_every and done % config.checkpoint_every == 0:
+            folder = Path(config.output_dir) / f"{CHECKPOINT_PREFIX}{done}"
+            state = {
+                "step": done,
+                "total_steps": total_steps,
+                "adapter": adapter_settings(config, run.captioner.source),
+            }
+            save_training_state(accelerator, folder, state)
+            result.checkpoints.append(folder)
+            run.say(f"checkpoint saved: {folder}")
 
 
 def train(config: BlipLoraTrainingConfig, captioner: BlipCaptioner | None = None) -> TrainingResult:
@@ -523,7 +336,6 @@ def train(config: BlipLoraTrainingConfig, captioner: BlipCaptioner | None = None
     ``captioner`` (optional) is a BLIP to train instead of loading ``config.model``;
     a LoRA is added to it in place, so give one no other code is using.
     """
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     started = time.perf_counter()
@@ -533,146 +345,48 @@ def train(config: BlipLoraTrainingConfig, captioner: BlipCaptioner | None = None
     train_examples, validation_examples = split_validation(examples, config.validation_split, config.seed)
     checkpoint = find_checkpoint(config.resume, config.output_dir)
 
-    # 2. Processes, precision, seed.
+    # 2. Processes, precision, seed (the data order has its own: accelerate's seedable sampler).
     mixed_precision = resolve_mixed_precision(config.device, config.mixed_precision)
-    forget_single_process_state()
-    accelerator = Accelerator(mixed_precision=mixed_precision, cpu=config.device == "cpu")
+    accelerator = make_accelerator(config.device, mixed_precision, config.gradient_accumulation, data_seed=config.seed)
     set_seed(config.seed)
-    say = accelerator.print
 
     # 3. The model, and how well its vocabulary spells the captions.
     captioner = captioner if captioner is not None else load_captioner(config, accelerator.device)
-    source = captioner.source
-    if checkpoint is not None:
-        state = check_checkpoint(checkpoint, config, source)
-    report = vocabulary_report(captioner.processor.tokenizer, [example.text for example in examples])
-    warning = vocabulary_warning(report)
-    if warning and accelerator.is_main_process:
-        logger.warning(warning)
-        say(warning)
-
-    # 4. Encode every image once; the fixed set for validation loss and samples.
-    feature_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision, torch.float32)
-    encode_batch = settings.BLIP_TRAIN_DEFAULT_BATCH_SIZE
-    train_set = encode_examples(captioner, train_examples, batch_size=encode_batch, dtype=feature_dtype)
-    fixed_examples = validation_examples or train_examples[: settings.BLIP_TRAIN_SAMPLE_CAPTIONS * 4]
-    fixed_set = encode_examples(captioner, fixed_examples, batch_size=encode_batch, dtype=feature_dtype)
-
-    # 5. LoRA, optimiser, schedule; a resumed run takes all of them from its checkpoint.
-    peft_model = add_lora(captioner, config)
-    decoder = captioner.model.text_decoder
-    parameters = [parameter for parameter in peft_model.parameters() if parameter.requires_grad]
-    optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
-    batches_per_epoch = len(
-        epoch_order(len(train_set), 0, config.seed, config.batch_size, 0, accelerator.num_processes)
-    )
-    total_steps = config.max_steps or math.ceil(config.epochs * batches_per_epoch / config.gradient_accumulation)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: learning_rate_factor(step, total_steps, config.warmup_steps, config.schedule)
-    )
-    prepared_decoder, optimizer = accelerator.prepare(decoder, optimizer)
-    start_step = 0
-    if checkpoint is not None:
-        load_adapter_weights(peft_model, checkpoint)
-        optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=True))
-        scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=True))
-        start_step = int(state["step"])
-        restore_random_state(
-            torch.load(checkpoint / f"rng-{accelerator.process_index}.pt", weights_only=True), accelerator.device
-        )
-        say(f"resumed from {checkpoint} at step {start_step} of {total_steps}")
-    result = TrainingResult(
+    run = _Run(config, accelerator, captioner)
+    resume_step = 0 if checkpoint is None else int(check_checkpoint(checkpoint, config, captioner.source)["step"])
+    report = _check_vocabulary(run, examples)
+    # 4. Encode every image once.  5. LoRA, optimiser, schedule, data; resume.
+    _encode(run, train_examples, validation_examples)
+    start_step, total_steps = _prepare(run, checkpoint, resume_step)
+    run.result = TrainingResult(
         output_dir=Path(config.output_dir),
         start_step=start_step,
         steps=start_step,
         total_steps=total_steps,
-        losses=[],
-        learning_rates=[],
         train_images=len(train_examples),
         validation_images=len(validation_examples),
         unknown_token_rate=report.unknown_rate,
     )
-    pad = captioner.pad_token_id
-    say(
-        f"training {total_steps} steps on {len(train_examples)} images ({batches_per_epoch} micro-batches of "
+    run.say(
+        f"training {total_steps} steps on {len(train_examples)} images ({len(run.loader)} micro-batches of "
         f"{config.batch_size} per epoch and process, {accelerator.num_processes} process(es), "
         f"{mixed_precision if mixed_precision != 'no' else 'fp32'})"
     )
-
-    def validate(step: int) -> None:
-        if accelerator.is_main_process:
-            with accelerator.autocast():
-                loss = evaluation_loss(decoder, fixed_set, pad_token_id=pad, device=accelerator.device, batch_size=16)
-                result.samples = sample_captions(captioner, fixed_set, config.sample_captions)
-            result.validation_losses[step] = loss
-            which = "held-out images" if validation_examples else "training images (no held-out split)"
-            say(f"validation after {step} steps: val_loss {loss:.4f} on {len(fixed_set)} {which}")
-            for sample in result.samples:
-                say(f"  {sample['file_name']}: base: {sample['base']!r} | adapter: {sample['adapter']!r}")
-        accelerator.wait_for_everyone()
-
-    # 6. Train: gradient accumulation over micro-batches, clipping, one schedule step per update.
+    # 6. Train (validation before the first step, and every validation_every steps).
     if start_step == 0:
-        validate(0)
-    prepared_decoder.train()
-    tick = time.perf_counter()
-    orders: dict[int, list[list[int]]] = {}
-    for step in range(start_step, total_steps):
-        running = 0.0
-        for micro in range(config.gradient_accumulation):
-            # The micro-batch is a function of the global position alone, so a resumed run continues exactly.
-            epoch, position = divmod(step * config.gradient_accumulation + micro, batches_per_epoch)
-            if epoch not in orders:
-                orders = {
-                    epoch: epoch_order(
-                        len(train_set),
-                        epoch,
-                        config.seed,
-                        config.batch_size,
-                        accelerator.process_index,
-                        accelerator.num_processes,
-                    )
-                }
-            batch = collate(train_set, orders[epoch][position], pad, accelerator.device)
-            last = micro == config.gradient_accumulation - 1
-            with nullcontext() if last else accelerator.no_sync(prepared_decoder):
-                loss = decoder_loss(prepared_decoder, batch)
-                accelerator.backward(loss / config.gradient_accumulation)
-            running += float(loss.detach()) / config.gradient_accumulation
-        accelerator.clip_grad_norm_(parameters, config.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        done = step + 1
-        mean_loss = float(accelerator.reduce(torch.tensor(running, device=accelerator.device), reduction="mean"))
-        result.losses.append(mean_loss)
-        result.learning_rates.append(scheduler.get_last_lr()[0])
-        result.steps = done
-        if done % config.log_every == 0 or done == total_steps:
-            seconds = (time.perf_counter() - tick) / config.log_every
-            say(
-                f"step {done}/{total_steps}  loss {mean_loss:.4f}  lr {result.learning_rates[-1]:.2e}  {seconds:.2f} s/step"
-            )
-            tick = time.perf_counter()
-        if done % config.validation_every == 0 or done == total_steps:
-            validate(done)
-            prepared_decoder.train()
-        if config.checkpoint_every and done % config.checkpoint_every == 0:
-            folder = Path(config.output_dir) / f"{CHECKPOINT_PREFIX}{done}"
-            state = {"step": done, "total_steps": total_steps, "adapter": _adapter_settings(config, source)}
-            save_checkpoint(accelerator, folder, peft_model, optimizer, scheduler, state)
-            result.checkpoints.append(folder)
-            say(f"checkpoint saved: {folder}")
+        _validate(run, 0)
+    _train_loop(run, start_step, total_steps)
 
     # 7. The adapter and its card.
     accelerator.wait_for_everyone()
-    result.seconds = time.perf_counter() - started
+    run.result.seconds = time.perf_counter() - started
     if accelerator.is_main_process:
-        save_adapter(peft_model, Path(config.output_dir))
-        write_model_card(config, source, result)
-        say(f"adapter saved: {Path(config.output_dir) / ADAPTER_CONFIG_FILE} ({result.seconds:.1f} s)")
+        save_adapter(run.peft_model, Path(config.output_dir))
+        write_outputs(config, captioner.source, run.result)
+        say = f"adapter saved: {Path(config.output_dir) / ADAPTER_CONFIG_FILE} ({run.result.seconds:.1f} s)"
+        run.say(say)
     accelerator.wait_for_everyone()
-    return result
+    return run.result
 
 
 @torch.no_grad()

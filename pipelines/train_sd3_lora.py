@@ -9,7 +9,7 @@ a ``metadata.jsonl`` of ``{"file_name", "text"}`` lines. It is checked first, so
 a bad file fails in one sentence before any model is loaded. OUT receives
 ``pytorch_lora_weights.safetensors`` (diffusers format, ``transformer.``-prefixed
 keys: the Studio's LoRA panel and ``pipeline.load_lora_weights`` read it as is),
-``training_args.json``, a ``README.md`` model card, ``validation/step-N.png`` and
+``training_args.json``, a ``README.md`` model card (YAML front matter the Hub indexes), ``validation/step-N.png`` and
 resumable ``checkpoint-N/`` folders (``--resume latest`` continues the step count).
 
 Choices, documented once:
@@ -28,10 +28,26 @@ Choices, documented once:
 - **Precompute**: captions and images are encoded once (see
   ``pipelines.sd3_training_data``); the text encoders leave memory before
   training, the VAE stays on the CPU and visits the GPU only to draw validation images.
-- **Optimiser**: AdamW (weight decay 1e-4), gradient clipping at 1.0, a linear
-  warmup over ``--warmup-steps`` then a constant rate. ``--use-8bit-adam`` uses
+- **Optimiser**: AdamW (weight decay 1e-4), gradient clipping at 1.0; the
+  learning rate is diffusers' ``get_scheduler``: a linear warmup over
+  ``--warmup-steps`` (step k at ``lr * k / warmup``), then ``--lr-scheduler``
+  (constant by default, cosine or linear to 0). ``--use-8bit-adam`` uses
   bitsandbytes' AdamW8bit and is refused without a CUDA GPU (rather than silently
   training a different optimiser).
+- **Data**: a ``DataLoader`` whose batch sampler draws each micro-batch from one
+  aspect bucket, in an order fixed by the seed and the epoch, prepared by
+  ``accelerator.prepare``.
+- **Checkpoints**: ``accelerator.save_state`` with hooks that save the LoRA alone
+  (``checkpoint-N/pytorch_lora_weights.safetensors``, loadable as any of this
+  trainer's LoRAs), the optimiser, the LR schedule and every process's random
+  generators; ``--resume`` reloads them with ``accelerator.load_state`` and
+  continues exactly where the run stopped.
+- **Modules**: the settings and result types live in
+  ``pipelines.sd3_training_config``, buckets and the precomputed cache in
+  ``pipelines.sd3_training_data``, the loss in ``pipelines.flow_matching``, what
+  is written (LoRA, checkpoint hooks, model card) in ``pipelines.sd3_lora_files``;
+  this module holds the model loading and the training steps, and imports those,
+  never the other way round.
 - **Several processes**: each process trains on its own micro-batches of the same
   epoch order, gradients are averaged by accelerate; only the main process writes
   files and logs. ``--batch-size`` is per process: one step sees
@@ -54,202 +70,41 @@ from pathlib import Path
 import torch
 
 from pipelines import settings
-from pipelines.catalog import CATALOG, ModelSpec
+from pipelines.catalog import CATALOG
 from pipelines.flow_matching import evaluation_loss, flow_matching_loss, sample_noise_levels
 from pipelines.manager import ModelLoadError, explain_load_failure
 from pipelines.sd3_lora_files import (
     LORA_WEIGHTS_FILE,
     adapter_settings,
     check_checkpoint,
-    load_adapter,
+    register_checkpoint_hooks,
     save_adapter,
-    save_checkpoint,
-    write_model_card,
+    write_outputs,
 )
+from pipelines.sd3_training_config import SHORT_NAMES, ModelSource, SD3LoraTrainingConfig, TrainingResult
 from pipelines.sd3_training_data import (
+    BucketBatchSampler,
+    CachedExample,
     Precomputed,
     bucket_sizes,
-    epoch_rounds_for,
+    collate_examples,
     precompute,
     release_memory,
-    stack_batch,
 )
 from pipelines.training_common import (
     CHECKPOINT_PREFIX,
-    check_device,
     find_checkpoint,
-    forget_single_process_state,
+    make_accelerator,
+    make_lr_scheduler,
+    micro_batches,
     resolve_mixed_precision,
+    save_training_state,
 )
 from pipelines.training_data import read_dataset, split_validation
-from pipelines.validation import as_float, as_int
+
+__all__ = ["SHORT_NAMES", "ModelSource", "SD3LoraTrainingConfig", "TrainingResult", "main", "parse_args", "train"]
 
 logger = logging.getLogger(__name__)
-
-SHORT_NAMES = {"large": "sd35-large", "large-turbo": "sd35-large-turbo", "medium": "sd35-medium"}
-
-
-# ----------------------------------------------------------------------------- settings
-
-
-@dataclass(frozen=True)
-class SD3LoraTrainingConfig:
-    """One training run. Every value has the default the CLI shows; ``validated()`` checks them all."""
-
-    dataset: str | Path  # an imagefolder with metadata.jsonl
-    output_dir: str | Path  # receives the LoRA, checkpoints and validation images
-    model: str = settings.SD3_TRAIN_DEFAULT_MODEL  # catalog key, short name (large, medium), Hub id or local folder
-    tiny: str | None = None  # large | large-turbo | medium: train the tiny offline stand-in instead of ``model``
-    tiny_dir: str | Path | None = None  # where tiny models are built (default: pipelines.tiny's cache)
-    resolution: int = settings.SD3_TRAIN_DEFAULT_RESOLUTION  # buckets of about resolution**2 pixels
-    center_crop: bool = False  # one square bucket (centre crop) instead of aspect buckets
-    random_flip: bool = False  # off by default: flips mirror text and faces
-    rank: int = settings.SD3_TRAIN_DEFAULT_RANK
-    lora_alpha: float | None = None  # None: alpha = rank (LoRA scale 1)
-    lora_layers: tuple[str, ...] = settings.SD3_TRAIN_DEFAULT_LORA_LAYERS  # groups (attn, context, ff) or module names
-    learning_rate: float = settings.SD3_TRAIN_DEFAULT_LEARNING_RATE
-    steps: int = settings.SD3_TRAIN_DEFAULT_STEPS  # optimiser updates in all (a resumed run counts from its checkpoint)
-    warmup_steps: int = settings.SD3_TRAIN_DEFAULT_WARMUP_STEPS
-    batch_size: int = settings.SD3_TRAIN_DEFAULT_BATCH_SIZE  # per process and micro-batch
-    gradient_accumulation: int = 1
-    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
-    mixed_precision: str = "auto"  # auto | no | bf16 | fp16
-    use_8bit_adam: bool = False  # bitsandbytes AdamW8bit; CUDA only
-    max_grad_norm: float = settings.SD3_TRAIN_MAX_GRAD_NORM
-    weighting_scheme: str = settings.SD3_TRAIN_DEFAULT_WEIGHTING
-    logit_mean: float = settings.SD3_TRAIN_LOGIT_MEAN
-    logit_std: float = settings.SD3_TRAIN_LOGIT_STD
-    mode_scale: float = settings.SD3_TRAIN_MODE_SCALE
-    max_sequence_length: int = settings.SD3_TRAIN_T5_TOKENS  # T5 tokens per caption
-    trigger: str = ""  # DreamBooth instance prompt / trigger words, put before every caption
-    validation_prompt: str = ""  # drawn every ``validation_every`` steps and at the end; empty = none
-    validation_every: int = settings.SD3_TRAIN_DEFAULT_VALIDATION_EVERY
-    validation_steps: int | None = None  # None: the model's preset
-    validation_guidance: float | None = None  # None: the model's preset
-    validation_split: float = 0.0  # fraction of images held out; their fixed-noise loss is logged at validation
-    checkpoint_every: int = settings.SD3_TRAIN_DEFAULT_CHECKPOINT_EVERY  # 0: no checkpoints
-    resume: str | None = None  # "latest" (the newest checkpoint in output_dir, if any) or a checkpoint folder
-    log_every: int = settings.SD3_TRAIN_DEFAULT_LOG_EVERY
-    seed: int = 0
-    cache_dir: str | Path | None = None  # keep precomputed embeddings and latents here between runs
-    device: str = "auto"  # auto | cpu | cuda (under accelerate launch, each process takes its own GPU)
-
-    def validated(self) -> SD3LoraTrainingConfig:
-        """A copy with every value checked and normalised; ValueError names the first bad one and the fix."""
-        steps = as_int("steps", self.steps, 1, settings.SD3_TRAIN_MAX_STEPS)
-        resolution = as_int(
-            "resolution", self.resolution, settings.SD3_TRAIN_MIN_RESOLUTION, settings.SD3_TRAIN_MAX_RESOLUTION
-        )
-        if resolution % 16:
-            raise ValueError(f"resolution {resolution} is not a multiple of 16; use {resolution - resolution % 16}.")
-        if self.tiny is not None and self.tiny not in SHORT_NAMES:
-            raise ValueError(f"--tiny {self.tiny!r} is not a tiny model; choose one of: {', '.join(SHORT_NAMES)}.")
-        if not str(self.model).strip():
-            raise ValueError("model is empty; give a catalog key (sd35-large), a Hub id or a local folder.")
-        layers = tuple(item.strip() for item in self.lora_layers if item.strip())
-        known = {name for group in settings.SD3_TRAIN_LORA_LAYER_GROUPS.values() for name in group}
-        unknown = [item for item in layers if item not in settings.SD3_TRAIN_LORA_LAYER_GROUPS and item not in known]
-        if unknown or not layers:
-            raise ValueError(
-                f"lora layers {', '.join(unknown) or '(none)'} unknown; use groups "
-                f"{', '.join(settings.SD3_TRAIN_LORA_LAYER_GROUPS)} or module names such as to_q, add_k_proj."
-            )
-        rank = as_int("rank", self.rank, 1, settings.SD3_TRAIN_MAX_RANK)
-        alpha = None if self.lora_alpha is None else as_float("lora_alpha", self.lora_alpha, 0, 4096, low_open=True)
-        cuda = check_device(self.device, self.mixed_precision, settings.SD3_TRAIN_MIXED_PRECISION)
-        if self.use_8bit_adam and not cuda:
-            raise ValueError(
-                "8-bit Adam (bitsandbytes) needs a CUDA GPU; drop --use-8bit-adam to train with AdamW on this machine."
-            )
-        if self.weighting_scheme not in settings.SD3_TRAIN_WEIGHTING_SCHEMES:
-            raise ValueError(
-                f"weighting scheme {self.weighting_scheme!r} unknown; choose one of: "
-                f"{', '.join(settings.SD3_TRAIN_WEIGHTING_SCHEMES)}."
-            )
-        if self.resume is not None and not str(self.resume).strip():
-            raise ValueError("resume is empty; give 'latest' or a checkpoint folder, or leave it out.")
-        for name in ("trigger", "validation_prompt"):
-            if len(getattr(self, name)) > settings.SD3_TRAIN_MAX_PROMPT_CHARS:
-                raise ValueError(f"{name} is longer than {settings.SD3_TRAIN_MAX_PROMPT_CHARS} characters; shorten it.")
-        return dataclasses.replace(
-            self,
-            dataset=Path(self.dataset).expanduser(),
-            output_dir=Path(self.output_dir).expanduser(),
-            model=str(self.model).strip(),
-            tiny_dir=None if self.tiny_dir is None else Path(self.tiny_dir).expanduser(),
-            resolution=resolution,
-            rank=rank,
-            lora_alpha=alpha,
-            lora_layers=layers,
-            learning_rate=as_float(
-                "learning_rate", self.learning_rate, 0, settings.SD3_TRAIN_MAX_LEARNING_RATE, low_open=True
-            ),
-            steps=steps,
-            warmup_steps=as_int("warmup_steps", self.warmup_steps, 0, settings.SD3_TRAIN_MAX_STEPS),
-            batch_size=as_int("batch_size", self.batch_size, 1, settings.SD3_TRAIN_MAX_BATCH_SIZE),
-            gradient_accumulation=as_int(
-                "gradient_accumulation", self.gradient_accumulation, 1, settings.SD3_TRAIN_MAX_GRADIENT_ACCUMULATION
-            ),
-            max_grad_norm=as_float("max_grad_norm", self.max_grad_norm, 0, 1e6, low_open=True),
-            logit_std=as_float("logit_std", self.logit_std, 0, 10, low_open=True),
-            logit_mean=as_float("logit_mean", self.logit_mean, -10, 10),
-            mode_scale=as_float("mode_scale", self.mode_scale, 0, 10),
-            max_sequence_length=as_int(
-                "max_sequence_length", self.max_sequence_length, settings.MIN_T5_TOKENS, settings.MAX_T5_TOKENS
-            ),
-            trigger=" ".join(self.trigger.split()),
-            validation_prompt=" ".join(self.validation_prompt.split()),
-            validation_every=as_int("validation_every", self.validation_every, 1, settings.SD3_TRAIN_MAX_STEPS),
-            validation_steps=None
-            if self.validation_steps is None
-            else as_int("validation_steps", self.validation_steps, 1, settings.MAX_STEPS),
-            validation_guidance=None
-            if self.validation_guidance is None
-            else as_float("validation_guidance", self.validation_guidance, 0, settings.MAX_GUIDANCE),
-            validation_split=as_float("validation_split", self.validation_split, 0, 0.5),
-            checkpoint_every=as_int("checkpoint_every", self.checkpoint_every, 0, settings.SD3_TRAIN_MAX_STEPS),
-            log_every=as_int("log_every", self.log_every, 1, settings.SD3_TRAIN_MAX_STEPS),
-            seed=as_int("seed", self.seed, 0, settings.MAX_SEED),
-            cache_dir=None if self.cache_dir is None else Path(self.cache_dir).expanduser(),
-        )
-
-    @property
-    def target_modules(self) -> list[str]:
-        """The module names LoRA wraps: the groups in ``lora_layers`` expanded, in a stable order."""
-        names: list[str] = []
-        for item in self.lora_layers:
-            for name in settings.SD3_TRAIN_LORA_LAYER_GROUPS.get(item, (item,)):
-                if name not in names:
-                    names.append(name)
-        return names
-
-
-@dataclass
-class TrainingResult:
-    """What a run did. ``losses[i]`` is the training loss of step ``start_step + i + 1``."""
-
-    output_dir: Path
-    lora_path: Path  # the final .safetensors
-    start_step: int  # 0, or the checkpoint's step when resumed
-    steps: int  # the global step reached
-    losses: list[float]  # per optimiser step, averaged over micro-batches and processes
-    learning_rates: list[float]
-    held_out_losses: dict[int, float] = field(default_factory=dict)  # step -> fixed-noise loss on held-out images
-    validation_images: list[Path] = field(default_factory=list)
-    checkpoints: list[Path] = field(default_factory=list)
-    train_images: int = 0
-    held_out_images: int = 0
-    seconds: float = 0.0
-
-
-# ----------------------------------------------------------------------------- the model
-
-
-@dataclass(frozen=True)
-class ModelSource:
-    source: str  # what from_pretrained gets: a local folder or a Hub id
-    spec: ModelSpec  # for sentences and presets
-    tiny: bool
 
 
 def resolve_model(config: SD3LoraTrainingConfig) -> ModelSource:
@@ -413,72 +268,60 @@ def _make_optimizer(config: SD3LoraTrainingConfig, parameters: list):
     )
 
 
-def _warmup_then_constant(warmup_steps: int) -> Callable[[int], float]:
-    # Step k (from 0) runs at lr * min(1, (k + 1) / warmup): linear warmup, then constant.
-    return lambda step: 1.0 if warmup_steps == 0 else min(1.0, (step + 1) / warmup_steps)
-
-
-def train(config: SD3LoraTrainingConfig, *, log: Callable[[str], None] | None = None) -> TrainingResult:
-    """Train the LoRA ``config`` describes and save it; returns what happened.
-
-    Raises TrainingDataError (a ValueError) for a bad dataset and ValueError for a bad setting, both before any
-    model is loaded, and ModelLoadError when the model cannot be loaded. ``log`` receives the progress lines
-    (``step N/M  loss X  lr Y  Z s/step``) on the main process; default: print.
-    """
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-    from diffusers import FlowMatchEulerDiscreteScheduler
-    from diffusers.training_utils import cast_training_params
-    from peft import LoraConfig
-
-    started = time.perf_counter()
-
-    # 1. Check the settings and the dataset before anything heavy.
+def _check_inputs(config: SD3LoraTrainingConfig) -> tuple[SD3LoraTrainingConfig, list, list, ModelSource, dict | None]:
+    """1. The settings, the dataset, the model's source and the checkpoint to resume (its state, with its
+    ``folder``), before anything heavy."""
     config = config.validated()
     examples = read_dataset(config.dataset)
     train_examples, held_out = split_validation(examples, config.validation_split, config.seed)
     model = resolve_model(config)
     resume_from = find_checkpoint(config.resume, config.output_dir)
-    resume_state = check_checkpoint(resume_from, config, model) if resume_from is not None else None
+    resume = None if resume_from is None else {**check_checkpoint(resume_from, config, model), "folder": resume_from}
     if max(max(size) for size in bucket_sizes(config.resolution)) > (limit := max_trainable_side(model)):
         raise ValueError(
             f"resolution {config.resolution} makes images larger than the {limit} px a side this model's "
             "position embedding covers; lower --resolution."
         )
+    return config, train_examples, held_out, model, resume
 
-    # 2. Processes, precision, logging.
-    mixed_precision = resolve_mixed_precision(config.device, config.mixed_precision)
-    forget_single_process_state()
-    accelerator = Accelerator(
-        mixed_precision=mixed_precision,
-        gradient_accumulation_steps=config.gradient_accumulation,
-        cpu=config.device == "cpu",
-    )
-    set_seed(config.seed)  # the LoRA's initial A matrices; every process starts from the same ones
+
+@dataclass
+class _Run:
+    """What the steps of ``train`` share."""
+
+    config: SD3LoraTrainingConfig
+    model: ModelSource
+    accelerator: object
+    dtype: torch.dtype
+    say: Callable[[str], None]
+    result: TrainingResult
+    data: Precomputed | None = None
+    held_out: list[CachedExample] = field(default_factory=list)
+    vae: list = field(default_factory=list)  # the VAE once loaded (for validation images)
+    transformer: object = None  # as prepared by accelerate
+    unwrapped: object = None
+    trainable: list = field(default_factory=list)
+    optimizer: object = None
+    lr_scheduler: object = None
+    noise_schedule: object = None
+    loader: object = None  # the prepared DataLoader of micro-batches
+    order: BucketBatchSampler | None = None
+
+
+def _precompute(run: _Run, train_examples: list, held_out: list) -> list[CachedExample]:
+    """3. Encode captions and images once (or read the cache); the text encoders leave memory afterwards."""
+    config, accelerator = run.config, run.accelerator
     device = accelerator.device
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision, torch.float32)
-
-    def say(message: str) -> None:
-        if accelerator.is_main_process:
-            (log or (lambda text: print(text, flush=True)))(message)
-
-    say(
-        f"training an SD3 LoRA on {len(train_examples)} images ({len(held_out)} held out) from {model.source} "
-        f"on {accelerator.num_processes} process(es), {device}, {mixed_precision} mixed precision"
-    )
-
-    # 3. Encode captions and images once; the text encoders leave memory afterwards.
-    vae_holder: list = []
 
     def get_vae():
-        if not vae_holder:
-            vae_holder.append(_load_vae(model, device))
-        return vae_holder[0].to(device)
+        if not run.vae:
+            run.vae.append(_load_vae(run.model, device))
+        return run.vae[0].to(device)
 
     extra_prompts = [config.validation_prompt, ""] if config.validation_prompt else []
     # With a cache folder the main process fills it and the others then read it; without, each encodes alone.
     with accelerator.main_process_first() if config.cache_dir is not None else contextlib.nullcontext():
-        data = precompute(
+        run.data = precompute(
             train_examples + held_out,
             resolution=config.resolution,
             center_crop=config.center_crop,
@@ -486,31 +329,40 @@ def train(config: SD3LoraTrainingConfig, *, log: Callable[[str], None] | None = 
             trigger=config.trigger,
             extra_prompts=extra_prompts,
             max_sequence_length=config.max_sequence_length,
-            dtype=dtype,
+            dtype=run.dtype,
             device=device,
-            model_fingerprint=model_fingerprint(model),
+            model_fingerprint=model_fingerprint(run.model),
             cache_dir=config.cache_dir,
-            load_text_pipeline=lambda: _load_text_pipeline(model, dtype, device),
+            load_text_pipeline=lambda: _load_text_pipeline(run.model, run.dtype, device),
             get_vae=get_vae,
-            log=say,
+            log=run.say,
         )
-    train_data, held_out_data = data.examples[: len(train_examples)], data.examples[len(train_examples) :]
+    run.held_out = run.data.examples[len(train_examples) :]
     if config.validation_prompt and accelerator.is_main_process:
         get_vae()
-    if vae_holder:
-        vae_holder[0].to("cpu")  # back on the GPU only to draw validation images
+    if run.vae:
+        run.vae[0].to("cpu")  # back on the GPU only to draw validation images
     release_memory()
+    return run.data.examples[: len(train_examples)]
 
-    # 4. The transformer: frozen in the training dtype, LoRA on the attention projections in fp32.
-    transformer = _load_transformer(model, dtype)
+
+def _add_lora(run: _Run):
+    """4. The transformer: frozen in the training dtype, LoRA on the chosen projections in fp32."""
+    from accelerate.utils import set_seed
+    from diffusers.training_utils import cast_training_params
+    from peft import LoraConfig
+
+    config = run.config
+    transformer = _load_transformer(run.model, run.dtype)
     transformer.requires_grad_(False)
-    transformer.to(device)
+    transformer.to(run.accelerator.device)
     lora = LoraConfig(
         r=config.rank,
         lora_alpha=config.lora_alpha or config.rank,
         init_lora_weights="gaussian",
         target_modules=config.target_modules,
     )
+    set_seed(config.seed)  # the LoRA's initial A matrices; every process starts from the same ones
     try:
         transformer.add_adapter(lora)
     except ValueError as error:
@@ -519,114 +371,123 @@ def train(config: SD3LoraTrainingConfig, *, log: Callable[[str], None] | None = 
     if config.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     transformer.train()
-    if resume_from is not None:
-        load_adapter(transformer, resume_from / LORA_WEIGHTS_FILE)
-    trainable = [parameter for parameter in transformer.parameters() if parameter.requires_grad]
-    optimizer = _make_optimizer(config, trainable)
-    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_then_constant(config.warmup_steps))
-    noise_schedule = FlowMatchEulerDiscreteScheduler.from_pretrained(model.source, subfolder="scheduler")
-    transformer, optimizer = accelerator.prepare(transformer, optimizer)
+    return transformer
 
-    # 5. Resume: optimiser, schedule, position in the data, noise generators.
-    generator = torch.Generator().manual_seed(config.seed * 1000 + accelerator.process_index)
-    step, epoch, position = 0, 0, 0
-    if resume_from is not None:
-        optimizer.load_state_dict(torch.load(resume_from / "optimizer.pt", map_location="cpu", weights_only=True))
-        lr_schedule.load_state_dict(torch.load(resume_from / "scheduler.pt", weights_only=True))
-        step, epoch, position = resume_state["global_step"], resume_state["epoch"], resume_state["position"]
-        if resume_state["processes"] != accelerator.num_processes:  # rounds of another size: restart the epoch
-            say(f"{resume_from} was written by {resume_state['processes']} process(es); its epoch starts over")
-            position = 0
-        rng_file = resume_from / f"rng-{accelerator.process_index}.pt"
-        if rng_file.is_file():
-            generator.set_state(torch.load(rng_file, weights_only=True))
-        say(f"resumed from {resume_from} at global step {step}")
-    result = TrainingResult(
-        output_dir=Path(config.output_dir),
-        lora_path=Path(config.output_dir) / LORA_WEIGHTS_FILE,
-        start_step=step,
-        steps=step,
-        losses=[],
-        learning_rates=[],
-        train_images=len(train_data),
-        held_out_images=len(held_out_data),
+
+def _prepare(run: _Run, transformer, train_data: list[CachedExample], resume: dict | None) -> int:
+    """5. Optimiser, LR schedule, the DataLoader of aspect buckets, all through accelerate; then resume.
+
+    Returns the global step to start from. Noise, flips and timesteps come from torch's global generator,
+    seeded per process, so ``save_state`` keeps them and ``load_state`` puts them back.
+    """
+    from accelerate.utils import set_seed
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from torch.utils.data import DataLoader
+
+    config, accelerator = run.config, run.accelerator
+    run.trainable = [parameter for parameter in transformer.parameters() if parameter.requires_grad]
+    optimizer = _make_optimizer(config, run.trainable)
+    run.lr_scheduler = make_lr_scheduler(
+        config.lr_scheduler, optimizer, warmup_steps=config.warmup_steps, total_steps=config.steps
     )
+    run.noise_schedule = FlowMatchEulerDiscreteScheduler.from_pretrained(run.model.source, subfolder="scheduler")
+    run.order = BucketBatchSampler([item.size for item in train_data], config.batch_size, config.seed)
+    loader = DataLoader(
+        train_data,
+        batch_sampler=run.order,
+        collate_fn=collate_examples,
+        generator=torch.Generator().manual_seed(config.seed),  # so no iterator draws from the global generator
+    )
+    run.transformer, run.optimizer, run.loader = accelerator.prepare(transformer, optimizer, loader)
+    run.unwrapped = accelerator.unwrap_model(run.transformer)
+    register_checkpoint_hooks(accelerator, run.transformer)
+    accelerator.register_for_checkpointing(run.lr_scheduler)
+    set_seed(config.seed, device_specific=True)  # each process draws its own noise
+    if resume is None:
+        return 0
+    accelerator.load_state(str(resume["folder"]))
+    run.say(f"resumed from {resume['folder']} at global step {resume['global_step']}")
+    return int(resume["global_step"])
 
-    # 6. The order of micro-batches: one epoch at a time, each process taking its share of every round.
-    buckets = [item.size for item in train_data]
-    processes, rank = accelerator.num_processes, accelerator.process_index
 
-    def epoch_rounds(number: int) -> list[list[list[int]]]:
-        return epoch_rounds_for(buckets, config.batch_size, config.seed, number, processes)
-
-    rounds = epoch_rounds(epoch)
-    unwrapped = accelerator.unwrap_model(transformer)
-
-    def after_step(done: int) -> None:
-        if config.validation_prompt and (done % config.validation_every == 0 or done == config.steps):
-            if accelerator.is_main_process:
-                unwrapped.eval()
-                path = render_validation(
-                    unwrapped,
-                    vae_holder[0],
-                    noise_schedule.config,
-                    data,
-                    config,
-                    model,
-                    done,
-                    device,
-                    accelerator.autocast,
+def _after_step(run: _Run, done: int) -> None:
+    """7. Every ``validation_every`` steps a validation image and the held-out loss; checkpoints."""
+    config, accelerator = run.config, run.accelerator
+    validating = done % config.validation_every == 0 or done == config.steps
+    if config.validation_prompt and validating:
+        if accelerator.is_main_process:
+            run.unwrapped.eval()
+            path = render_validation(
+                run.unwrapped,
+                run.vae[0],
+                run.noise_schedule.config,
+                run.data,
+                config,
+                run.model,
+                done,
+                accelerator.device,
+                accelerator.autocast,
+            )
+            run.unwrapped.train()
+            run.result.validation_images.append(path)
+            run.say(f"validation image at step {done}: {path}")
+        accelerator.wait_for_everyone()
+    if run.held_out and validating:
+        if accelerator.is_main_process:
+            with accelerator.autocast():
+                value = evaluation_loss(
+                    run.unwrapped, run.held_out, seed=config.seed, device=accelerator.device, dtype=run.dtype
                 )
-                unwrapped.train()
-                result.validation_images.append(path)
-                say(f"validation image at step {done}: {path}")
-            accelerator.wait_for_everyone()
-        if held_out_data and (done % config.validation_every == 0 or done == config.steps):
-            if accelerator.is_main_process:
-                with accelerator.autocast():
-                    value = evaluation_loss(unwrapped, held_out_data, seed=config.seed, device=device, dtype=dtype)
-                result.held_out_losses[done] = value
-                say(f"held-out images at step {done}: fixed-noise loss {value:.4f}")
-            accelerator.wait_for_everyone()
-        if config.checkpoint_every and (done % config.checkpoint_every == 0 or done == config.steps):
-            folder = Path(config.output_dir) / f"{CHECKPOINT_PREFIX}{done}"
-            state = {
-                "config": config,
-                "global_step": done,
-                "epoch": epoch,
-                "position": position,
-                "processes": processes,
-                "adapter": adapter_settings(config, model),
-            }
-            save_checkpoint(accelerator, folder, transformer, optimizer, lr_schedule, state, generator)
-            result.checkpoints.append(folder)
+            run.result.held_out_losses[done] = value
+            run.say(f"held-out images at step {done}: fixed-noise loss {value:.4f}")
+        accelerator.wait_for_everyone()
+    if config.checkpoint_every and (done % config.checkpoint_every == 0 or done == config.steps):
+        folder = Path(config.output_dir) / f"{CHECKPOINT_PREFIX}{done}"
+        state = {
+            "global_step": done,
+            "processes": accelerator.num_processes,
+            "adapter": adapter_settings(config, run.model),
+        }
+        save_training_state(accelerator, folder, state)
+        run.result.checkpoints.append(folder)
 
-    # 7. The training loop: one optimiser update per ``gradient_accumulation`` micro-batches.
+
+def _micro_step(run: _Run, batch: dict) -> torch.Tensor:
+    """One micro-batch: noise, noise levels and flips drawn, the loss, its gradients; the optimiser steps when
+    ``accelerator.accumulate`` says the update is complete."""
+    config, accelerator = run.config, run.accelerator
+    latents = batch["latents"].to(run.dtype)
+    if config.random_flip:
+        flips = (torch.rand(len(latents)) < 0.5).to(latents.device).view(-1, 1, 1, 1)
+        latents = torch.where(flips, batch["flipped_latents"].to(run.dtype), latents)
+    noise = torch.randn(latents.shape).to(latents.device, run.dtype)
+    timesteps, sigmas = sample_noise_levels(config, run.noise_schedule, len(latents))
+    inputs = {
+        "latents": latents,
+        "prompt_embeds": batch["prompt_embeds"].to(run.dtype),
+        "pooled_prompt_embeds": batch["pooled_prompt_embeds"].to(run.dtype),
+    }
+    with accelerator.accumulate(run.transformer), accelerator.autocast():
+        loss = flow_matching_loss(run.transformer, inputs, noise, timesteps, sigmas, config.weighting_scheme)
+        accelerator.backward(loss)
+        if accelerator.sync_gradients:
+            accelerator.clip_grad_norm_(run.trainable, config.max_grad_norm)
+        run.optimizer.step()
+        run.optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+def _train_loop(run: _Run, step: int) -> None:
+    """6. One optimiser update per ``gradient_accumulation`` micro-batches, epoch after epoch; logs."""
+    config, accelerator, result = run.config, run.accelerator, run.result
+    batches = micro_batches(accelerator, run.loader, run.order, start=step * config.gradient_accumulation)
     window_losses: list[float] = []
     window_seconds = 0.0  # training time of the logged window (validation images and checkpoints left out)
     while step < config.steps:
         step_started = time.perf_counter()
-        micro_losses = []
-        for _ in range(config.gradient_accumulation):
-            if position >= len(rounds):
-                epoch, position = epoch + 1, 0
-                rounds = epoch_rounds(epoch)
-            items = [train_data[index] for index in rounds[position][rank]]
-            position += 1
-            flips = (torch.rand(len(items), generator=generator) < 0.5).tolist() if config.random_flip else None
-            batch = stack_batch(items, device, dtype, flips)
-            noise = torch.randn(batch["latents"].shape, generator=generator).to(device, dtype)
-            timesteps, sigmas = sample_noise_levels(config, noise_schedule, len(items), generator)
-            with accelerator.accumulate(transformer), accelerator.autocast():
-                loss = flow_matching_loss(transformer, batch, noise, timesteps, sigmas, config.weighting_scheme)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(trainable, config.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            micro_losses.append(loss.detach())
-        lr = lr_schedule.get_last_lr()[0]
-        lr_schedule.step()
+        micro_losses = [_micro_step(run, next(batches)) for _ in range(config.gradient_accumulation)]
+        lr = run.lr_scheduler.get_last_lr()[0]
+        run.lr_scheduler.step()
         step += 1
         mean_loss = accelerator.reduce(torch.stack(micro_losses).mean(), reduction="mean").item()
         result.losses.append(mean_loss)
@@ -637,17 +498,54 @@ def train(config: SD3LoraTrainingConfig, *, log: Callable[[str], None] | None = 
         if step % config.log_every == 0 or step == config.steps:
             mean = sum(window_losses) / len(window_losses)
             seconds = window_seconds / len(window_losses)
-            say(f"step {step}/{config.steps}  loss {mean:.4f}  lr {lr:.2e}  {seconds:.2f} s/step")
+            run.say(f"step {step}/{config.steps}  loss {mean:.4f}  lr {lr:.2e}  {seconds:.2f} s/step")
             window_losses, window_seconds = [], 0.0
-        after_step(step)
+        _after_step(run, step)
+
+
+def train(config: SD3LoraTrainingConfig, *, log: Callable[[str], None] | None = None) -> TrainingResult:
+    """Train the LoRA ``config`` describes and save it; returns what happened.
+
+    Raises TrainingDataError (a ValueError) for a bad dataset and ValueError for a bad setting, both before any
+    model is loaded, and ModelLoadError when the model cannot be loaded. ``log`` receives the progress lines
+    (``step N/M  loss X  lr Y  Z s/step``) on the main process; default: print.
+    """
+    started = time.perf_counter()
+    # 1. Check the settings and the dataset before anything heavy.
+    config, train_examples, held_out, model, resume = _check_inputs(config)
+
+    # 2. Processes, precision, logging.
+    mixed_precision = resolve_mixed_precision(config.device, config.mixed_precision)
+    accelerator = make_accelerator(config.device, mixed_precision, config.gradient_accumulation)
+
+    def say(message: str) -> None:
+        if accelerator.is_main_process:
+            (log or (lambda text: print(text, flush=True)))(message)
+
+    output_dir = Path(config.output_dir)
+    result = TrainingResult(output_dir=output_dir, lora_path=output_dir / LORA_WEIGHTS_FILE, start_step=0, steps=0)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision, torch.float32)
+    run = _Run(config, model, accelerator, dtype, say, result)
+    say(
+        f"training an SD3 LoRA on {len(train_examples)} images ({len(held_out)} held out) from {model.source} "
+        f"on {accelerator.num_processes} process(es), {accelerator.device}, {mixed_precision} mixed precision"
+    )
+    # 3. Encode captions and images once.
+    train_data = _precompute(run, train_examples, held_out)
+    result.train_images, result.held_out_images = len(train_data), len(run.held_out)
+    # 4. The transformer with its LoRA.  5. Optimiser, schedule, data, resume.
+    step = _prepare(run, _add_lora(run), train_data, resume)
+    result.start_step = result.steps = step
+    # 6. The training loop (7. validation and checkpoints after each step).
+    _train_loop(run, step)
 
     # 8. The final adapter, its settings and its model card.
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        save_adapter(unwrapped, Path(config.output_dir), config)
+        save_adapter(run.unwrapped, output_dir)
         result.seconds = time.perf_counter() - started
-        write_model_card(config, model, result)
-        say(f"saved {result.lora_path} after {step} steps in {result.seconds:.0f} s")
+        write_outputs(config, model, result)
+        say(f"saved {result.lora_path} after {result.steps} steps in {result.seconds:.0f} s")
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return result
@@ -679,6 +577,9 @@ def parse_args(argv: list[str] | None = None) -> SD3LoraTrainingConfig:
     parser.add_argument("--learning-rate", "--lr", dest="learning_rate", type=float, default=defaults.learning_rate)
     parser.add_argument("--steps", type=int, default=defaults.steps)
     parser.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps)
+    parser.add_argument(
+        "--lr-scheduler", choices=settings.SD3_TRAIN_LR_SCHEDULERS, default=defaults.lr_scheduler, help="after warmup"
+    )
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="per process")
     parser.add_argument("--gradient-accumulation", type=int, default=defaults.gradient_accumulation)
     parser.add_argument("--gradient-checkpointing", action="store_true")

@@ -1,14 +1,21 @@
-"""What both LoRA trainers share: device and precision checks, accelerate's state, resumable checkpoints.
+"""What both LoRA trainers share: device and precision checks, accelerate's state, resumable checkpoints,
+learning-rate schedules, the epoch loop over a prepared ``DataLoader``, and model cards.
 
 ``pipelines.train_blip_lora`` and ``pipelines.train_sd3_lora`` write checkpoints
-the same way: ``OUT/checkpoint-N/`` folders whose ``training_state.json`` is
-written last, so a folder without it (a run killed mid-save) is never resumed.
+the same way, through ``accelerator.save_state``: ``OUT/checkpoint-N/`` holds
+the LoRA weights only (each trainer's save hook writes them in its own
+loadable format, and drops the frozen base model from the state),
+``optimizer.bin``, ``custom_checkpoint_0.pkl`` (the LR schedule),
+``random_states_<process>.pkl`` (every process's Python, NumPy, torch and CUDA
+generators) and, written last, ``training_state.json``: a folder without it (a
+run killed mid-save) is never resumed.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -82,6 +89,11 @@ def find_checkpoint(resume: str | None, output_dir: str | Path) -> Path | None:
 def read_checkpoint_state(path: Path, adapter: dict) -> dict:
     """The checkpoint's state; ValueError when its adapter settings (model, rank, targets...) differ from ``adapter``."""
     state = json.loads((path / STATE_FILE).read_text())
+    if not (path / "optimizer.bin").is_file():  # before accelerate's layout: optimizer.pt and rng-N.pt
+        raise ValueError(
+            f"{path} was written in the older checkpoint layout, which cannot be resumed; train into a new "
+            "output folder (its LoRA file still loads as a LoRA)."
+        )
     theirs = state["adapter"]
     for key, value in adapter.items():
         if theirs.get(key) != value:
@@ -90,3 +102,89 @@ def read_checkpoint_state(path: Path, adapter: dict) -> dict:
                 "resume with the same settings, or train into a new output folder."
             )
     return state
+
+
+def make_accelerator(
+    device: str, mixed_precision: str, gradient_accumulation: int = 1, *, data_seed: int | None = None
+):
+    """The run's ``Accelerator``, after forgetting a previous run's state in this process.
+
+    Gradient accumulation does not restart at an epoch's end (``sync_with_dataloader=False``): an optimiser
+    update is always ``gradient_accumulation`` micro-batches, whichever epochs they come from, so the step
+    count and a resumed run's position are plain arithmetic. ``data_seed`` seeds accelerate's seedable
+    sampler, which makes a shuffled epoch's order a function of the seed and the epoch alone.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin
+
+    forget_single_process_state()
+    return Accelerator(
+        mixed_precision=mixed_precision,
+        cpu=device == "cpu",
+        gradient_accumulation_plugin=GradientAccumulationPlugin(
+            num_steps=gradient_accumulation, sync_with_dataloader=False
+        ),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=data_seed is not None, data_seed=data_seed),
+    )
+
+
+def make_lr_scheduler(name: str, optimizer, *, warmup_steps: int, total_steps: int):
+    """diffusers' ``get_scheduler``: ``name`` (constant, cosine, linear, ...) after a linear warmup.
+
+    The warmup follows diffusers: update ``k`` (from 0) runs at ``lr * k / warmup_steps``. "constant" with a
+    warmup is diffusers' "constant_with_warmup". The schedule is stepped once per optimiser update and is
+    not passed to ``accelerator.prepare`` (which would step it once per process), but registered for
+    checkpointing instead.
+    """
+    from diffusers.optimization import get_scheduler
+
+    if name == "constant" and warmup_steps:
+        name = "constant_with_warmup"
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps)
+
+
+def micro_batches(accelerator, loader, order, *, start: int) -> Iterator:
+    """The prepared ``loader``'s micro-batches from global position ``start`` on, one epoch after another.
+
+    ``order`` is the sampler whose ``set_epoch`` fixes an epoch's order (a function of seed and epoch), so
+    a resumed run computes its epoch and place in it from ``start`` alone and skips there with
+    ``accelerator.skip_first_batches``.
+    """
+    epoch, skip = divmod(start, len(loader))
+    while True:
+        current = accelerator.skip_first_batches(loader, skip) if skip else loader
+        current.set_epoch(epoch)  # the DataLoaderShard passes it on to a single process's sampler
+        order.set_epoch(epoch)  # and here for a sharded one, whose wrapper does not
+        yield from current
+        epoch, skip = epoch + 1, 0
+
+
+def save_training_state(accelerator, folder: Path, state: dict) -> None:
+    """``accelerator.save_state`` into ``folder`` (the save hooks write the LoRA), then ``STATE_FILE`` last."""
+    accelerator.save_state(str(folder))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (folder / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")  # last: marks it complete
+    accelerator.wait_for_everyone()
+
+
+def take_models(models: list, weights: list | None = None) -> list:
+    """Empty accelerate's lists of models (and their full state dicts) so ``save_state`` / ``load_state`` leave
+    the frozen base model alone, as diffusers' DreamBooth LoRA hooks do; returns the models taken out."""
+    taken = []
+    while models:
+        taken.append(models.pop())
+        if weights:
+            weights.pop()
+    return taken
+
+
+def write_model_card(folder: Path, data, body: str) -> Path:
+    """``folder/README.md`` as a ``huggingface_hub.ModelCard``: ``data`` (a ``ModelCardData``) as YAML front
+    matter, which the Hub indexes (base_model, tags, licence), then ``body`` in Markdown."""
+    from huggingface_hub import ModelCard
+
+    card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body.strip()}\n")
+    path = Path(folder) / "README.md"
+    card.save(path)
+    return path

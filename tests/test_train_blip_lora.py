@@ -18,8 +18,8 @@ from pipelines.runtime import choose_runtime
 from pipelines.studio import Studio
 from pipelines.train_blip_lora import (
     BlipLoraTrainingConfig,
-    epoch_order,
-    learning_rate_factor,
+    EncodedSet,
+    caption_loader,
     vocabulary_report,
     vocabulary_warning,
 )
@@ -131,6 +131,29 @@ def test_the_saved_adapter_loads_through_the_studio_and_changes_captions(trained
     assert sum(a.captions[0].text != b for a, b in zip(adapted, base, strict=True)) >= 3
 
 
+def test_plain_peft_loads_the_adapter_and_its_checkpoints(trained, tiny_root, dataset, tmp_path):
+    """Third-party code: ``PeftModel.from_pretrained`` on the output folder and on a checkpoint folder."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import BlipForConditionalGeneration
+
+    from pipelines.catalog import CATALOG
+
+    result, out, _ = trained
+    base = tiny_root / CATALOG["blip-caption"].tiny_dir
+    model = PeftModel.from_pretrained(BlipForConditionalGeneration.from_pretrained(base), out)
+    saved = load_file(out / ADAPTER_WEIGHTS_FILE)
+    state = {key: value for key, value in model.state_dict().items() if "lora_" in key}
+    assert len(state) == len(saved) == 32
+    assert all(torch.equal(state[key.replace(".weight", ".default.weight")], saved[key]) for key in saved)
+
+    short = train_blip_lora.train(config(dataset, tmp_path / "short", tiny_root, max_steps=2, checkpoint_every=2))
+    checkpoint = PeftModel.from_pretrained(BlipForConditionalGeneration.from_pretrained(base), short.checkpoints[0])
+    final = load_file(tmp_path / "short" / ADAPTER_WEIGHTS_FILE)
+    loaded = {key: value for key, value in checkpoint.state_dict().items() if "lora_" in key}
+    assert all(torch.equal(loaded[key.replace(".weight", ".default.weight")], final[key]) for key in final)
+
+
 def test_the_log_feeds_the_training_runs_loss_curve_and_the_card_tells_the_story(trained):
     result, out, printed = trained
     logged = [(int(match[1]), int(match[2]), float(match[3])) for line in printed if (match := LOSS_LINE.search(line))]
@@ -144,6 +167,12 @@ def test_the_log_feeds_the_training_runs_loss_curve_and_the_card_tells_the_story
     card = (out / "README.md").read_text()
     assert "8 training images" in card and "Trained 30 steps" in card and "tiny random stand-in" in card
     assert f"{result.validation_losses[30]:.4f}" in card
+    from huggingface_hub import ModelCard
+
+    data = ModelCard.load(out / "README.md").data  # the YAML front matter the Hub indexes
+    assert data.base_model == "Salesforce/blip-image-captioning-base"
+    assert {"image-to-text", "lora", "blip"} <= set(data.tags)
+    assert (data.license, data.library_name, data.pipeline_tag) == ("bsd-3-clause", "peft", "image-to-text")
 
 
 def test_resume_continues_the_step_count_and_repeats_the_run(dataset, tiny_root, tmp_path):
@@ -156,6 +185,13 @@ def test_resume_continues_the_step_count_and_repeats_the_run(dataset, tiny_root,
     )
     assert (resumed.start_step, resumed.steps, len(resumed.losses)) == (3, 6, 3)
     assert resumed.losses == pytest.approx(whole.losses[3:], rel=1e-5)
+    assert resumed.learning_rates == pytest.approx(whole.learning_rates[3:])
+    # accelerate's layout, with the adapter alone (no BLIP weights), as a folder peft loads.
+    assert {"adapter_config.json", "adapter_model.safetensors", "optimizer.bin", "custom_checkpoint_0.pkl"} | {
+        "random_states_0.pkl",
+        "training_state.json",
+    } <= {path.name for path in whole.checkpoints[0].iterdir()}
+    assert not any(whole.checkpoints[0].glob("model*.safetensors"))
     from safetensors.torch import load_file
 
     first, second = (
@@ -226,19 +262,119 @@ def test_bad_settings_are_one_sentence(tmp_path, overrides, words):
         BlipLoraTrainingConfig(dataset=tmp_path, output_dir=tmp_path, device="cpu", **overrides).validated()
 
 
+def _epoch(loader, epoch: int) -> list[list[int]]:
+    """The micro-batches of one epoch as caption token ids' first word piece (one per example here)."""
+    loader.set_epoch(epoch)
+    return [batch["input_ids"][:, 1].tolist() for batch in loader]
+
+
 def test_each_epoch_visits_every_image_and_processes_share_it_evenly():
-    single = epoch_order(10, epoch=0, seed=1, batch_size=4, process=0, processes=1)
-    assert [len(batch) for batch in single] == [4, 4, 4]
-    assert set(sum(single, [])) == set(range(10))
-    assert epoch_order(10, 1, 1, 4, 0, 1) != single  # another epoch, another order
-    shards = [epoch_order(10, epoch=0, seed=1, batch_size=2, process=rank, processes=2) for rank in range(2)]
+    from accelerate.data_loader import prepare_data_loader
+
+    # Ten examples whose single word piece is their index + 1000, so a batch shows which examples it holds.
+    encoded = EncodedSet(
+        examples=[None] * 10, features=torch.zeros(10, 2, 4), token_ids=[[0, 1000 + i, 2] for i in range(10)]
+    )
+
+    def prepared(batch_size, rank, processes):
+        loader = caption_loader(encoded, batch_size, seed=1, pad_token_id=0)
+        return prepare_data_loader(
+            loader,
+            num_processes=processes,
+            process_index=rank,
+            use_seedable_sampler=True,
+            data_seed=1,
+            put_on_device=False,
+        )
+
+    single = _epoch(prepared(4, 0, 1), 0)
+    assert [len(batch) for batch in single] == [4, 4, 2]
+    assert sorted(sum(single, [])) == list(range(1000, 1010))
+    assert _epoch(prepared(4, 0, 1), 0) == single  # the order is a function of seed and epoch alone
+    assert _epoch(prepared(4, 0, 1), 1) != single  # another epoch, another order
+    shards = [_epoch(prepared(2, rank, 2), 0) for rank in range(2)]
     assert len(shards[0]) == len(shards[1]) == 3
-    assert set(sum(shards[0], []) + sum(shards[1], [])) == set(range(10))
+    assert set(sum(shards[0], []) + sum(shards[1], [])) == set(range(1000, 1010))
 
 
 def test_the_learning_rate_warms_up_then_follows_a_cosine_or_stays():
-    factors = [learning_rate_factor(step, 10, 2, "cosine") for step in range(10)]
-    assert factors[:2] == [0.5, 1.0] and factors[2] == pytest.approx(1.0)
-    assert factors[6] == pytest.approx(0.5) and all(a > b for a, b in zip(factors[2:], factors[3:], strict=False))
-    assert learning_rate_factor(10, 10, 2, "cosine") == pytest.approx(0.0)
-    assert [learning_rate_factor(step, 10, 2, "constant") for step in (0, 5, 9)] == [0.5, 1.0, 1.0]
+    from pipelines.training_common import make_lr_scheduler
+
+    def factors(name, steps=10):
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        scheduler = make_lr_scheduler(name, optimizer, warmup_steps=2, total_steps=10)
+        rates = []
+        for _ in range(steps):
+            rates.append(scheduler.get_last_lr()[0])
+            optimizer.step()
+            scheduler.step()
+        return rates + [scheduler.get_last_lr()[0]]
+
+    cosine = factors("cosine")  # diffusers' warmup: update k runs at k / warmup
+    assert cosine[:3] == pytest.approx([0.0, 0.5, 1.0]) and cosine[6] == pytest.approx(0.5)
+    assert all(a > b for a, b in zip(cosine[2:], cosine[3:], strict=False)) and cosine[10] == pytest.approx(0.0)
+    assert [factors("constant")[step] for step in (0, 1, 5, 9)] == pytest.approx([0.0, 0.5, 1.0, 1.0])
+
+
+def test_the_trainers_modules_import_nothing_above_them():
+    """The BLIP trainer's pieces sit below its driver: none imports ``train_blip_lora`` (lazily or not), and the
+    settings import neither the files nor the data modules."""
+    import ast
+
+    root = Path(__file__).resolve().parent.parent / "pipelines"
+    below = {
+        "blip_training_config": {"train_blip_lora", "blip_lora_files", "blip_training_data"},
+        "blip_training_data": {"train_blip_lora", "blip_lora_files"},
+        "blip_lora_files": {"train_blip_lora", "blip_training_data"},
+    }
+    for module, above in below.items():
+        tree = ast.parse((root / f"{module}.py").read_text())
+        imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+        imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+        assert not {name.removeprefix("pipelines.") for name in imported} & above, module
+
+
+@pytest.mark.slow
+def test_two_processes_train_checkpoint_and_resume(dataset, tiny_root, tmp_path):
+    """Two CPU processes (torch.distributed, as `accelerate launch --multi_gpu` starts them): each takes its share of
+    the seeded order, both write their random state, and a resumed two-process run continues the step count."""
+    import os
+    import subprocess
+    import sys
+
+    output_dir = tmp_path / "two"
+
+    def run(*extra: str) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+        command += ["-m", "pipelines.train_blip_lora", str(dataset), str(output_dir), "--tiny", "--tiny-dir"]
+        command += [
+            str(tiny_root),
+            "--device",
+            "cpu",
+            "--batch-size",
+            "2",
+            "--checkpoint-every",
+            "2",
+            "--log-every",
+            "1",
+        ]
+        command += ["--validation-split", "0", "--sample-captions", "0", *extra]
+        environment = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+        completed = subprocess.run(
+            command, cwd=Path(__file__).resolve().parent.parent, env=environment, capture_output=True, text=True
+        )
+        assert completed.returncode == 0, completed.stderr[-3000:]
+        return completed
+
+    first = run("--max-steps", "2")
+    assert "2 process(es)" in first.stdout and first.stdout.count("step 2/2  loss") == 1  # the main process logs
+    assert "2 micro-batches of 2 per epoch and process" in first.stdout  # 8 images: 4 batches, 2 each
+    checkpoint = output_dir / "checkpoint-2"
+    assert sorted(path.name for path in checkpoint.glob("random_states_*.pkl")) == [
+        "random_states_0.pkl",
+        "random_states_1.pkl",
+    ]
+    resumed = run("--max-steps", "4", "--resume", "latest")
+    assert f"resumed from {checkpoint} at step 2 of 4" in resumed.stdout
+    assert resumed.stdout.count("step 4/4  loss") == 1 and "step 1/4" not in resumed.stdout
+    assert (output_dir / "checkpoint-4" / "optimizer.bin").is_file() and (output_dir / ADAPTER_WEIGHTS_FILE).is_file()

@@ -7,6 +7,7 @@ others reuse its cache folder, so no test but the first encodes anything.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from safetensors.torch import load_file
 
 from pipelines import settings
 from pipelines.sd3_training_data import (
+    BucketBatchSampler,
     assign_buckets,
     bucket_sizes,
     epoch_batches,
@@ -246,12 +248,26 @@ def test_the_adapter_is_diffusers_format_and_changes_the_studios_images(trained,
     assert not set_peft_model_state_dict(by_hand.transformer, state, adapter_name="default").unexpected_keys
     assert abs(draw(by_hand) - with_lora).max() < 1e-4
 
+    # Plain diffusers reads the output folder as it is (third-party code: no Studio involved).
+    plain = _fresh_pipeline(tiny_root)
+    plain.load_lora_weights(str(lora_file.parent))
+    assert abs(draw(plain) - with_lora).max() < 1e-4
+
     # The run's other outputs: settings, model card, validation images, and log lines the Train tab reads.
     from pipelines.training_runs import LOSS_LINE
 
     folder = trained["result"].output_dir
     assert json.loads((folder / "training_args.json").read_text())["trigger"] == TRIGGER
     assert f"`{TRIGGER}`" in (folder / "README.md").read_text()
+    # The card's YAML front matter, as the Hub reads it.
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(folder / "README.md").data
+    assert card.base_model == "stabilityai/stable-diffusion-3.5-large"
+    assert {"lora", "sd3", "text-to-image", "diffusers"} <= set(card.tags)
+    assert (card.license, card.license_name, card.library_name) == ("other", "stabilityai-ai-community", "diffusers")
+    assert card.instance_prompt == TRIGGER
+    assert card.widget == [{"text": VALIDATION_PROMPT, "output": {"url": "validation/step-000020.png"}}]
     assert [path.name for path in trained["result"].validation_images] == ["step-000010.png", "step-000020.png"]
     assert Image.open(trained["result"].validation_images[0]).size == (64, 64)
     logged = [LOSS_LINE.search(line) for line in trained["lines"]]
@@ -280,17 +296,33 @@ def test_resume_continues_the_step_count_and_the_optimiser(dataset, tiny_root, t
     # Same data order, noise, learning-rate warmup and Adam moments as the run that never stopped.
     assert resumed.losses == pytest.approx(straight.losses[2:], rel=1e-5)
     assert resumed.learning_rates == pytest.approx(straight.learning_rates[2:])
-    assert straight.learning_rates[:3] == pytest.approx([1e-2 / 3, 2e-2 / 3, 1e-2])
+    assert straight.learning_rates == pytest.approx([0.0, 1e-2 / 3, 2e-2 / 3, 1e-2, 1e-2])  # diffusers' warmup
     assert resumed.held_out_losses == pytest.approx({4: straight.held_out_losses[4], 5: straight.held_out_losses[5]})
     ours, theirs = load_file(resumed.lora_path), load_file(straight.lora_path)
     assert all(torch.allclose(ours[key], theirs[key], atol=1e-6) for key in theirs)
-    optimizer = torch.load(tmp_path / "split" / "checkpoint-2" / "optimizer.pt", weights_only=True)
+    # accelerate's layout, the LoRA alone (no base model); the checkpoint's LoRA loads like the final one.
+    checkpoint = tmp_path / "split" / "checkpoint-2"
+    assert sorted(path.name for path in checkpoint.iterdir()) == [
+        "custom_checkpoint_0.pkl",
+        "optimizer.bin",
+        "pytorch_lora_weights.safetensors",
+        "random_states_0.pkl",
+        "training_state.json",
+    ]
+    optimizer = torch.load(checkpoint / "optimizer.bin", weights_only=True)
     assert all(int(state["step"]) == 2 for state in optimizer["state"].values())
+    assert load_file(checkpoint / "pytorch_lora_weights.safetensors").keys() == theirs.keys()
+    pipeline = _fresh_pipeline(tiny_root)
+    pipeline.load_lora_weights(str(checkpoint))  # a checkpoint is a LoRA diffusers loads, too
+    assert pipeline.get_list_adapters() == {"transformer": ["default_0"]}
 
     with pytest.raises(ValueError, match="rank 4"):
         train(_config(dataset, tmp_path / "split", tiny_root, cache_dir, steps=6, rank=8, resume="latest"))
     with pytest.raises(ValueError, match="not a complete checkpoint"):
         train(_config(dataset, tmp_path / "other", tiny_root, cache_dir, resume=str(tmp_path / "nowhere")))
+    (checkpoint / "optimizer.bin").rename(checkpoint / "optimizer.pt")  # as the older layout had it
+    with pytest.raises(ValueError, match="older checkpoint layout"):
+        train(_config(dataset, tmp_path / "other", tiny_root, cache_dir, resume=str(checkpoint)))
 
 
 @pytest.mark.parametrize(
@@ -388,6 +420,21 @@ def test_aspect_buckets():
     assert all(len({assigned[index] for index in batch}) == 1 for batch in batches)
     assert epoch_batches(assigned, 2, seed=0, epoch=0) == batches != epoch_batches(assigned, 2, seed=0, epoch=1)
 
+    # The same order through a DataLoader's batch sampler; split between two processes as accelerate does,
+    # each takes whole one-bucket batches, the same number of them, and together they cover the epoch.
+    from accelerate.data_loader import BatchSamplerShard
+    from torch.utils.data import DataLoader
+
+    sampler = BucketBatchSampler(assigned, 2, seed=0)
+    loader = DataLoader(list(range(7)), batch_sampler=sampler, collate_fn=list)
+    assert len(loader) == len(batches) and list(loader) == batches
+    sampler.set_epoch(1)
+    assert list(loader) == epoch_batches(assigned, 2, seed=0, epoch=1)
+    shards = [list(BatchSamplerShard(sampler, num_processes=2, process_index=rank)) for rank in (0, 1)]
+    assert len(shards[0]) == len(shards[1]) == math.ceil(len(batches) / 2)
+    assert all(len({assigned[index] for index in batch}) == 1 for shard in shards for batch in shard)
+    assert {index for shard in shards for batch in shard for index in batch} == set(range(7))
+
 
 def test_captions_and_images_are_encoded_once_and_cached(trained, dataset, tiny_root, tmp_path, monkeypatch):
     counter = trained["counter"]
@@ -461,7 +508,10 @@ def test_two_processes_train_one_adapter(dataset, tiny_root, trained, tmp_path):
     assert completed.stdout.count("step 1/2  loss") == completed.stdout.count("saved ") == 1  # the main process logs
     assert "encoding" not in completed.stdout  # both processes read the cache
     checkpoint = output_dir / "checkpoint-2"
-    assert sorted(path.name for path in checkpoint.glob("rng-*.pt")) == ["rng-0.pt", "rng-1.pt"]
+    assert sorted(path.name for path in checkpoint.glob("random_states_*.pkl")) == [
+        "random_states_0.pkl",
+        "random_states_1.pkl",
+    ]
     assert json.loads((checkpoint / "training_state.json").read_text())["processes"] == 2
     weights = load_file(output_dir / "pytorch_lora_weights.safetensors")
     assert any(weights[key].abs().max() > 0 for key in weights if "lora_B" in key)
@@ -478,7 +528,7 @@ def test_cuda_bf16_8bit_adam_checkpointing_and_resume(dataset, tiny_root, tmp_pa
     assert (resumed.start_step, resumed.steps) == (10, 20)
     assert all(0 < loss < 10 for loss in first.losses + resumed.losses)
     assert [path.name for path in resumed.validation_images] == ["step-000020.png"]
-    optimizer = torch.load(tmp_path / "gpu" / "checkpoint-10" / "optimizer.pt", weights_only=False)
+    optimizer = torch.load(tmp_path / "gpu" / "checkpoint-10" / "optimizer.bin", weights_only=False)
     assert optimizer["state"] and not any("exp_avg" in state for state in optimizer["state"].values())  # bnb's
     assert any(cache_dir.glob("latents-*.pt"))
 
@@ -488,3 +538,23 @@ def test_cuda_bf16_8bit_adam_checkpointing_and_resume(dataset, tiny_root, tmp_pa
     before = _fixed_noise_loss(pipeline.transformer, examples)
     _load_in_studio(pipeline, resumed.lora_path)
     assert _fixed_noise_loss(pipeline.transformer, examples) < 0.95 * before
+
+
+def test_the_trainers_modules_import_nothing_above_them():
+    """Shared types sit below the code that uses them: no module of the SD3 trainer imports the driver, lazily or
+    for type checking either, and the common pieces import neither trainer."""
+    import ast
+
+    root = Path(__file__).resolve().parent.parent / "pipelines"
+    below = {
+        "sd3_training_config": {"train_sd3_lora", "flow_matching", "sd3_lora_files"},
+        "flow_matching": {"train_sd3_lora", "sd3_lora_files"},
+        "sd3_lora_files": {"train_sd3_lora", "flow_matching"},
+        "sd3_training_data": {"train_sd3_lora", "flow_matching", "sd3_lora_files", "sd3_training_config"},
+        "training_common": {"train_sd3_lora", "train_blip_lora", "sd3_lora_files", "sd3_training_config"},
+    }
+    for module, above in below.items():
+        tree = ast.parse((root / f"{module}.py").read_text())
+        imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+        imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+        assert not {name.removeprefix("pipelines.") for name in imported} & above, module
