@@ -4,16 +4,18 @@
 
 Two pipelines: the tiny Large stand-in, and a mid-size random-weight SD3
 (an 8-layer, 512-wide MMDiT with the real SD3 VAE config and small text
-encoders) at 256x256, 4 steps, guidance 3.5. The Studio side is what the
-Generate tab runs: ``resolve_request`` + ``generate`` (step callback, stop
-check, truncation check, PNG parameters) + saving the PNG with its metadata.
-It is timed with live previews off and with a preview after every step, so
-the previews' cost is printed. Goal: ratio <= 1.05 without previews.
+encoders) at 256x256, 4 steps, guidance 3.5. The Studio side is what every tab
+runs: the generation service (``pipelines/generation.py``: checks, presets,
+memory mode, LoRA selection, the step callback, stop check, truncation check,
+PNG parameters, saving the PNG with its metadata, the details dict). It is
+timed with live previews off and with a preview after every step, so the
+previews' cost is printed. Goal: ratio <= 1.05 without previews.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import tempfile
 from pathlib import Path
@@ -22,9 +24,29 @@ import torch
 
 from bench.common import interleaved_medians, machine_description, write_results
 from pipelines.catalog import MODEL_CONFIGS_DIR
-from pipelines.png_metadata import save_png
-from pipelines.sd3 import GenerateRequest, LatentPreviewer, generate, resolve_request
+from pipelines.generation import GenerationRequest, GenerationService
+from pipelines.runtime import choose_runtime
+from pipelines.sd3 import LatentPreviewer
 from pipelines.tiny import TINY_SD3_DIRS, ensure_tiny_models
+
+
+class OnePipeline:
+    """The slice of ModelManager the generation service uses, serving one in-memory pipeline."""
+
+    tiny = True  # the tiny size limits (64-512 px) admit both bench sizes; the real ones start at 0.25 MP
+
+    def __init__(self, pipeline) -> None:
+        self.pipeline = pipeline
+        self.runtime = choose_runtime("cpu")
+
+    def get(self, key, variant=None, notify=None):
+        return self.pipeline
+
+    def loaded_models(self):
+        return []
+
+    def source_for(self, key):
+        return "bench"
 
 
 def mid_size_pipeline(tiny_dir: Path):
@@ -104,14 +126,11 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as scratch:
         for name, (pipeline, side) in cases.items():
             parameters = sum(parameter.numel() for parameter in pipeline.transformer.parameters())
-            request = resolve_request(
-                GenerateRequest(
-                    prompt="a red cube on a blue sphere", steps=4, guidance=3.5, width=side, height=side, seed=1
-                ),
-                tiny=True,  # the tiny size limits (64-512 px) admit both test sizes; the real ones start at 0.25 MP
+            service = GenerationService(OnePipeline(pipeline))
+            request = GenerationRequest(
+                prompt="a red cube on a blue sphere", steps=4, guidance=3.5, width=side, height=side, seed=1
             )
-            previewer = LatentPreviewer(pipeline.vae)
-            previewer(torch.zeros(1, 16, 2, 2))  # fit the projection once, outside the timing
+            LatentPreviewer.for_pipeline(pipeline)(torch.zeros(1, 16, 2, 2))  # fit the projection outside the timing
 
             def bare(pipeline=pipeline, side=side):
                 return pipeline(
@@ -124,11 +143,9 @@ def main(argv: list[str] | None = None) -> None:
                     max_sequence_length=256,
                 ).images
 
-            def studio(pipeline=pipeline, request=request, previewer=previewer, preview_every=0):
-                result = generate(pipeline, request, repo_id="bench", preview_every=preview_every, previewer=previewer)
-                for index, image in enumerate(result.images):
-                    save_png(image, Path(scratch) / f"{index}.png", result.parameters[index], result.settings[index])
-                return result
+            def studio(service=service, request=request, preview_every=0):
+                with_previews = dataclasses.replace(request, preview_every=preview_every)
+                return service.run(with_previews, folder=Path(scratch))
 
             medians = interleaved_medians(
                 {"bare": bare, "studio": studio, "previews": lambda: studio(preview_every=1)}, args.repeats
