@@ -13,7 +13,7 @@ from pathlib import Path
 import gradio as gr
 import torch
 
-from pipelines.manager import ModelLoadError
+from pipelines.errors import ModelLoadError
 
 logger = logging.getLogger(__name__)
 
