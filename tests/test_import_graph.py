@@ -180,3 +180,20 @@ def test_the_bottom_modules_import_only_each_other():
     graph = import_graph()
     reaching_up = {name: sorted(graph[name] - BOTTOM) for name in sorted(BOTTOM) if graph[name] - BOTTOM}
     assert not reaching_up, f"the bottom modules import from above them: {reaching_up}"
+
+
+def test_pipelines_never_import_gradio():
+    """pipelines/ is usable from Python and the CLIs: the UI library stays in components/ and app.py."""
+    offenders = []
+    for name, path in project_files().items():
+        if not name.startswith("pipelines"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                targets = [node.module or ""]
+            else:
+                continue
+            offenders += [f"{name} (line {node.lineno})" for target in targets if target.split(".")[0] == "gradio"]
+    assert not offenders, f"pipelines/ modules that import gradio: {offenders}"

@@ -103,10 +103,10 @@ def test_auto_mode_on_a_cpu_machine_is_full_precision_and_says_why():
 
 
 def test_the_app_refuses_an_unknown_memory_mode_at_start(tiny_root):
-    from app import _studio_from_args, parse_args
+    from pipelines.startup import parse_args, studio_from_args
 
     with pytest.raises(SystemExit, match="Unknown memory mode 'fp8'"):
-        _studio_from_args(parse_args(["--tiny", "--tiny-dir", str(tiny_root), "--memory", "fp8"]))
+        studio_from_args(parse_args(["--tiny", "--tiny-dir", str(tiny_root), "--memory", "fp8"]))
 
 
 @pytest.mark.api
