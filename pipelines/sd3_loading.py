@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from pipelines.memory import MemoryMode, get_mode
+from pipelines.memory.modes import MemoryMode, get_mode
 from pipelines.runtime import Runtime
 
 

@@ -124,7 +124,9 @@ def studio_from_args(args: argparse.Namespace) -> Studio:
             # and leaves the other cores to concurrent requests.
             torch.set_num_threads(1)
             tiny_root = ensure_tiny_models(args.tiny_dir)
-        from pipelines.memory import get_mode, load_estimate_bytes, memory_budget_bytes
+        from pipelines.memory.gpu import memory_budget_bytes
+        from pipelines.memory.modes import get_mode
+        from pipelines.memory.planner import load_estimate_bytes
 
         if args.memory != "auto":
             get_mode("sd35-large", args.memory)  # refuse an unknown mode at start, with the list
