@@ -1,4 +1,4 @@
-"""BLIP x SD3.5 Studio: flags, the Blocks assembled from components/, the queue, launch.
+"""BLIP x SD3.5 Studio: the Blocks assembled from components/, the queue, launch (flags: pipelines/startup.py).
 
 python app.py                 # the real models, downloaded from the Hub on first use
 python app.py --tiny          # tiny offline models: no network, no GPU, seconds to start
@@ -6,9 +6,7 @@ python app.py --tiny          # tiny offline models: no network, no GPU, seconds
 
 from __future__ import annotations
 
-import argparse
 import logging
-import os
 from pathlib import Path
 
 import gradio as gr
@@ -24,142 +22,10 @@ from components.scoreboard import build_scoreboard_tab
 from components.system import build_system_tab
 from components.train import build_train_tab
 from pipelines import settings, workspace
-from pipelines.catalog import CATALOG
-from pipelines.manager import ModelManager
-from pipelines.runtime import choose_runtime
+from pipelines.startup import TITLE, parse_args, studio_from_args
 from pipelines.studio import TINY_MODE_NOTICE, Studio
 
-TITLE = "BLIP × SD3.5 Studio"
 APP_DIR = Path(__file__).resolve().parent
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=TITLE)
-    parser.add_argument("--tiny", action="store_true", help="serve tiny offline models (no network, no GPU)")
-    parser.add_argument("--tiny-dir", type=Path, default=None, help="where tiny models are built/cached")
-    parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
-    parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")))
-    parser.add_argument("--share", action="store_true", help="also serve through a public Gradio share link")
-    parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N or mps")
-    parser.add_argument(
-        "--memory",
-        default="auto",
-        metavar="MODE",
-        help="SD3.5 memory mode: auto (the fastest that fits this GPU), bf16, nf4, nf4-t5nf4, int8, bf16-no-t5, "
-        "nf4-no-t5, bf16-offload, nf4-t5nf4-offload, nf4-no-t5-offload, bf16-sequential",
-    )
-    parser.add_argument("--outputs", type=Path, default=None, help="also save every generated PNG in this folder")
-    parser.add_argument(
-        "--no-preload",
-        action="store_true",
-        help="do not load BLIP in the background at start (it then loads on the first request)",
-    )
-    parser.add_argument(
-        "--model",
-        action="append",
-        default=[],
-        metavar="KEY=SOURCE",
-        help=f"load KEY from a local folder or another repo id; keys: {', '.join(CATALOG)}. "
-        "Also STUDIO_MODEL_<KEY> (e.g. STUDIO_MODEL_BLIP_CAPTION=/models/blip).",
-    )
-    parser.add_argument(
-        "--lora-dir",
-        type=Path,
-        default=None,
-        help=f"SD3.5 LoRA files are read from (and trained into) this folder (default: {settings.DEFAULT_LORA_DIR}/; "
-        "the tiny LoRAs under --tiny)",
-    )
-    parser.add_argument(
-        "--adapter-dir",
-        type=Path,
-        default=None,
-        help="BLIP LoRA adapters are read from (and trained into) this folder (default: adapters/, "
-        "or $STUDIO_BLIP_ADAPTER_DIR; the tiny adapters under --tiny)",
-    )
-    parser.add_argument(
-        "--no-train", action="store_true", help="leave out the Train tab (e.g. on a public instance with one GPU)"
-    )
-    parser.add_argument(
-        "--public",
-        action="store_true",
-        help="serve anonymous visitors: unload, evaluation runs, memory-mode changes and training become the "
-        "operator's (on by default when SPACE_ID is set; STUDIO_PUBLIC=0 turns it off)",
-    )
-    return parser.parse_args(argv)
-
-
-def model_overrides(pairs: list[str], environ: dict[str, str] = os.environ) -> dict[str, str]:
-    """KEY=SOURCE pairs from the environment, then the command line (which wins)."""
-    overrides = {}
-    for key in CATALOG:
-        value = environ.get("STUDIO_MODEL_" + key.upper().replace("-", "_"))
-        if value:
-            overrides[key] = value
-    for pair in pairs:
-        key, separator, source = pair.partition("=")
-        if not separator or not source:
-            raise SystemExit(f"--model {pair!r}: write KEY=SOURCE, e.g. --model blip-caption=/models/blip.")
-        overrides[key.strip()] = source.strip()
-    return overrides
-
-
-def enter_offline_mode(environ: dict[str, str] = os.environ) -> None:
-    """HF_HUB_OFFLINE=1 from here on: for this process's Hub calls and for the trainers it starts.
-
-    huggingface_hub reads the variable once, when it is first imported (gradio imports it
-    before any flag is parsed), so its constant is set as well.
-    """
-    from huggingface_hub import constants
-
-    environ["HF_HUB_OFFLINE"] = "1"
-    constants.HF_HUB_OFFLINE = True
-
-
-def build_studio(argv: list[str] | None = None) -> Studio:
-    """The shared state for the tabs, from command-line flags."""
-    args = parse_args(argv)
-    return _studio_from_args(args)
-
-
-def _studio_from_args(args: argparse.Namespace) -> Studio:
-    try:
-        runtime = choose_runtime(args.device)
-        tiny_root = None
-        if args.tiny:
-            import torch
-
-            from pipelines.tiny import ensure_tiny_models
-
-            enter_offline_mode()  # tiny mode never reaches the Hub, whatever a visitor names
-
-            # Tiny models are latency-bound: one intra-op thread is faster than several
-            # and leaves the other cores to concurrent requests.
-            torch.set_num_threads(1)
-            tiny_root = ensure_tiny_models(args.tiny_dir)
-        from pipelines.memory import get_mode, load_estimate_bytes, memory_budget_bytes
-
-        if args.memory != "auto":
-            get_mode("sd35-large", args.memory)  # refuse an unknown mode at start, with the list
-        manager = ModelManager(
-            runtime,
-            tiny_root=tiny_root,
-            source_overrides=model_overrides(args.model),
-            # Tiny models need no budget; real ones unload the least recently used to fit.
-            memory_budget_bytes=None if args.tiny else memory_budget_bytes(runtime),
-            estimate_bytes=lambda key, variant: load_estimate_bytes(key, variant, runtime.dtype_name),
-        )
-    except ValueError as error:
-        raise SystemExit(str(error)) from None
-    return Studio(
-        manager=manager,
-        outputs_dir=args.outputs,
-        memory_mode=args.memory,
-        lora_dir=args.lora_dir,
-        blip_adapter_dir=args.adapter_dir,
-        training_enabled=not args.no_train,
-        public=settings.public_mode(args.public),
-        public_training=settings.public_training_allowed(),
-    )
 
 
 def blocked_paths(studio: Studio) -> list[str]:
@@ -226,7 +92,7 @@ def build_app(studio: Studio) -> gr.Blocks:
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
-    studio = _studio_from_args(args)
+    studio = studio_from_args(args)
     studio.training_runs.stop_on_exit()  # no trainer outlives the app (atexit, SIGTERM, SIGINT)
     if not args.no_preload:
         studio.manager.preload("blip-caption")  # BLIP is small; the first click should not wait for it

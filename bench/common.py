@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -19,14 +18,11 @@ from pathlib import Path
 import torch
 
 from pipelines.catalog import MODEL_CONFIGS_DIR
+from pipelines.runtime import machine_description
+
+__all__ = ["machine_description", "real_size_blip_captioner", "interleaved_medians", "write_results"]
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-
-
-def machine_description() -> str:
-    if torch.cuda.is_available():
-        return f"{torch.cuda.get_device_name(0)} (CUDA {torch.version.cuda})"
-    return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
 
 
 def real_size_blip_captioner(dtype: torch.dtype = torch.float32, device: str = "cpu"):

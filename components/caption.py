@@ -16,6 +16,7 @@ from components.decoding import build_decoding_controls, decoding_parameters, re
 from pipelines import settings
 from pipelines.blip import CaptionRequest, CaptionResult
 from pipelines.images import describe_image, load_image
+from pipelines.settings import CaptionStrategy
 from pipelines.studio import Studio
 
 CAPTION_TABLE_HEADERS = ["#", "caption", "score", "tokens", "adapter"]
@@ -53,7 +54,7 @@ def caption_details(result: CaptionResult, studio: Studio, image_description: st
             {"text": caption.text, "score": caption.score, "tokens": caption.num_tokens} for caption in result.captions
         ],
         "seconds": round(result.seconds, 4),
-        "seed": request.seed if request.strategy == "sampling" else None,
+        "seed": request.seed if request.strategy == CaptionStrategy.SAMPLING else None,
         "request": {field.name: getattr(request, field.name) for field in fields(CaptionRequest)},
         "model": studio.manager.source_for("blip-caption"),
         "adapter": result.adapter,
@@ -74,7 +75,7 @@ def make_caption_function(studio: Studio):
         result = studio.captioner().caption(picture, request, adapter=adapter)
         details = caption_details(result, studio, describe_image(picture))
         summary = f"{len(result.captions)} caption(s) in {result.seconds:.2f} s · {request.strategy}"
-        if request.strategy == "sampling":
+        if request.strategy == CaptionStrategy.SAMPLING:
             summary += f" · seed {request.seed}"
         summary += f" · {'adapter ' + result.adapter if result.adapter else BASE_MODEL_LABEL}"
         if studio.tiny:

@@ -13,7 +13,7 @@ from pathlib import Path
 import gradio as gr
 import torch
 
-from pipelines.manager import ModelLoadError
+from pipelines.errors import ModelLoadError
 
 logger = logging.getLogger(__name__)
 
@@ -264,7 +264,7 @@ def download_folder(prefix: str) -> Path:
 
 def launch_alone(build_tab: Callable, title: str) -> None:
     """Run one tab by itself on the tiny models (each tab module's ``__main__``)."""
-    from app import build_studio
+    from pipelines.startup import build_studio
 
     with gr.Blocks(title=title) as demo:
         build_tab(build_studio(["--tiny"]))

@@ -2,7 +2,8 @@
 
 The controls are created in the order of ``CaptionRequest``'s fields, so their
 values map onto a request by name, and each strategy shows only the controls
-that apply to it.
+that apply to it. Every number control takes its range from
+``settings.CAPTION_RANGES``, the ranges ``CaptionRequest.validated`` checks.
 """
 
 from __future__ import annotations
@@ -14,12 +15,13 @@ import gradio as gr
 from components.common import ValidatedNumber, ValidatedSlider, parameter
 from pipelines import settings
 from pipelines.blip import CaptionRequest
+from pipelines.settings import BEAM_STRATEGIES, CaptionStrategy
 
 STRATEGY_LABELS = {
-    "greedy": "Greedy",
-    "beam": "Beam search",
-    "diverse_beam": "Diverse beam search",
-    "sampling": "Sampling (top-k / top-p)",
+    CaptionStrategy.GREEDY: "Greedy",
+    CaptionStrategy.BEAM: "Beam search",
+    CaptionStrategy.DIVERSE_BEAM: "Diverse beam search",
+    CaptionStrategy.SAMPLING: "Sampling (top-k / top-p)",
 }
 
 
@@ -68,10 +70,16 @@ def decoding_parameters(skip: tuple[str, ...] = ()) -> list:
 
 def _visible_groups(strategy: str) -> tuple[dict, dict, dict]:
     return (
-        gr.update(visible=strategy in ("beam", "diverse_beam")),
-        gr.update(visible=strategy == "diverse_beam"),
-        gr.update(visible=strategy == "sampling"),
+        gr.update(visible=strategy in BEAM_STRATEGIES),
+        gr.update(visible=strategy == CaptionStrategy.DIVERSE_BEAM),
+        gr.update(visible=strategy == CaptionStrategy.SAMPLING),
     )
+
+
+def _slider(name: str, value, label: str, **kwargs) -> ValidatedSlider:
+    """A slider over CaptionRequest field ``name``'s validation range."""
+    limits = settings.CAPTION_RANGES[name]
+    return ValidatedSlider(limits.slider_minimum, limits.high, value=value, step=limits.step, label=label, **kwargs)
 
 
 def build_decoding_controls(
@@ -83,8 +91,8 @@ def build_decoding_controls(
     """
     defaults = defaults or CaptionRequest()
     strategy = gr.Radio(
-        choices=[(label, key) for key, label in STRATEGY_LABELS.items()],
-        value=defaults.strategy,
+        choices=[(label, key.value) for key, label in STRATEGY_LABELS.items()],
+        value=CaptionStrategy(defaults.strategy).value,
         label="Decoding strategy",
     )
     prefix = gr.Textbox(
@@ -93,53 +101,33 @@ def build_decoding_controls(
         placeholder="e.g. a picture of — leave empty for unconditional captions",
         max_length=settings.MAX_CAPTION_PREFIX_CHARS,
     )
-    num_captions = ValidatedSlider(
-        1,
-        settings.MAX_CAPTIONS_PER_IMAGE,
-        value=defaults.num_captions,
-        step=1,
-        label="Captions",
-        visible=show_num_captions,
-    )
+    num_captions = _slider("num_captions", defaults.num_captions, "Captions", visible=show_num_captions)
     with gr.Accordion("Decoding settings", open=False):
-        with gr.Group(visible=defaults.strategy in ("beam", "diverse_beam")) as beam_group:
-            num_beams = ValidatedSlider(1, settings.MAX_NUM_BEAMS, value=defaults.num_beams, step=1, label="Beams")
-            length_penalty = ValidatedSlider(
-                -2.0, 3.0, value=defaults.length_penalty, step=0.1, label="Length penalty (>1 favours longer)"
-            )
+        with gr.Group(visible=defaults.strategy in BEAM_STRATEGIES) as beam_group:
+            num_beams = _slider("num_beams", defaults.num_beams, "Beams")
+            length_penalty = _slider("length_penalty", defaults.length_penalty, "Length penalty (>1 favours longer)")
             early_stopping = gr.Checkbox(value=defaults.early_stopping, label="Early stopping")
-        with gr.Group(visible=defaults.strategy == "diverse_beam") as diverse_group:
-            num_beam_groups = ValidatedSlider(
-                2, settings.MAX_NUM_BEAMS, value=defaults.num_beam_groups, step=1, label="Beam groups"
-            )
-            diversity_penalty = ValidatedSlider(
-                0.0, 5.0, value=defaults.diversity_penalty, step=0.1, label="Diversity penalty"
-            )
-        with gr.Group(visible=defaults.strategy == "sampling") as sampling_group:
-            top_k = ValidatedSlider(0, 200, value=defaults.top_k, step=1, label="Top-k (0 = off)")
-            top_p = ValidatedSlider(0.05, 1.0, value=defaults.top_p, step=0.05, label="Top-p (1 = off)")
-            temperature = ValidatedSlider(
-                0.05, settings.MAX_TEMPERATURE, value=defaults.temperature, step=0.05, label="Temperature"
-            )
-            seed = ValidatedNumber(value=defaults.seed, precision=0, label="Seed (-1 = random)")
-        with gr.Row():
-            min_new_tokens = ValidatedSlider(
-                0, settings.MAX_NEW_TOKENS, value=defaults.min_new_tokens, step=1, label="Min tokens"
-            )
-            max_new_tokens = ValidatedSlider(
-                1, settings.MAX_NEW_TOKENS, value=defaults.max_new_tokens, step=1, label="Max tokens"
+        with gr.Group(visible=defaults.strategy == CaptionStrategy.DIVERSE_BEAM) as diverse_group:
+            num_beam_groups = _slider("num_beam_groups", defaults.num_beam_groups, "Beam groups")
+            diversity_penalty = _slider("diversity_penalty", defaults.diversity_penalty, "Diversity penalty")
+        with gr.Group(visible=defaults.strategy == CaptionStrategy.SAMPLING) as sampling_group:
+            top_k = _slider("top_k", defaults.top_k, "Top-k (0 = off)")
+            top_p = _slider("top_p", defaults.top_p, "Top-p (1 = off)")
+            temperature = _slider("temperature", defaults.temperature, "Temperature")
+            seed_range = settings.CAPTION_RANGES["seed"]
+            seed = ValidatedNumber(
+                value=defaults.seed,
+                precision=0,
+                minimum=seed_range.low,
+                maximum=seed_range.high,
+                label="Seed (-1 = random)",
             )
         with gr.Row():
-            repetition_penalty = ValidatedSlider(
-                1.0,
-                settings.MAX_REPETITION_PENALTY,
-                value=defaults.repetition_penalty,
-                step=0.05,
-                label="Repetition penalty",
-            )
-            no_repeat_ngram_size = ValidatedSlider(
-                0, settings.MAX_NO_REPEAT_NGRAM, value=defaults.no_repeat_ngram_size, step=1, label="No-repeat n-gram"
-            )
+            min_new_tokens = _slider("min_new_tokens", defaults.min_new_tokens, "Min tokens")
+            max_new_tokens = _slider("max_new_tokens", defaults.max_new_tokens, "Max tokens")
+        with gr.Row():
+            repetition_penalty = _slider("repetition_penalty", defaults.repetition_penalty, "Repetition penalty")
+            no_repeat_ngram_size = _slider("no_repeat_ngram_size", defaults.no_repeat_ngram_size, "No-repeat n-gram")
     strategy.change(
         _visible_groups,
         inputs=strategy,

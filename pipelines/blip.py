@@ -32,14 +32,24 @@ from pipelines import settings
 from pipelines.diverse_beam import diverse_beam_search
 from pipelines.feature_cache import ImageFeatureCache, model_identity
 from pipelines.seeded_sampling import SeededSampler, row_seeds
+from pipelines.settings import CaptionStrategy
 from pipelines.validation import as_float, as_int
+
+
+def _in_range(name: str, value, *, high: float | None = None):
+    """``value`` checked against ``settings.CAPTION_RANGES[name]`` (a whole number when its step is)."""
+    limits = settings.CAPTION_RANGES[name]
+    high = limits.high if high is None else high
+    if isinstance(limits.step, int):
+        return as_int(name, value, limits.low, high)
+    return as_float(name, value, limits.low, high, low_open=limits.low_open)
 
 
 @dataclass(frozen=True)
 class CaptionRequest:
     """How to caption. Fields that do not apply to ``strategy`` are ignored."""
 
-    strategy: str = settings.DEFAULT_CAPTION_STRATEGY  # greedy | beam | diverse_beam | sampling
+    strategy: CaptionStrategy = settings.DEFAULT_CAPTION_STRATEGY  # a CaptionStrategy or its name
     prefix: str = settings.DEFAULT_CAPTION_PREFIX  # conditional captioning starts from this text
     num_captions: int = 1
     num_beams: int = settings.DEFAULT_NUM_BEAMS  # beam and diverse_beam
@@ -57,65 +67,64 @@ class CaptionRequest:
     no_repeat_ngram_size: int = settings.DEFAULT_NO_REPEAT_NGRAM
 
     def validated(self) -> CaptionRequest:
-        """This request with numbers coerced, the prefix cleaned and a concrete seed.
+        """This request with numbers coerced, the prefix cleaned, the strategy a CaptionStrategy and a
+        concrete seed.
 
-        Raises ValueError naming the bad value and the allowed range. API callers
-        can send anything, so nothing here trusts the UI's sliders.
+        Raises ValueError naming the bad value and the allowed range (``settings.CAPTION_RANGES``, which
+        the UI's sliders read too). API callers can send anything, so nothing here trusts the sliders.
         """
         if self.strategy not in settings.CAPTION_STRATEGIES:
             raise ValueError(
                 f"Unknown decoding strategy {self.strategy!r}; choose one of: {', '.join(settings.CAPTION_STRATEGIES)}."
             )
-        num_captions = as_int("num_captions", self.num_captions, 1, settings.MAX_CAPTIONS_PER_IMAGE)
-        max_new_tokens = as_int("max_new_tokens", self.max_new_tokens, 1, settings.MAX_NEW_TOKENS)
-        min_new_tokens = as_int("min_new_tokens", self.min_new_tokens, 0, max_new_tokens)
+        strategy = CaptionStrategy(self.strategy)
+        num_captions = _in_range("num_captions", self.num_captions)
+        max_new_tokens = _in_range("max_new_tokens", self.max_new_tokens)
+        min_new_tokens = _in_range("min_new_tokens", self.min_new_tokens, high=max_new_tokens)
         prefix = " ".join(str(self.prefix or "").split())
         if len(prefix) > settings.MAX_CAPTION_PREFIX_CHARS:
             raise ValueError(
                 f"The caption prefix has {len(prefix)} characters; keep it under "
                 f"{settings.MAX_CAPTION_PREFIX_CHARS} (a few words such as 'a picture of')."
             )
-        if self.strategy == "greedy" and num_captions > 1:
+        if strategy == CaptionStrategy.GREEDY and num_captions > 1:
             raise ValueError(
                 "Greedy decoding always gives one caption; ask for 1 caption, or choose beam, "
                 "diverse_beam or sampling to get several."
             )
-        num_beams = as_int("num_beams", self.num_beams, 1, settings.MAX_NUM_BEAMS)
-        if self.strategy in ("beam", "diverse_beam") and num_captions > num_beams:
+        num_beams = _in_range("num_beams", self.num_beams)
+        if strategy in settings.BEAM_STRATEGIES and num_captions > num_beams:
             raise ValueError(
                 f"Beam search returns at most one caption per beam: raise num_beams to "
                 f"{num_captions} or ask for {num_beams} caption(s)."
             )
-        num_beam_groups = as_int("num_beam_groups", self.num_beam_groups, 1, settings.MAX_NUM_BEAMS)
-        if self.strategy == "diverse_beam" and (num_beam_groups < 2 or num_beams % num_beam_groups):
+        num_beam_groups = _in_range("num_beam_groups", self.num_beam_groups)
+        if strategy == CaptionStrategy.DIVERSE_BEAM and num_beams % num_beam_groups:
             raise ValueError(
                 f"Diverse beam search needs num_beams ({num_beams}) to be a multiple of num_beam_groups "
-                f"({num_beam_groups}), with at least 2 groups: e.g. 6 beams in 3 groups."
+                f"({num_beam_groups}): e.g. 6 beams in 3 groups."
             )
-        seed = as_int("seed", self.seed, -1, settings.MAX_SEED)
+        seed = _in_range("seed", self.seed)
         if seed == -1:
             seed = random.randint(0, settings.MAX_SEED)
         return dataclasses.replace(
             self,
+            strategy=strategy,
             prefix=prefix,
             num_captions=num_captions,
             num_beams=num_beams,
-            length_penalty=as_float("length_penalty", self.length_penalty, -5.0, 5.0),
+            length_penalty=_in_range("length_penalty", self.length_penalty),
             early_stopping=bool(self.early_stopping),
             num_beam_groups=num_beam_groups,
-            diversity_penalty=as_float("diversity_penalty", self.diversity_penalty, 0.0, 100.0),
-            top_k=as_int("top_k", self.top_k, 0, 100_000),
-            top_p=as_float("top_p", self.top_p, 0.0, 1.0, low_open=True),
-            temperature=as_float("temperature", self.temperature, 0.0, settings.MAX_TEMPERATURE, low_open=True),
+            diversity_penalty=_in_range("diversity_penalty", self.diversity_penalty),
+            top_k=_in_range("top_k", self.top_k),
+            top_p=_in_range("top_p", self.top_p),
+            temperature=_in_range("temperature", self.temperature),
             seed=seed,
             min_new_tokens=min_new_tokens,
             max_new_tokens=max_new_tokens,
-            repetition_penalty=as_float(
-                "repetition_penalty", self.repetition_penalty, 0.0, settings.MAX_REPETITION_PENALTY, low_open=True
-            ),
-            no_repeat_ngram_size=as_int(
-                "no_repeat_ngram_size", self.no_repeat_ngram_size, 0, settings.MAX_NO_REPEAT_NGRAM
-            ),
+            repetition_penalty=_in_range("repetition_penalty", self.repetition_penalty),
+            no_repeat_ngram_size=_in_range("no_repeat_ngram_size", self.no_repeat_ngram_size),
         )
 
     def generate_kwargs(self) -> dict:
@@ -128,9 +137,9 @@ class CaptionRequest:
             "num_return_sequences": self.num_captions,
             "num_beams": 1,
         }
-        if self.strategy == "greedy":
+        if self.strategy == CaptionStrategy.GREEDY:
             return {**common, "do_sample": False}
-        if self.strategy == "sampling":
+        if self.strategy == CaptionStrategy.SAMPLING:
             # Sampling draws through SeededSampler (one random stream per caption), so generate()
             # itself runs greedy and picks the token each stream drew; see pipelines/seeded_sampling.py.
             return {**common, "do_sample": False}
@@ -253,8 +262,8 @@ class BlipCaptioner:
 
     def _decode(self, prompt_ids: torch.LongTensor, image_embeds: torch.Tensor, request: CaptionRequest):
         """(sequences, raw token log-probs, generated mask) for the request's strategy."""
-        if request.strategy in ("beam", "diverse_beam"):
-            groups = request.num_beam_groups if request.strategy == "diverse_beam" else 1
+        if request.strategy in settings.BEAM_STRATEGIES:
+            groups = request.num_beam_groups if request.strategy == CaptionStrategy.DIVERSE_BEAM else 1
             decoded = diverse_beam_search(
                 self.model.text_decoder,
                 prompt_ids,
@@ -397,7 +406,7 @@ class BlipCaptioner:
     def _generate(self, prompt_ids: torch.LongTensor, image_embeds: torch.Tensor, request: CaptionRequest):
         """Greedy or sampling through ``generate()``; returns sequences and raw token log-probs."""
         kwargs = request.generate_kwargs()
-        if request.strategy == "sampling":
+        if request.strategy == CaptionStrategy.SAMPLING:
             # Caption i of every image draws from its own stream seeded with seed + i, so it does not
             # depend on the batch, the image's place in it, the process or a resume.
             seeds = row_seeds(request.seed, image_embeds.shape[0], request.num_captions)

@@ -46,7 +46,7 @@ from pipelines.batch_caption import (
     write_sidecar,
 )
 from pipelines.blip import CaptionRequest
-from pipelines.manager import ModelLoadError
+from pipelines.errors import ModelLoadError
 
 FORMATS = ("sidecar", "jsonl")
 PARTS_DIR = ".caption-parts"  # per-process metadata parts, merged and removed at the end

@@ -13,8 +13,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipelines.tiny import TINY_BLIP_DIR, TINY_BLIP_ITM_DIR, TINY_SD3_DIRS
-
 MODEL_CONFIGS_DIR = Path(__file__).resolve().parent.parent / "assets" / "model-configs"
 
 
@@ -54,6 +52,10 @@ class ModelSpec:
 
 _MEGAPIXEL = 1024 * 1024
 
+# The short SD3.5 names the UI, the API, the CLIs and the tiny builder use; values are catalog keys.
+# The one map: pipelines.sd3, the trainers and pipelines.tiny import it from here.
+SD3_SHORT_NAMES = {"large": "sd35-large", "large-turbo": "sd35-large-turbo", "medium": "sd35-medium"}
+
 CATALOG: dict[str, ModelSpec] = {
     spec.key: spec
     for spec in (
@@ -65,7 +67,7 @@ CATALOG: dict[str, ModelSpec] = {
             parameters=247_444_600,  # 223,971,644 unique; the LM head is tied to the embeddings
             licence="bsd-3-clause",
             gated=False,
-            tiny_dir=TINY_BLIP_DIR,
+            tiny_dir="blip-caption",
             config_dir="Salesforce__blip-image-captioning-base",
             notes="ViT-B/16 at 384 px + a 12-layer BERT-style text decoder.",
         ),
@@ -77,7 +79,7 @@ CATALOG: dict[str, ModelSpec] = {
             parameters=223_744_258,  # no tied head here: parameters and state dict agree
             licence="bsd-3-clause",
             gated=False,
-            tiny_dir=TINY_BLIP_ITM_DIR,
+            tiny_dir="blip-itm",
             config_dir="Salesforce__blip-itm-base-coco",
             notes="The same ViT-B/16 + BERT text encoder, fine-tuned on COCO for ITM and ITC: the Match tab's second opinion.",
         ),
@@ -89,7 +91,7 @@ CATALOG: dict[str, ModelSpec] = {
             parameters=13_810_721_251,  # 8.15B MMDiT + T5-XXL 4.76B + CLIP-G + CLIP-L + VAE
             licence="stabilityai-ai-community",
             gated=True,
-            tiny_dir=TINY_SD3_DIRS["large"],
+            tiny_dir="sd35-large",
             config_dir="stabilityai__stable-diffusion-3.5-large",
             image_preset=ImagePreset(
                 steps=28,  # Stability's reference uses 28-40; 28 is where quality plateaus
@@ -106,7 +108,7 @@ CATALOG: dict[str, ModelSpec] = {
             parameters=13_810_721_251,  # same architecture as Large, distilled weights
             licence="stabilityai-ai-community",
             gated=True,
-            tiny_dir=TINY_SD3_DIRS["large-turbo"],
+            tiny_dir="sd35-large-turbo",
             config_dir="stabilityai__stable-diffusion-3.5-large-turbo",
             image_preset=ImagePreset(
                 steps=4,  # adversarially distilled for 4 steps
@@ -123,7 +125,7 @@ CATALOG: dict[str, ModelSpec] = {
             parameters=8_134_104_419,  # 2.47B MMDiT-X + the same text encoders and VAE
             licence="stabilityai-ai-community",
             gated=True,
-            tiny_dir=TINY_SD3_DIRS["medium"],
+            tiny_dir="sd35-medium",
             config_dir="stabilityai__stable-diffusion-3.5-medium",
             image_preset=ImagePreset(
                 steps=40,  # Stability's reference setting for Medium

@@ -18,13 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.catalog import CATALOG, ModelSpec
+from pipelines.errors import ModelLoadError
 from pipelines.runtime import Runtime
 
+__all__ = ["LoadedModel", "ModelLoadError", "ModelManager", "explain_load_failure"]  # ModelLoadError: re-exported
+
 logger = logging.getLogger(__name__)
-
-
-class ModelLoadError(RuntimeError):
-    """A model could not be loaded. The message is one sentence for the user."""
 
 
 @dataclass

@@ -34,8 +34,8 @@ from PIL import Image
 
 from pipelines import settings
 from pipelines.blip import BlipCaptioner
+from pipelines.errors import ModelLoadError
 from pipelines.feature_cache import ImageFeatureCache, model_identity
-from pipelines.manager import ModelLoadError
 from pipelines.validation import strip_control_characters
 
 logger = logging.getLogger(__name__)

@@ -31,10 +31,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
 
-    from bench.common import machine_description
-    from pipelines.manager import ModelLoadError, ModelManager
+    from pipelines.errors import ModelLoadError
+    from pipelines.manager import ModelManager
     from pipelines.matching import ImageTextMatcher
-    from pipelines.runtime import choose_runtime
+    from pipelines.runtime import choose_runtime, machine_description
 
     try:
         tiny_root = None

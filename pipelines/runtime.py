@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import platform
 from dataclasses import dataclass
 
 import torch
@@ -65,3 +66,10 @@ def choose_runtime(device: str = "auto") -> Runtime:
     if resolved.type == "cpu":
         return Runtime(device=resolved, dtype=torch.float32)
     raise ValueError(f"--device {device!r} is not supported; use auto, cpu, cuda, cuda:N or mps.")
+
+
+def machine_description() -> str:
+    """The accelerator (or CPU and thread count) that timings and evaluation files record."""
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)} (CUDA {torch.version.cuda})"
+    return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"

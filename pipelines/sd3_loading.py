@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from pipelines.memory import MemoryMode, get_mode
+from pipelines.memory.modes import MemoryMode, get_mode
 from pipelines.runtime import Runtime
 
 
@@ -36,58 +36,52 @@ def check_mode(mode: MemoryMode, runtime: Runtime) -> None:
         )
 
 
-def _diffusers_quantization(fmt: str, compute_dtype: torch.dtype):
-    from diffusers import BitsAndBytesConfig
-
+def _bitsandbytes_config(config_class, fmt: str, compute_dtype: torch.dtype, component: str):
     if fmt == "nf4":
-        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype)
+        return config_class(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype)
     if fmt == "int8":
-        return BitsAndBytesConfig(load_in_8bit=True)
-    raise ValueError(f"Unknown weight format {fmt!r} for the SD3 transformer; use nf4 or int8.")
+        return config_class(load_in_8bit=True)
+    raise ValueError(f"Unknown weight format {fmt!r} for {component}; use nf4 or int8.")
 
 
-def _transformers_quantization(fmt: str, compute_dtype: torch.dtype):
-    from transformers import BitsAndBytesConfig
+def pipeline_quantization(mode: MemoryMode, compute_dtype: torch.dtype):
+    """The ``PipelineQuantizationConfig`` that loads ``mode``'s quantized components, or None (full precision).
 
-    if fmt == "nf4":
-        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype)
-    if fmt == "int8":
-        return BitsAndBytesConfig(load_in_8bit=True)
-    raise ValueError(f"Unknown weight format {fmt!r} for T5; use nf4 or int8.")
+    One bitsandbytes config per quantized component, in ``quant_mapping``: diffusers' class for the
+    MMDiT, transformers' for T5 (each library quantizes its own models). Dropped components are not
+    loaded, so they get none.
+    """
+    import diffusers
+    import transformers
+
+    mapping = {}
+    for component, fmt in mode.formats:
+        if fmt == "full" or component in mode.dropped:
+            continue
+        library = diffusers if component == "transformer" else transformers
+        mapping[component] = _bitsandbytes_config(library.BitsAndBytesConfig, fmt, compute_dtype, component)
+    return diffusers.PipelineQuantizationConfig(quant_mapping=mapping) if mapping else None
 
 
 def load_sd3_pipeline(source: str, runtime: Runtime, mode_key: str = "bf16") -> Any:
     """A StableDiffusion3Pipeline from a repo id or a Hub-layout folder, in memory mode ``mode_key``."""
-    from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
-    from transformers import T5EncoderModel
+    from diffusers import StableDiffusion3Pipeline
 
     mode = get_mode("sd35-large", mode_key)  # the three SD3.5 models share one set of modes
     check_mode(mode, runtime)
     dtype = runtime.dtype
     components: dict[str, Any] = {}
 
-    # 1. Components loaded separately because they are quantized.
-    transformer_format = mode.format_for("transformer")
-    if transformer_format != "full":
-        components["transformer"] = SD3Transformer2DModel.from_pretrained(
-            source,
-            subfolder="transformer",
-            quantization_config=_diffusers_quantization(transformer_format, dtype),
-            torch_dtype=dtype,
-        )
+    # 1. What the mode leaves out.
     if "text_encoder_3" in mode.dropped:
         components["text_encoder_3"] = None  # CLIP-L and CLIP-G alone condition the image
         components["tokenizer_3"] = None
-    elif mode.format_for("text_encoder_3") != "full":
-        components["text_encoder_3"] = T5EncoderModel.from_pretrained(
-            source,
-            subfolder="text_encoder_3",
-            quantization_config=_transformers_quantization(mode.format_for("text_encoder_3"), dtype),
-            dtype=dtype,
-        )
 
-    # 2. The rest, in the compute dtype.
-    pipeline = StableDiffusion3Pipeline.from_pretrained(source, dtype=dtype, **components)
+    # 2. Every component in one load: the quantized ones by the mode's per-component config,
+    #    the rest in the compute dtype.
+    pipeline = StableDiffusion3Pipeline.from_pretrained(
+        source, dtype=dtype, quantization_config=pipeline_quantization(mode, dtype), **components
+    )
     pipeline.set_progress_bar_config(disable=True)
 
     # 3. Placement.

@@ -9,7 +9,9 @@ environment variable can lower a limit but never lift it past what is safe.
 from __future__ import annotations
 
 import os
+from enum import StrEnum
 from pathlib import Path
+from typing import NamedTuple
 
 
 def _env_int(name: str, default: int, ceiling: int) -> int:
@@ -21,6 +23,20 @@ def _env_int(name: str, default: int, ceiling: int) -> int:
     except ValueError as error:
         raise ValueError(f"{name}={raw!r} is not a whole number; unset it or give e.g. {name}={default}.") from error
     return max(1, min(value, ceiling))
+
+
+class NumberRange(NamedTuple):
+    """A limit that both the UI's control and the pipeline's validation read."""
+
+    low: float
+    high: float
+    step: float  # the slider's step; an int step means the value is a whole number
+    low_open: bool = False  # ``low`` itself is refused (e.g. temperature 0)
+
+    @property
+    def slider_minimum(self) -> float:
+        """Where the slider starts: ``low``, or one step above it when ``low`` itself is refused."""
+        return self.low + self.step if self.low_open else self.low
 
 
 # --- uploads (pipelines/images) ---------------------------------------------------
@@ -36,9 +52,20 @@ MAX_IMAGE_SIDE = 2048
 # Animated files: only the first frame is used; a file claiming more frames than
 # this is still accepted, because only frame 0 is ever decoded.
 
+
 # --- BLIP captioning (pipelines/blip) -----------------------------------------------
-CAPTION_STRATEGIES = ("greedy", "beam", "diverse_beam", "sampling")
-DEFAULT_CAPTION_STRATEGY = "beam"
+class CaptionStrategy(StrEnum):
+    """How BLIP decodes: the one list that requests, controls and every check read."""
+
+    GREEDY = "greedy"
+    BEAM = "beam"
+    DIVERSE_BEAM = "diverse_beam"
+    SAMPLING = "sampling"
+
+
+CAPTION_STRATEGIES = tuple(CaptionStrategy)
+BEAM_STRATEGIES = frozenset({CaptionStrategy.BEAM, CaptionStrategy.DIVERSE_BEAM})  # decoded by diverse_beam
+DEFAULT_CAPTION_STRATEGY = CaptionStrategy.BEAM
 DEFAULT_CAPTION_PREFIX = ""  # the BLIP paper prompts with "a picture of"; empty = unconditional
 MAX_CAPTION_PREFIX_CHARS = 300
 MAX_CAPTIONS_PER_IMAGE = 10
@@ -59,6 +86,26 @@ MAX_REPETITION_PENALTY = 3.0
 DEFAULT_NO_REPEAT_NGRAM = 0  # 0 = off
 MAX_NO_REPEAT_NGRAM = 5
 MAX_SEED = 2**32 - 1
+MAX_LENGTH_PENALTY = 5.0  # beam scores divide by length**penalty; past +-5 one length always wins
+MAX_DIVERSITY_PENALTY = 10.0  # subtracted from log-probs per repeat; at 10 a repeat is never chosen
+MAX_TOP_K = 1000  # past a thousand candidates top-k no longer cuts anything sampling would pick
+# Each CaptionRequest number field's range: CaptionRequest.validated() checks these and
+# components/decoding builds its sliders from them, so the two can never disagree.
+CAPTION_RANGES = {
+    "num_captions": NumberRange(1, MAX_CAPTIONS_PER_IMAGE, 1),
+    "num_beams": NumberRange(1, MAX_NUM_BEAMS, 1),
+    "length_penalty": NumberRange(-MAX_LENGTH_PENALTY, MAX_LENGTH_PENALTY, 0.1),
+    "num_beam_groups": NumberRange(2, MAX_NUM_BEAMS, 1),  # diverse beam search needs two groups at least
+    "diversity_penalty": NumberRange(0.0, MAX_DIVERSITY_PENALTY, 0.1),
+    "top_k": NumberRange(0, MAX_TOP_K, 1),  # 0 = off
+    "top_p": NumberRange(0.0, 1.0, 0.05, low_open=True),  # 1 = off
+    "temperature": NumberRange(0.0, MAX_TEMPERATURE, 0.05, low_open=True),
+    "seed": NumberRange(-1, MAX_SEED, 1),  # -1 = a random seed, reported back
+    "min_new_tokens": NumberRange(0, MAX_NEW_TOKENS, 1),  # and at most max_new_tokens
+    "max_new_tokens": NumberRange(1, MAX_NEW_TOKENS, 1),
+    "repetition_penalty": NumberRange(0.0, MAX_REPETITION_PENALTY, 0.05, low_open=True),
+    "no_repeat_ngram_size": NumberRange(0, MAX_NO_REPEAT_NGRAM, 1),  # 0 = off
+}
 CPU_VISION_CHUNK = 1  # images per ViT pass on the CPU (see BlipCaptioner._run_vision_encoder)
 
 # --- image-feature cache (pipelines/feature_cache) ----------------------------------

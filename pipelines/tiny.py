@@ -27,12 +27,15 @@ from pathlib import Path
 
 import torch
 
+from pipelines.catalog import CATALOG, SD3_SHORT_NAMES
+
 # Bump when anything below changes, so stale caches are rebuilt, never reused.
 TINY_BUILD_VERSION = 4
 
-TINY_BLIP_DIR = "blip-caption"
-TINY_BLIP_ITM_DIR = "blip-itm"
-TINY_SD3_DIRS = {"large": "sd35-large", "large-turbo": "sd35-large-turbo", "medium": "sd35-medium"}
+# Where each tiny stand-in lives under the tiny root: the catalog says (ModelSpec.tiny_dir).
+TINY_BLIP_DIR = CATALOG["blip-caption"].tiny_dir
+TINY_BLIP_ITM_DIR = CATALOG["blip-itm"].tiny_dir
+TINY_SD3_DIRS = {short: CATALOG[key].tiny_dir for short, key in SD3_SHORT_NAMES.items()}
 TINY_LORA_DIR = "loras"
 TINY_LORA_REGISTRY = "loras.json"
 

@@ -241,11 +241,11 @@ def test_tiny_mode_turns_the_hub_off(tiny_root, monkeypatch):
     from huggingface_hub import HfApi, constants
     from huggingface_hub.errors import OfflineModeIsEnabled
 
-    import app
+    from pipelines import startup
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    studio = app._studio_from_args(app.parse_args(["--tiny", "--tiny-dir", str(tiny_root), "--no-train"]))
+    studio = startup.studio_from_args(startup.parse_args(["--tiny", "--tiny-dir", str(tiny_root), "--no-train"]))
     assert studio.tiny and os.environ["HF_HUB_OFFLINE"] == "1" and constants.HF_HUB_OFFLINE is True
     with pytest.raises(OfflineModeIsEnabled):
         HfApi().model_info("stabilityai/stable-diffusion-3.5-large")  # refused before any connection

@@ -140,8 +140,9 @@ def test_thirty_concurrent_requests_complete_correctly_or_are_refused_as_queue_f
 def tiny_blocks(tiny_root):
     """The whole app, built in this process on the tiny models (no server)."""
     import app
+    from pipelines.startup import build_studio
 
-    studio = app.build_studio(["--tiny", "--tiny-dir", str(tiny_root), "--no-preload"])
+    studio = build_studio(["--tiny", "--tiny-dir", str(tiny_root), "--no-preload"])
     return app.build_app(studio)
 
 

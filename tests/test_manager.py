@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import load_file
 
 from pipelines.catalog import CATALOG
-from pipelines.manager import ModelLoadError, ModelManager, explain_load_failure
+from pipelines.errors import ModelLoadError
+from pipelines.manager import ModelManager, explain_load_failure
 from pipelines.runtime import choose_runtime
 from pipelines.tiny import TINY_SD3_DIRS, build_tiny_blip, ensure_tiny_models
 

@@ -13,8 +13,8 @@ from PIL import Image
 
 from pipelines.blip import CaptionRequest
 from pipelines.catalog import CATALOG, MODEL_CONFIGS_DIR
+from pipelines.errors import ModelLoadError
 from pipelines.feature_cache import ImageFeatureCache
-from pipelines.manager import ModelLoadError
 from pipelines.matching import ImageTextMatcher, MatchRequest, split_texts
 from tests.tolerances import SCORE_ATOL, same_score
 

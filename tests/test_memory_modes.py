@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pipelines.manager import ModelManager
-from pipelines.memory import get_mode, resolve_mode
+from pipelines.memory import SD3_MODES, get_mode, resolve_mode
 from pipelines.runtime import Runtime, choose_runtime
 from pipelines.sd3 import GenerateRequest, generate, resolve_request
 from pipelines.sd3_loading import check_mode, load_sd3_pipeline
@@ -103,10 +103,10 @@ def test_auto_mode_on_a_cpu_machine_is_full_precision_and_says_why():
 
 
 def test_the_app_refuses_an_unknown_memory_mode_at_start(tiny_root):
-    from app import _studio_from_args, parse_args
+    from pipelines.startup import parse_args, studio_from_args
 
     with pytest.raises(SystemExit, match="Unknown memory mode 'fp8'"):
-        _studio_from_args(parse_args(["--tiny", "--tiny-dir", str(tiny_root), "--memory", "fp8"]))
+        studio_from_args(parse_args(["--tiny", "--tiny-dir", str(tiny_root), "--memory", "fp8"]))
 
 
 @pytest.mark.api
@@ -119,3 +119,57 @@ def test_generate_api_reports_the_mode_and_refuses_gpu_only_modes(tiny_client):
     assert "memory mode bf16 (auto: no CUDA GPU" in summary
     with pytest.raises(AppError, match="needs a CUDA GPU"):
         tiny_client.predict("a cat", steps=2, memory_mode="nf4", api_name="/generate")
+
+
+# ----------------------------------------------------------------------------- per-component quantization
+
+
+@pytest.mark.parametrize("mode", [mode.key for mode in SD3_MODES])
+def test_each_mode_quantizes_exactly_its_components_through_one_pipeline_config(mode):
+    """The config load_sd3_pipeline passes (checked as an object: diffusers refuses the bitsandbytes
+    MMDiT without a GPU)."""
+    import diffusers
+    import transformers
+
+    from pipelines.sd3_loading import pipeline_quantization
+
+    memory_mode = get_mode("sd35-large", mode)
+    config = pipeline_quantization(memory_mode, torch.bfloat16)
+    expected = {c: fmt for c, fmt in memory_mode.formats if fmt != "full" and c not in memory_mode.dropped}
+    if not expected:
+        assert config is None  # full precision stays the default
+        return
+    assert isinstance(config, diffusers.PipelineQuantizationConfig)
+    assert set(config.quant_mapping) == set(expected)
+    for component, fmt in expected.items():
+        library = diffusers if component == "transformer" else transformers
+        bnb = config.quant_mapping[component]
+        assert type(bnb) is library.BitsAndBytesConfig
+        assert (bnb.load_in_4bit, bnb.load_in_8bit) == (fmt == "nf4", fmt == "int8")
+        if fmt == "nf4":
+            assert bnb.bnb_4bit_quant_type == "nf4" and bnb.bnb_4bit_compute_dtype == torch.bfloat16
+
+
+def test_loading_a_quantized_mode_hands_that_config_to_from_pretrained(monkeypatch):
+    import diffusers
+
+    from pipelines.sd3_loading import pipeline_quantization
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def from_pretrained(source, **kwargs):
+        seen.update(kwargs, source=source)
+        raise Stop
+
+    monkeypatch.setattr(diffusers.StableDiffusion3Pipeline, "from_pretrained", from_pretrained)
+    with pytest.raises(Stop):
+        load_sd3_pipeline("some/folder", CUDA_LIKE, "nf4-no-t5")
+    config = seen["quantization_config"]
+    assert set(config.quant_mapping) == {"transformer"}  # T5 is dropped, so it gets no config
+    assert seen["text_encoder_3"] is None and seen["dtype"] == torch.bfloat16
+    assert repr(config.quant_mapping) == repr(
+        pipeline_quantization(get_mode("sd35-large", "nf4-no-t5"), torch.bfloat16).quant_mapping
+    )

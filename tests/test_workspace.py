@@ -169,12 +169,13 @@ def test_app_blocks_the_private_folders_and_sets_delete_cache(tiny_root, monkeyp
 
     import app
     from pipelines import settings
+    from pipelines.startup import build_studio
 
     launched = {}
     monkeypatch.setattr(gr.Blocks, "launch", lambda self, **kwargs: launched.update(kwargs, blocks=self))
     app.main(["--tiny", "--tiny-dir", str(tiny_root), "--no-preload", "--port", "0"])
     blocked = launched["blocked_paths"]
-    studio = app.build_studio(["--tiny", "--tiny-dir", str(tiny_root), "--no-preload"])
+    studio = build_studio(["--tiny", "--tiny-dir", str(tiny_root), "--no-preload"])
     for folder in (
         studio.lora_dir,
         studio.adapter_dir,

@@ -37,7 +37,6 @@ yet (the lead's benchmark will):
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 from pipelines import settings
@@ -57,159 +56,8 @@ from pipelines.architectures import (
     family,
     planned_models,
 )
-
-GIB = 1024**3
-
-
-@dataclass(frozen=True)
-class WeightFormat:
-    """How a quantized ``nn.Linear`` weight is stored; every other tensor stays in the compute dtype.
-
-    A weight of ``rows x columns`` takes ``weight_bits`` per element, plus
-    ``row_bytes`` per output row (scales, zero points), plus ``block_bytes`` per
-    block of ``block`` elements (absmax), plus ``super_block_bytes`` per
-    ``super_block`` blocks (double quantization). Per-tensor constants (a code
-    table of at most 1 KiB, an offset) are left out.
-    """
-
-    key: str
-    title: str
-    weight_bits: int | None  # None: not quantized, the compute dtype
-    row_bytes: int = 0
-    block: int = 0
-    block_bytes: int = 0
-    super_block: int = 0
-    super_block_bytes: int = 0
-    source: str = ""
-
-    def tensor_bytes(self, rows: int, columns: int, dtype_bytes: int) -> int:
-        elements = rows * columns
-        if self.weight_bits is None:
-            return elements * dtype_bytes
-        total = math.ceil(elements * self.weight_bits / 8) + rows * self.row_bytes
-        if self.block:
-            blocks = math.ceil(elements / self.block)
-            total += blocks * self.block_bytes
-            if self.super_block:
-                total += math.ceil(blocks / self.super_block) * self.super_block_bytes
-        return total
-
-    def bits_per_weight(self, rows: int, columns: int, dtype_bytes: int = 2) -> float:
-        return 8 * self.tensor_bytes(rows, columns, dtype_bytes) / (rows * columns)
-
-
-# The quantization rules, as data. Where each number comes from is checked on this
-# machine in tests/test_memory.py (bitsandbytes 0.50 and torchao 0.18 on the CPU).
-WEIGHT_FORMATS: dict[str, WeightFormat] = {
-    fmt.key: fmt
-    for fmt in (
-        WeightFormat("full", "compute dtype", None, source="no quantization: the compute dtype (bf16 on CUDA)"),
-        WeightFormat(
-            "int8",
-            "8-bit (bitsandbytes LLM.int8)",
-            8,
-            row_bytes=4,
-            source="Int8Params: an int8 weight plus SCB, one fp32 absmax per output row",
-        ),
-        WeightFormat(
-            "int8-torchao",
-            "int8 weight-only (torchao)",
-            8,
-            row_bytes=5,
-            source="torchao Int8Tensor: int8 qdata plus an fp32 scale and an int8 zero point per output row",
-        ),
-        WeightFormat(
-            "nf4",
-            "NF4 (bitsandbytes 4-bit)",
-            4,
-            block=64,
-            block_bytes=4,
-            source="Params4bit: two weights per byte plus one fp32 absmax per 64-weight block (4.5 bits)",
-        ),
-        WeightFormat(
-            "nf4-dq",
-            "NF4 + double quantization",
-            4,
-            block=64,
-            block_bytes=1,
-            super_block=256,
-            super_block_bytes=4,
-            source="the absmax itself quantized to uint8, plus one fp32 absmax per 256 blocks (~4.127 bits)",
-        ),
-    )
-}
-
-
-@dataclass(frozen=True)
-class MemoryMode:
-    """One way to load and run a model: weight formats per component, dropped components, offload."""
-
-    key: str
-    title: str
-    formats: tuple[tuple[str, str], ...] = ()  # (component, WEIGHT_FORMATS key); the rest stay "full"
-    dropped: tuple[str, ...] = ()  # components not loaded at all (SD3: text_encoder_3=None)
-    offload: str = "none"  # "none", "model" (enable_model_cpu_offload), "sequential"
-    note: str = ""  # what it costs, in a few words
-
-    def format_for(self, component: str) -> str:
-        return dict(self.formats).get(component, "full")
-
-
-_NF4_MMDIT = (("transformer", "nf4"),)
-_NF4_BOTH = (("transformer", "nf4"), ("text_encoder_3", "nf4"))
-_NO_T5 = ("text_encoder_3",)
-
-# In auto_choice's order: the fastest expected first (see the module docstring).
-SD3_MODES: tuple[MemoryMode, ...] = (
-    MemoryMode("bf16", "bf16, all on the GPU", note="the reference: fastest, unchanged images"),
-    MemoryMode("nf4", "MMDiT NF4", _NF4_MMDIT, note="same speed as bf16 in published tests; images change slightly"),
-    MemoryMode("nf4-t5nf4", "MMDiT NF4 + T5 NF4", _NF4_BOTH, note="T5 runs once per image, so its NF4 costs little"),
-    MemoryMode("int8", "MMDiT 8-bit", (("transformer", "int8"),), note="LLM.int8 matmuls: assumed slower than NF4"),
-    MemoryMode("bf16-no-t5", "bf16, no T5", dropped=_NO_T5, note="prompts followed less closely without T5"),
-    MemoryMode("nf4-no-t5", "MMDiT NF4, no T5", _NF4_MMDIT, _NO_T5, note="NF4 and no T5"),
-    MemoryMode(
-        "bf16-offload", "bf16 + model CPU offload", offload="model", note="each component crosses PCIe per image"
-    ),
-    MemoryMode(
-        "nf4-t5nf4-offload",
-        "MMDiT NF4 + T5 NF4 + model offload",
-        _NF4_BOTH,
-        offload="model",
-        note="smaller transfers than bf16 offload",
-    ),
-    MemoryMode(
-        "nf4-no-t5-offload",
-        "MMDiT NF4, no T5 + model offload",
-        _NF4_MMDIT,
-        _NO_T5,
-        offload="model",
-        note="the smallest footprint that keeps whole components",
-    ),
-    MemoryMode(
-        "bf16-sequential",
-        "bf16 + sequential CPU offload",
-        offload="sequential",
-        note="every weight crosses PCIe at every step: slowest",
-    ),
-)
-BLIP_MODES: tuple[MemoryMode, ...] = (
-    MemoryMode("bf16", "bf16, on the GPU", note="the reference"),
-    MemoryMode("int8", "8-bit (bitsandbytes)", (("model", "int8"),), note="LLM.int8 matmuls: assumed slower"),
-    MemoryMode("nf4", "NF4 (bitsandbytes 4-bit)", (("model", "nf4"),), note="small model: little to save"),
-)
-
-
-def modes_for(model_key: str) -> tuple[MemoryMode, ...]:
-    """The modes the planner knows for ``model_key``, in auto_choice's order."""
-    return SD3_MODES if family(model_key) == "sd3" else BLIP_MODES
-
-
-def get_mode(model_key: str, mode: str) -> MemoryMode:
-    for candidate in modes_for(model_key):
-        if candidate.key == mode:
-            return candidate
-    keys = ", ".join(candidate.key for candidate in modes_for(model_key))
-    raise ValueError(f"Unknown memory mode {mode!r} for {model_key}; choose one of: {keys}.")
+from pipelines.memory.gpu import gpu_memory
+from pipelines.memory.modes import GIB, WEIGHT_FORMATS, MemoryMode, default_mode, get_mode, modes_for
 
 
 def weight_bytes(size: ComponentSize, fmt: str = "full", dtype: str = "bf16") -> int:
@@ -485,73 +333,10 @@ def plan_table(
     return plans
 
 
-# --- this machine ---------------------------------------------------------------------------
-
-
-def gpu_memory(device=None) -> dict | None:
-    """Name, total and free bytes of the CUDA GPU ``device`` (the current one by default); None without CUDA."""
-    import torch
-
-    if not torch.cuda.is_available():
-        return None
-    device = torch.device("cuda", torch.cuda.current_device()) if device is None else torch.device(device)
-    if device.type != "cuda":
-        device = torch.device("cuda", torch.cuda.current_device())
-    free, total = torch.cuda.mem_get_info(device)
-    return {
-        "name": torch.cuda.get_device_name(device),
-        "total_bytes": int(total),
-        "free_bytes": int(free),
-        "allocated_bytes": int(torch.cuda.memory_allocated(device)),
-    }
-
-
-def machine_report(runtime) -> dict:
-    """Device, dtype, library versions and GPU memory of the machine serving the Studio."""
-    import os
-    import platform
-
-    import torch
-
-    report = {
-        "device": str(runtime.device),
-        "dtype": str(runtime.dtype).removeprefix("torch."),
-        "description": runtime.description,
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda or "none (CPU build of torch)",
-        "python": platform.python_version(),
-        "cpu_threads": torch.get_num_threads(),
-        "gpu": gpu_memory(runtime.device),
-    }
-    try:  # Linux and macOS; absent elsewhere
-        report["ram_total_bytes"] = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        report["ram_total_bytes"] = None
-    return report
-
-
-# --- what the model manager needs --------------------------------------------------------
-
-
-def default_mode(model_key: str) -> str:
-    """Full precision: the first (fastest) mode of the model's family."""
-    return modes_for(model_key)[0].key
-
-
 def load_estimate_bytes(model_key: str, mode: str | None, dtype: str = "bf16") -> int:
     """Weight bytes ``model_key`` will hold once loaded in ``mode``, for the manager's budget."""
     chosen = plan(model_key, mode or default_mode(model_key), dtype=dtype)
     return sum(component.weight_bytes for component in chosen.components)
-
-
-def memory_budget_bytes(runtime) -> int:
-    """What all loaded models may hold together: 95% of the GPU, or 80% of the RAM on a CPU machine."""
-    import os
-
-    gpu = gpu_memory(runtime.device) if runtime.device.type == "cuda" else None
-    if gpu is not None:
-        return int(gpu["total_bytes"] * 0.95)
-    return int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") * 0.8)
 
 
 def resolve_mode(model_key: str, requested: str, runtime, height: int, width: int) -> tuple[str, str]:
