@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from pipelines.blip_precision import BlipPrecision
 
 
 @dataclass(frozen=True)
@@ -13,6 +17,8 @@ class Runtime:
 
     device: torch.device
     dtype: torch.dtype
+    # --precision: the variant BLIP's captioner converts to after loading (CPU only); None: ``dtype``.
+    blip_precision: BlipPrecision | None = None
 
     @property
     def dtype_name(self) -> str:

@@ -60,6 +60,11 @@ DEFAULT_NO_REPEAT_NGRAM = 0  # 0 = off
 MAX_NO_REPEAT_NGRAM = 5
 MAX_SEED = 2**32 - 1
 CPU_VISION_CHUNK = 1  # images per ViT pass on the CPU (see BlipCaptioner._run_vision_encoder)
+# --precision (pipelines/blip_precision): on the CPU, auto picks the fastest BLIP variant whose
+# measured relative L2 deviation of the first decode step's logits from fp32 stays at most this.
+# 2% admits whole-model bf16 (1.6% measured) and keeps dynamic int8 (about 5.5%) opt-in.
+DEFAULT_BLIP_PRECISION = "auto"
+MAX_BLIP_LOGIT_DEVIATION = 0.02
 
 # --- image-feature cache (pipelines/feature_cache) ----------------------------------
 # Vision-encoder outputs kept per loaded model, so Caption, Match and Attention on the

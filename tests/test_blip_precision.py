@@ -1,0 +1,280 @@
+"""--precision: the choice of BLIP's CPU variant, the converted captioner, and what the API reports."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from pipelines import blip_precision, settings
+from pipelines.blip import CaptionRequest
+from pipelines.blip_precision import (
+    VARIANTS,
+    PrecisionVariant,
+    apply_blip_precision,
+    choose_blip_precision,
+    cpu_has_native_bf16,
+    runtime_blip_precision,
+    with_blip_precision,
+)
+from pipelines.manager import ModelManager
+from pipelines.runtime import Runtime, choose_runtime
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# --- the choice ------------------------------------------------------------------------------
+
+
+def test_auto_picks_the_fastest_variant_within_the_deviation_on_native_bf16():
+    choice = choose_blip_precision("auto", "cpu", native_bf16=True)
+    allowed = [v for v in VARIANTS.values() if v.logit_deviation <= settings.MAX_BLIP_LOGIT_DEVIATION]
+    assert choice.variant == min(allowed, key=lambda v: v.time_ratio).name
+    assert VARIANTS[choice.variant].logit_deviation <= settings.MAX_BLIP_LOGIT_DEVIATION
+    assert choice.variant != "fp32"  # the measured table has a faster variant within 2%
+
+
+def test_auto_skips_a_faster_variant_over_the_threshold_and_bf16_without_native_bf16(monkeypatch):
+    table = {
+        "fp32": PrecisionVariant("fp32", "fp32", "fp32", 1.0, 0.0, True),
+        "bf16": PrecisionVariant("bf16", "bf16", "bf16", 0.5, 0.01, False),
+        "vision-bf16": PrecisionVariant("vision-bf16", "bf16", "fp32", 0.7, 0.004, True),
+        "int8": PrecisionVariant("int8", "int8", "int8", 0.3, 0.05, False),  # fastest, but over 2%
+        "vision-bf16-int8": PrecisionVariant("vision-bf16-int8", "bf16", "int8", 0.2, 0.05, False),
+    }
+    monkeypatch.setattr(blip_precision, "VARIANTS", table)
+    assert choose_blip_precision("auto", "cpu", native_bf16=True).variant == "bf16"
+    assert choose_blip_precision("auto", "cpu", native_bf16=False).variant == "fp32"
+    monkeypatch.setattr(settings, "MAX_BLIP_LOGIT_DEVIATION", 0.06)
+    assert choose_blip_precision("auto", "cpu", native_bf16=True).variant == "vision-bf16-int8"
+    assert choose_blip_precision("auto", "cpu", native_bf16=False).variant == "int8"
+
+
+def test_auto_detects_native_bf16(monkeypatch):
+    monkeypatch.setattr(blip_precision, "cpu_has_native_bf16", lambda: False)
+    assert choose_blip_precision("auto", "cpu").variant == "fp32"
+    assert "no native bf16" in choose_blip_precision("auto", "cpu").reason
+    monkeypatch.setattr(blip_precision, "cpu_has_native_bf16", lambda: True)
+    assert choose_blip_precision("auto", "cpu").variant == "bf16"
+
+
+def test_native_bf16_needs_the_cpu_flag_and_onednn(tmp_path, monkeypatch):
+    without = tmp_path / "cpuinfo-old"
+    without.write_text("flags\t\t: fpu sse2 avx2 avx512f avx512_vnni\n")
+    with_flag = tmp_path / "cpuinfo-new"
+    with_flag.write_text("flags\t\t: fpu sse2 avx2 avx512f avx512_bf16\n")
+    monkeypatch.setattr(blip_precision, "onednn_bf16_supported", lambda: True)
+    assert not cpu_has_native_bf16(without)
+    assert cpu_has_native_bf16(with_flag)
+    assert cpu_has_native_bf16(tmp_path / "no-such-file")  # not Linux: oneDNN's check decides
+    monkeypatch.setattr(blip_precision, "onednn_bf16_supported", lambda: False)
+    assert not cpu_has_native_bf16(with_flag)
+
+
+def test_fp32_flag_is_exact_and_tiny_auto_keeps_fp32():
+    assert choose_blip_precision("fp32", "cpu", native_bf16=True).variant == "fp32"
+    assert choose_blip_precision("FP32 ", "cpu", native_bf16=True).variant == "fp32"
+    tiny = choose_blip_precision("auto", "cpu", tiny=True, native_bf16=True)
+    assert tiny.variant == "fp32" and "tiny" in tiny.reason
+    assert choose_blip_precision("bf16", "cpu", tiny=True, native_bf16=True).variant == "bf16"
+
+
+def test_explicit_bf16_without_native_bf16_is_honoured_with_a_warning():
+    choice = choose_blip_precision("bf16", "cpu", native_bf16=False)
+    assert choice.variant == "bf16" and "no native bf16" in choice.reason
+
+
+@pytest.mark.parametrize("requested", ["auto", "bf16", "fp32"])
+def test_gpu_runtime_is_untouched(requested):
+    choice = choose_blip_precision(requested, "cuda", native_bf16=True)
+    assert choice.variant is None
+    gpu = Runtime(torch.device("cuda"), torch.bfloat16)
+    assert with_blip_precision(gpu, requested).blip_precision.variant is None
+    assert runtime_blip_precision(gpu).variant is None
+    model = torch.nn.Linear(2, 2)
+    assert apply_blip_precision(model, None).weight.dtype == torch.float32
+
+
+def test_unknown_value_is_refused_with_a_sentence():
+    with pytest.raises(ValueError, match=r"--precision 'fp16' is not a BLIP precision; use one of: auto, fp32"):
+        choose_blip_precision("fp16", "cpu")
+    from app import build_studio
+
+    with pytest.raises(SystemExit, match="not a BLIP precision"):
+        build_studio(["--tiny", "--precision", "int4"])
+
+
+def test_caption_folder_takes_the_flag():
+    from pipelines.caption_folder import parse_args
+
+    assert parse_args(["photos"]).precision == "auto"
+    assert parse_args(["photos", "--precision", "bf16"]).precision == "bf16"
+    with pytest.raises(SystemExit):
+        parse_args(["photos", "--precision", "fp16"])
+
+
+def test_labels_say_the_deviation_and_the_way_back():
+    label = choose_blip_precision("bf16", "cpu", native_bf16=True).label
+    assert label.startswith("BLIP precision: bf16 (")
+    assert f"{VARIANTS['bf16'].logit_deviation:.1%} logit deviation from fp32" in label
+    assert "--precision fp32 for exact" in label
+    assert runtime_blip_precision(choose_runtime("cpu")).variant == "fp32"
+
+
+# --- the converted captioner -----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def variant_captioners(tiny_root):
+    """The tiny captioner loaded through the manager in fp32 and in each variant."""
+    captioners = {}
+    for name in VARIANTS:
+        runtime = with_blip_precision(choose_runtime("cpu"), name)
+        captioners[name] = ModelManager(runtime, tiny_root=tiny_root).get("blip-caption")
+    return captioners
+
+
+@pytest.fixture(scope="module")
+def photos():
+    photo = Image.open(ROOT / "assets" / "examples" / "chelsea.png").convert("RGB")
+    return [photo, photo.transpose(Image.Transpose.FLIP_LEFT_RIGHT).resize((200, 150))]
+
+
+def test_variants_convert_the_parts_they_name(variant_captioners):
+    assert variant_captioners["fp32"].decoder_dtype == torch.float32
+    bf16 = variant_captioners["bf16"]
+    assert (bf16.precision, bf16.vision_dtype, bf16.decoder_dtype) == ("bf16", torch.bfloat16, torch.bfloat16)
+    mixed = variant_captioners["vision-bf16"]
+    assert (mixed.vision_dtype, mixed.decoder_dtype) == (torch.bfloat16, torch.float32)
+    int8 = variant_captioners["vision-bf16-int8"]
+    query = int8.model.text_decoder.bert.encoder.layer[0].attention.self.query
+    assert "quantized" in type(query).__module__
+    assert int8.vision_dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("name", [name for name in VARIANTS if name != "fp32"])
+@pytest.mark.parametrize(
+    "request_",
+    [
+        CaptionRequest(strategy="greedy", min_new_tokens=3, max_new_tokens=8),
+        CaptionRequest(strategy="beam", num_beams=3, num_captions=2, max_new_tokens=8),
+        CaptionRequest(strategy="sampling", num_captions=3, seed=11, max_new_tokens=8),
+    ],
+    ids=["greedy", "beam", "sampling"],
+)
+def test_variant_captions_have_fp32_shapes_and_finite_scores(variant_captioners, photos, name, request_):
+    expected = variant_captioners["fp32"].caption_batch(photos, request_)
+    results = variant_captioners[name].caption_batch(photos, request_)
+    assert len(results) == len(expected) == 2
+    for result, reference in zip(results, expected, strict=True):
+        assert len(result.captions) == len(reference.captions) == request_.num_captions
+        for caption in result.captions:
+            assert isinstance(caption.text, str)
+            assert 1 <= caption.num_tokens <= request_.max_new_tokens
+            assert math.isfinite(caption.score) and caption.score <= 0
+
+
+def test_bf16_sampling_respects_seeds(variant_captioners, photos):
+    captioner = variant_captioners["bf16"]
+    request = CaptionRequest(strategy="sampling", num_captions=3, seed=5, max_new_tokens=10)
+    first = captioner.caption(photos[0], request).captions
+    captioner.caption(photos[1], dataclasses.replace(request, seed=6))  # another image and seed in between
+    again = captioner.caption(photos[0], request).captions
+    assert [(c.text, c.score) for c in again] == [(c.text, c.score) for c in first]
+
+
+def test_bf16_first_step_logits_stay_close_to_fp32(variant_captioners, photos):
+    """The deviation the bench measures on the real size, here on the tiny model: bounded, not zero."""
+
+    def logits(captioner):
+        with torch.inference_mode():
+            embeds = captioner.encode_images(photos[:1])
+            out = captioner.model.text_decoder(input_ids=captioner.prompt_ids(""), encoder_hidden_states=embeds)
+        return out.logits[:, -1].float()
+
+    reference = logits(variant_captioners["fp32"])
+    for name in ("bf16", "vision-bf16"):
+        deviation = float((logits(variant_captioners[name]) - reference).norm() / reference.norm())
+        assert 0 < deviation < 0.05, name
+
+
+# --- through the API -------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def bf16_app_url(tiny_root, tmp_path_factory):
+    """`python app.py --tiny --precision bf16` on a loopback port (works on any CPU: explicit bf16 is honoured)."""
+    port = _free_port()
+    log_path = tmp_path_factory.mktemp("app-bf16") / "app.log"
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
+    command = [sys.executable, "app.py", "--tiny", "--tiny-dir", str(tiny_root), "--port", str(port)]
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(
+            [*command, "--precision", "bf16", "--no-train"], cwd=ROOT, env=environment, stdout=log, stderr=log
+        )
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.monotonic() + 120
+    try:
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"app.py --precision bf16 exited early:\n{log_path.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(url + "config", timeout=2):
+                    break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"app.py did not start in 120 s:\n{log_path.read_text()[-3000:]}") from None
+                time.sleep(0.5)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+@pytest.mark.api
+def test_api_reports_bf16_in_system_and_caption(bf16_app_url):
+    from gradio_client import Client, handle_file
+
+    client = Client(bf16_app_url, verbose=False)
+    device, *_, details = client.predict(api_name="/system")
+    assert details["blip_precision"]["variant"] == "bf16"
+    assert details["blip_precision"]["max_logit_deviation"] == settings.MAX_BLIP_LOGIT_DEVIATION
+    assert "BLIP precision: bf16" in device
+    table, summary, caption = client.predict(
+        handle_file(str(ROOT / "assets" / "examples" / "chelsea.png")),
+        strategy="sampling",
+        num_captions=2,
+        seed=3,
+        api_name="/caption",
+    )
+    assert caption["precision"]["variant"] == "bf16"
+    assert "logit deviation from fp32" in caption["precision"]["label"]
+    assert len(caption["captions"]) == 2 and all(math.isfinite(c["score"]) for c in caption["captions"])
+    assert "bf16" in summary
+
+
+@pytest.mark.api
+def test_api_reports_fp32_under_tiny_auto(tiny_client):
+    details = tiny_client.predict(api_name="/system")[-1]
+    assert details["blip_precision"]["variant"] == "fp32"
+    assert "tiny" in details["blip_precision"]["reason"]
