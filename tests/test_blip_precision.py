@@ -11,6 +11,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -205,6 +206,16 @@ def test_bf16_first_step_logits_stay_close_to_fp32(variant_captioners, photos):
     for name in ("bf16", "vision-bf16"):
         deviation = float((logits(variant_captioners[name]) - reference).norm() / reference.norm())
         assert 0 < deviation < 0.05, name
+
+
+@pytest.mark.parametrize("name", ["bf16", "vision-bf16", "vision-bf16-int8"])
+def test_attention_maps_work_in_every_variant(variant_captioners, photos, name):
+    from pipelines.attention import cross_attention_maps
+
+    maps = cross_attention_maps(variant_captioners[name], photos[0], "a cat on a sofa")
+    reference = cross_attention_maps(variant_captioners["fp32"], photos[0], "a cat on a sofa")
+    assert maps.maps.shape == reference.maps.shape and maps.maps.dtype == reference.maps.dtype
+    assert np.isfinite(maps.maps).all()
 
 
 # --- through the API -------------------------------------------------------------------------
