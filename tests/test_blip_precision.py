@@ -218,6 +218,19 @@ def test_attention_maps_work_in_every_variant(variant_captioners, photos, name):
     assert np.isfinite(maps.maps).all()
 
 
+def test_adapters_load_on_bf16_and_are_refused_with_a_sentence_on_int8(tiny_root):
+    from app import build_studio
+
+    bf16 = build_studio(["--tiny", "--tiny-dir", str(tiny_root), "--precision", "bf16"])
+    info = bf16.load_blip_adapter("tiny-demo")
+    photo = Image.open(ROOT / "assets" / "examples" / "chelsea.png").convert("RGB")
+    result = bf16.captioner().caption(photo, CaptionRequest(strategy="greedy"), adapter=info.name)
+    assert result.adapter == info.name and math.isfinite(result.captions[0].score)
+    int8 = build_studio(["--tiny", "--tiny-dir", str(tiny_root), "--precision", "vision-bf16-int8"])
+    with pytest.raises(ValueError, match="restart with --precision bf16 or fp32 to use adapters"):
+        int8.load_blip_adapter("tiny-demo")
+
+
 # --- through the API -------------------------------------------------------------------------
 
 
