@@ -27,6 +27,7 @@ from pipelines.blip_precision import (
     runtime_blip_precision,
     with_blip_precision,
 )
+from pipelines.catalog import CATALOG
 from pipelines.manager import ModelManager
 from pipelines.runtime import Runtime, choose_runtime
 
@@ -129,6 +130,49 @@ def test_labels_say_the_deviation_and_the_way_back():
     assert f"{VARIANTS['bf16'].logit_deviation:.1%} logit deviation from fp32" in label
     assert "--precision fp32 for exact" in label
     assert runtime_blip_precision(choose_runtime("cpu")).variant == "fp32"
+
+
+# --- packed bf16 weights ---------------------------------------------------------------------
+
+needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
+
+
+@needs_onednn
+def test_packed_bf16_linear_equals_linear_bit_for_bit_and_follows_weight_changes():
+    torch.manual_seed(0)
+    plain = torch.nn.Linear(48, 80).to(torch.bfloat16)
+    packed = blip_precision.PackedBf16Linear.from_linear(plain)
+    assert packed.weight is plain.weight and isinstance(packed, torch.nn.Linear)
+    for shape in [(1, 48), (2, 7, 48), (1, 1, 48)]:
+        x = torch.randn(shape, dtype=torch.bfloat16)
+        with torch.inference_mode():
+            assert torch.equal(packed(x), plain(x))
+    x = torch.randn(3, 48, dtype=torch.bfloat16)
+    with torch.no_grad():
+        plain.weight.mul_(2)  # e.g. a LoRA merged into the weight: the pack must follow
+    with torch.inference_mode():
+        assert torch.equal(packed(x), plain(x))
+    assert packed(x).requires_grad  # with gradients wanted it is a plain Linear
+
+
+@needs_onednn
+def test_bf16_variant_packs_linears_only_with_onednn_bf16(tiny_root, monkeypatch):
+    from transformers import BlipForConditionalGeneration
+
+    source = str(tiny_root / CATALOG["blip-caption"].tiny_dir)
+    monkeypatch.setattr(blip_precision, "onednn_bf16_supported", lambda: True)
+    packed = apply_blip_precision(BlipForConditionalGeneration.from_pretrained(source), "bf16")
+    monkeypatch.setattr(blip_precision, "onednn_bf16_supported", lambda: False)
+    plain = apply_blip_precision(BlipForConditionalGeneration.from_pretrained(source), "bf16")
+    kinds = {type(m).__name__ for m in packed.modules() if isinstance(m, torch.nn.Linear)}
+    assert kinds == {"PackedBf16Linear"}
+    assert {type(m).__name__ for m in plain.modules() if isinstance(m, torch.nn.Linear)} == {"Linear"}
+    head = packed.text_decoder.get_output_embeddings()
+    assert head.weight is packed.text_decoder.get_input_embeddings().weight  # the tied LM head stays tied
+    pixels = torch.rand(1, 3, packed.config.vision_config.image_size, packed.config.vision_config.image_size)
+    with torch.inference_mode():
+        out = [m.generate(pixel_values=pixels, max_new_tokens=6, min_new_tokens=6) for m in (packed, plain)]
+    assert torch.equal(out[0], out[1])
 
 
 # --- the converted captioner -----------------------------------------------------------------
