@@ -62,7 +62,8 @@ MAX_SEED = 2**32 - 1
 CPU_VISION_CHUNK = 1  # images per ViT pass on the CPU (see BlipCaptioner._run_vision_encoder)
 # --precision (pipelines/blip_precision): on the CPU, auto picks the fastest BLIP variant whose
 # measured relative L2 deviation of the first decode step's logits from fp32 stays at most this.
-# 2% admits whole-model bf16 (1.6% measured) and keeps dynamic int8 (about 5.5%) opt-in.
+# 2% admits whole-model bf16 (1.6% measured) and keeps dynamic int8 (5.5-6.1%, per-channel weights
+# 3.9-4.7%) opt-in; see the table in pipelines/blip_precision.py.
 DEFAULT_BLIP_PRECISION = "auto"
 MAX_BLIP_LOGIT_DEVIATION = 0.02
 
