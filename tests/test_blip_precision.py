@@ -124,6 +124,31 @@ def test_caption_folder_takes_the_flag():
         parse_args(["photos", "--precision", "fp16"])
 
 
+@pytest.mark.parametrize(("native", "expected"), [(True, "bf16"), (False, "fp32")])
+def test_app_auto_follows_the_cpu(monkeypatch, native, expected):
+    from app import build_studio
+
+    monkeypatch.setattr(blip_precision, "cpu_has_native_bf16", lambda: native)
+    studio = build_studio(["--device", "cpu", "--no-train"])  # real models: nothing loads until asked
+    assert studio.manager.runtime.blip_precision.variant == expected
+    assert build_studio(["--device", "cpu", "--precision", "fp32"]).manager.runtime.blip_precision.variant == "fp32"
+
+
+def test_caption_folder_writes_bf16_captions_and_records_the_precision(tiny_root, tmp_path):
+    import json
+    import shutil
+
+    from pipelines import caption_folder
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    shutil.copy(ROOT / "assets" / "examples" / "chelsea.png", folder / "chelsea.png")
+    arguments = [str(folder), "--tiny", "--tiny-dir", str(tiny_root), "--device", "cpu", "--precision", "bf16"]
+    assert caption_folder.run(caption_folder.parse_args(arguments)) == 0
+    assert (folder / "chelsea.txt").read_text().strip()
+    assert json.loads((folder / caption_folder.MANIFEST_FILE).read_text())["precision"] == "bf16"
+
+
 def test_labels_say_the_deviation_and_the_way_back():
     label = choose_blip_precision("bf16", "cpu", native_bf16=True).label
     assert label.startswith("BLIP precision: bf16 (")
