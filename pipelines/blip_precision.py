@@ -157,19 +157,19 @@ def choose_blip_precision(
     if best.name == "fp32":
         why = "no native bf16 on this CPU" if not native_bf16 else "no faster variant within the deviation"
         return BlipPrecision("fp32", f"auto: {why}")
+    native = ", on a CPU with native bf16" if best.needs_native_bf16 else ""
     return BlipPrecision(
         best.name,
-        f"auto: fastest measured variant ({best.time_ratio:.2f}x fp32's time) within "
-        f"{limit:.0%} logit deviation, on a CPU with native bf16",
+        f"auto: fastest measured variant ({best.time_ratio:.2f}x fp32's time) within {limit:.0%} logit deviation{native}",
     )
 
 
 class PackedBf16Linear(torch.nn.Linear):
     """An ``nn.Linear`` whose bf16 weight is also held in oneDNN's blocked layout, packed once.
 
-    torch's bf16 ``linear`` on the CPU reorders the weight into that layout on every
-    call; for a one-token decode step the reorder costs more than the product. Packing
-    once gave the same output bit for bit, 2.4x faster for BLIP's 768x768 layers at one
+    torch's bf16 ``linear`` on the CPU hands oneDNN the plain weight on every call, which
+    (as far as measured) it reorders each time; at one token that costs more than the
+    product itself. Packing once gave the same output bit for bit, 2.4x faster for BLIP's 768x768 layers at one
     token, 2.3x for its LM head and 1.5x for the ViT's 577-token layers (2 threads, Zen 4).
     The Parameters stay (the tied LM head, peft adapters and state_dict see a plain Linear);
     an in-place change of the weight (e.g. a merged LoRA) packs it again. Outside
