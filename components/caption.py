@@ -15,6 +15,7 @@ from components.common import UploadedImage, example_photos, launch_alone, named
 from components.decoding import build_decoding_controls, decoding_parameters, request_from_values
 from pipelines import settings
 from pipelines.blip import CaptionRequest, CaptionResult
+from pipelines.blip_precision import runtime_blip_precision
 from pipelines.images import describe_image, load_image
 from pipelines.settings import CaptionStrategy
 from pipelines.studio import Studio
@@ -60,6 +61,7 @@ def caption_details(result: CaptionResult, studio: Studio, image_description: st
         "adapter": result.adapter,
         "image": image_description,
         "tiny_mode": studio.tiny,
+        "precision": runtime_blip_precision(studio.manager.runtime).as_dict(),  # --precision
     }
 
 
@@ -78,6 +80,8 @@ def make_caption_function(studio: Studio):
         if request.strategy == CaptionStrategy.SAMPLING:
             summary += f" · seed {request.seed}"
         summary += f" · {'adapter ' + result.adapter if result.adapter else BASE_MODEL_LABEL}"
+        if details["precision"]["variant"] not in (None, "fp32"):
+            summary += f" · {details['precision']['variant']}"
         if studio.tiny:
             summary += " · tiny random model: the words are gibberish by design"
         return caption_table(result), summary, details
@@ -199,6 +203,7 @@ def build_caption_tab(studio: Studio) -> dict:
                 column_widths=["7%", "55%", "13%", "10%", "15%"],
             )
             summary = gr.Markdown()
+            gr.Markdown(runtime_blip_precision(studio.manager.runtime).label)  # --precision, fixed at start
             with gr.Accordion("Raw result (JSON)", open=False):
                 details = gr.JSON(label="Result")
     example_photos(image)

@@ -7,6 +7,7 @@ import gradio as gr
 from components.common import ValidatedNumber, launch_alone, named_endpoint, parameter
 from pipelines import settings
 from pipelines.activations import ACTIVATION_NOTES
+from pipelines.blip_precision import runtime_blip_precision
 from pipelines.memory import GIB, auto_choice, gpu_memory, machine_report, plan_table
 from pipelines.studio import Studio
 from pipelines.validation import as_float, as_int
@@ -98,6 +99,7 @@ def make_system_function(studio: Studio):
         details = {
             "machine": report,
             "tiny_mode": studio.tiny,
+            "blip_precision": runtime_blip_precision(studio.manager.runtime).as_dict(),
             "loaded_models": [
                 {
                     "key": item.key,
@@ -118,7 +120,8 @@ def make_system_function(studio: Studio):
                 "auto": {key: {"mode": mode, "reason": reason} for key, (mode, reason) in choices.items()},
             },
         }
-        return device_markdown(report), loaded_rows(studio), rows, "\n".join(summary), details
+        device = f"{device_markdown(report)}  \n{details['blip_precision']['label']}"
+        return device, loaded_rows(studio), rows, "\n".join(summary), details
 
     return named_endpoint(
         system,

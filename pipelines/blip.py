@@ -173,6 +173,7 @@ class BlipCaptioner:
         self.processor = processor
         self.source = source
         self.feature_cache = feature_cache if feature_cache is not None else ImageFeatureCache()
+        self.precision: str | None = None  # the --precision variant the loader applied (None: the runtime's dtype)
         # Held for every text-decoder pass and every adapter change: which adapter is
         # active is state of this shared model (re-entrant: a pass may nest another).
         self.decoder_lock = threading.RLock()
@@ -184,6 +185,16 @@ class BlipCaptioner:
     @property
     def device(self) -> torch.device:
         return self.model.device
+
+    @property
+    def vision_dtype(self) -> torch.dtype:
+        """The ViT's dtype; with ``--precision vision-bf16`` it differs from the decoder's."""
+        return self.model.vision_model.embeddings.patch_embedding.weight.dtype
+
+    @property
+    def decoder_dtype(self) -> torch.dtype:
+        """The dtype the text decoder computes in (its embeddings'; int8 Linears take float input)."""
+        return self.model.text_decoder.get_input_embeddings().weight.dtype
 
     def caption(
         self, image: Image.Image, request: CaptionRequest | None = None, adapter: str | None = None
@@ -224,7 +235,7 @@ class BlipCaptioner:
         """Caption vision features that ``encode_pixels`` already computed, (batch, 1 + grid², hidden)."""
         request = (request or CaptionRequest()).validated()
         adapter = self.check_adapter(adapter)
-        return self._caption_features(image_embeds.to(self.device, self.model.dtype), request, adapter)
+        return self._caption_features(image_embeds.to(self.device, self.decoder_dtype), request, adapter)
 
     def _caption_features(
         self, image_embeds: torch.Tensor, request: CaptionRequest, adapter: str | None, started: float | None = None
@@ -371,10 +382,11 @@ class BlipCaptioner:
         already 577 tokens, and larger batches only add cache misses (measured:
         1.0 s per image alone, 1.35 s per image in a batch of 8).
         """
-        pixel_values = pixel_values.to(self.device, self.model.dtype)
+        pixel_values = pixel_values.to(self.device, self.vision_dtype)
         chunk = settings.CPU_VISION_CHUNK if self.device.type == "cpu" else pixel_values.shape[0]
         features = [self.model.vision_model(pixel_values=part)[0] for part in pixel_values.split(chunk)]
-        return torch.cat(features) if len(features) > 1 else features[0]
+        features = torch.cat(features) if len(features) > 1 else features[0]
+        return features.to(self.decoder_dtype)  # the decoder's dtype: no-op unless only the ViT is bf16
 
     def prompt_ids(self, prefix: str) -> torch.LongTensor:
         """(1, P) decoder prompt: [DEC] then the prefix's word pieces, without [CLS]/[SEP]."""

@@ -305,6 +305,11 @@ def attach_adapter(captioner: BlipCaptioner, name: str, files: AdapterFiles) -> 
         )
     not_linear = sorted(path for path, module in targeted.items() if not isinstance(module, torch.nn.Linear))
     if not_linear:
+        if "quantized" in type(targeted[not_linear[0]]).__module__:  # --precision int8 / vision-bf16-int8
+            raise ValueError(
+                f"{label} cannot load while BLIP's text decoder runs in dynamic int8 (--precision int8 or "
+                "vision-bf16-int8); restart with --precision bf16 or fp32 to use adapters."
+            )
         raise ValueError(f"{label} targets {prefix + not_linear[0]}, which is not a linear layer; only those load.")
 
     # 2. Every matrix belongs to a targeted layer of the same width.

@@ -46,6 +46,7 @@ from pipelines.batch_caption import (
     write_sidecar,
 )
 from pipelines.blip import CaptionRequest
+from pipelines.blip_precision import PRECISION_CHOICES, with_blip_precision
 from pipelines.errors import ModelLoadError
 
 FORMATS = ("sidecar", "jsonl")
@@ -77,6 +78,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="caption with a BLIP LoRA adapter: a folder, a folder name in the adapters folder, or a Hub id",
     )
     parser.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:N (default: accelerate's choice)")
+    parser.add_argument(
+        "--precision",
+        default=settings.DEFAULT_BLIP_PRECISION,
+        choices=PRECISION_CHOICES,
+        help="BLIP on the CPU, as app.py's --precision: auto (default) picks the fastest variant within "
+        f"{settings.MAX_BLIP_LOGIT_DEVIATION:.0%} logit deviation; fp32 is exact. GPUs keep bf16/fp16.",
+    )
     decoding = parser.add_argument_group("decoding (as in the Caption tab)")
     for field in dataclasses.fields(CaptionRequest):
         if field.name == "num_captions":
@@ -171,6 +179,8 @@ def write_manifest(out_dir: Path, captioner, adapter, request: CaptionRequest) -
     """captioning.json: the model, the adapter (name and source) and the decoding settings."""
     manifest = {
         "model": captioner.source,
+        # --precision: bf16 captions may differ from fp32's; None when the runtime's dtype was kept (a GPU)
+        "precision": captioner.precision,
         "adapter": adapter.name if adapter is not None else None,
         "adapter_source": adapter.source if adapter is not None else None,
         "request": dataclasses.asdict(request),
@@ -196,7 +206,8 @@ def load_captioner(args: argparse.Namespace, device: str):
 
         tiny_root = ensure_tiny_models(args.tiny_dir)
     overrides = {"blip-caption": args.model} if args.model else None
-    manager = ModelManager(choose_runtime(device), tiny_root=tiny_root, source_overrides=overrides)
+    runtime = with_blip_precision(choose_runtime(device), args.precision, tiny=args.tiny)
+    manager = ModelManager(runtime, tiny_root=tiny_root, source_overrides=overrides)
     return manager.get("blip-caption")
 
 

@@ -21,7 +21,14 @@ def load_blip_captioner(source: str, runtime: Runtime, variant: str | None = Non
     # BLIP has no SDPA kernels in transformers 5; eager attention is its only path.
     model = BlipForConditionalGeneration.from_pretrained(source, dtype=runtime.dtype, attn_implementation="eager")
     model.to(runtime.device).eval()
-    return BlipCaptioner(model=model, processor=processor, source=source)
+    variant = runtime.blip_precision.variant if runtime.blip_precision is not None else None
+    if variant is not None:  # --precision on the CPU: e.g. bf16 (pipelines/blip_precision.py)
+        from pipelines.blip_precision import apply_blip_precision
+
+        apply_blip_precision(model, variant)
+    captioner = BlipCaptioner(model=model, processor=processor, source=source)
+    captioner.precision = variant
+    return captioner
 
 
 def load_blip_retrieval(source: str, runtime: Runtime, variant: str | None = None):

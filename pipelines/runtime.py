@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import platform
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -14,6 +15,9 @@ class Runtime:
 
     device: torch.device
     dtype: torch.dtype
+    # --precision: the variant BLIP's captioner converts to after loading (CPU only); None: ``dtype``.
+    # A pipelines.blip_precision.BlipPrecision; not imported here, since that module builds on this one.
+    blip_precision: Any = None
 
     @property
     def dtype_name(self) -> str:

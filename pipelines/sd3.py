@@ -21,12 +21,12 @@ import torch
 from PIL import Image
 
 from pipelines import settings, workspace
-from pipelines.catalog import CATALOG, ImagePreset, ModelSpec
+from pipelines.catalog import CATALOG, SD3_SHORT_NAMES, ImagePreset, ModelSpec
 from pipelines.png_metadata import a1111_parameters, save_png
 from pipelines.validation import as_float, as_int
 
 # What the UI and the API call each model; values are catalog keys.
-MODEL_CHOICES = {"large": "sd35-large", "large-turbo": "sd35-large-turbo", "medium": "sd35-medium"}
+MODEL_CHOICES = SD3_SHORT_NAMES  # UI/API names -> catalog keys (one map, in the catalog)
 
 # The tiny stand-ins draw at most 512 px (pos_embed 64 patches x patch 2 x VAE 4) and
 # start at 64 px; everything else about their presets is the real models'.

@@ -12,11 +12,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipelines import settings
-from pipelines.catalog import ModelSpec
+from pipelines.catalog import SD3_SHORT_NAMES, ModelSpec
 from pipelines.training_common import check_device
 from pipelines.validation import as_float, as_int
 
-SHORT_NAMES = {"large": "sd35-large", "large-turbo": "sd35-large-turbo", "medium": "sd35-medium"}
+SHORT_NAMES = SD3_SHORT_NAMES  # the one map, in the catalog
 
 
 # ----------------------------------------------------------------------------- settings

@@ -107,6 +107,12 @@ CAPTION_RANGES = {
     "no_repeat_ngram_size": NumberRange(0, MAX_NO_REPEAT_NGRAM, 1),  # 0 = off
 }
 CPU_VISION_CHUNK = 1  # images per ViT pass on the CPU (see BlipCaptioner._run_vision_encoder)
+# --precision (pipelines/blip_precision): on the CPU, auto picks the fastest BLIP variant whose
+# measured relative L2 deviation of the first decode step's logits from fp32 stays at most this.
+# 2% admits whole-model bf16 (1.6% measured) and keeps dynamic int8 (5.5-6.1%, per-channel weights
+# 3.9-4.7%) opt-in; see the table in pipelines/blip_precision.py.
+DEFAULT_BLIP_PRECISION = "auto"
+MAX_BLIP_LOGIT_DEVIATION = 0.02
 
 # --- image-feature cache (pipelines/feature_cache) ----------------------------------
 # Vision-encoder outputs kept per loaded model, so Caption, Match and Attention on the

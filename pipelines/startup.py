@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 from pipelines import settings
+from pipelines.blip_precision import PRECISION_CHOICES, with_blip_precision
 from pipelines.catalog import CATALOG
 from pipelines.manager import ModelManager
 from pipelines.runtime import choose_runtime
@@ -34,6 +35,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="MODE",
         help="SD3.5 memory mode: auto (the fastest that fits this GPU), bf16, nf4, nf4-t5nf4, int8, bf16-no-t5, "
         "nf4-no-t5, bf16-offload, nf4-t5nf4-offload, nf4-no-t5-offload, bf16-sequential",
+    )
+    parser.add_argument(
+        "--precision",
+        default=settings.DEFAULT_BLIP_PRECISION,
+        metavar="VARIANT",
+        help="BLIP on the CPU: auto (default: the fastest variant within "
+        f"{settings.MAX_BLIP_LOGIT_DEVIATION:.0%} logit deviation that this CPU runs natively; fp32 under --tiny), "
+        f"or one of {', '.join(PRECISION_CHOICES[1:])}; fp32 is exact. GPUs keep bf16/fp16.",
     )
     parser.add_argument("--outputs", type=Path, default=None, help="also save every generated PNG in this folder")
     parser.add_argument(
@@ -111,7 +120,7 @@ def build_studio(argv: list[str] | None = None) -> Studio:
 def studio_from_args(args: argparse.Namespace) -> Studio:
     """The Studio for parsed flags; SystemExit with one sentence for a bad flag (unknown mode, device)."""
     try:
-        runtime = choose_runtime(args.device)
+        runtime = with_blip_precision(choose_runtime(args.device), args.precision, tiny=args.tiny)
         tiny_root = None
         if args.tiny:
             import torch

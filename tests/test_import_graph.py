@@ -10,19 +10,12 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("components", "pipelines")
 LAYERS = {"pipelines": 0, "components": 1, "app": 2}  # a layer imports only from layers below it
 # The bottom of pipelines/: shared data and types that everything may import, so they import none
 # of the project's other modules (the catalog used to import the tiny-model builder).
 BOTTOM = frozenset({"pipelines.catalog", "pipelines.errors", "pipelines.settings"})
-
-# TODO(issue 16): the trainers' cycle (shared config types sit in the driver). Another change moves
-# them below the code that uses them; the xfail below is strict, so it fails once that lands and
-# whoever sees it removes this set and the mark.
-KNOWN_TRAINER_CYCLE = frozenset({"pipelines.flow_matching", "pipelines.sd3_lora_files", "pipelines.train_sd3_lora"})
 
 
 def module_name(path: Path, root: Path = ROOT) -> str:
@@ -144,16 +137,10 @@ def test_the_graph_sees_lazy_and_relative_imports(tmp_path):
 
 def test_no_import_cycle_among_app_components_and_pipelines():
     graph = import_graph()
-    found = [component for component in cycles(graph) if component != KNOWN_TRAINER_CYCLE]
+    found = cycles(graph)
     assert not found, "import cycles (move the shared piece below both):\n" + "\n".join(
         describe(component, graph) for component in found
     )
-
-
-@pytest.mark.xfail(strict=True, reason="issue 16: the trainers' cycle is being fixed in another change")
-def test_no_trainer_import_cycle():
-    graph = import_graph()
-    assert KNOWN_TRAINER_CYCLE not in cycles(graph), describe(KNOWN_TRAINER_CYCLE, graph)
 
 
 def test_layers_import_downward_only():
