@@ -93,7 +93,7 @@ from pipelines.blip_training_data import (
     vocabulary_report,
     vocabulary_warning,
 )
-from pipelines.manager import ModelLoadError
+from pipelines.errors import ModelLoadError
 from pipelines.training_common import (
     CHECKPOINT_PREFIX,
     find_checkpoint,

@@ -71,8 +71,9 @@ import torch
 
 from pipelines import settings
 from pipelines.catalog import CATALOG
+from pipelines.errors import ModelLoadError
 from pipelines.flow_matching import evaluation_loss, flow_matching_loss, sample_noise_levels
-from pipelines.manager import ModelLoadError, explain_load_failure
+from pipelines.manager import explain_load_failure
 from pipelines.sd3_lora_files import (
     LORA_WEIGHTS_FILE,
     adapter_settings,

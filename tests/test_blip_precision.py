@@ -4,11 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +25,7 @@ from pipelines.blip_precision import (
 from pipelines.catalog import CATALOG
 from pipelines.manager import ModelManager
 from pipelines.runtime import Runtime, choose_runtime
+from tests.app_server import tiny_app
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -303,48 +299,16 @@ def test_adapters_load_on_bf16_and_are_refused_with_a_sentence_on_int8(tiny_root
 # --- through the API -------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def bf16_app_url(tiny_root, tmp_path_factory):
     """`python app.py --tiny --precision bf16` on a loopback port (works on any CPU: explicit bf16 is honoured)."""
-    port = _free_port()
     log_path = tmp_path_factory.mktemp("app-bf16") / "app.log"
-    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
-    command = [sys.executable, "app.py", "--tiny", "--tiny-dir", str(tiny_root), "--port", str(port)]
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(
-            [*command, "--precision", "bf16", "--no-train"], cwd=ROOT, env=environment, stdout=log, stderr=log
-        )
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.monotonic() + 120
-    try:
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"app.py --precision bf16 exited early:\n{log_path.read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(url + "config", timeout=2):
-                    break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"app.py did not start in 120 s:\n{log_path.read_text()[-3000:]}") from None
-                time.sleep(0.5)
+    with tiny_app(tiny_root, log_path, "--precision", "bf16", "--no-train") as (_, url):
         yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
 
 
 @pytest.mark.api
+@pytest.mark.slow  # starts an app of its own
 def test_api_reports_bf16_in_system_and_caption(bf16_app_url):
     from gradio_client import Client, handle_file
 
