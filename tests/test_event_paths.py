@@ -109,6 +109,7 @@ def secret_file():
     path.unlink(missing_ok=True)
 
 
+@pytest.mark.slow  # over 3 s: the full suite runs it, the fast lane does not
 def test_no_event_hands_back_a_file_the_client_named(tiny_app_url, secret_file):
     config = json.loads(get_bytes(tiny_app_url + "config"))
     dependencies = config["dependencies"]

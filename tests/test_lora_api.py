@@ -33,6 +33,7 @@ def clean_loras(tiny_client):
     tiny_client.predict(name="", model="large", active="", api_name="/lora_unload")
 
 
+@pytest.mark.slow  # over 3 s: the full suite runs it, the fast lane does not
 def test_load_mix_fuse_and_unload_change_exactly_what_they_should(clean_loras):
     client = clean_loras
     base, _, _ = _draw(client)
@@ -88,6 +89,7 @@ def test_load_mix_fuse_and_unload_change_exactly_what_they_should(clean_loras):
         ("", "large", "Choose a LoRA"),
     ],
 )
+@pytest.mark.slow  # over 3 s: the full suite runs it, the fast lane does not
 def test_refused_sources_get_a_sentence_and_leave_the_model_as_it_was(clean_loras, source, model, message):
     client = clean_loras
     before, _, _ = _draw(client)
@@ -129,6 +131,7 @@ def _draw_with_details(client, prompt: str = "a red fox", **overrides) -> tuple[
     return np.asarray(Image.open(path).convert("RGB"), dtype=np.int16), details, path
 
 
+@pytest.mark.slow  # over 3 s: the full suite runs it, the fast lane does not
 def test_a_lora_by_name_loads_on_demand_and_a_prompt_tag_draws_the_same_pixels(clean_loras):
     client = clean_loras
     assert _names(client.predict(api_name="/lora_list")) == []  # nothing loaded first
@@ -146,6 +149,7 @@ def test_a_lora_by_name_loads_on_demand_and_a_prompt_tag_draws_the_same_pixels(c
     assert base_details["loras"] == [] and np.abs(base - named).max() > 0
 
 
+@pytest.mark.slow  # over 3 s: the full suite runs it, the fast lane does not
 def test_a_studio_png_prompt_and_settings_redraw_the_same_pixels(clean_loras):
     client = clean_loras
     first, _, path = _draw_with_details(client, lora="tiny_large_style:0.7", seed=21)

@@ -109,6 +109,7 @@ def test_the_app_refuses_an_unknown_memory_mode_at_start(tiny_root):
         studio_from_args(parse_args(["--tiny", "--tiny-dir", str(tiny_root), "--memory", "fp8"]))
 
 
+@pytest.mark.slow  # over 3 s: the full suite runs it, the fast lane does not
 @pytest.mark.api
 def test_generate_api_reports_the_mode_and_refuses_gpu_only_modes(tiny_client):
     from gradio_client.exceptions import AppError

@@ -115,6 +115,7 @@ def test_an_uploaded_adapter_is_its_visitors_alone(tiny_app_url, adapter_zip):
     assert "Removed" in status and "alice-adapter" not in [entry["name"] for entry in listing["loaded"]]
 
 
+@pytest.mark.slow  # over 3 s: the full suite runs it, the fast lane does not
 def test_adapter_uploads_are_capped_per_visitor_and_never_fill_every_slot(tiny_app_url, adapter_zip):
     cap, slots = settings.MAX_UPLOADS_PER_SESSION, settings.MAX_BLIP_ADAPTERS
     crowd = [visitor(tiny_app_url) for _ in range(slots // cap + 1)]  # more uploads than there are slots
@@ -141,6 +142,7 @@ def test_adapter_uploads_are_capped_per_visitor_and_never_fill_every_slot(tiny_a
                 client.predict(name, api_name="/blip_adapter_unload")
 
 
+@pytest.mark.slow  # over 3 s: the full suite runs it, the fast lane does not
 def test_unload_waits_for_a_running_generation(tiny_app_url):
     painter, operator = visitor(tiny_app_url), visitor(tiny_app_url)
     painter.predict("warm up", **DRAW, api_name="/generate")  # Large is loaded before the long run starts
