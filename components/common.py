@@ -13,7 +13,9 @@ from pathlib import Path
 import gradio as gr
 import torch
 
+from pipelines import settings
 from pipelines.errors import ModelLoadError
+from pipelines.generation import GenerationRequest
 
 logger = logging.getLogger(__name__)
 
@@ -280,3 +282,41 @@ def visitor_id(request: gr.Request | None) -> str:
     """
     session = getattr(request, "session_hash", None) if request is not None else None
     return str(session) if session else "local"
+
+
+def generation_request(
+    prompt, model, *, negative_prompt="", seed=-1, steps=None, guidance=None, width=None, height=None,
+    max_sequence_length=settings.DEFAULT_T5_TOKENS, skip_layer_guidance=None, num_images=1, memory_mode=None,
+    lora="", lora_scale=None, lora_fuse=False, preview_every=0,
+) -> GenerationRequest:  # fmt: skip
+    """The generation service's request from form or API values: a blank number means the model's preset,
+    a missing seed a random one; everything else is checked by the service."""
+    return GenerationRequest(
+        prompt=prompt or "",
+        model=model,
+        negative_prompt=negative_prompt or "",
+        seed=-1 if seed is None else seed,
+        steps=blank_to_none(steps),
+        guidance=blank_to_none(guidance),
+        width=blank_to_none(width),
+        height=blank_to_none(height),
+        max_sequence_length=max_sequence_length,
+        skip_layer_guidance=skip_layer_guidance,
+        num_images=num_images,
+        memory_mode=memory_mode,
+        lora=lora or "",
+        lora_scale=blank_to_none(lora_scale),
+        lora_fuse=bool(lora_fuse),
+        preview_every=preview_every,
+    )
+
+
+def t5_tokens_slider() -> ValidatedSlider:
+    """The T5 prompt-length slider that Generate and the Round trip share (validation uses the same range)."""
+    return ValidatedSlider(
+        settings.MIN_T5_TOKENS,
+        settings.MAX_T5_TOKENS,
+        value=settings.DEFAULT_T5_TOKENS,
+        step=1,
+        label="T5 tokens (max_sequence_length)",
+    )

@@ -13,17 +13,17 @@ from components.common import (
     StopRequests,
     ValidatedNumber,
     ValidatedSlider,
-    blank_to_none,
+    generation_request,
     launch_alone,
     named_endpoint,
     on_gpu,
     parameter,
+    t5_tokens_slider,
     visitor_id,
 )
 from components.lora_panel import build_lora_panel
 from pipelines import settings, workspace
 from pipelines.catalog import CATALOG
-from pipelines.generation import GenerationRequest
 from pipelines.memory import SD3_MODES
 from pipelines.sd3 import ASPECT_RATIOS, MODEL_CHOICES, SIZE_MULTIPLE, model_key, size_for_aspect, slider_range
 from pipelines.studio import Studio
@@ -136,24 +136,12 @@ def build_generate_tab(studio: Studio, outputs_dir: Path | None = None) -> dict:
         loads from the LoRA folder or the registry, and ``<lora:name:0.8>`` tags in the prompt work too.
         ``lora_scale`` multiplies the weights of ``lora``; ``lora_fuse`` merges them into the weights first.
         """
-        job = GenerationRequest(
-            prompt=prompt or "",
-            model=model,
-            negative_prompt=negative_prompt or "",
-            seed=-1 if seed is None else seed,
-            steps=blank_to_none(steps),
-            guidance=blank_to_none(guidance),
-            width=blank_to_none(width),
-            height=blank_to_none(height),
-            max_sequence_length=max_sequence_length,
-            skip_layer_guidance=skip_layer_guidance,
-            num_images=num_images,
-            memory_mode=memory_mode,
-            lora=lora or "",
-            lora_scale=blank_to_none(lora_scale),
-            lora_fuse=bool(lora_fuse),
+        job = generation_request(
+            prompt, model, negative_prompt=negative_prompt, seed=seed, steps=steps, guidance=guidance, width=width,
+            height=height, max_sequence_length=max_sequence_length, skip_layer_guidance=skip_layer_guidance,
+            num_images=num_images, memory_mode=memory_mode, lora=lora, lora_scale=lora_scale, lora_fuse=lora_fuse,
             preview_every=0 if preview_every is None else preview_every,
-        )
+        )  # fmt: skip
         visitor = visitor_id(request)  # another visitor's uploaded LoRA is "not loaded" for this one
         stop = stop_requests.start(request)
 
@@ -277,13 +265,7 @@ def build_generate_tab(studio: Studio, outputs_dir: Path | None = None) -> dict:
                     height = ValidatedSlider(low, high, value=default_height, step=SIZE_MULTIPLE, label="Height")
                 with gr.Row():
                     num_images = ValidatedSlider(1, settings.MAX_IMAGES_PER_REQUEST, value=1, step=1, label="Images")
-                    max_sequence_length = ValidatedSlider(
-                        settings.MIN_T5_TOKENS,
-                        settings.MAX_T5_TOKENS,
-                        value=settings.DEFAULT_T5_TOKENS,
-                        step=1,
-                        label="T5 tokens (max_sequence_length)",
-                    )
+                    max_sequence_length = t5_tokens_slider()
                 with gr.Row():
                     skip_layer_guidance = gr.Checkbox(
                         value=False, interactive=False, label="Skip-layer guidance (Medium: layers 7, 8, 9)"

@@ -13,9 +13,11 @@ from components.common import (
     ValidatedNumber,
     ValidatedSlider,
     blank_to_none,
+    generation_request,
     launch_alone,
     named_endpoint,
     parameter,
+    t5_tokens_slider,
     visitor_id,
 )
 from pipelines import settings, workspace
@@ -77,22 +79,13 @@ def build_roundtrip_tab(studio: Studio) -> dict:
         lora_scale=1.0, lora_fuse=False,
     ) -> GenerationRequest:  # fmt: skip
         """The settings both directions share, as /generate takes them (empty = preset)."""
-        return GenerationRequest(
-            prompt=prompt or "",
-            model=model,
-            negative_prompt=negative_prompt or "",
-            seed=-1 if seed is None else seed,
-            steps=blank_to_none(steps),
-            guidance=blank_to_none(guidance),
-            width=blank_to_none(width),
-            height=blank_to_none(height),
+        return generation_request(
+            prompt, model, negative_prompt=negative_prompt, seed=seed, steps=steps, guidance=guidance, width=width,
+            height=height,
             max_sequence_length=settings.DEFAULT_T5_TOKENS if max_sequence_length is None else max_sequence_length,
-            skip_layer_guidance=optional_flag("skip_layer_guidance", skip_layer_guidance),
-            memory_mode=memory_mode,
-            lora=lora or "",
-            lora_scale=blank_to_none(lora_scale),
-            lora_fuse=bool(lora_fuse),
-        )
+            skip_layer_guidance=optional_flag("skip_layer_guidance", skip_layer_guidance), memory_mode=memory_mode,
+            lora=lora, lora_scale=lora_scale, lora_fuse=lora_fuse,
+        )  # fmt: skip
 
     # The functions that return a file are generators: the file is written into a folder of this
     # request and yielded; Gradio copies it to its cache, then the folder is deleted.
@@ -269,13 +262,7 @@ def build_roundtrip_tab(studio: Studio) -> dict:
             # Empty: the preset's size (prompt -> image) or the upload's shape (image -> image).
             width = gr.Textbox(value="", label="Width (empty = preset / the image's shape)", placeholder="preset")
             height = gr.Textbox(value="", label="Height (empty = preset / the image's shape)", placeholder="preset")
-            max_sequence_length = ValidatedSlider(
-                settings.MIN_T5_TOKENS,
-                settings.MAX_T5_TOKENS,
-                value=settings.DEFAULT_T5_TOKENS,
-                step=1,
-                label="T5 tokens (max_sequence_length)",
-            )
+            max_sequence_length = t5_tokens_slider()
         with gr.Row():
             skip_layer_guidance = gr.Dropdown(
                 choices=SKIP_LAYER_GUIDANCE_CHOICES, value="preset", label="Skip-layer guidance (Medium)"
