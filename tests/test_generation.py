@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from pipelines import settings
 from pipelines.generation import (
     GenerationRequest,
     GenerationService,
@@ -160,6 +161,15 @@ def test_a_name_found_nowhere_gets_a_sentence_before_any_model_loads(tiny_root):
     with pytest.raises(ValueError, match="steps must be"):
         studio.generation.check(GenerationRequest(prompt="a fox", steps=0))
     assert manager.loaded_models() == []  # refused before anything loaded
+
+
+def test_too_many_lora_tags_in_a_prompt_are_refused_before_any_model_loads(tiny_root):
+    manager = ModelManager(choose_runtime("cpu"), tiny_root=tiny_root)
+    studio = Studio(manager=manager)
+    tags = " ".join(f"<lora:style{index}:0.5>" for index in range(settings.MAX_ACTIVE_LORAS + 1))
+    with pytest.raises(ValueError, match=f"use at most {settings.MAX_ACTIVE_LORAS} at once"):
+        studio.generation.run(GenerationRequest(prompt=f"a fox {tags}", **DRAW))
+    assert manager.loaded_models() == []
 
 
 def test_another_visitors_upload_is_not_found_by_name(studio, tiny_root, tmp_path):
