@@ -51,8 +51,11 @@ def parse_a1111_parameters(text: str) -> tuple[str, str, dict[str, str]]:
     negative_lines: list[str] = []
     prompt_lines: list[str] = []
     for line in lines:
-        if line.startswith(_NEGATIVE_PREFIX) or negative_lines:
-            negative_lines.append(line.removeprefix(_NEGATIVE_PREFIX) if not negative_lines else line)
+        # A1111 also reads "Negative prompt:" with nothing after it (an empty negative prompt).
+        if line.startswith(_NEGATIVE_PREFIX.rstrip()) or negative_lines:
+            negative_lines.append(
+                line.removeprefix(_NEGATIVE_PREFIX.rstrip()).removeprefix(" ") if not negative_lines else line
+            )
         else:
             prompt_lines.append(line)
     settings: dict[str, str] = {}
