@@ -14,9 +14,10 @@ import gradio as gr
 from components.attention import build_attention_tab
 from components.batch import build_batch_tab
 from components.caption import build_caption_tab
-from components.common import visitor_id
+from components.common import user_errors, visitor_id
 from components.generate import build_generate_tab, selected_image
 from components.match import build_match_tab
+from components.png_info import GENERATE_FIELDS, build_png_info_tab, generate_form_update
 from components.roundtrip import build_roundtrip_tab
 from components.scoreboard import build_scoreboard_tab
 from components.system import build_system_tab
@@ -65,6 +66,8 @@ def build_app(studio: Studio) -> gr.Blocks:
                 build_attention_tab(studio)
             with gr.Tab("Generate", id="generate"):
                 generate = build_generate_tab(studio, outputs_dir=studio.outputs_dir)
+            with gr.Tab("PNG Info", id="png_info"):
+                png_info = build_png_info_tab(studio)
             with gr.Tab("Round trip", id="roundtrip"):
                 build_roundtrip_tab(studio)
             if studio.training_enabled:
@@ -82,6 +85,17 @@ def build_app(studio: Studio) -> gr.Blocks:
             outputs=[caption["image"], tabs],
             queue=False,
             api_name="send_to_caption",
+            api_visibility="private",
+        )
+        # An image's settings go to the Generate form, values the model cannot take clamped with a note.
+        png_info["send_to_generate"].click(
+            user_errors(
+                lambda info, model: (*generate_form_update(info, model, studio.tiny), gr.Tabs(selected="generate"))
+            ),
+            inputs=[png_info["settings"], generate["model"]],
+            outputs=[generate["model"], *(generate[name] for name in GENERATE_FIELDS), png_info["sent_note"], tabs],
+            queue=False,
+            api_name="png_info_send_to_generate",
             api_visibility="private",
         )
         # A closed page's files go at once; sessions that never close are swept by age (see generate).

@@ -387,6 +387,17 @@ def build_generate_tab(studio: Studio, outputs_dir: Path | None = None) -> dict:
         "preview": preview,
         "run": run,
         "stop": stop,
+        # The form, for other tabs to fill (PNG Info's "Send to Generate").
+        "model": model,
+        "negative_prompt": negative_prompt,
+        "seed": seed,
+        "steps": steps,
+        "guidance": guidance,
+        "width": width,
+        "height": height,
+        "max_sequence_length": max_sequence_length,
+        "skip_layer_guidance": skip_layer_guidance,
+        "lora": lora_panel.lora,
     }
 
 

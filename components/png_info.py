@@ -1,0 +1,126 @@
+"""PNG Info tab: the generation settings an image carries, and "Send to Generate" (API ``/png_info``).
+
+Reads the Studio's PNGs (their JSON chunk, else the ``parameters`` text), A1111, Forge and
+ComfyUI's A1111-format PNGs, and JPEG/WebP files with A1111's EXIF UserComment. The parsing
+is ``pipelines.png_info``; app.py wires "Send to Generate" to the Generate tab's controls.
+"""
+
+from __future__ import annotations
+
+import gradio as gr
+
+from components.common import UploadedImage, launch_alone, named_endpoint, parameter
+from pipelines.png_info import generate_form_values, read_generation_settings
+from pipelines.studio import Studio
+
+# The Generate tab's controls "Send to Generate" fills, in the order of ``generate_form_update``'s values.
+GENERATE_FIELDS = (
+    "prompt",
+    "negative_prompt",
+    "seed",
+    "steps",
+    "guidance",
+    "width",
+    "height",
+    "max_sequence_length",
+    "skip_layer_guidance",
+    "lora",
+)
+_SHOWN = [  # (label, key) rows of the summary table
+    ("Prompt", "prompt"),
+    ("Negative prompt", "negative_prompt"),
+    ("Model", "model"),
+    ("Seed", "seed"),
+    ("Steps", "steps"),
+    ("Guidance (CFG)", "guidance"),
+    ("Size", "size"),
+    ("Sampler", "sampler"),
+    ("LoRAs", "loras"),
+]
+
+
+def settings_summary(info: dict) -> str:
+    """Markdown for people: the sentence when nothing was found, else a table and the notes."""
+    if not info.get("found"):
+        return info["message"]
+    values = {
+        **info,
+        "size": f"{info['width']}x{info['height']}" if info.get("width") else None,
+        "loras": ", ".join(f"{lora['name']}:{lora['weight']:g}" for lora in info["loras"]) or None,
+        "model": info["model"] if info.get("model_key") else f"{info.get('model') or '—'} (not served here)",
+    }
+    rows = ["| | |", "|---|---|"]
+    for label, key in _SHOWN:
+        shown = "—" if values.get(key) in (None, "") else str(values[key])
+        rows.append(f"| {label} | {_cell(shown)} |")
+    source = {"studio-json": "the Studio's JSON chunk"}.get(info["source"], info["source"].replace("-", " "))
+    lines = [f"Read from {source}.", "", *rows]
+    lines += [f"- {note}" for note in info["notes"]]
+    return "\n".join(lines)
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", "<br>")
+
+
+def generate_form_update(info: dict | None, current_model: str, tiny: bool) -> tuple:
+    """(model, *the GENERATE_FIELDS values, note) for the Generate tab from the settings last read."""
+    if not info or not info.get("found"):
+        raise ValueError("There are no settings to send; upload an image that carries them first.")
+    values, notes = generate_form_values(info, current_model, tiny=tiny)
+    note = "Sent to Generate." + ("\n\n" + "\n".join(f"- {note}" for note in notes) if notes else "")
+    return (values["model"], *(values[name] for name in GENERATE_FIELDS), note)
+
+
+def build_png_info_tab(studio: Studio) -> dict:
+    """Build the PNG Info tab inside the current Blocks; returns its main components."""
+
+    def png_info(image):
+        """The generation settings ``image`` carries: a summary, the raw text and the details dict.
+
+        Studio PNGs give every setting (their JSON chunk); A1111/Forge PNGs their ``parameters``
+        text; JPEG and WebP files the EXIF UserComment A1111 writes. An image without settings
+        gets ``found: False`` and one sentence in ``message``.
+        """
+        if image is None:  # the upload was cleared
+            return "", "", None, None
+        info = read_generation_settings(image)
+        return settings_summary(info), info.get("raw", ""), info, info
+
+    gr.Markdown(
+        "Drop an image made by the Studio, AUTOMATIC1111, Forge or ComfyUI (A1111-format saver) to read the "
+        "prompt and settings it was made with; **Send to Generate** fills the Generate tab with them. A Studio "
+        "PNG redraws the same pixels; another tool's settings carry over, but its sampler and noise differ."
+    )
+    with gr.Row():
+        with gr.Column(scale=1):
+            image = UploadedImage(label="Image (PNG, JPEG or WebP)", sources=["upload", "clipboard"], height=360)
+            send_to_generate = gr.Button("Send to Generate →", variant="primary")
+            sent_note = gr.Markdown()
+        with gr.Column(scale=1):
+            summary = gr.Markdown()
+            raw = gr.Textbox(label="Raw parameters text", lines=6, interactive=False, buttons=["copy"])
+            with gr.Accordion("Details (JSON)", open=False):
+                details = gr.JSON(label="Details")
+            settings_read = gr.State(None)  # server-side: what Send to Generate sends, never the page's copy
+
+    image.change(
+        named_endpoint(png_info, [parameter("image")]),
+        inputs=image,
+        outputs=[summary, raw, details, settings_read],
+        api_name="png_info",
+        queue=False,
+    )
+    return {
+        "image": image,
+        "summary": summary,
+        "raw": raw,
+        "details": details,
+        "settings": settings_read,
+        "send_to_generate": send_to_generate,
+        "sent_note": sent_note,
+    }
+
+
+if __name__ == "__main__":
+    launch_alone(build_png_info_tab, "PNG Info")
