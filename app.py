@@ -17,7 +17,7 @@ from components.caption import build_caption_tab
 from components.common import user_errors, visitor_id
 from components.generate import build_generate_tab, selected_image
 from components.match import build_match_tab
-from components.png_info import GENERATE_FIELDS, build_png_info_tab, generate_form_update
+from components.png_info import GENERATE_FIELDS, build_png_info_tab, generate_form_update, pending_form_values
 from components.roundtrip import build_roundtrip_tab
 from components.scoreboard import build_scoreboard_tab
 from components.system import build_system_tab
@@ -88,14 +88,29 @@ def build_app(studio: Studio) -> gr.Blocks:
             api_visibility="private",
         )
         # An image's settings go to the Generate form, values the model cannot take clamped with a note.
+        # A new model first loads its preset into the form, so then the values land after the preset.
+        form = [*(generate[name] for name in GENERATE_FIELDS), png_info["form_pending"]]
         png_info["send_to_generate"].click(
             user_errors(
                 lambda info, model: (*generate_form_update(info, model, studio.tiny), gr.Tabs(selected="generate"))
             ),
             inputs=[png_info["settings"], generate["model"]],
-            outputs=[generate["model"], *(generate[name] for name in GENERATE_FIELDS), png_info["sent_note"], tabs],
+            outputs=[generate["model"], png_info["form_pending"], png_info["sent_note"], tabs],
             queue=False,
             api_name="png_info_send_to_generate",
+            api_visibility="private",
+        ).success(
+            lambda pending: pending_form_values(pending, after_preset=False),
+            inputs=png_info["form_pending"],
+            outputs=form,
+            queue=False,
+            api_visibility="private",
+        )
+        generate["preset_loaded"].then(
+            lambda pending: pending_form_values(pending, after_preset=True),
+            inputs=png_info["form_pending"],
+            outputs=form,
+            queue=False,
             api_visibility="private",
         )
         # A closed page's files go at once; sessions that never close are swept by age (see generate).

@@ -357,7 +357,7 @@ def build_generate_tab(studio: Studio, outputs_dir: Path | None = None) -> dict:
         queue=False,
         api_visibility="private",
     )
-    model.change(
+    preset_loaded = model.change(
         apply_preset,
         inputs=model,
         outputs=[steps, guidance, width, height, skip_layer_guidance, negative_prompt, aspect, cfg_note],
@@ -398,6 +398,7 @@ def build_generate_tab(studio: Studio, outputs_dir: Path | None = None) -> dict:
         "max_sequence_length": max_sequence_length,
         "skip_layer_guidance": skip_layer_guidance,
         "lora": lora_panel.lora,
+        "preset_loaded": preset_loaded,  # the model's preset is in the form: values sent from elsewhere go after it
     }
 
 

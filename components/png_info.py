@@ -63,13 +63,32 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", "<br>")
 
 
-def generate_form_update(info: dict | None, current_model: str, tiny: bool) -> tuple:
-    """(model, *the GENERATE_FIELDS values, note) for the Generate tab from the settings last read."""
+def generate_form_update(info: dict | None, current_model: str, tiny: bool) -> tuple[str, dict, str]:
+    """(model, pending form values, note) for the Generate tab from the settings last read.
+
+    The pending dict holds the GENERATE_FIELDS ``values`` and ``after_preset``: whether the model
+    changes, so that its preset loads into the form first and these values must land after it.
+    """
     if not info or not info.get("found"):
         raise ValueError("There are no settings to send; upload an image that carries them first.")
     values, notes = generate_form_values(info, current_model, tiny=tiny)
     note = "Sent to Generate." + ("\n\n" + "\n".join(f"- {note}" for note in notes) if notes else "")
-    return (values["model"], *(values[name] for name in GENERATE_FIELDS), note)
+    pending = {
+        "values": {name: values[name] for name in GENERATE_FIELDS},
+        "after_preset": values["model"] != current_model,
+    }
+    return values["model"], pending, note
+
+
+def pending_form_values(pending: dict | None, after_preset: bool) -> tuple:
+    """(the GENERATE_FIELDS values in order, None) when ``pending`` waits for this moment; else no change.
+
+    Called right after Send to Generate (``after_preset=False``) and after the Generate tab loads a
+    model's preset (``after_preset=True``), so the values always land last; the None clears ``pending``.
+    """
+    if not pending or pending["after_preset"] != after_preset:
+        return tuple(gr.skip() for _ in range(len(GENERATE_FIELDS) + 1))
+    return (*(pending["values"][name] for name in GENERATE_FIELDS), None)
 
 
 def build_png_info_tab(studio: Studio) -> dict:
@@ -103,6 +122,7 @@ def build_png_info_tab(studio: Studio) -> dict:
             with gr.Accordion("Details (JSON)", open=False):
                 details = gr.JSON(label="Details")
             settings_read = gr.State(None)  # server-side: what Send to Generate sends, never the page's copy
+            form_pending = gr.State(None)  # the Generate form's values, between Send to Generate's two steps
 
     image.change(
         named_endpoint(png_info, [parameter("image")]),
@@ -117,6 +137,7 @@ def build_png_info_tab(studio: Studio) -> dict:
         "raw": raw,
         "details": details,
         "settings": settings_read,
+        "form_pending": form_pending,
         "send_to_generate": send_to_generate,
         "sent_note": sent_note,
     }
