@@ -7,6 +7,8 @@ is ``pipelines.png_info``; app.py wires "Send to Generate" to the Generate tab's
 
 from __future__ import annotations
 
+import re
+
 import gradio as gr
 
 from components.common import UploadedImage, launch_alone, named_endpoint, parameter
@@ -42,7 +44,7 @@ _SHOWN = [  # (label, key) rows of the summary table
 def settings_summary(info: dict) -> str:
     """Markdown for people: the sentence when nothing was found, else a table and the notes."""
     if not info.get("found"):
-        return info["message"]
+        return _plain(info["message"])
     values = {
         **info,
         "size": f"{info['width']}x{info['height']}" if info.get("width") else None,
@@ -55,12 +57,18 @@ def settings_summary(info: dict) -> str:
         rows.append(f"| {label} | {_cell(shown)} |")
     source = {"studio-json": "the Studio's JSON chunk"}.get(info["source"], info["source"].replace("-", " "))
     lines = [f"Read from {source}.", "", *rows]
-    lines += [f"- {note}" for note in info["notes"]]
+    lines += [f"- {_plain(note)}" for note in info["notes"]]
     return "\n".join(lines)
 
 
+def _plain(text: str) -> str:
+    """``text`` from an image file shown literally in Markdown: ``<lora:x:1>`` is no HTML tag, ``*`` no emphasis."""
+    text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    return re.sub(r"([\\`*_\[\]|~#])", r"\\\1", text)
+
+
 def _cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", "<br>")
+    return _plain(text).replace("\n", "<br>")
 
 
 def generate_form_update(info: dict | None, current_model: str, tiny: bool) -> tuple[str, dict, str]:

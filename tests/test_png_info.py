@@ -287,3 +287,35 @@ def test_garbage_and_corrupt_files_get_a_sentence(data, words):
 def test_a_missing_file_gets_a_sentence(tmp_path):
     with pytest.raises(ImageDecodeError, match="was not found"):
         read_generation_settings(tmp_path / "gone.png")
+
+
+# ----------------------------------------------------------------------------- the tab's pure parts
+
+
+def test_the_summary_shows_the_images_text_literally():
+    from components.png_info import settings_summary
+
+    summary = settings_summary(read_generation_settings(png_bytes({"parameters": A1111_TEXT})))
+    assert "&lt;lora:ink\\_style:0.7&gt;" in summary  # a tag, not an HTML element the page would drop
+    assert "| Seed | 1234567890 |" in summary and "| Size | 512x768 |" in summary
+    assert "| Model | large |" in summary and "another tool" in summary
+
+
+def test_send_to_generate_waits_for_the_preset_only_when_the_model_changes():
+    import gradio as gr
+
+    from components.png_info import GENERATE_FIELDS, generate_form_update, pending_form_values
+
+    info = read_generation_settings(png_bytes({"parameters": A1111_TEXT}))  # Model: sd3.5_large
+    model, pending, note = generate_form_update(info, "medium", tiny=False)
+    assert model == "large" and pending["after_preset"] and note.startswith("Sent to Generate.")
+    skipped = pending_form_values(pending, after_preset=False)  # the preset has not loaded yet
+    assert skipped == tuple(gr.skip() for _ in range(len(GENERATE_FIELDS) + 1))
+    filled = pending_form_values(pending, after_preset=True)
+    assert filled[GENERATE_FIELDS.index("seed")] == 1234567890 and filled[-1] is None  # filled, then cleared
+    _, same_model, _ = generate_form_update(info, "large", tiny=False)
+    assert not same_model["after_preset"]
+    assert pending_form_values(same_model, after_preset=False)[GENERATE_FIELDS.index("steps")] == "20"
+    assert pending_form_values(None, after_preset=True) == skipped  # a model switched by hand: no change
+    with pytest.raises(ValueError, match="no settings to send"):
+        generate_form_update({"found": False}, "large", tiny=False)
