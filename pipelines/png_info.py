@@ -258,8 +258,8 @@ def settings_dict(parameters: str, studio: Mapping[str, Any] | None = None) -> d
 def _apply_studio_json(info: dict, studio: Mapping[str, Any]) -> None:
     """Overwrite ``info`` with the Studio JSON's lossless values (the prompt gets its LoRA tags back)."""
     loras = [
-        {"name": str(lora.get("name", "")), "weight": float(lora.get("weight", 1.0))}
-        for lora in studio.get("loras") or []
+        {"name": str(lora["name"]), "weight": _weight_or_one(lora.get("weight"))}
+        for lora in (studio.get("loras") if isinstance(studio.get("loras"), list) else [])
         if isinstance(lora, Mapping) and lora.get("name")
     ]
     prompt = studio.get("prompt")
@@ -286,13 +286,22 @@ def _apply_studio_json(info: dict, studio: Mapping[str, Any]) -> None:
 
 
 def _number(text, kind):
+    """``text`` as an int or float, or None when it is missing or not a finite number."""
     if text is None or isinstance(text, bool):
         return None
     try:
-        value = kind(float(text)) if kind is int else kind(text)
+        value = kind(text) if kind is float or isinstance(text, int) else int(str(text).strip())
     except (TypeError, ValueError, OverflowError):
-        return None
+        try:
+            value = kind(float(text))  # "20.0" steps
+        except (TypeError, ValueError, OverflowError):
+            return None
     return value if math.isfinite(value) else None
+
+
+def _weight_or_one(value) -> float:
+    weight = _number(value, float)
+    return 1.0 if weight is None else weight  # A1111's default weight
 
 
 def _size(text: str | None) -> tuple[int | None, int | None]:

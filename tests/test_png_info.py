@@ -119,6 +119,18 @@ def test_a_damaged_json_chunk_falls_back_to_the_parameters_text():
     assert info["model"] == "large-turbo" and any("damaged" in note for note in info["notes"])
 
 
+def test_a_hostile_json_chunk_is_read_without_a_crash():
+    hostile = (
+        '{"prompt": 5, "seed": "abc", "steps": [1], "guidance": "nan", "loras": [{"name": "x", "weight": "heavy"}, 3]}'
+    )
+    text = "a cat\nSteps: 4, CFG scale: 1, Seed: 8, Size: 64x64, Model: stable-diffusion-3.5-large"
+    info = read_generation_settings(png_bytes({"parameters": text, "studio": hostile}))
+    assert info["prompt"] == "a cat" and (info["seed"], info["steps"], info["guidance"]) == (8, 4, 1.0)
+    assert info["loras"] == [{"name": "x", "weight": 1.0}]
+    values, _ = generate_form_values(info, "large")
+    assert values["seed"] == 8
+
+
 # ----------------------------------------------------------------------------- A1111 / Forge
 
 
