@@ -17,7 +17,7 @@ from components.caption import build_caption_tab
 from components.common import user_errors, visitor_id
 from components.generate import build_generate_tab, selected_image
 from components.match import build_match_tab
-from components.png_info import GENERATE_FIELDS, build_png_info_tab, generate_form_update, pending_form_values
+from components.png_info import GENERATE_FIELDS, build_png_info_tab, pending_form_values, send_to_generate
 from components.roundtrip import build_roundtrip_tab
 from components.scoreboard import build_scoreboard_tab
 from components.system import build_system_tab
@@ -92,7 +92,7 @@ def build_app(studio: Studio) -> gr.Blocks:
         form = [*(generate[name] for name in GENERATE_FIELDS), png_info["form_pending"]]
         png_info["send_to_generate"].click(
             user_errors(
-                lambda info, model: (*generate_form_update(info, model, studio.tiny), gr.Tabs(selected="generate"))
+                lambda info, model: (*send_to_generate(info, model, studio.tiny), gr.Tabs(selected="generate"))
             ),
             inputs=[png_info["settings"], generate["model"]],
             outputs=[generate["model"], png_info["form_pending"], png_info["sent_note"], tabs],

@@ -71,8 +71,8 @@ def _cell(text: str) -> str:
     return _plain(text).replace("\n", "<br>")
 
 
-def generate_form_update(info: dict | None, current_model: str, tiny: bool) -> tuple[str, dict, str]:
-    """(model, pending form values, note) for the Generate tab from the settings last read.
+def generate_form_update(info: dict | None, current_model: str, tiny: bool) -> tuple[str, dict, list[str]]:
+    """(model, pending form values, notes) for the Generate tab from the settings last read.
 
     The pending dict holds the GENERATE_FIELDS ``values`` and ``after_preset``: whether the model
     changes, so that its preset loads into the form first and these values must land after it.
@@ -80,12 +80,19 @@ def generate_form_update(info: dict | None, current_model: str, tiny: bool) -> t
     if not info or not info.get("found"):
         raise ValueError("There are no settings to send; upload an image that carries them first.")
     values, notes = generate_form_values(info, current_model, tiny=tiny)
-    note = "Sent to Generate." + ("\n\n" + "\n".join(f"- {note}" for note in notes) if notes else "")
     pending = {
         "values": {name: values[name] for name in GENERATE_FIELDS},
         "after_preset": values["model"] != current_model,
     }
-    return values["model"], pending, note
+    return values["model"], pending, notes
+
+
+def send_to_generate(info: dict | None, current_model: str, tiny: bool) -> tuple[str, dict, str]:
+    """``generate_form_update`` for the page: each clamped value also pops up on the Generate tab."""
+    model, pending, notes = generate_form_update(info, current_model, tiny)
+    for note in notes:
+        gr.Warning(note)
+    return model, pending, "Sent to Generate." + "".join(f"\n- {_plain(note)}" for note in notes)
 
 
 def pending_form_values(pending: dict | None, after_preset: bool) -> tuple:

@@ -319,8 +319,8 @@ def test_send_to_generate_waits_for_the_preset_only_when_the_model_changes():
     from components.png_info import GENERATE_FIELDS, generate_form_update, pending_form_values
 
     info = read_generation_settings(png_bytes({"parameters": A1111_TEXT}))  # Model: sd3.5_large
-    model, pending, note = generate_form_update(info, "medium", tiny=False)
-    assert model == "large" and pending["after_preset"] and note.startswith("Sent to Generate.")
+    model, pending, notes = generate_form_update(info, "medium", tiny=False)
+    assert model == "large" and pending["after_preset"] and notes == []
     skipped = pending_form_values(pending, after_preset=False)  # the preset has not loaded yet
     assert skipped == tuple(gr.skip() for _ in range(len(GENERATE_FIELDS) + 1))
     filled = pending_form_values(pending, after_preset=True)
