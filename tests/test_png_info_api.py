@@ -89,3 +89,18 @@ def test_garbage_gets_a_sentence_and_the_app_keeps_serving(tiny_client, tmp_path
     plain = tmp_path / "plain.png"
     Image.new("RGB", (8, 8)).save(plain)
     assert tiny_client.predict(handle_file(plain), api_name="/png_info")[2]["found"] is False
+
+
+@pytest.mark.slow
+def test_a_studio_png_drawn_with_a_lora_redraws_through_its_prompt_tag(tiny_client):
+    draw = {"model": "large", "steps": 2, "width": 64, "height": 64}
+    gallery, *_ = tiny_client.predict("a red kite", seed=5, lora="tiny_large_style:0.8", **draw, api_name="/generate")
+    original = gallery[0]["image"]
+    _, _, info = tiny_client.predict(handle_file(original), api_name="/png_info")
+    assert info["loras"] == [{"name": "tiny_large_style", "weight": 0.8}]
+    # The encoders' prompt (the LoRA's trigger word added once), then the tag that carries the LoRA to /generate.
+    assert info["prompt"].startswith("a red kite") and info["prompt"].endswith(" <lora:tiny_large_style:0.8>")
+    again, *_ = tiny_client.predict(info["prompt"], seed=info["seed"], **draw, api_name="/generate")
+    assert np.abs(pixels(again[0]["image"]) - pixels(original)).max() <= PIXEL_ATOL
+    plain, *_ = tiny_client.predict("a red kite", seed=info["seed"], **draw, api_name="/generate")
+    assert np.abs(pixels(plain[0]["image"]) - pixels(original)).max() > PIXEL_ATOL  # the LoRA matters
