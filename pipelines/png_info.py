@@ -55,8 +55,9 @@ def read_generation_settings(source: str | os.PathLike | bytes, *, name: str | N
     A file with no settings gives ``found: False`` and a one-sentence ``message``. A file that is
     not a PNG, JPEG or WebP image, or is damaged, raises ImageDecodeError with a sentence.
     """
-    label = f"'{name or (os.path.basename(os.fspath(source)) if not isinstance(source, bytes) else '')}'"
-    label = label if label != "''" else "The file"
+    if name is None and not isinstance(source, bytes | bytearray):
+        name = os.path.basename(os.fspath(source))
+    label = f"'{name}'" if name else "The file"
     data = _read_bytes(source, label)
     parameters, studio_text, where = _settings_texts(data, label)
     studio = None
