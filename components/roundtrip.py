@@ -50,6 +50,14 @@ SCORE_NOTE = (
 SKIP_LAYER_GUIDANCE_CHOICES = [("the model's preset", "preset"), ("on", "on"), ("off", "off")]
 
 
+# Scores first, the long text last and wrapped; each column is wide enough for its header's longest
+# word, so headers wrap between words ("mean log-prob", not "mean log-pr / ob").
+SCORE_HEADERS = ["text", "mean log-prob", "ITM P(match)", "words"]
+SCORE_WIDTHS = ["18%", "17%", "17%", "48%"]
+EVALUATION_ROW_HEADERS = ["model", "prompt mean log-prob", "category", "seed", "prompt", "caption"]
+EVALUATION_ROW_WIDTHS = ["14%", "13%", "14%", "7%", "26%", "26%"]
+
+
 def optional_flag(name: str, value) -> bool | None:
     """A yes/no setting that may also be "preset" (None): True/False, "on"/"off", or ""/"preset"/None."""
     if value is None or isinstance(value, bool):
@@ -104,18 +112,18 @@ def build_roundtrip_tab(studio: Studio) -> dict:
                 folder=folder,
             )
             details = trip.details()
-            scores = [
+            scores = [  # in SCORE_HEADERS order: the numbers before the text
                 [
                     "prompt",
-                    trip.prompt_fit.text,
                     round(trip.prompt_fit.mean_logprob, 4),
                     trip.prompt_fit.itm_probability,
+                    trip.prompt_fit.text,
                 ],
                 [
                     "BLIP's caption",
-                    trip.caption_fit.text,
                     round(trip.caption_fit.mean_logprob, 4),
                     trip.caption_fit.itm_probability,
+                    trip.caption_fit.text,
                 ],
             ]
             summary = (
@@ -191,14 +199,14 @@ def build_roundtrip_tab(studio: Studio) -> dict:
             should_stop=stop.is_set,
             max_images=settings.MAX_EVALUATION_IMAGES,
         )
-        rows = [
+        rows = [  # in EVALUATION_ROW_HEADERS order: the score before the long text
             [
                 row["model"],
-                row["seed"],
+                round(row["prompt_mean_logprob"], 4),
                 row["category"],
+                row["seed"],
                 row["prompt"],
                 row["caption"],
-                round(row["prompt_mean_logprob"], 4),
             ]
             for row in payload["rows"]
         ]
@@ -231,10 +239,11 @@ def build_roundtrip_tab(studio: Studio) -> dict:
                 show_legend=True,
             )
             scores = gr.Dataframe(
-                headers=["text", "words", "mean log-prob", "ITM P(match)"],
+                headers=SCORE_HEADERS,
                 label="How well the image fits",
                 interactive=False,
                 wrap=True,
+                column_widths=SCORE_WIDTHS,
             )
             used_seed = gr.Number(visible=False)
             with gr.Accordion("Details (JSON)", open=False):
@@ -304,10 +313,11 @@ def build_roundtrip_tab(studio: Studio) -> dict:
         )
         eval_file = gr.File(label="Results JSON (the Scoreboard reads it)")
         eval_rows = gr.Dataframe(
-            headers=["model", "seed", "category", "prompt", "caption", "prompt mean log-prob"],
+            headers=EVALUATION_ROW_HEADERS,
             label="Every image",
             interactive=False,
             wrap=True,
+            column_widths=EVALUATION_ROW_WIDTHS,
         )
 
     # The settings /generate takes, after each endpoint's own parameters (positional callers keep working).

@@ -14,17 +14,21 @@ from pipelines.validation import as_float, as_int
 
 MAX_PLAN_SIDE = 100_000  # only a type check: the planner itself names each model's real range
 
-LOADED_HEADERS = ["model", "source", "load seconds", "footprint (GiB)"]
+# Key numbers first (fits, the peak), the long text last; every column is wide enough for its header's
+# longest word, so headers wrap between words and the text columns wrap inside their width.
+LOADED_HEADERS = ["model", "footprint (GiB)", "load seconds", "source"]
+LOADED_WIDTHS = ["20%", "16%", "14%", "50%"]
 PLAN_HEADERS = [
     "model",
-    "batch",
     "mode",
+    "fits",
+    "est. peak (GiB)",
+    "batch",
     "weights (GiB)",
     "activations (GiB)",
-    "est. peak (GiB)",
     "peak during",
-    "fits",
 ]
+PLAN_WIDTHS = ["13%", "19%", "6%", "10%", "7%", "10%", "12%", "23%"]
 PLAN_NOTE = (
     "Estimates, not measurements: weights are exact element counts of the real architectures (built from their "
     "config files on the meta device) times the bytes of each format; activations come from the formulas below. "
@@ -49,13 +53,13 @@ def device_markdown(report: dict) -> str:
     return (
         f"**Device** {report['description']} · **GPU** {memory} · **RAM** {ram}  \n"
         f"torch {report['torch']} · CUDA {report['cuda']} · Python {report['python']} · "
-        f"{report['cpu_threads']} CPU threads"
+        f"{report['cpu_threads']} CPU {'thread' if report['cpu_threads'] == 1 else 'threads'}"
     )
 
 
 def loaded_rows(studio: Studio) -> list[list]:
     return [
-        [item.key, item.source, round(item.load_seconds, 2), round(item.footprint_bytes / GIB, 4)]
+        [item.key, round(item.footprint_bytes / GIB, 4), round(item.load_seconds, 2), item.source]
         for item in studio.manager.loaded_models()
     ]
 
@@ -79,15 +83,15 @@ def make_system_function(studio: Studio):
         plans = plan_table(height, width)  # raises a sentence for a size SD3.5 cannot draw
         margin = settings.PLAN_MARGIN_BYTES
         rows = [
-            [
+            [  # in PLAN_HEADERS order
                 item.model_key,
-                item.batch,
                 item.mode.title,
+                "yes" if item.fits(gpu_bytes, margin) else "no",
+                round(item.peak_bytes / GIB, 2),
+                item.batch,
                 round(item.weight_bytes / GIB, 2),
                 round(item.activation_bytes / GIB, 2),
-                round(item.peak_bytes / GIB, 2),
                 f"{item.peak_phase} ({', '.join(item.resident_at_peak)} on the GPU)",
-                "yes" if item.fits(gpu_bytes, margin) else "no",
             ]
             for item in plans
         ]
@@ -160,7 +164,13 @@ def build_system_tab(studio: Studio, tab: gr.Tab | None = None) -> dict:
     if studio.tiny:
         gr.Markdown("Tiny mode: the loaded models are miniatures; the planner below is for the real models.")
     gr.Markdown("### Loaded models")
-    loaded = gr.Dataframe(headers=LOADED_HEADERS, label="Loaded models (real footprint)", interactive=False)
+    loaded = gr.Dataframe(
+        headers=LOADED_HEADERS,
+        label="Loaded models (real footprint)",
+        interactive=False,
+        wrap=True,
+        column_widths=LOADED_WIDTHS,
+    )
     with gr.Row(visible=not studio.public):  # unloading is the operator's on a public instance
         model = gr.Dropdown(label="Loaded model", choices=[], allow_custom_value=True, scale=3)
         unload_button = gr.Button("Unload", variant="stop", scale=1)
@@ -181,10 +191,11 @@ def build_system_tab(studio: Studio, tab: gr.Tab | None = None) -> dict:
     gr.Markdown(PLAN_NOTE.format(margin=settings.PLAN_MARGIN_BYTES / GIB))
     table = gr.Dataframe(
         headers=PLAN_HEADERS,
-        datatype=["str", "number", "str", "number", "number", "number", "str", "str"],
+        datatype=["str", "str", "str", "number", "number", "number", "number", "str"],
         label="Model × mode (estimates)",
         interactive=False,
         wrap=True,
+        column_widths=PLAN_WIDTHS,
     )
     auto = gr.Markdown()
     with gr.Accordion("How the activations are estimated", open=False):

@@ -19,6 +19,7 @@ from typing import Any
 
 from pipelines.catalog import CATALOG, ModelSpec
 from pipelines.errors import ModelLoadError
+from pipelines.hub_access import HubProbe, cached_snapshot, unreachable_sentence
 from pipelines.runtime import Runtime
 
 __all__ = ["LoadedModel", "ModelLoadError", "ModelManager", "explain_load_failure"]  # ModelLoadError: re-exported
@@ -62,6 +63,11 @@ class ModelManager:
     ``memory_budget_bytes`` bounds what the loaded models may hold together:
     before a load that would go past it (by ``estimate_bytes(key, variant)``),
     the least recently used models are unloaded, and ``notify`` is told so.
+
+    With ``hub_probe``, a model that would load by repo id first asks whether the
+    Hub answers (one short request, see pipelines/hub_access.py). If it does not,
+    the model loads from the local cache when it is there, and otherwise fails at
+    once with a sentence naming the network, instead of minutes of retries.
     """
 
     def __init__(
@@ -74,6 +80,7 @@ class ModelManager:
         loaders: dict[str, Loader] | None = None,
         memory_budget_bytes: int | None = None,
         estimate_bytes: Callable[[str, str | None], int] | None = None,
+        hub_probe: HubProbe | None = None,
     ) -> None:
         self.runtime = runtime
         self.tiny_root = Path(tiny_root) if tiny_root is not None else None
@@ -85,6 +92,7 @@ class ModelManager:
                 raise ValueError(f"--model {key}=...: unknown model {key!r}; choose one of: {', '.join(catalog)}.")
         self.memory_budget_bytes = memory_budget_bytes
         self._estimate_bytes = estimate_bytes
+        self.hub_probe = hub_probe
         self._loaded: dict[str, LoadedModel] = {}
         self._locks = {key: threading.Lock() for key in catalog}
         self._registry_lock = threading.Lock()
@@ -138,6 +146,7 @@ class ModelManager:
             failure: Exception | None = None
             try:
                 _check_local_source(spec, source)
+                source = self._reachable_source(spec, source)
                 model = loader(source, self.runtime, variant)
             except (ModelLoadError, ValueError) as error:  # already a sentence (ValueError: e.g. a memory mode)
                 failure = error.with_traceback(None)
@@ -159,6 +168,21 @@ class ModelManager:
                 self._loaded[key] = entry
             logger.info("loaded %s (%s) from %s in %.1f s", key, variant or "default", source, elapsed)
             return model
+
+    def _reachable_source(self, spec: ModelSpec, source: str) -> str:
+        """``source``, or its cached snapshot folder when the Hub does not answer; ModelLoadError if neither."""
+        from huggingface_hub import constants
+
+        if self.hub_probe is None or self.tiny or constants.HF_HUB_OFFLINE or _looks_like_path(source):
+            return source  # offline mode: huggingface_hub reads the cache itself and asks nothing
+        problem = self.hub_probe.problem()
+        if problem is None:
+            return source
+        snapshot = cached_snapshot(source)
+        if snapshot is not None:
+            logger.info("the Hub does not answer: loading %s from the local cache at %s", spec.key, snapshot)
+            return snapshot
+        raise ModelLoadError(unreachable_sentence(spec, self.hub_probe.endpoint(), problem, tiny=self.tiny))
 
     def _make_room(self, key: str, variant: str | None, notify: Callable[[str], None] | None) -> None:
         """Unload least-recently-used models until ``key`` is expected to fit the budget."""

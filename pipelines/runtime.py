@@ -76,4 +76,5 @@ def machine_description() -> str:
     """The accelerator (or CPU and thread count) that timings and evaluation files record."""
     if torch.cuda.is_available():
         return f"{torch.cuda.get_device_name(0)} (CUDA {torch.version.cuda})"
-    return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    threads = torch.get_num_threads()
+    return f"CPU {platform.processor() or platform.machine()}, {threads} thread{'' if threads == 1 else 's'}"

@@ -181,6 +181,17 @@ EVALUATION_RESULTS_DIR = Path(os.environ.get("STUDIO_RESULTS_DIR") or _CACHE_HOM
 CONCURRENCY_LIMIT = _env_int("STUDIO_CONCURRENCY", 1, ceiling=8)
 QUEUE_MAX_SIZE = _env_int("STUDIO_QUEUE_SIZE", 32, ceiling=512)
 
+# --- the Hugging Face Hub (pipelines/hub_access) ------------------------------------------
+# Before a model loads from the Hub, one request checks that the Hub answers; without it a machine
+# with no route waits minutes while every file request is retried. A refused connection fails at
+# once; the timeout bounds a network that drops packets silently.
+HUB_PROBE_TIMEOUT_SECONDS = 3.0
+HUB_PROBE_TTL_SECONDS = 60.0  # an answer is reused this long, so a burst of loads probes once
+# huggingface_hub's own timeouts (HF_HUB_ETAG_TIMEOUT, HF_HUB_DOWNLOAD_TIMEOUT), set when the user has
+# not: a metadata request is small; a download read waits longer for a slow link.
+HUB_METADATA_TIMEOUT_SECONDS = 10
+HUB_DOWNLOAD_TIMEOUT_SECONDS = 30
+
 # --- memory planner (pipelines/memory, components/system) ----------------------------
 PLAN_DEFAULT_SIDE = 1024  # SD3.5's native resolution: the planner's default size
 PLAN_MIN_SIDE = 256  # smaller than any SD3.5 preset allows; the largest side comes from pos_embed_max_size

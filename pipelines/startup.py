@@ -7,12 +7,14 @@ Below components/ and app.py in the import graph (no gradio here), so a tab run 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 from pathlib import Path
 
 from pipelines import settings
 from pipelines.blip_precision import PRECISION_CHOICES, with_blip_precision
 from pipelines.catalog import CATALOG
+from pipelines.hub_access import HubProbe, set_hub_timeouts
 from pipelines.manager import ModelManager
 from pipelines.runtime import choose_runtime
 from pipelines.studio import Studio
@@ -111,6 +113,48 @@ def enter_offline_mode(environ: dict[str, str] = os.environ) -> None:
     constants.HF_HUB_OFFLINE = True
 
 
+class _DropMessages(logging.Filter):
+    """Drops the records of one logger whose message contains any of ``fragments``."""
+
+    def __init__(self, *fragments: str) -> None:
+        super().__init__()
+        self.fragments = fragments
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(fragment in message for fragment in self.fragments)
+
+
+# (logger, message fragment, why it says nothing the user can act on). Each filter sits on the
+# logger that emits the line, so every other message of that logger still shows. The loggers are
+# created here before their libraries import them, so the filters are in place for the first line.
+KNOWN_NOISE = (
+    (
+        "bitsandbytes.backends.cpu.ops",
+        "Failed to load CPU gemm_4bit_forward from kernels-community",
+        # On a CPU with AVX512-BF16, bitsandbytes tries to fetch an optional 4-bit kernel through the
+        # `kernels` package (from the Hub) when it is imported. NF4 runs only on CUDA here (memory modes
+        # refuse it on a CPU), so the kernel would never run; the Studio does not install `kernels`.
+    ),
+    (
+        "transformers.utils.import_utils",
+        "requires torchvision (not installed)",
+        # transformers 5 names its torchvision image processors first and falls back to the PIL ones
+        # (BlipImageProcessorPil, CLIPImageProcessorPil, ...) with this warning, once per processor.
+        # The PIL processors are the ones this install uses on purpose: no torchvision build imports
+        # beside the pinned torch 2.13.0 CPU wheel, so it is not installed.
+    ),
+)
+
+
+def silence_known_noise() -> None:
+    """Keep the start-up log to what matters: drop the KNOWN_NOISE lines at their source loggers."""
+    for logger_name, fragment in KNOWN_NOISE:
+        logger = logging.getLogger(logger_name)
+        if not any(isinstance(item, _DropMessages) and fragment in item.fragments for item in logger.filters):
+            logger.addFilter(_DropMessages(fragment))
+
+
 def build_studio(argv: list[str] | None = None) -> Studio:
     """The shared state for the tabs, from command-line flags."""
     args = parse_args(argv)
@@ -119,6 +163,7 @@ def build_studio(argv: list[str] | None = None) -> Studio:
 
 def studio_from_args(args: argparse.Namespace) -> Studio:
     """The Studio for parsed flags; SystemExit with one sentence for a bad flag (unknown mode, device)."""
+    silence_known_noise()
     try:
         runtime = with_blip_precision(choose_runtime(args.device), args.precision, tiny=args.tiny)
         tiny_root = None
@@ -133,6 +178,8 @@ def studio_from_args(args: argparse.Namespace) -> Studio:
             # and leaves the other cores to concurrent requests.
             torch.set_num_threads(1)
             tiny_root = ensure_tiny_models(args.tiny_dir)
+        else:
+            set_hub_timeouts()
         from pipelines.memory.gpu import memory_budget_bytes
         from pipelines.memory.modes import get_mode
         from pipelines.memory.planner import load_estimate_bytes
@@ -146,6 +193,8 @@ def studio_from_args(args: argparse.Namespace) -> Studio:
             # Tiny models need no budget; real ones unload the least recently used to fit.
             memory_budget_bytes=None if args.tiny else memory_budget_bytes(runtime),
             estimate_bytes=lambda key, variant: load_estimate_bytes(key, variant, runtime.dtype_name),
+            # Real models come from the Hub: ask once, briefly, whether it answers before each load.
+            hub_probe=None if args.tiny else HubProbe(),
         )
     except ValueError as error:
         raise SystemExit(str(error)) from None

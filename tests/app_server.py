@@ -31,9 +31,24 @@ def tiny_app(
     The app runs offline, without analytics, with ``environment`` on top of this process's; its
     output goes to ``log_path``, whose tail is shown if it exits early or does not start in time.
     """
+    with app_process(log_path, "--tiny", "--tiny-dir", str(tiny_root), *flags, environment=environment) as running:
+        yield running
+
+
+@contextlib.contextmanager
+def app_process(
+    log_path: Path, *flags: str, environment: dict | None = None, unset: tuple[str, ...] = ()
+) -> Iterator[tuple[subprocess.Popen, str]]:
+    """``python app.py --port P *flags`` (the real models unless ``--tiny`` is among the flags).
+
+    The environment is this process's with HF_HUB_OFFLINE=1 and analytics off, then ``environment``
+    on top, then the variables in ``unset`` removed.
+    """
     port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False", **(environment or {})}
-    command = [sys.executable, "app.py", "--tiny", "--tiny-dir", str(tiny_root), "--port", str(port), *flags]
+    for name in unset:
+        env.pop(name, None)
+    command = [sys.executable, "app.py", "--port", str(port), *flags]
     with open(log_path, "a") as log:
         process = subprocess.Popen(command, cwd=APP_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"

@@ -176,7 +176,7 @@ def test_round_trip_prompt_image_caption_score(page, tmp_path):
     panel.get_by_text("BLIP wrote:").wait_for()
     assert block(panel, "SD3.5's image").locator("img").count() == 1
     assert cell(panel, 0, 0) == "prompt" and cell(panel, 1, 0) == "BLIP's caption"
-    assert float(cell(panel, 0, 2)) < 0 and float(cell(panel, 1, 2)) < 0  # both fits, as mean log-probs
+    assert float(cell(panel, 0, 1)) < 0 and float(cell(panel, 1, 1)) < 0  # both fits, as mean log-probs (column 1)
     assert block(panel, "Prompt vs caption, word by word").get_by_text("cube").count() >= 1
     screenshot(page, tmp_path, "roundtrip")
 

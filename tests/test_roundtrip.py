@@ -111,8 +111,10 @@ def test_roundtrip_answers_with_only_a_prompt(tiny_client):
     assert image.endswith(".png") and "BLIP wrote" in summary
     assert details["seed"] == seed and details["steps"] == 28 and details["files"] == [Path(image).name]
     rows = scores["data"]
-    assert [row[0] for row in rows] == ["prompt", "BLIP's caption"] and rows[0][1] == "a red apple"
-    assert all(math.isfinite(row[2]) and row[2] <= 0 for row in rows)
+    # Scores first (mean log-prob, ITM), the text last.
+    assert scores["headers"] == ["text", "mean log-prob", "ITM P(match)", "words"]
+    assert [row[0] for row in rows] == ["prompt", "BLIP's caption"] and rows[0][3] == "a red apple"
+    assert all(math.isfinite(row[1]) and row[1] <= 0 for row in rows)
     assert [item["token"] for item in diff if item["class_or_confidence"] in ("both", "prompt")] == [
         "a",
         "red",

@@ -8,16 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.scoreboard import (
+from components.scoreboard import MEASURED_HEADERS, capability_table, measured_table, terms_markdown
+from pipelines.bench_results import FAILED_ROW_SENTENCE, RESULTS_DIR, read_results
+from pipelines.scoreboard import SCOREBOARD_PATH, build_report, load_scoreboard, ranked
+from pipelines.scoreboard_claims import check_claims
+from pipelines.scoreboard_types import (
     CAPABILITY_STATUSES,
     NOT_MEASURED,
-    SCOREBOARD_PATH,
     STUDIO_TAB_IDS,
     ScoreboardDataError,
-    build_report,
-    check_claims,
-    load_scoreboard,
-    ranked,
 )
 
 APP_PATH = Path(__file__).resolve().parent.parent / "app.py"
@@ -62,10 +61,75 @@ def test_every_capability_links_to_a_studio_tab_or_says_not_built():
         assert (capability.tab is None) == (capability.status == "not built yet")
     assert {c.name for c in capabilities if c.tab is None} == set()  # every capability is built
     lora = {c.name: (c.tab, c.status) for c in capabilities if "LoRA" in c.name}
+    # Both trainers run on a CPU (tests/test_train_*), so neither LoRA capability "needs a GPU".
     assert lora == {
         "Multilingual and domain adaptation with LoRA": ("train", "works here"),
-        "LoRA fine-tuning and loading": ("train", "needs a GPU"),
+        "LoRA fine-tuning and loading": ("train", "works here"),
     }
+    needs_gpu = {c.name: c.status_note for c in capabilities if c.status == "needs a GPU"}
+    assert set(needs_gpu) == {"Quantization (NF4 / 8-bit)", "CPU offload"}
+    assert all(note.endswith(".") for note in needs_gpu.values())  # each says why
+
+
+def test_the_page_terms_and_the_shared_scale_are_explained():
+    data = load_scoreboard()
+    for term in ("UnfragileRank", "Match Graph", "Times Matched"):
+        assert term in data.features and data.terms[term].endswith(".")
+    assert "captioner and a generator" in data.shared_scale
+    report = build_report(with_claims=False)
+    text = terms_markdown(report)
+    assert "**Match Graph**:" in text and "One scale for a captioner and a generator" in text
+
+
+def test_a_failed_row_is_stored_and_shown_as_not_measured_with_a_sentence(tmp_path):
+    results = tmp_path / "results"
+    _result_file(
+        results,
+        "gpu-test.json",
+        benchmark="gpu-test",
+        machine="NVIDIA H200 (CUDA 13.0)",
+        date="2026-11-28T04:07:57+00:00",
+        model_size="real-size random weights",
+        rows=[
+            {"model": "sd35-large", "mode": "bf16", "steps": 28, "seconds_per_image": 5.5, "peak_gib": 28.5},
+            {"model": "blip-caption", "not_measured": "the BLIP pass failed before timing anything."},
+            # A row written before failures were sentences: its exception text never reaches the page.
+            {
+                "model": "blip-itm",
+                "error": "AttributeError: 'CausalLMOutputWithCrossAttentions' object has no attribute",
+            },
+        ],
+    )
+    report = build_report(_data_copy(tmp_path), results, with_claims=False)
+    assert report.warnings == []  # no toast: the row itself says it
+    rows = {
+        row["Studio model"]: row
+        for row in (dict(zip(MEASURED_HEADERS, cells, strict=True)) for cells in measured_table(report))
+    }
+    assert rows["blip-caption"]["s / image"] == f"{NOT_MEASURED}: the BLIP pass failed before timing anything"
+    assert rows["blip-itm"]["s / image"] == f"{NOT_MEASURED}: {FAILED_ROW_SENTENCE}"
+    assert rows["blip-caption"]["model"] == "blip-image-captioning-base"
+    cells = [row["s / image"] for row in rows.values()]
+    assert "5.5 s" in cells
+    assert "AttributeError" not in json.dumps(report.as_dict())
+    # Failed rows never stand in for a figure in the summary.
+    blip = next(row for row in report.summary if row["studio_model"] == "blip-caption")
+    assert blip["GPU latency"] == NOT_MEASURED
+
+
+def test_committed_results_store_failures_as_sentences_not_exceptions():
+    payloads, warnings = read_results(RESULTS_DIR)
+    assert warnings == [] and payloads
+    for payload in payloads:
+        for row in payload.get("rows", []):
+            assert "error" not in row, f"{payload['file']}: a failed row must be 'not_measured': '<one sentence>'"
+
+
+def test_capability_table_leads_with_the_status_and_its_reason():
+    status, capability, *_ = next(
+        row for row in capability_table(build_report(with_claims=False)) if row[1] == "CPU offload"
+    )
+    assert status.startswith("🖥️ needs a GPU: ") and "without a GPU" in status
 
 
 def test_app_defines_the_linked_tab_ids():
@@ -168,3 +232,8 @@ def test_scoreboard_api(tiny_client):
     assert any(row["verdict"] == "disagrees" and "224.0M" in row["studio"] for row in details["claims"])
     assert {row["tab"] for row in details["capabilities"]} - {None} <= set(STUDIO_TAB_IDS)
     assert len(details["summary"]) == 2 and details["tiny_mode"] is True
+    everything = json.dumps([ranking, verdict, capabilities, claims, summary, measured, warnings, details])
+    for exception_text in ("Error:", "Error(", "Traceback", "object has no attribute"):
+        assert exception_text not in everything
+    assert "was not measured (" not in everything
+    assert "UnfragileRank" in verdict and "Times Matched" in verdict

@@ -31,7 +31,11 @@ def test_system_answers_with_only_defaults(tiny_client):
     large = next(plan for plan in planner["plans"] if (plan["model"], plan["mode"]) == ("sd35-large", "bf16"))
     assert large["peak_bytes"] > large["weight_bytes"] > 25 * 1024**3
     assert large["fits"] == (large["peak_bytes"] + planner["margin_bytes"] <= planner["gpu_gb"] * 1024**3)
-    assert len(table["data"]) == len(planner["plans"]) and table["headers"][-1] == "fits"
+    # Key numbers first: whether it fits and the estimated peak come right after model and mode.
+    assert table["headers"][:4] == ["model", "mode", "fits", "est. peak (GiB)"]
+    assert len(table["data"]) == len(planner["plans"]) and {row[2] for row in table["data"]} <= {"yes", "no"}
+    assert machine["cpu_threads"] == 1  # --tiny runs one intra-op thread
+    assert "1 CPU thread" in device and "1 CPU threads" not in device
     assert planner["auto"]["sd35-large"]["mode"] in {mode for _, mode in modes} and "sd35-large" in auto
     assert "estimates" in planner["note"].lower()
 
