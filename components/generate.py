@@ -387,6 +387,7 @@ def build_generate_tab(studio: Studio, outputs_dir: Path | None = None) -> dict:
         "preview": preview,
         "run": run,
         "stop": stop,
+        "lora_panel": lora_panel,  # its model, active set and table: the Train tab's "Load the result" fills them
     }
 
 

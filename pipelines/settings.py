@@ -203,6 +203,7 @@ MAX_TRAINING_IMAGES = 5000  # images in one uploaded training dataset
 MAX_SIDECAR_BYTES = 64 * 1024  # one .txt caption
 MAX_METADATA_BYTES = 64 * 1024**2  # one metadata.jsonl
 TRAINING_LOG_TAIL_LINES = 30  # log lines the Train tab shows
+TRAINING_LOSS_SMOOTHING = 0.9  # the Train tab's smoothed loss: an EMA with this weight (TensorBoard's slider)
 TRAINING_CANCEL_GRACE_SECONDS = 10  # after SIGTERM, before SIGKILL
 TRAINING_EXIT_GRACE_SECONDS = 5  # on app exit (or a survivor found at start): after SIGTERM, before SIGKILL
 TRAINING_RUN_ID_BYTES = 12  # random bytes in a run id (96 bits): not guessable, so not readable by others
