@@ -40,12 +40,13 @@ class LoraPanel:
     note: gr.Markdown
     model: gr.Radio  # the Generate tab's model choice, which the panel's LoRAs belong to
     file_choice: gr.Dropdown  # "Files in the LoRA folder"
+    accordion: gr.Accordion  # the panel itself, opened to show a LoRA loaded from elsewhere
     # (details, active, request) -> new values for ``loaded_outputs()``, or None where nothing changes:
     # show a LoRA that "Load the result" put on a model (see show_training_result).
     show_loaded: Callable = None
 
     def loaded_outputs(self) -> list:
-        return [self.model, self.lora, self.table, self.note, self.file_choice]
+        return [self.model, self.lora, self.table, self.note, self.file_choice, self.accordion]
 
 
 def active_without(active: str, names: list[str]) -> str:
@@ -68,13 +69,13 @@ def lora_rows(studio: Studio, model: str = "", visitor: str | None = None) -> li
 
 
 def show_training_result(studio: Studio, details, active: str, visitor: str | None) -> tuple:
-    """(model, active set, table rows, note, file choices) once a trained LoRA is loaded, or Nones.
+    """(model, active set, table rows, note, file choices, accordion) once a trained LoRA is loaded, or Nones.
 
     ``details`` is ``/train_load_result``'s dict as the page holds it: nothing in it is trusted beyond
     naming a LoRA that is loaded, for ``visitor``, on the model it names; the trigger words and the weight
     come from the loaded LoRA itself.
     """
-    unchanged = (None,) * 5
+    unchanged = (None,) * 6
     if not isinstance(details, dict) or details.get("kind") != "sd3" or details.get("model") not in MODEL_CHOICES:
         return unchanged
     key = MODEL_CHOICES[details["model"]]
@@ -90,7 +91,8 @@ def show_training_result(studio: Studio, details, active: str, visitor: str | No
     )
     note = f"**{name}** from the Train tab is active on {SD3_LABELS[details['model']]}.{triggers}"
     choices = gr.update(choices=list_lora_files(studio.lora_dir))
-    return details["model"], lora_text, lora_rows(studio, visitor=visitor), note, choices
+    shown = gr.Accordion(open=True)
+    return details["model"], lora_text, lora_rows(studio, visitor=visitor), note, choices, shown
 
 
 def _registry_choices(studio: Studio) -> list[tuple[str, str]]:
@@ -158,7 +160,7 @@ def build_lora_panel(studio: Studio, model: gr.Radio, memory_mode: gr.Dropdown) 
         note = f"Unloaded {', '.join(removed)} from {key}." if removed else f"None of your LoRAs is loaded on {key}."
         return lora_rows(studio, visitor=visitor), note, active_without(active, removed)
 
-    with gr.Accordion("LoRA", open=False):
+    with gr.Accordion("LoRA", open=False) as accordion:
         lora = gr.Textbox(
             value="",
             label="Active LoRAs (name:weight, comma-separated; empty = the base model)",
@@ -276,5 +278,6 @@ def build_lora_panel(studio: Studio, model: gr.Radio, memory_mode: gr.Dropdown) 
         note=note,
         model=model,
         file_choice=file_choice,
+        accordion=accordion,
         show_loaded=show_loaded,
     )
