@@ -314,6 +314,8 @@ def build_train_tab(studio: Studio) -> dict:
                 y="loss",
                 color="series",
                 color_map={LOSS_SERIES: "#9ca3af", SMOOTHED_SERIES: "#4f46e5"},
+                x_axis_format="~g",  # steps are floats (numeric axes); no "2.000000"
+                y_axis_format="~g",
                 label="Training loss",
                 height=260,
             )
