@@ -263,8 +263,9 @@ def build_train_tab(studio: Studio) -> dict:
         return loaded.sentence, loaded.as_dict()
 
     gr.Markdown(
-        "Train a LoRA on your own captioned images: caption a folder in the **Batch** tab, download its zip "
-        "(edit the captions if you like), upload it here. The run goes on in the background; "
+        "Train a LoRA on your own captioned images: caption a folder in the **Batch** tab (edit the captions in "
+        "its table and press Save edited captions if you like), download its zip, upload it here. "
+        "The run goes on in the background; "
         "the command it runs is the first line of its log, so you can run the same thing from a terminal."
     )
     gr.Markdown(TRAINING_NOTICE if not studio.tiny else "Tiny mode: the tiny models train on the CPU in seconds.")
