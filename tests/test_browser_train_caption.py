@@ -87,8 +87,8 @@ def test_train_then_load_the_result_then_generate_with_it(page, tmp_path, datase
         generate.get_by_text(f"Unloaded {lora_name} from sd35-medium.").wait_for()
 
 
-def test_a_fresh_page_lists_loaded_loras_and_trained_files(page, tiny_client, tiny_root):
-    """Loaded LoRAs and the LoRA folder's files (subfolders included) show without clicking anything."""
+def test_a_fresh_page_lists_the_loaded_loras(page, tiny_client):
+    """The Loaded LoRAs table is filled on page load (the folder listing: tests/test_lora.py)."""
     tiny_client.predict(source="tiny_large_style", model="large", api_name="/lora_load")
     try:
         page.reload()
