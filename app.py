@@ -21,7 +21,7 @@ from components.png_info import GENERATE_FIELDS, build_png_info_tab, pending_for
 from components.roundtrip import build_roundtrip_tab
 from components.scoreboard import build_scoreboard_tab
 from components.system import build_system_tab
-from components.train import build_train_tab
+from components.train import build_train_tab, send_results_to_generate
 from pipelines import settings, workspace
 from pipelines.startup import TITLE, parse_args, studio_from_args
 from pipelines.studio import TINY_MODE_NOTICE, Studio
@@ -72,7 +72,7 @@ def build_app(studio: Studio) -> gr.Blocks:
                 build_roundtrip_tab(studio)
             if studio.training_enabled:
                 with gr.Tab("Train", id="train"):
-                    build_train_tab(studio)
+                    train = build_train_tab(studio)
             with gr.Tab("Scoreboard", id="scoreboard") as scoreboard_tab:
                 build_scoreboard_tab(studio, scoreboard_tab)
             with gr.Tab("System", id="system") as system_tab:
@@ -113,6 +113,9 @@ def build_app(studio: Studio) -> gr.Blocks:
             queue=False,
             api_visibility="private",
         )
+        # Train's "Load the result" switches Generate to the run's model with its LoRA active.
+        if studio.training_enabled:
+            send_results_to_generate(train, generate["lora_panel"], tabs)
         # A closed page's files go at once; sessions that never close are swept by age (see generate).
         demo.unload(forget_visitor)
     return demo

@@ -34,13 +34,16 @@ from pipelines.batch_caption import (
     caption_files,
     collect_uploads,
     dataset_zip,
+    edited_results,
     sidecar_name,
 )
 from pipelines.images import load_image
+from pipelines.settings import CaptionStrategy
 from pipelines.studio import Studio
 from pipelines.validation import as_int
 
 TABLE_HEADERS = ["image", "file", "caption", "score"]
+FILE_COLUMN, CAPTION_COLUMN = TABLE_HEADERS.index("file"), TABLE_HEADERS.index("caption")
 THUMBNAIL_SIDE = 64
 MAX_THUMBNAILS = 200  # rows past this show no thumbnail, keeping the page light
 
@@ -150,14 +153,20 @@ def make_caption_batch_function(studio: Studio, stop_requests: StopRequests):
                 shutil.rmtree(download, ignore_errors=True)
                 raise
             rows = result_rows(results + uploads.failures, uploads.root)  # thumbnails before the folder goes
+        # What "Save edited captions" rewrites: held by the server, one entry per table row, in order.
+        batch = {"results": results + uploads.failures, "zip": str(archive.path), "manifest": manifest}
 
         # 3. Say what happened.
         failures = [item for item in results if isinstance(item, FailedImage)] + uploads.failures
         summary = summary_markdown(len(captioned), failures, len(uploads.files), seconds, stop.is_set(), adapter)
         summary += renamed_markdown(archive.renamed)
+        if caption_request.strategy == CaptionStrategy.SAMPLING:
+            summary += f"\n\nSampling seed {caption_request.seed} (in the zip's captioning.json)."
         if studio.tiny:
             summary += "\n\nTiny random model: the captions are gibberish by design."
-        return rows, str(archive.path), summary + error_note
+        if captioned:
+            summary += "\n\nEdit any caption in the table, then press **Save edited captions** to rebuild the zip."
+        return rows, str(archive.path), summary + error_note, batch
 
     return named_endpoint(
         caption_batch,
@@ -173,6 +182,42 @@ def make_caption_batch_function(studio: Studio, stop_requests: StopRequests):
             parameter("adapter", ""),  # new parameters go at the end, so positional API callers keep working
         ],
     )
+
+
+def make_export_function():
+    """The `/caption_batch_export` endpoint: the last batch's zip again, with the captions as edited in ``table``.
+
+    Only the caption cells come from the page; the files, the images and the settings are the
+    server's own record of this session's last batch (``batch``, a ``gr.State``).
+    """
+
+    def caption_batch_export(table, batch):
+        if not isinstance(batch, dict) or not batch.get("results"):
+            raise ValueError("Caption a batch first; then edit its captions and save them.")
+        source = Path(batch["zip"])
+        if not source.is_file():
+            raise ValueError("This batch's files have expired; caption the images again.")
+        rows = table.get("data", []) if isinstance(table, dict) else table  # the API may send {"headers", "data"}
+        results, edited = edited_results(
+            batch["results"], rows if isinstance(rows, list) else [], file_column=FILE_COLUMN,
+            caption_column=CAPTION_COLUMN,
+        )  # fmt: skip
+        manifest = {**batch["manifest"], "edited_captions": edited}
+        download = download_folder("studio-batch-")
+        try:
+            archive = dataset_zip(results, download / "captions.zip", images_zip=source, manifest=manifest)
+        except BaseException:
+            shutil.rmtree(download, ignore_errors=True)
+            raise
+        listed = ", ".join(f"`{name}`" for name in edited[:10]) + (", ..." if len(edited) > 10 else "")
+        summary = (
+            f"**Saved {len(edited)} edited caption(s)** in a new zip: {listed}."
+            if edited
+            else "No caption differs from BLIP's; the new zip holds the same captions."
+        )
+        return str(archive.path), summary, {"edited": edited}
+
+    return named_endpoint(caption_batch_export, [parameter("table", None), parameter("batch", None)])
 
 
 def _caption_uploads(captioner, uploads, caption_request, batch_size, trigger, suffix, adapter, stop, progress):
@@ -252,22 +297,36 @@ def build_batch_tab(studio: Studio) -> dict:
             table = gr.Dataframe(
                 headers=TABLE_HEADERS,
                 datatype=["markdown", "str", "str", "number"],
-                label="Captions",
-                interactive=False,
+                label="Captions (click a caption to edit it)",
+                interactive=True,
+                static_columns=[index for index in range(len(TABLE_HEADERS)) if index != CAPTION_COLUMN],
+                type="array",
                 wrap=True,
                 column_widths=["12%", "20%", "56%", "12%"],
             )
+            save_edits = gr.Button("Save edited captions", variant="secondary")
+            export_details = gr.JSON(visible=False)  # the API's third output: which captions were edited
+    batch = gr.State(None)  # this session's last batch: its rows, zip and settings (never sent to the page)
     run.click(
         make_caption_batch_function(studio, stop_requests),
         inputs=[files, batch_size, trigger, suffix, include_images, *controls.inputs(skip=("num_captions",)), adapter],
-        outputs=[table, archive, summary],
+        outputs=[table, archive, summary, batch],
         api_name="caption_batch",
         concurrency_id=settings.GPU_CONCURRENCY_ID,
+    )
+    save_edits.click(
+        make_export_function(),
+        inputs=[table, batch],
+        outputs=[archive, summary, export_details],
+        api_name="caption_batch_export",
+        concurrency_limit=1,  # writes a zip (images copied): one at a time, outside the GPU queue
+        concurrency_id="caption_batch_export",
     )
     stop.click(stop_batch, inputs=None, outputs=None, queue=False, api_name="caption_batch_stop")
     return {
         "files": files,
         "table": table,
+        "save_edits": save_edits,
         "archive": archive,
         "summary": summary,
         "run": run,

@@ -14,7 +14,7 @@ import gradio as gr
 from components.common import UploadedImage, example_photos, launch_alone, named_endpoint, parameter, visitor_id
 from components.decoding import build_decoding_controls, decoding_parameters, request_from_values
 from pipelines import settings
-from pipelines.blip import CaptionRequest, CaptionResult
+from pipelines.blip import STRATEGY_LABELS, CaptionRequest, CaptionResult
 from pipelines.blip_precision import runtime_blip_precision
 from pipelines.images import describe_image, load_image
 from pipelines.settings import CaptionStrategy
@@ -65,6 +65,13 @@ def caption_details(result: CaptionResult, studio: Studio, image_description: st
     }
 
 
+def last_seed(details, current):
+    """The sampling seed the last caption used (from its result), or ``current`` when it used none."""
+    seed = details.get("seed") if isinstance(details, dict) else None
+    low, high = settings.CAPTION_RANGES["seed"].low, settings.CAPTION_RANGES["seed"].high
+    return seed if isinstance(seed, int) and not isinstance(seed, bool) and low <= seed <= high else current
+
+
 def make_caption_function(studio: Studio):
     """The `/caption` endpoint: ``image`` is required, every decoding setting and the adapter have a default."""
 
@@ -73,10 +80,13 @@ def make_caption_function(studio: Studio):
             raise ValueError("Upload an image (PNG, JPEG, WebP, GIF, BMP or TIFF) first.")
         adapter = studio.blip_adapters.use(requested_adapter(adapter), visitor_id(request))  # another's upload: no such
         picture = load_image(image)
-        request = request_from_values(decoding).validated()
+        # More captions than beams (or several greedy ones) is adjusted, and said, rather than refused.
+        request, notes = request_from_values(decoding).with_room_for_captions()
+        request = request.validated()
         result = studio.captioner().caption(picture, request, adapter=adapter)
         details = caption_details(result, studio, describe_image(picture))
-        summary = f"{len(result.captions)} caption(s) in {result.seconds:.2f} s · {request.strategy}"
+        details["notes"] = notes
+        summary = f"{len(result.captions)} caption(s) in {result.seconds:.2f} s · {STRATEGY_LABELS[request.strategy]}"
         if request.strategy == CaptionStrategy.SAMPLING:
             summary += f" · seed {request.seed}"
         summary += f" · {'adapter ' + result.adapter if result.adapter else BASE_MODEL_LABEL}"
@@ -84,6 +94,7 @@ def make_caption_function(studio: Studio):
             summary += f" · {details['precision']['variant']}"
         if studio.tiny:
             summary += " · tiny random model: the words are gibberish by design"
+        summary += "".join(f"\n\n{note}" for note in notes)
         return caption_table(result), summary, details
 
     # New parameters go at the end, so positional API callers keep working.
@@ -170,7 +181,7 @@ def build_caption_tab(studio: Studio) -> dict:
     with gr.Row():
         with gr.Column(scale=1):
             image = UploadedImage(label="Image", sources=["upload", "clipboard", "webcam"], height=360)
-            controls = build_decoding_controls()
+            controls = build_decoding_controls(show_reuse_seed=True)
             with gr.Accordion("Adapter (BLIP LoRA)", open=False):
                 adapter = build_adapter_picker(studio)
                 source = gr.Textbox(
@@ -218,6 +229,9 @@ def build_caption_tab(studio: Studio) -> dict:
         outputs=[table, summary, details],
         api_name="caption",
         concurrency_id=settings.GPU_CONCURRENCY_ID,
+    )
+    controls.reuse_seed.click(
+        last_seed, inputs=[details, controls.seed], outputs=controls.seed, queue=False, api_visibility="private"
     )
     load.click(
         make_adapter_load_function(studio),

@@ -14,15 +14,11 @@ import gradio as gr
 
 from components.common import ValidatedNumber, ValidatedSlider, parameter
 from pipelines import settings
-from pipelines.blip import CaptionRequest
+from pipelines.blip import FIELD_LABELS, STRATEGY_LABELS, CaptionRequest
 from pipelines.settings import BEAM_STRATEGIES, CaptionStrategy
 
-STRATEGY_LABELS = {
-    CaptionStrategy.GREEDY: "Greedy",
-    CaptionStrategy.BEAM: "Beam search",
-    CaptionStrategy.DIVERSE_BEAM: "Diverse beam search",
-    CaptionStrategy.SAMPLING: "Sampling (top-k / top-p)",
-}
+# What the tabs start from: the library's defaults, but sampling with a random seed (reported back).
+UI_DEFAULTS = CaptionRequest(seed=settings.UI_CAPTION_SEED)
 
 
 @dataclass
@@ -39,6 +35,7 @@ class DecodingControls:
     top_p: gr.Slider
     temperature: gr.Slider
     seed: gr.Number
+    reuse_seed: gr.Button  # the Caption tab fills it in from the last result's seed
     min_new_tokens: gr.Slider
     max_new_tokens: gr.Slider
     repetition_penalty: gr.Slider
@@ -60,7 +57,7 @@ def request_from_values(values: dict, **overrides) -> CaptionRequest:
 
 def decoding_parameters(skip: tuple[str, ...] = ()) -> list:
     """API parameters for CaptionRequest's fields, named and defaulted as the request is."""
-    defaults = CaptionRequest()
+    defaults = UI_DEFAULTS
     return [
         parameter(field.name, getattr(defaults, field.name))
         for field in fields(CaptionRequest)
@@ -83,13 +80,14 @@ def _slider(name: str, value, label: str, **kwargs) -> ValidatedSlider:
 
 
 def build_decoding_controls(
-    defaults: CaptionRequest | None = None, *, show_num_captions: bool = True
+    defaults: CaptionRequest | None = None, *, show_num_captions: bool = True, show_reuse_seed: bool = False
 ) -> DecodingControls:
     """Create the decoding controls inside the current Blocks context.
 
-    ``show_num_captions=False`` hides the caption-count slider (the Batch tab keeps one caption per image).
+    ``show_num_captions=False`` hides the caption-count slider (the Batch tab keeps one caption per image);
+    ``show_reuse_seed`` shows a "Reuse last seed" button beside the sampling seed, for the tab to wire.
     """
-    defaults = defaults or CaptionRequest()
+    defaults = defaults or UI_DEFAULTS
     strategy = gr.Radio(
         choices=[(label, key.value) for key, label in STRATEGY_LABELS.items()],
         value=CaptionStrategy(defaults.strategy).value,
@@ -101,14 +99,16 @@ def build_decoding_controls(
         placeholder="e.g. a picture of — leave empty for unconditional captions",
         max_length=settings.MAX_CAPTION_PREFIX_CHARS,
     )
-    num_captions = _slider("num_captions", defaults.num_captions, "Captions", visible=show_num_captions)
+    num_captions = _slider(
+        "num_captions", defaults.num_captions, FIELD_LABELS["num_captions"], visible=show_num_captions
+    )
     with gr.Accordion("Decoding settings", open=False):
         with gr.Group(visible=defaults.strategy in BEAM_STRATEGIES) as beam_group:
-            num_beams = _slider("num_beams", defaults.num_beams, "Beams")
+            num_beams = _slider("num_beams", defaults.num_beams, FIELD_LABELS["num_beams"])
             length_penalty = _slider("length_penalty", defaults.length_penalty, "Length penalty (>1 favours longer)")
             early_stopping = gr.Checkbox(value=defaults.early_stopping, label="Early stopping")
         with gr.Group(visible=defaults.strategy == CaptionStrategy.DIVERSE_BEAM) as diverse_group:
-            num_beam_groups = _slider("num_beam_groups", defaults.num_beam_groups, "Beam groups")
+            num_beam_groups = _slider("num_beam_groups", defaults.num_beam_groups, FIELD_LABELS["num_beam_groups"])
             diversity_penalty = _slider("diversity_penalty", defaults.diversity_penalty, "Diversity penalty")
         with gr.Group(visible=defaults.strategy == CaptionStrategy.SAMPLING) as sampling_group:
             top_k = _slider("top_k", defaults.top_k, "Top-k (0 = off)")
@@ -122,6 +122,7 @@ def build_decoding_controls(
                 maximum=seed_range.high,
                 label="Seed (-1 = random)",
             )
+            reuse_seed = gr.Button("♻ Reuse last seed", size="sm", visible=show_reuse_seed)
         with gr.Row():
             min_new_tokens = _slider("min_new_tokens", defaults.min_new_tokens, "Min tokens")
             max_new_tokens = _slider("max_new_tokens", defaults.max_new_tokens, "Max tokens")
@@ -148,6 +149,7 @@ def build_decoding_controls(
         top_p=top_p,
         temperature=temperature,
         seed=seed,
+        reuse_seed=reuse_seed,
         min_new_tokens=min_new_tokens,
         max_new_tokens=max_new_tokens,
         repetition_penalty=repetition_penalty,

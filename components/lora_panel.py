@@ -14,15 +14,17 @@ instance visitors cannot unload those.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import gradio as gr
 
 from components.common import ValidatedSlider, blank_to_none, named_endpoint, parameter, visitor_id
 from pipelines import settings
+from pipelines.catalog import SD3_LABELS
 from pipelines.lora import LIST_HEADERS
 from pipelines.lora_sources import list_lora_files, sanitize_lora_name
-from pipelines.sd3 import model_key
+from pipelines.sd3 import MODEL_CHOICES, model_key
 from pipelines.studio import Studio
 from pipelines.validation import as_float
 
@@ -36,6 +38,15 @@ class LoraPanel:
     lora_fuse: gr.Checkbox
     table: gr.Dataframe
     note: gr.Markdown
+    model: gr.Radio  # the Generate tab's model choice, which the panel's LoRAs belong to
+    file_choice: gr.Dropdown  # "Files in the LoRA folder"
+    accordion: gr.Accordion  # the panel itself, opened to show a LoRA loaded from elsewhere
+    # (details, active, request) -> new values for ``loaded_outputs()``, or None where nothing changes:
+    # show a LoRA that "Load the result" put on a model (see show_training_result).
+    show_loaded: Callable = None
+
+    def loaded_outputs(self) -> list:
+        return [self.model, self.lora, self.table, self.note, self.file_choice, self.accordion]
 
 
 def active_without(active: str, names: list[str]) -> str:
@@ -55,6 +66,33 @@ def lora_rows(studio: Studio, model: str = "", visitor: str | None = None) -> li
     """One row per loaded LoRA ``visitor`` may use (of ``model``, or of every SD3.5 model when empty)."""
     keys = [model_key(model)] if model else list(studio.sd3_loras)
     return [[key, *row] for key in keys for row in studio.sd3_loras[key].list(visitor)]
+
+
+def show_training_result(studio: Studio, details, active: str, visitor: str | None) -> tuple:
+    """(model, active set, table rows, note, file choices, accordion) once a trained LoRA is loaded, or Nones.
+
+    ``details`` is ``/train_load_result``'s dict as the page holds it: nothing in it is trusted beyond
+    naming a LoRA that is loaded, for ``visitor``, on the model it names; the trigger words and the weight
+    come from the loaded LoRA itself.
+    """
+    unchanged = (None,) * 6
+    if not isinstance(details, dict) or details.get("kind") != "sd3" or details.get("model") not in MODEL_CHOICES:
+        return unchanged
+    key = MODEL_CHOICES[details["model"]]
+    library = studio.sd3_loras[key]
+    name = details.get("name")
+    if not isinstance(name, str) or name not in library.names(visitor):
+        return unchanged
+    loaded = library.get(name, visitor)
+    kept = [item for item in (active or "").split(",") if item.partition(":")[0].strip() in library.names(visitor)]
+    lora_text = active_with(", ".join(kept), name, loaded.default_scale)
+    triggers = f" Trigger word: **{', '.join(loaded.trigger_words)}** (added to the prompt)." * bool(
+        loaded.trigger_words
+    )
+    note = f"**{name}** from the Train tab is active on {SD3_LABELS[details['model']]}.{triggers}"
+    choices = gr.update(choices=list_lora_files(studio.lora_dir))
+    shown = gr.Accordion(open=True)
+    return details["model"], lora_text, lora_rows(studio, visitor=visitor), note, choices, shown
 
 
 def _registry_choices(studio: Studio) -> list[tuple[str, str]]:
@@ -122,7 +160,7 @@ def build_lora_panel(studio: Studio, model: gr.Radio, memory_mode: gr.Dropdown) 
         note = f"Unloaded {', '.join(removed)} from {key}." if removed else f"None of your LoRAs is loaded on {key}."
         return lora_rows(studio, visitor=visitor), note, active_without(active, removed)
 
-    with gr.Accordion("LoRA", open=False):
+    with gr.Accordion("LoRA", open=False) as accordion:
         lora = gr.Textbox(
             value="",
             label="Active LoRAs (name:weight, comma-separated; empty = the base model)",
@@ -220,4 +258,26 @@ def build_lora_panel(studio: Studio, model: gr.Radio, memory_mode: gr.Dropdown) 
         api_name="lora_list",
         queue=False,
     )
-    return LoraPanel(lora=lora, lora_scale=lora_scale, lora_fuse=lora_fuse, table=table, note=note)
+
+    def page_opened(request: gr.Request):
+        # A fresh page shows what is loaded already, and the LoRA folder as it is now (trained runs included).
+        return lora_rows(studio, visitor=visitor_id(request)), gr.update(choices=list_lora_files(studio.lora_dir))
+
+    gr.on(
+        triggers=None, fn=page_opened, inputs=None, outputs=[table, file_choice], queue=False, api_visibility="private"
+    )
+
+    def show_loaded(details, active, request: gr.Request):
+        return show_training_result(studio, details, active, visitor_id(request))
+
+    return LoraPanel(
+        lora=lora,
+        lora_scale=lora_scale,
+        lora_fuse=lora_fuse,
+        table=table,
+        note=note,
+        model=model,
+        file_choice=file_choice,
+        accordion=accordion,
+        show_loaded=show_loaded,
+    )

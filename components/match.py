@@ -13,7 +13,10 @@ from pipelines.matching import RANKING_LABELS, MatchRequest, MatchResult, TextSc
 from pipelines.studio import Studio
 
 TEXT_TABLE_HEADERS = ["#", "text", "mean log-prob", "total log-prob", "tokens", "ITM P(match)", "ITC cosine"]
+TEXT_TABLE_TYPES = ["number", "str", "number", "number", "number", "str", "str"]
 IMAGE_TABLE_HEADERS = ["text", "#", "image", "mean log-prob", "total log-prob", "ITM P(match)", "ITC cosine"]
+IMAGE_TABLE_TYPES = ["str", "number", "str", "number", "number", "str", "str"]
+SECOND_OPINION_HEADERS = ("ITM P(match)", "ITC cosine")  # shown only when the retrieval model answered (last)
 
 SCORES_EXPLAINED = """
 **What the scores mean.** *Mean log-prob* is the average log-probability per token that the
@@ -59,6 +62,15 @@ def image_table(result: MatchResult) -> list[list]:
         for rank, (image_index, score) in enumerate(result.ranked_images(text_index), start=1):
             rows.append([text, rank, result.image_names[image_index], *_score_cells(score)])
     return rows
+
+
+def shown_table(rows: list[list], headers: list[str], second_opinion: bool):
+    """The table as a DataFrame (its columns are the headers shown), without the ITM and ITC columns when the
+    retrieval model gave no scores."""
+    import pandas as pd
+
+    keep = [index for index, header in enumerate(headers) if second_opinion or header not in SECOND_OPINION_HEADERS]
+    return pd.DataFrame([[row[i] for i in keep] for row in rows], columns=[headers[i] for i in keep])
 
 
 def match_details(result: MatchResult, studio: Studio, descriptions: list[str], cache_counts: dict) -> dict:
@@ -129,7 +141,13 @@ def make_match_function(studio: Studio):
             summary += f"\n\nSecond opinion unavailable, ranked by the captioner alone: {result.second_opinion_note}"
         if studio.tiny:
             summary += "\n\nTiny random models: the scores are real computations, the rankings mean nothing."
-        return text_table(result), image_table(result), summary, details
+        answered = any(score.itm_probability is not None for row in result.scores for score in row)
+        return (
+            shown_table(text_table(result), TEXT_TABLE_HEADERS, answered),
+            shown_table(image_table(result), IMAGE_TABLE_HEADERS, answered),
+            summary,
+            details,
+        )
 
     return named_endpoint(
         match,
@@ -177,15 +195,15 @@ def build_match_tab(studio: Studio) -> dict:
         with gr.Column(scale=2):
             summary = gr.Markdown()
             texts_ranked = gr.Dataframe(
-                headers=TEXT_TABLE_HEADERS,
-                datatype=["number", "str", "number", "number", "number", "str", "str"],
+                headers=[header for header in TEXT_TABLE_HEADERS if header not in SECOND_OPINION_HEADERS],
+                datatype=TEXT_TABLE_TYPES,
                 label="Texts ranked for the image",
                 interactive=False,
                 wrap=True,
             )
             images_ranked = gr.Dataframe(
-                headers=IMAGE_TABLE_HEADERS,
-                datatype=["str", "number", "str", "number", "number", "str", "str"],
+                headers=[header for header in IMAGE_TABLE_HEADERS if header not in SECOND_OPINION_HEADERS],
+                datatype=IMAGE_TABLE_TYPES,
                 label="Images ranked for each text (with more images)",
                 interactive=False,
                 wrap=True,

@@ -15,9 +15,10 @@ import gradio as gr
 
 from components.common import ValidatedNumber, launch_alone, named_endpoint, parameter, visitor_id
 from pipelines import settings
+from pipelines.catalog import sd3_model_choices  # the labels Generate shows too
 from pipelines.sd3 import MODEL_CHOICES
 from pipelines.studio import Studio
-from pipelines.training_runs import RunStatus, run_name
+from pipelines.training_runs import RunStatus, renaming_sentence, run_name, smoothed_losses
 from pipelines.validation import as_float, as_int
 
 TRAINERS = {"sd3": "SD3.5 LoRA (images → style or subject)", "blip": "BLIP caption LoRA (new language or style)"}
@@ -126,10 +127,47 @@ def trainer_arguments(
     return arguments
 
 
-def status_markdown(status: RunStatus) -> str:
+LOSS_SERIES, SMOOTHED_SERIES = "loss", f"smoothed (EMA {settings.TRAINING_LOSS_SMOOTHING:g})"
+LOG_BOX_ID = "train-log"
+# The log box follows the newest line (Gradio's own autoscroll does not follow a read-only box's updates).
+FOLLOW_LOG_JS = f"""() => {{
+  requestAnimationFrame(() => {{
+    const box = document.querySelector('#{LOG_BOX_ID} textarea');
+    if (box) box.scrollTop = box.scrollHeight;
+  }});
+}}"""
+
+
+def loss_frame(losses: list[tuple[int, float]]):
+    """The loss chart's data: the logged loss and its smoothed line, long format (step, loss, series).
+
+    The columns are float from the first (empty) poll on, so the chart's axes are numeric from the start.
+    """
+    import pandas as pd
+
+    steps = [float(step) for step, _ in losses]
+    values = [float(loss) for _, loss in losses]
+    frame = pd.DataFrame(
+        {
+            "step": pd.Series(steps + steps, dtype="float64"),
+            "loss": pd.Series(values + smoothed_losses(values), dtype="float64"),
+            "series": pd.Series([LOSS_SERIES] * len(steps) + [SMOOTHED_SERIES] * len(steps), dtype="string"),
+        }
+    )
+    return frame
+
+
+def status_markdown(status: RunStatus, renamed: str = "") -> str:
     progress = f"step {status.step}" + (f" of {status.total_steps}" if status.total_steps else "")
     loss = f", loss {status.losses[-1][1]:.4f}" if status.losses else ""
     lines = [f"**{status.run_id}**: {status.state}, {progress}{loss}, {status.seconds:.0f} s"]
+    if renamed:
+        lines.append(renamed)
+    if status.command:
+        lines.append(
+            f"Command (runs as printed in a terminal; `<app>` is the Studio's folder, `<dataset>` the copy of your "
+            f"upload kept in the run's folder, `<output>` the LoRA's folder): `{status.command}`"
+        )
     if status.state == "finished":
         lines.append(f"Output: `{status.output_dir.name}` — press **Load the result** to use it.")
     elif status.state == "failed":
@@ -176,18 +214,28 @@ def build_train_tab(studio: Studio) -> dict:
         # 3. The dataset is checked in the runs' dataset thread into the run's own folder, then the run starts.
         paths = [getattr(file, "name", file) for file in (files or [])]
         placeholders = {studio.manager.tiny_root: "<models>"} if studio.tiny else {}
+        renamed = renaming_sentence(str(name or ""), folder_name)
         run = runs.start_with_dataset(
             kind, paths, output_dir, arguments_for, name=folder_name, owner=visitor_id(request),
             placeholders=placeholders,
+            run_settings={"model": str(model), "trigger": str(trigger or "").strip(), "renamed": renamed},
         )  # fmt: skip
-        return run.run_id, status_markdown(run.status()), gr.Timer(active=True)
+        if renamed:
+            gr.Info(renamed)
+        return run.run_id, status_markdown(run.status(), renamed), gr.Timer(active=True)
 
     def training_status(run_id, request: gr.Request):
         """Your run's state, loss curve and log tail (the page stops polling once the run has ended)."""
         if not run_id:
-            return "No run started yet.", None, "", gr.Timer(active=False)
-        status = runs.get(run_id, visitor_id(request)).status()
-        return status_markdown(status), _loss_frame(status), status.log_tail, gr.Timer(active=not status.done)
+            return "No run started yet.", loss_frame([]), "", gr.Timer(active=False)
+        run = runs.get(run_id, visitor_id(request))
+        status = run.status()
+        return (
+            status_markdown(status, run.options.get("renamed", "")),
+            loss_frame(status.losses),
+            status.log_tail,
+            gr.Timer(active=not status.done),
+        )
 
     def cancel_training(run_id, request: gr.Request):
         """Stop your run and everything it started; checkpoints stay."""
@@ -198,18 +246,26 @@ def build_train_tab(studio: Studio) -> dict:
         return status_markdown(run.status())
 
     def load_result(run_id, model, request: gr.Request):
-        """Load your finished run's output into the Generate tab (SD3.5) or the Caption tab (BLIP)."""
+        """Load your finished run's output into the Generate tab (SD3.5) or the Caption tab (BLIP).
+
+        An SD3.5 LoRA loads on the model the run trained on (``model`` only for a run that did not say),
+        with the run's trigger word. Returns a sentence and the details: kind, name, model, trigger_words, weight.
+        """
         if not run_id:
             raise ValueError("No run yet; start one and wait for it to finish.")
         run = runs.get(run_id, visitor_id(request))
         status = run.status()
         if status.state != "finished":
             raise ValueError(f"Run {run.run_id} is {status.state}; load its result once it has finished.")
-        return studio.load_training_result(run.kind, run.output_dir, model=model)
+        loaded = studio.load_training_result(
+            run.kind, run.output_dir, model=run.options.get("model") or model, trigger=run.options.get("trigger", "")
+        )
+        return loaded.sentence, loaded.as_dict()
 
     gr.Markdown(
-        "Train a LoRA on your own captioned images: caption a folder in the **Batch** tab, download its zip "
-        "(edit the captions if you like), upload it here. The run goes on in the background; "
+        "Train a LoRA on your own captioned images: caption a folder in the **Batch** tab (edit the captions in "
+        "its table and press Save edited captions if you like), download its zip, upload it here. "
+        "The run goes on in the background; "
         "the command it runs is the first line of its log, so you can run the same thing from a terminal."
     )
     gr.Markdown(TRAINING_NOTICE if not studio.tiny else "Tiny mode: the tiny models train on the CPU in seconds.")
@@ -224,7 +280,7 @@ def build_train_tab(studio: Studio) -> dict:
                 file_types=[".zip", "image", ".txt", ".jsonl"],
             )
             name = gr.Textbox(label="Run name (the output folder)", value="my-lora")
-            model = gr.Radio(list(MODEL_CHOICES), value="medium", label="SD3.5 base model")
+            model = gr.Radio(sd3_model_choices(), value="medium", label="SD3.5 base model")
             trigger = gr.Textbox(
                 value="", label="Trigger word (put before every caption; SD3.5 only)", placeholder="sks"
             )
@@ -253,10 +309,27 @@ def build_train_tab(studio: Studio) -> dict:
         with gr.Column(scale=1):
             run_id = gr.Textbox(label="Run id", interactive=False)
             status = gr.Markdown("No run started yet.")
-            loss_plot = gr.LinePlot(x="step", y="loss", label="Training loss", height=260)
+            loss_plot = gr.LinePlot(
+                loss_frame([]),  # typed from the start: numeric axes, never categorical ones
+                x="step",
+                y="loss",
+                color="series",
+                color_map={LOSS_SERIES: "#9ca3af", SMOOTHED_SERIES: "#4f46e5"},
+                x_axis_format="~g",  # steps are floats (numeric axes); no "2.000000"
+                y_axis_format="~g",
+                label="Training loss",
+                height=260,
+            )
             load = gr.Button("Load the result")
             loaded = gr.Markdown()
-            log_tail = gr.Textbox(label="Log (last lines)", lines=10, max_lines=10, interactive=False)
+            loaded_details = gr.JSON(visible=False)  # the API's second output; the Generate tab follows it
+            log_tail = gr.Textbox(
+                label="Log (last lines, newest at the bottom)",
+                lines=10,
+                max_lines=10,
+                interactive=False,
+                elem_id=LOG_BOX_ID,
+            )
     timer = gr.Timer(settings.TRAIN_TAB_POLL_SECONDS, active=False)  # runs while a run is going
 
     start_parameters = [
@@ -320,23 +393,48 @@ def build_train_tab(studio: Studio) -> dict:
         api_name="train_cancel",
         queue=False,
     )
-    load.click(
+    log_tail.change(None, js=FOLLOW_LOG_JS, queue=False)  # runs in the browser only
+    load_event = load.click(
         named_endpoint(
             load_result,
             [parameter("run_id", ""), parameter("model", "medium"), parameter("request", None, gr.Request)],
         ),
         inputs=[run_id, model],
-        outputs=loaded,
+        outputs=[loaded, loaded_details],
         api_name="train_load_result",
         concurrency_id=settings.GPU_CONCURRENCY_ID,
     )
-    return {"run_id": run_id, "start": start, "cancel": cancel, "status": status, "load": load}
+    return {
+        "run_id": run_id,
+        "start": start,
+        "cancel": cancel,
+        "status": status,
+        "load": load,
+        "load_event": load_event,
+        "loaded_details": loaded_details,
+        "model": model,
+    }
 
 
-def _loss_frame(status: RunStatus):
-    import pandas as pd
+def send_results_to_generate(train: dict, lora_panel, tabs: gr.Tabs) -> None:
+    """After "Load the result" of an SD3.5 run: the Generate tab on the run's model, with its LoRA active.
 
-    return pd.DataFrame(status.losses, columns=["step", "loss"])
+    ``train`` is ``build_train_tab``'s dict, ``lora_panel`` the Generate tab's ``LoraPanel``, ``tabs``
+    the app's tabs. A BLIP adapter leaves the Generate tab as it is.
+    """
+
+    def show_in_generate(details, active, request: gr.Request):
+        shown = lora_panel.show_loaded(details, active, request)
+        switch = gr.Tabs(selected="generate") if shown[0] is not None else gr.Tabs()
+        return (*(gr.update() if value is None else value for value in shown), switch)
+
+    train["load_event"].success(
+        show_in_generate,
+        inputs=[train["loaded_details"], lora_panel.lora],
+        outputs=[*lora_panel.loaded_outputs(), tabs],
+        queue=False,
+        api_visibility="private",
+    )
 
 
 if __name__ == "__main__":

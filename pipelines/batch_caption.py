@@ -19,6 +19,7 @@ root, with forward slashes):
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import io
@@ -49,6 +50,7 @@ class CaptionedImage:
     text: str  # the caption with trigger/suffix applied
     score: float  # mean token log-prob of the caption BLIP wrote
     adapter: str | None = None  # the LoRA adapter that wrote it; None: the base model
+    edited: bool = False  # the text was typed over BLIP's caption (the score stays BLIP's)
 
 
 @dataclass(frozen=True)
@@ -274,15 +276,17 @@ def write_metadata(entries: dict[str, str], path: Path) -> None:
 
 
 def captions_csv(results: Iterable[CaptionedImage | FailedImage]) -> str:
-    """captions.csv text: file_name, caption, score, adapter (empty: the base model), error."""
+    """captions.csv text: file_name, caption, score, adapter (empty: the base model), error, edited
+    ("yes" where the caption was typed over BLIP's; the score is then BLIP's, of its own caption)."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["file_name", "caption", "score", "adapter", "error"])
+    writer.writerow(["file_name", "caption", "score", "adapter", "error", "edited"])
     for item in sorted(results, key=lambda item: item.file_name):
         if isinstance(item, CaptionedImage):
-            writer.writerow([item.file_name, item.text, f"{item.score:.4f}", item.adapter or "", ""])
+            edited = "yes" if item.edited else ""
+            writer.writerow([item.file_name, item.text, f"{item.score:.4f}", item.adapter or "", "", edited])
         else:
-            writer.writerow([item.file_name, "", "", "", item.reason])
+            writer.writerow([item.file_name, "", "", "", item.reason, ""])
     return buffer.getvalue()
 
 
@@ -297,6 +301,7 @@ def dataset_zip(
     zip_path: Path,
     *,
     images: dict[str, Path] | None = None,
+    images_zip: Path | None = None,
     manifest: dict | None = None,
 ) -> DatasetZip:
     """Write a training-ready zip: sidecars, metadata.jsonl, captions.csv (and the images, if given).
@@ -307,7 +312,8 @@ def dataset_zip(
     settings) is written as captioning.json. Two images that would share a sidecar
     (``photo.jpg``, ``photo.png``) never do: the later one is renamed in the zip
     (``photo_2.png`` + ``photo_2.txt``, see ``dataset_names``), everywhere in it, and
-    the renaming is returned so the caller can say so.
+    the renaming is returned so the caller can say so. ``images_zip``: an earlier zip of the same
+    results, whose images are copied as they are (new captions for the same dataset).
     """
     import zipfile
 
@@ -320,16 +326,70 @@ def dataset_zip(
     ]
     images = {names.get(name, name): path for name, path in (images or {}).items()}
     captioned = sorted((item for item in results if isinstance(item, CaptionedImage)), key=lambda item: item.file_name)
-    with zipfile.ZipFile(zip_path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+    with contextlib.ExitStack() as stack:
+        archive = stack.enter_context(zipfile.ZipFile(zip_path, "w", compression=zipfile.ZIP_DEFLATED))
+        earlier = stack.enter_context(zipfile.ZipFile(images_zip)) if images_zip is not None else None
+        earlier_names = set(earlier.namelist()) if earlier is not None else set()
         for item in captioned:
             archive.writestr(sidecar_name(item.file_name), item.text + "\n")
             if item.file_name in images:
                 archive.write(images[item.file_name], item.file_name, compress_type=zipfile.ZIP_STORED)
+            elif item.file_name in earlier_names:
+                member = zipfile.ZipInfo(item.file_name, date_time=earlier.getinfo(item.file_name).date_time)
+                member.compress_type = zipfile.ZIP_STORED
+                with earlier.open(item.file_name) as source, archive.open(member, "w") as target:
+                    shutil.copyfileobj(source, target)
         archive.writestr(METADATA_FILE, "".join(metadata_line(item) + "\n" for item in captioned))
         archive.writestr(CSV_FILE, captions_csv(results))
         if manifest is not None:
             archive.writestr(MANIFEST_FILE, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
     return DatasetZip(Path(zip_path), renamed)
+
+
+def edited_results(
+    results: list[CaptionedImage | FailedImage],
+    table_rows: Iterable,
+    *,
+    file_column: int,
+    caption_column: int,
+    max_chars: int = settings.MAX_EDITED_CAPTION_CHARS,
+) -> tuple[list[CaptionedImage | FailedImage], list[str]]:
+    """``results`` (held by the server) with the captions a user typed into their table; (results, edited names).
+
+    Only caption text is taken from ``table_rows`` (the table as the page sent it back): row ``i``'s
+    caption cell goes to ``results[i]`` when its file cell names that result, else to the result of
+    that name (a table sorted on the page); rows naming no result, rows past ``len(results)``, cells
+    that are not text and rows of failed images are ignored. Text is cleaned (control characters out,
+    whitespace collapsed); an empty or over-long caption is refused with a sentence naming the file.
+    """
+    from pipelines.validation import strip_control_characters
+
+    position = {item.file_name: index for index, item in enumerate(results)}
+    typed: dict[int, str] = {}
+    for index, row in enumerate(list(table_rows)[: len(results)]):  # bounded by the server's rows
+        if not isinstance(row, (list, tuple)) or len(row) <= max(file_column, caption_column):
+            continue
+        name, text = row[file_column], row[caption_column]
+        target = index if name == results[index].file_name else position.get(name) if isinstance(name, str) else None
+        if target is not None and isinstance(text, str):
+            typed[target] = text
+    edited_items: list[CaptionedImage | FailedImage] = []
+    edited: list[str] = []
+    for index, item in enumerate(results):
+        text = typed.get(index)
+        if isinstance(item, CaptionedImage) and text is not None:
+            text = " ".join(strip_control_characters(text).split())
+            if text != item.text:
+                if not text:
+                    raise ValueError(f"The caption of {item.file_name} is empty; write one, or undo the edit.")
+                if len(text) > max_chars:
+                    raise ValueError(
+                        f"The caption of {item.file_name} has {len(text)} characters; keep it under {max_chars}."
+                    )
+                item = dataclasses.replace(item, text=text, edited=True)
+                edited.append(item.file_name)
+        edited_items.append(item)
+    return edited_items, edited
 
 
 # ----------------------------------------------------------------------------- uploads

@@ -45,6 +45,17 @@ def _in_range(name: str, value, *, high: float | None = None):
     return as_float(name, value, limits.low, high, low_open=limits.low_open)
 
 
+# What the Caption and Batch tabs call the strategies and the caption-count controls; the sentences
+# below name the controls as the user sees them (components/decoding builds its controls from these).
+STRATEGY_LABELS = {
+    CaptionStrategy.GREEDY: "Greedy",
+    CaptionStrategy.BEAM: "Beam search",
+    CaptionStrategy.DIVERSE_BEAM: "Diverse beam search",
+    CaptionStrategy.SAMPLING: "Sampling (top-k / top-p)",
+}
+FIELD_LABELS = {"num_captions": "Captions", "num_beams": "Beams", "num_beam_groups": "Beam groups"}
+
+
 @dataclass(frozen=True)
 class CaptionRequest:
     """How to caption. Fields that do not apply to ``strategy`` are ignored."""
@@ -87,22 +98,24 @@ class CaptionRequest:
                 f"The caption prefix has {len(prefix)} characters; keep it under "
                 f"{settings.MAX_CAPTION_PREFIX_CHARS} (a few words such as 'a picture of')."
             )
+        captions, beams, groups = (FIELD_LABELS[name] for name in ("num_captions", "num_beams", "num_beam_groups"))
         if strategy == CaptionStrategy.GREEDY and num_captions > 1:
             raise ValueError(
-                "Greedy decoding always gives one caption; ask for 1 caption, or choose beam, "
-                "diverse_beam or sampling to get several."
+                f"{STRATEGY_LABELS[strategy]} always gives one caption; set {captions} (num_captions) to 1, or "
+                f"choose {STRATEGY_LABELS[CaptionStrategy.BEAM]} or {STRATEGY_LABELS[CaptionStrategy.SAMPLING]} "
+                "to get several."
             )
         num_beams = _in_range("num_beams", self.num_beams)
         if strategy in settings.BEAM_STRATEGIES and num_captions > num_beams:
             raise ValueError(
-                f"Beam search returns at most one caption per beam: raise num_beams to "
-                f"{num_captions} or ask for {num_beams} caption(s)."
+                f"Beam search returns at most one caption per beam: raise {beams} (num_beams) to "
+                f"{num_captions} or set {captions} (num_captions) to {num_beams}."
             )
         num_beam_groups = _in_range("num_beam_groups", self.num_beam_groups)
         if strategy == CaptionStrategy.DIVERSE_BEAM and num_beams % num_beam_groups:
             raise ValueError(
-                f"Diverse beam search needs num_beams ({num_beams}) to be a multiple of num_beam_groups "
-                f"({num_beam_groups}): e.g. 6 beams in 3 groups."
+                f"{STRATEGY_LABELS[strategy]} needs {beams} (num_beams = {num_beams}) to be a multiple of "
+                f"{groups} (num_beam_groups = {num_beam_groups}): e.g. 6 beams in 3 groups."
             )
         seed = _in_range("seed", self.seed)
         if seed == -1:
@@ -126,6 +139,42 @@ class CaptionRequest:
             repetition_penalty=_in_range("repetition_penalty", self.repetition_penalty),
             no_repeat_ngram_size=_in_range("no_repeat_ngram_size", self.no_repeat_ngram_size),
         )
+
+    def with_room_for_captions(self) -> tuple[CaptionRequest, list[str]]:
+        """This request made able to return ``num_captions`` captions, and one sentence per change.
+
+        The beams rule: beam searches return at most one caption per beam, so ``num_beams`` is
+        raised to ``num_captions`` (for diverse beam search, to the next multiple of
+        ``num_beam_groups``); greedy decoding gives one caption, so ``num_captions`` becomes 1.
+        The sentences use the controls' on-screen labels. Values that are not numbers are left
+        as they are, for ``validated()`` to refuse with its sentence.
+        """
+        try:
+            strategy = CaptionStrategy(self.strategy)
+            num_captions = _in_range("num_captions", self.num_captions)
+            num_beams = _in_range("num_beams", self.num_beams)
+            num_beam_groups = _in_range("num_beam_groups", self.num_beam_groups)
+        except ValueError:
+            return self, []
+        captions, beams, groups = (FIELD_LABELS[name] for name in ("num_captions", "num_beams", "num_beam_groups"))
+        label = STRATEGY_LABELS[strategy]
+        if strategy == CaptionStrategy.GREEDY and num_captions > 1:
+            note = (
+                f"{label} always gives one caption, so {captions} was set to 1 instead of {num_captions}; choose "
+                f"{STRATEGY_LABELS[CaptionStrategy.BEAM]} or {STRATEGY_LABELS[CaptionStrategy.SAMPLING]} for several."
+            )
+            return dataclasses.replace(self, num_captions=1), [note]
+        if strategy not in settings.BEAM_STRATEGIES or num_captions <= num_beams:
+            return self, []
+        needed = num_captions
+        if strategy == CaptionStrategy.DIVERSE_BEAM:
+            needed = -(-num_captions // num_beam_groups) * num_beam_groups  # the next multiple of the groups
+            if needed > settings.MAX_NUM_BEAMS:
+                return self, []  # validated() says what to change
+        note = f"{beams} raised from {num_beams} to {needed}: {label} returns at most one caption per beam."
+        if needed > num_captions:
+            note = note[:-1] + f", and {needed} is a multiple of the {num_beam_groups} {groups.lower()}."
+        return dataclasses.replace(self, num_beams=needed), [note]
 
     def generate_kwargs(self) -> dict:
         """The ``generate()`` arguments for greedy decoding and sampling (beam searches have their own loop)."""

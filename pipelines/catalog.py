@@ -138,6 +138,15 @@ CATALOG: dict[str, ModelSpec] = {
     )
 }
 
+# What every tab calls the SD3.5 models ("3.5 Large", ...): short name -> label. Generate's and Train's
+# model choices are (label, short name) pairs from this one map.
+SD3_LABELS = {short: CATALOG[key].title.removeprefix("Stable Diffusion ") for short, key in SD3_SHORT_NAMES.items()}
+
+
+def sd3_model_choices() -> list[tuple[str, str]]:
+    """(label, short name) for a Radio or Dropdown of the SD3.5 models, in catalog order."""
+    return [(label, short) for short, label in SD3_LABELS.items()]
+
 
 def get_spec(key: str) -> ModelSpec:
     """The catalog entry for ``key``; ValueError listing the valid keys otherwise."""

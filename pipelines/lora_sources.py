@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -87,18 +88,25 @@ def _check_file(path: Path, label: str) -> None:
 
 
 def list_lora_files(lora_dir: str | Path = settings.DEFAULT_LORA_DIR) -> list[str]:
-    """The .safetensors files under ``lora_dir`` (relative names, sorted) that ``resolve_lora_source(file=...)`` accepts."""
+    """The .safetensors files under ``lora_dir`` (relative names, sorted) that ``resolve_lora_source(file=...)`` accepts.
+
+    Subfolders count (a Train run writes ``<run name>/pytorch_lora_weights.safetensors``); hidden ones
+    (``.runs/`` with the runs' logs and datasets, checkpoints' caches) do not.
+    """
     root = Path(lora_dir).expanduser()
     if not root.is_dir():
         return []
     resolved_root = root.resolve()
     names = []
-    for path in root.rglob("*"):
-        if path.suffix.lower() != ".safetensors" or not path.is_file():
-            continue
-        if not path.resolve().is_relative_to(resolved_root):
-            continue  # a symlink out of the folder: resolve_lora_source would refuse it
-        names.append(path.relative_to(root).as_posix())
+    for folder, subfolders, files in os.walk(root):
+        subfolders[:] = [name for name in subfolders if not name.startswith(".")]  # not walked at all
+        for file in files:
+            path = Path(folder) / file
+            if path.suffix.lower() != ".safetensors" or not path.is_file():
+                continue
+            if not path.resolve().is_relative_to(resolved_root):
+                continue  # a symlink out of the folder: resolve_lora_source would refuse it
+            names.append(path.relative_to(root).as_posix())
     return sorted(names)
 
 

@@ -106,6 +106,9 @@ CAPTION_RANGES = {
     "repetition_penalty": NumberRange(0.0, MAX_REPETITION_PENALTY, 0.05, low_open=True),
     "no_repeat_ngram_size": NumberRange(0, MAX_NO_REPEAT_NGRAM, 1),  # 0 = off
 }
+# The Caption and Batch tabs (and /caption, /caption_batch) sample with a random seed unless one is given,
+# so pressing Caption twice gives new captions; the seed used is returned. CaptionRequest itself keeps 0.
+UI_CAPTION_SEED = -1
 CPU_VISION_CHUNK = 1  # images per ViT pass on the CPU (see BlipCaptioner._run_vision_encoder)
 # --precision (pipelines/blip_precision): on the CPU, auto picks the fastest BLIP variant whose
 # measured relative L2 deviation of the first decode step's logits from fp32 stays at most this.
@@ -149,6 +152,7 @@ DEFAULT_BATCH_SIZE = 8  # images per forward pass; 8 keeps BLIP base under 2 GB 
 MAX_BATCH_SIZE = 64
 BATCH_LOADER_WORKERS = 2  # DataLoader processes decoding images ahead of the model
 MAX_BATCH_FILES = 2000  # images per Batch-tab run (the command line has no limit)
+MAX_EDITED_CAPTION_CHARS = 2000  # one caption typed into the Batch tab's table (T5 reads about 512 tokens)
 MAX_ZIP_UNCOMPRESSED_BYTES = 2 * 1024**3  # a zip that would unpack past this is refused (zip bombs)
 MAX_ZIP_RATIO = 200  # a member that compresses more than this is a bomb, not a photo
 
@@ -210,6 +214,7 @@ MAX_TRAINING_IMAGES = 5000  # images in one uploaded training dataset
 MAX_SIDECAR_BYTES = 64 * 1024  # one .txt caption
 MAX_METADATA_BYTES = 64 * 1024**2  # one metadata.jsonl
 TRAINING_LOG_TAIL_LINES = 30  # log lines the Train tab shows
+TRAINING_LOSS_SMOOTHING = 0.9  # the Train tab's smoothed loss: an EMA with this weight (TensorBoard's slider)
 TRAINING_CANCEL_GRACE_SECONDS = 10  # after SIGTERM, before SIGKILL
 TRAINING_EXIT_GRACE_SECONDS = 5  # on app exit (or a survivor found at start): after SIGTERM, before SIGKILL
 TRAINING_RUN_ID_BYTES = 12  # random bytes in a run id (96 bits): not guessable, so not readable by others

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ from pipelines.lora_sources import (
 )
 from pipelines.manager import ModelManager
 from pipelines.matching import ImageTextMatcher
-from pipelines.training_runs import TrainingRuns
+from pipelines.training_runs import LoadedTrainingResult, TrainingRuns, renaming_sentence
 
 HUB_REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
@@ -241,14 +242,18 @@ class Studio:
             key, lora_source, memory_mode=memory_mode, name=name or None, scale=scale, notify=notify, visitor=visitor
         )
 
-    def load_training_result(self, kind: str, output_dir: Path, *, model: str = "medium") -> str:
-        """Load what a finished training run wrote; returns a sentence saying where it is now."""
-        from pipelines.sd3 import model_key
+    def load_training_result(
+        self, kind: str, output_dir: Path, *, model: str = "medium", trigger: str = ""
+    ) -> LoadedTrainingResult:
+        """Load what a finished training run wrote: an SD3.5 LoRA onto ``model`` (the run's base model), with
+        ``trigger`` (the run's trigger word) as its trigger word, or a BLIP adapter. Says where it is now."""
+        from pipelines.sd3 import MODEL_CHOICES, model_key
 
         output_dir = Path(output_dir)
         if kind == "blip":
             info = self.load_blip_adapter(output_dir.name)
-            return f"BLIP adapter **{info.name}** is loaded: choose it in the Caption tab."
+            sentence = f"BLIP adapter **{info.name}** is loaded: choose it in the Caption tab."
+            return LoadedTrainingResult(kind, info.name, sentence)
         files = sorted(output_dir.glob("*.safetensors"))
         if not files:
             raise ValueError(f"{output_dir.name} holds no .safetensors LoRA; the run may not have finished.")
@@ -257,8 +262,22 @@ class Studio:
         except ValueError:
             raise ValueError(f"{output_dir} is outside the LoRA folder {self.lora_dir}; move it there first.") from None
         key = model_key(model)
-        loaded = self.load_sd3_lora(key, relative, name=output_dir.name)
-        return (
-            f"LoRA **{loaded.name}** is loaded on {CATALOG[key].title} ({loaded.modules_changed} layers): "
-            f"write `{loaded.name}` in the Generate tab's LoRA box."
+        source = self.lora_source(relative)
+        triggers = tuple(word for word in [" ".join(str(trigger or "").split())] if word)
+        source = dataclasses.replace(source, trigger_words=triggers, bases=(key,))
+        loaded = self.generation.load_lora(key, source, name=output_dir.name, notify=None)
+        short = next(short for short, catalog_key in MODEL_CHOICES.items() if catalog_key == key)
+        with_trigger = f", trigger word `{triggers[0]}` (added to the prompt)" if triggers else ""
+        sentence = (
+            f"LoRA **{loaded.name}** is loaded on {CATALOG[key].title} ({loaded.modules_changed} layers){with_trigger}: "
+            f"the Generate tab now uses {CATALOG[key].title} with `{loaded.name}` active."
+        )
+        renamed = renaming_sentence(output_dir.name, output_dir.name, loaded.name)
+        return LoadedTrainingResult(
+            kind,
+            loaded.name,
+            f"{sentence} {renamed}".strip(),
+            model=short,
+            trigger_words=tuple(loaded.trigger_words),
+            weight=loaded.default_scale,
         )

@@ -27,6 +27,7 @@ import logging
 import os
 import re
 import secrets
+import shlex
 import shutil
 import signal
 import subprocess
@@ -57,6 +58,62 @@ def run_name(text: str) -> str:
     if not name or not RUN_NAME.match(name):
         raise ValueError(f"{text!r} cannot name a training run; use letters, digits, '-' or '_' (e.g. my-style).")
     return name
+
+
+def renaming_sentence(given: str, folder_name: str, lora_name: str | None = None) -> str:
+    """One sentence for each change a run's name goes through, or "" when it is kept as typed.
+
+    ``given`` is what the user typed, ``folder_name`` the run's folder (``run_name``), ``lora_name``
+    what the LoRA is called once loaded (``pipelines.lora_sources.sanitize_lora_name``), if known.
+    """
+    sentences = []
+    if str(given or "").strip() != folder_name:
+        sentences.append(
+            f"The run name {str(given or '').strip()!r} became the folder {folder_name!r} "
+            "(folder names use a-z, 0-9, - and _)."
+        )
+    if lora_name is not None and lora_name != folder_name:
+        sentences.append(
+            f"Its LoRA is called {lora_name!r} in the Generate tab (LoRA names use a-z, 0-9 and _, "
+            "so prompts and the LoRA box can name it)."
+        )
+    return " ".join(sentences)
+
+
+def smoothed_losses(losses: Sequence[float], weight: float = settings.TRAINING_LOSS_SMOOTHING) -> list[float]:
+    """The exponential moving average of ``losses``, debiased as TensorBoard's smoothing is.
+
+    Point ``t`` is ``sum(weight**(t-i) * (1-weight) * loss_i) / (1 - weight**(t+1))``: the EMA started
+    from 0, divided by the weight it has gathered, so the first points are not pulled towards 0.
+    """
+    if not 0 <= weight < 1:
+        raise ValueError(f"The smoothing weight must be in [0, 1), not {weight}.")
+    smoothed, average = [], 0.0
+    for step, loss in enumerate(losses, start=1):
+        average = weight * average + (1 - weight) * float(loss)
+        smoothed.append(average / (1 - weight**step))
+    return smoothed
+
+
+@dataclass(frozen=True)
+class LoadedTrainingResult:
+    """What "Load the result" did: where the LoRA (or BLIP adapter) is now, in data and in one sentence."""
+
+    kind: str  # sd3 | blip
+    name: str  # the LoRA's (adapter's) name where it is loaded
+    sentence: str  # for the user
+    model: str | None = None  # sd3: the short name of the SD3.5 model it is loaded on (large, medium, ...)
+    trigger_words: tuple[str, ...] = ()
+    weight: float = 1.0  # its default weight in the active set
+
+    def as_dict(self) -> dict:
+        return {
+            "kind": self.kind,
+            "name": self.name,
+            "model": self.model,
+            "trigger_words": list(self.trigger_words),
+            "weight": self.weight,
+        }
 
 
 def unpack_training_upload(paths: Iterable[str | Path], work_dir: Path) -> Path:
@@ -152,6 +209,7 @@ def _zip_texts(path: Path) -> dict[str, str]:
 OWNER_LOCAL = "local"  # the owner of runs started from Python or the CLI (no visitor)
 PID_FILE = "trainer.pid"  # in each run's folder while its trainer may be running
 LOG_FILE = "trainer.log"
+COMMAND_PROMPT = "$ "  # the log's first line: the command, as a shell runs it
 DATASET_FOLDER = "dataset"
 # An absolute POSIX path in a log line or message (after a space, quote, '=' or '(' and the like, not inside a word).
 # Two components at least, so an endpoint name such as /train_start stays as it is.
@@ -192,6 +250,7 @@ class RunStatus:
     seconds: float
     output_dir: Path
     log_tail: str  # the last lines of the log, for the user to read; server paths are placeholders
+    command: str = ""  # the command the run runs, as the log's first line shows it (placeholders too)
 
     @property
     def done(self) -> bool:
@@ -209,6 +268,8 @@ class TrainingRun:
     owner: str = OWNER_LOCAL  # the visitor who started it (components.common.visitor_id); only they see it
     folder: Path | None = None  # the run's own folder: its log, PID file and dataset
     placeholders: dict[str, str] = field(default_factory=dict)  # server path -> what the log tail shows
+    # What "Load the result" needs from the form it started with: {"model": "medium", "trigger": "sks", "name": ...}.
+    options: dict[str, str] = field(default_factory=dict)
     started: float = field(default_factory=time.monotonic)
     finished: float | None = None
     cancelled: bool = False
@@ -233,7 +294,9 @@ class TrainingRun:
                 losses.append((int(match.group(1)), float(match.group(3))))
                 total = int(match.group(2)) if match.group(2) else total
         end = self.finished if self.finished is not None else time.monotonic()
-        tail = "\n".join(text.splitlines()[-settings.TRAINING_LOG_TAIL_LINES :])
+        lines = text.splitlines()
+        tail = "\n".join(lines[-settings.TRAINING_LOG_TAIL_LINES :])
+        command = lines[0].removeprefix(COMMAND_PROMPT) if lines and lines[0].startswith(COMMAND_PROMPT) else ""
         return RunStatus(
             run_id=self.run_id,
             kind=self.kind,
@@ -244,6 +307,7 @@ class TrainingRun:
             seconds=end - self.started,
             output_dir=self.output_dir,
             log_tail=hide_paths(tail, self.placeholders),
+            command=hide_paths(command, self.placeholders),
         )
 
     def cancel(self, grace: float = settings.TRAINING_CANCEL_GRACE_SECONDS) -> None:
@@ -341,6 +405,7 @@ class TrainingRuns:
         name: str = "",
         owner: str = OWNER_LOCAL,
         placeholders: dict[str | Path, str] | None = None,
+        run_settings: dict[str, str] | None = None,
     ) -> TrainingRun:
         """Check an uploaded dataset into a new run's folder and start the trainer on it.
 
@@ -364,6 +429,7 @@ class TrainingRuns:
                 owner=owner,
                 run_id=run_id,
                 placeholders={**(placeholders or {}), dataset: "<dataset>"},
+                run_settings=run_settings,
             )
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
@@ -379,11 +445,14 @@ class TrainingRuns:
         owner: str = OWNER_LOCAL,
         run_id: str | None = None,
         placeholders: dict[str | Path, str] | None = None,
+        run_settings: dict[str, str] | None = None,
     ) -> TrainingRun:
         """Start ``python -m <trainer> <arguments>``; the trainer writes into ``output_dir``.
 
         ``run_id`` is a fresh ``new_run_id`` unless given (``start_with_dataset`` reserves one);
-        ``placeholders`` maps server paths in the arguments to what the log tail shows instead.
+        ``placeholders`` maps server paths in the arguments to what the log tail shows instead;
+        ``run_settings`` is kept with the run (``TrainingRun.options``). The log's first line is the
+        command as a shell runs it from any folder (``shell_command``).
         """
         if kind not in TRAINER_MODULES:
             raise ValueError(f"Unknown trainer {kind!r}; choose one of: {', '.join(TRAINER_MODULES)}.")
@@ -398,7 +467,7 @@ class TrainingRuns:
             environment = {**os.environ, **self.environment, "PYTHONUNBUFFERED": "1"}
             app_root = Path(__file__).resolve().parent.parent
             with open(log_path, "w", encoding="utf-8") as log:
-                log.write("$ " + " ".join(argv[2:]) + "\n")
+                log.write(COMMAND_PROMPT + shell_command(argv, app_root, self.environment) + "\n")
                 log.flush()
                 process = subprocess.Popen(
                     argv,
@@ -415,6 +484,7 @@ class TrainingRuns:
                 folder: "<run>",
                 self.runs_dir: "<runs>",
                 app_root: "<app>",
+                self.python: "python",  # the interpreter's path names no secret, but says nothing either
             }
             run = TrainingRun(
                 run_id,
@@ -426,6 +496,7 @@ class TrainingRuns:
                 owner=owner,
                 folder=folder,
                 placeholders={str(path): label for path, label in shown.items()},
+                options=dict(run_settings or {}),
             )
             self._runs[run_id] = run
             return run
@@ -507,6 +578,16 @@ class TrainingRuns:
                 stopped.append(pid)
             pid_file.unlink(missing_ok=True)
         return stopped
+
+
+def shell_command(argv: Sequence[str], folder: Path, environment: dict[str, str] | None = None) -> str:
+    """``argv`` as one shell line that runs the same thing from anywhere: ``cd FOLDER && [VAR=value] python ...``.
+
+    ``-u`` (unbuffered output, for the log) is left out: it changes nothing a user would see in a terminal.
+    """
+    words = [argv[0], *(word for word in argv[1:2] if word != "-u"), *argv[2:]]
+    variables = [f"{name}={shlex.quote(value)}" for name, value in sorted((environment or {}).items())]
+    return " ".join(["cd", shlex.quote(str(folder)), "&&", *variables, *map(shlex.quote, map(str, words))])
 
 
 def stop_process_groups(

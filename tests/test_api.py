@@ -71,10 +71,44 @@ def test_a_bad_upload_gets_our_sentence_not_a_generic_error(tiny_client, tmp_pat
 def test_bad_settings_are_refused_server_side(tiny_client):
     from gradio_client.exceptions import AppError
 
-    with pytest.raises(AppError, match="raise num_beams to 5"):
+    with pytest.raises(AppError, match="Diverse beam search needs Beams"):
         tiny_client.predict(
-            handle_file(str(EXAMPLES / "chelsea.png")), num_captions=5, num_beams=3, api_name="/caption"
+            handle_file(str(EXAMPLES / "chelsea.png")),
+            strategy="diverse_beam",
+            num_beams=5,
+            num_beam_groups=2,
+            api_name="/caption",
         )
+
+
+def test_five_beam_captions_at_three_beams_raise_the_beams_and_say_so(tiny_client):
+    table, summary, details = tiny_client.predict(
+        handle_file(str(EXAMPLES / "chelsea.png")), strategy="beam", num_captions=5, num_beams=3, api_name="/caption"
+    )
+    assert len(table["data"]) == 5 and len(details["captions"]) == 5
+    assert details["request"]["num_beams"] == 5
+    assert details["notes"] == ["Beams raised from 3 to 5: Beam search returns at most one caption per beam."]
+    assert details["notes"][0] in summary
+
+
+def test_greedy_with_several_captions_gives_one_and_says_why(tiny_client):
+    table, summary, details = tiny_client.predict(
+        handle_file(str(EXAMPLES / "chelsea.png")), strategy="greedy", num_captions=4, api_name="/caption"
+    )
+    assert len(table["data"]) == 1 and details["request"]["num_captions"] == 1
+    assert "Greedy always gives one caption, so Captions was set to 1 instead of 4" in summary
+
+
+def test_sampling_picks_a_random_seed_by_default_and_the_seed_reproduces(tiny_client):
+    photo = handle_file(str(EXAMPLES / "coffee.png"))
+    runs = [tiny_client.predict(photo, strategy="sampling", num_captions=3, api_name="/caption")[2] for _ in range(2)]
+    assert runs[0]["request"]["seed"] == runs[0]["seed"] and isinstance(runs[0]["seed"], int)
+    assert runs[0]["seed"] != runs[1]["seed"]  # two draws from 2**32 seeds: equal once in 4 billion
+    again = tiny_client.predict(photo, strategy="sampling", num_captions=3, seed=runs[0]["seed"], api_name="/caption")
+    assert [caption["text"] for caption in again[2]["captions"]] == [caption["text"] for caption in runs[0]["captions"]]
+    parameters = tiny_client.view_api(print_info=False, return_format="dict")["named_endpoints"]["/caption"]
+    seed = next(item for item in parameters["parameters"] if item["parameter_name"] == "seed")
+    assert seed["parameter_default"] == -1
 
 
 def test_every_event_has_a_named_endpoint(tiny_client):
@@ -83,3 +117,12 @@ def test_every_event_has_a_named_endpoint(tiny_client):
     parameters = [parameter["parameter_name"] for parameter in endpoints["/caption"]["parameters"]]
     assert parameters[:4] == ["image", "strategy", "prefix", "num_captions"]
     assert all(parameter["parameter_has_default"] for parameter in endpoints["/caption"]["parameters"][1:])
+
+
+def test_reuse_seed_takes_the_last_results_seed_and_nothing_else():
+    from components.caption import last_seed
+
+    assert last_seed({"seed": 1234, "captions": []}, -1) == 1234
+    assert last_seed({"seed": None}, 7) == 7  # the last caption was not sampled
+    assert last_seed({"seed": "1; rm -rf /"}, 7) == 7 and last_seed({"seed": 2**40}, 7) == 7
+    assert last_seed({"seed": True}, 7) == 7 and last_seed(None, -1) == -1

@@ -279,3 +279,61 @@ def test_caption_batch_api_without_files_says_what_to_do(tiny_client):
 
     with pytest.raises(AppError, match="Upload some images"):
         tiny_client.predict([], api_name="/caption_batch")
+
+
+def test_edited_captions_replace_only_the_text_of_the_server_held_rows():
+    from pipelines.batch_caption import CaptionedImage, FailedImage, edited_results
+
+    results = [CaptionedImage("a.png", "sks, a cat", -1.0), FailedImage("b.png", "unreadable"),
+               CaptionedImage("c.png", "sks, a cup", -2.0)]  # fmt: skip
+    # The page's table: row 0 edited, row 1 (a failed file) "edited", row 2 untouched, and rows past the server's.
+    table = [["", "a.png", "  sks,\ta\x1b[31m tabby  cat ", -1.0], ["", "b.png", "not an image", None],
+             ["", "c.png", "sks, a cup", -2.0], ["", "/etc/passwd", "planted", 0.0]]  # fmt: skip
+    edited, names = edited_results(results, table, file_column=1, caption_column=2)
+    assert names == ["a.png"]
+    assert edited[0] == CaptionedImage("a.png", "sks, a[31m tabby cat", -1.0, edited=True)
+    assert edited[1:] == results[1:] and len(edited) == 3
+    # A table sorted on the page: captions follow their file, not their position.
+    swapped = [["", "c.png", "sks, a mug", -2.0], ["", "b.png", "", None], ["", "a.png", "sks, a cat", -1.0]]
+    edited, names = edited_results(results, swapped, file_column=1, caption_column=2)
+    assert names == ["c.png"] and edited[2].text == "sks, a mug" and edited[0] == results[0]
+    with pytest.raises(ValueError, match="The caption of a.png is empty"):
+        edited_results(results, [["", "a.png", "   ", 0]], file_column=1, caption_column=2)
+    with pytest.raises(ValueError, match="a.png has 2001 characters; keep it under 2000"):
+        edited_results(results, [["", "a.png", "x" * 2001, 0]], file_column=1, caption_column=2)
+
+
+@pytest.mark.api
+def test_an_edited_batch_caption_ends_up_in_the_exported_zip(tiny_client):
+    from gradio_client.exceptions import AppError
+
+    uploads = [handle_file(str(EXAMPLES / name)) for name in ("chelsea.png", "coffee.png")]
+    table, first_zip, _ = tiny_client.predict(uploads, trigger="sks", api_name="/caption_batch")
+    rows = table["data"]
+    edited_row = next(index for index, row in enumerate(rows) if row[1] == "coffee.png")
+    rows[edited_row][2] = "sks, a cup of black coffee on a saucer"
+    # Only caption cells are taken from the page: a row naming another file is ignored, never opened.
+    rows[1 - edited_row][1:3] = ["../../app.py", "planted"]
+    archive, summary, details = tiny_client.predict(
+        {"headers": table["headers"], "data": rows}, api_name="/caption_batch_export"
+    )
+    assert details["edited"] == ["coffee.png"] and "Saved 1 edited caption" in summary
+    with zipfile.ZipFile(archive) as zipped, zipfile.ZipFile(first_zip) as before:
+        assert zipped.read("coffee.txt").decode().strip() == "sks, a cup of black coffee on a saucer"
+        assert zipped.read("chelsea.txt") == before.read("chelsea.txt")
+        metadata = {
+            entry["file_name"]: entry["text"]
+            for entry in map(json.loads, zipped.read("metadata.jsonl").decode().splitlines())
+        }
+        assert metadata["coffee.png"] == "sks, a cup of black coffee on a saucer"
+        csv_rows = {row["file_name"]: row for row in csv.DictReader(io.StringIO(zipped.read("captions.csv").decode()))}
+        assert csv_rows["coffee.png"]["edited"] == "yes" and csv_rows["chelsea.png"]["edited"] == ""
+        assert zipped.read("coffee.png") == (EXAMPLES / "coffee.png").read_bytes()  # images copied as they were
+        assert json.loads(zipped.read("captioning.json"))["edited_captions"] == ["coffee.png"]
+        assert "app.py" not in " ".join(zipped.namelist())
+    # A client that never captioned has no batch to export.
+    from gradio_client import Client
+
+    stranger = Client(tiny_client.src, verbose=False)
+    with pytest.raises(AppError, match="Caption a batch first"):
+        stranger.predict({"headers": table["headers"], "data": rows}, api_name="/caption_batch_export")

@@ -163,9 +163,9 @@ def test_numbers_from_the_api_are_coerced():
     ("request_fields", "words"),
     [
         ({"strategy": "contrastive"}, "choose one of"),
-        ({"strategy": "greedy", "num_captions": 3}, "Greedy decoding always gives one caption"),
-        ({"strategy": "beam", "num_beams": 2, "num_captions": 4}, "raise num_beams to 4"),
-        ({"strategy": "diverse_beam", "num_beams": 5, "num_beam_groups": 2}, "multiple of num_beam_groups"),
+        ({"strategy": "greedy", "num_captions": 3}, r"Greedy always gives one caption; set Captions \(num_captions\)"),
+        ({"strategy": "beam", "num_beams": 2, "num_captions": 4}, r"raise Beams \(num_beams\) to 4"),
+        ({"strategy": "diverse_beam", "num_beams": 5, "num_beam_groups": 2}, r"multiple of Beam groups"),
         ({"num_captions": 11}, "between 1 and 10"),
         ({"max_new_tokens": 0}, "max_new_tokens must be between"),
         ({"min_new_tokens": 30, "max_new_tokens": 20}, "min_new_tokens must be between 0 and 20"),
@@ -180,3 +180,40 @@ def test_numbers_from_the_api_are_coerced():
 def test_bad_requests_are_refused_with_a_sentence(request_fields, words):
     with pytest.raises(ValueError, match=words):
         CaptionRequest(**request_fields).validated()
+
+
+@pytest.mark.parametrize(
+    ("request_fields", "beams", "captions", "words"),
+    [
+        ({"strategy": "beam", "num_captions": 5}, 5, 5, "Beams raised from 3 to 5"),
+        ({"strategy": "beam", "num_captions": 10, "num_beams": 4}, 10, 10, "Beams raised from 4 to 10"),
+        ({"strategy": "diverse_beam", "num_captions": 5, "num_beam_groups": 3}, 6, 5, "multiple of the 3 beam groups"),
+        ({"strategy": "greedy", "num_captions": 4}, 3, 1, "so Captions was set to 1 instead of 4"),
+        ({"strategy": "beam", "num_captions": 2}, 3, 2, None),  # enough beams already: unchanged, no sentence
+        ({"strategy": "sampling", "num_captions": 10}, 3, 10, None),
+    ],
+)
+def test_the_beams_rule_makes_room_for_the_captions_and_says_so(request_fields, beams, captions, words):
+    from pipelines.blip import FIELD_LABELS, STRATEGY_LABELS
+
+    request, notes = CaptionRequest(**request_fields).with_room_for_captions()
+    request = request.validated()  # what comes out is always a valid request
+    assert (request.num_beams, request.num_captions) == (beams, captions)
+    if words is None:
+        assert notes == []
+        return
+    assert len(notes) == 1 and words in notes[0]
+    assert "num_beams" not in notes[0] and "num_captions" not in notes[0]  # on-screen labels, not parameters
+    assert any(label in notes[0] for label in FIELD_LABELS.values())
+    assert STRATEGY_LABELS[request.strategy] in notes[0] or request.strategy == "greedy"
+
+
+def test_the_beams_rule_leaves_what_it_cannot_fix_to_validation():
+    request, notes = CaptionRequest(
+        strategy="diverse_beam", num_captions=10, num_beam_groups=3
+    ).with_room_for_captions()
+    assert notes == [] and request.num_beams == 3
+    with pytest.raises(ValueError, match=r"raise Beams \(num_beams\) to 10"):
+        request.validated()
+    request, notes = CaptionRequest(strategy="beam", num_captions="many").with_room_for_captions()
+    assert notes == [] and request.num_captions == "many"

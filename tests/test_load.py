@@ -56,6 +56,7 @@ OUTSIDE_GPU_QUEUE = (
     "system",  # the planner works on the meta device: no weights run
     "scoreboard",  # reads files and meta-device architectures
     "train_start",  # checks a dataset (one at a time, its own concurrency id) and starts a subprocess
+    "caption_batch_export",  # rewrites the last batch's zip with edited captions: file copying, no model
 )
 
 

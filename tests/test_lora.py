@@ -558,3 +558,16 @@ def test_uploads_are_capped_per_visitor_and_the_least_recently_used_makes_room(
         library.load(pipeline, upload_variant(lora_dir, tmp_path, 6), visitor="alice")
     library.unload(pipeline)
     assert torch.equal(draw(pipeline), base_image)
+
+
+def test_the_lora_folder_lists_trained_runs_in_subfolders_but_not_hidden_folders(tiny_root, tmp_path):
+    folder = tmp_path / "loras"
+    (folder / "ux-sks").mkdir(parents=True)
+    (folder / ".runs" / "abc-sd3-ux-sks" / "checkpoint").mkdir(parents=True)
+    shutil.copy(tiny_lora_dir(tiny_root) / STYLE, folder / STYLE)
+    shutil.copy(tiny_lora_dir(tiny_root) / STYLE, folder / "ux-sks" / "pytorch_lora_weights.safetensors")
+    shutil.copy(tiny_lora_dir(tiny_root) / STYLE, folder / ".runs" / "abc-sd3-ux-sks" / "checkpoint" / "x.safetensors")
+    listed = list_lora_files(folder)
+    assert listed == [STYLE, "ux-sks/pytorch_lora_weights.safetensors"]
+    for name in listed:  # everything listed loads by that name
+        assert resolve_lora_source(file=name, lora_dir=folder).path.is_file()

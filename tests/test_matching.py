@@ -257,3 +257,16 @@ def test_match_ranks_images_and_asks_the_retrieval_model_through_the_api(tiny_cl
     assert details["second_opinion"] == {"asked": True, "note": ""}
     assert all(0 <= score["itm_probability"] <= 1 for row in details["scores"] for score in row)
     assert [image["name"] for image in details["images"]] == ["chelsea.png", "coffee.png"]
+
+
+@pytest.mark.api
+def test_the_itm_and_itc_columns_show_only_with_the_second_opinion(tiny_client):
+    photo = handle_file(str(EXAMPLES / "chelsea.png"))
+    texts, _, _, _ = tiny_client.predict(photo, texts="a cat\na dog", api_name="/match")
+    assert texts["headers"] == ["#", "text", "mean log-prob", "total log-prob", "tokens"]
+    assert all(len(row) == 5 for row in texts["data"])
+    texts, _, _, details = tiny_client.predict(photo, texts="a cat\na dog", second_opinion=True, api_name="/match")
+    assert texts["headers"][-2:] == ["ITM P(match)", "ITC cosine"]
+    assert [float(row[-2]) for row in texts["data"]] == [
+        pytest.approx(details["scores"][0][index]["itm_probability"], abs=1e-4) for index in details["text_ranking"]
+    ]

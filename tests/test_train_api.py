@@ -74,9 +74,11 @@ def test_an_sd3_lora_trained_in_the_background_loads_and_changes_the_image(tiny_
     assert "finished" in status, log
     assert "step 4/4" in log and "train_sd3_lora" in log.splitlines()[0]
 
-    note = tiny_client.predict(run_id, model="large", api_name="/train_load_result")
+    note, details = tiny_client.predict(run_id, model="medium", api_name="/train_load_result")
     name = sanitize_lora_name(run_id.split("-sd3-", 1)[1])
     assert f"LoRA **{name}** is loaded" in note
+    # The run's own base model (large), not the model named in the call, and its trigger word.
+    assert details == {"kind": "sd3", "name": name, "model": "large", "trigger_words": ["sks"], "weight": 1.0}
     try:
         assert np.abs(_draw(tiny_client, lora=name) - _draw(tiny_client)).max() > 0
     finally:
@@ -87,9 +89,9 @@ def test_a_blip_adapter_trained_in_the_background_captions_in_the_caption_tab(ti
     run_id = _start(tiny_client, dataset_zip, "blip", steps=3, learning_rate=5e-3)
     status, log = _wait(tiny_client, run_id, until=lambda text: "running" not in text)
     assert "finished" in status, log
-    note = tiny_client.predict(run_id, model="large", api_name="/train_load_result")
+    note, details = tiny_client.predict(run_id, model="large", api_name="/train_load_result")
     name = run_id.split("-blip-", 1)[1]
-    assert f"BLIP adapter **{name}** is loaded" in note
+    assert f"BLIP adapter **{name}** is loaded" in note and details["kind"] == "blip" and details["name"] == name
     listing = tiny_client.predict(api_name="/blip_adapter_list")
     assert name in str(listing)
 

@@ -202,8 +202,13 @@ def test_a_finished_sd3_run_loads_from_a_relative_lora_folder(tiny_manager, tiny
         tiny_lora_dir(tiny_root) / "tiny-large-style.safetensors", run_folder / "pytorch_lora_weights.safetensors"
     )
     studio = Studio(manager=tiny_manager, lora_dir=Path("loras"))
-    sentence = studio.load_training_result("sd3", run_folder, model="large")
-    assert "LoRA **my_run** is loaded on Stable Diffusion 3.5 Large" in sentence
+    loaded = studio.load_training_result("sd3", run_folder, model="large", trigger="sks")
+    assert "LoRA **my_run** is loaded on Stable Diffusion 3.5 Large" in loaded.sentence
+    assert "trigger word `sks`" in loaded.sentence and "called 'my_run'" in loaded.sentence  # the renaming, aloud
+    assert loaded.as_dict() == {
+        "kind": "sd3", "name": "my_run", "model": "large", "trigger_words": ["sks"], "weight": 1.0,
+    }  # fmt: skip
+    assert studio.sd3_loras["sd35-large"].get("my_run").trigger_words == ("sks",)
     library = studio.sd3_loras["sd35-large"]
     assert library.get("my_run").source == "loras/my-run/pytorch_lora_weights.safetensors"
     library.unload(studio.sd3_pipeline("sd35-large"))
@@ -432,3 +437,114 @@ def test_exit_signals_stop_trainers_then_chain_to_the_previous_handler(tmp_path)
     assert done.returncode == 128 + 15
     assert not _alive(trainer)
     assert list((tmp_path / "runs").glob("*/trainer.pid")) == []
+
+
+# -- what the Train tab shows: the loss chart, the command, renamings (issue 19)
+
+
+def test_the_smoothed_loss_is_tensorboards_debiased_ema():
+    from pipelines.training_runs import smoothed_losses
+
+    losses = [1.689, 1.52, 1.61, 1.446, 1.39, 1.47]
+    weight = 0.9
+    # The closed form: each point is the weighted mean of the losses so far, weights weight**age.
+    expected = [
+        sum(weight ** (t - i) * losses[i] for i in range(t + 1)) / sum(weight ** (t - i) for i in range(t + 1))
+        for t in range(len(losses))
+    ]
+    assert smoothed_losses(losses, weight) == pytest.approx(expected, rel=1e-12)
+    assert smoothed_losses([2.0] * 5, weight) == pytest.approx([2.0] * 5)  # a flat loss stays flat
+    assert smoothed_losses(losses, 0.0) == pytest.approx(losses) and smoothed_losses([], weight) == []
+    with pytest.raises(ValueError, match="smoothing weight"):
+        smoothed_losses(losses, 1.0)
+
+
+def test_the_loss_chart_has_numeric_axes_from_the_first_poll():
+    import gradio as gr
+
+    from components.train import LOSS_SERIES, SMOOTHED_SERIES, loss_frame
+    from pipelines.training_runs import smoothed_losses
+
+    plot = gr.LinePlot(x="step", y="loss", color="series")
+    for losses in ([], [(1, 1.689)], [(1, 1.689), (2, 1.52), (10, 1.446)]):
+        data = plot.postprocess(loss_frame(losses))
+        assert data.datatypes == {"step": "quantitative", "loss": "quantitative", "series": "nominal"}, losses
+    frame = loss_frame([(1, 1.689), (2, 1.52), (10, 1.446)])
+    raw, smooth = frame[frame.series == LOSS_SERIES], frame[frame.series == SMOOTHED_SERIES]
+    assert raw.step.tolist() == smooth.step.tolist() == [1.0, 2.0, 10.0]
+    assert raw.loss.tolist() == [1.689, 1.52, 1.446]
+    assert smooth.loss.tolist() == pytest.approx(smoothed_losses([1.689, 1.52, 1.446]))
+
+
+def test_renamings_are_said_aloud():
+    from pipelines.lora_sources import sanitize_lora_name
+    from pipelines.training_runs import renaming_sentence, run_name
+
+    assert renaming_sentence("ux-sks", run_name("ux-sks")) == ""
+    said = renaming_sentence("ux-sks", "ux-sks", sanitize_lora_name("ux-sks"))
+    assert "'ux_sks'" in said and "Generate" in said
+    said = renaming_sentence("My Style!", run_name("My Style!"))
+    assert "'My Style!' became the folder 'my-style'" in said
+
+
+def test_the_logged_command_runs_as_printed(tmp_path, monkeypatch):
+    """The log's first line, pasted into a shell anywhere, runs the trainer with the same arguments."""
+    import shlex
+    import subprocess
+
+    from pipelines.training_runs import COMMAND_PROMPT
+
+    package = tmp_path / "printing_trainers"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "prints.py").write_text("import os, sys\nprint(repr(sys.argv[1:]), os.getcwd())\n")
+    monkeypatch.setitem(sys.modules["pipelines.training_runs"].TRAINER_MODULES, "sd3", "printing_trainers.prints")
+    runs = TrainingRuns(tmp_path / "runs", environment={"PYTHONPATH": str(tmp_path)})
+    upload = _zip(tmp_path / "up.zip", {"a.png": _png_bytes((1, 2, 3)), "a.txt": b"a dark square"})
+    run = runs.start_with_dataset(
+        "sd3", [upload], tmp_path / "loras" / "my run", lambda dataset: [dataset, "--note", "two words"], name="x"
+    )
+    run.process.wait(timeout=30)
+    logged = run.log_path.read_text().splitlines()
+    command = logged[0].removeprefix(COMMAND_PROMPT)
+    assert logged[0].startswith(COMMAND_PROMPT) and f"&& PYTHONPATH={tmp_path} {sys.executable} -m " in command
+    dataset = run.folder / "dataset"
+    assert shlex.split(command)[-3:] == [str(dataset), "--note", "two words"]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    pasted = subprocess.run(["bash", "-c", command], cwd=elsewhere, capture_output=True, text=True, timeout=60)
+    assert pasted.returncode == 0, pasted.stderr
+    assert pasted.stdout == logged[1] + "\n"  # the same arguments, from the same folder, as the run itself
+    assert (dataset / "metadata.jsonl").is_file()  # the dataset it names stays in the run's folder
+    shown = run.status().command
+    assert shown.startswith("cd <app> && PYTHONPATH=<path> python -m printing_trainers.prints <dataset>"), shown
+
+
+@pytest.mark.slow
+def test_the_real_trainers_logged_command_starts_from_any_folder(tiny_manager, tmp_path):
+    """The SD3.5 trainer's command as the Train tab logs it: pasted into a shell elsewhere, it starts (--help)."""
+    import subprocess
+
+    from components.train import trainer_arguments
+    from pipelines.studio import Studio
+    from pipelines.training_runs import COMMAND_PROMPT
+
+    studio = Studio(manager=tiny_manager, lora_dir=tmp_path / "loras")
+    runs = studio.training_runs
+    upload = _zip(tmp_path / "up.zip", {"a.png": _png_bytes((1, 2, 3)), "a.txt": b"a dark square"})
+    output = tmp_path / "loras" / "ux-sks"
+
+    def arguments_for(dataset):
+        return trainer_arguments(
+            studio, "sd3", dataset, output, model="medium", steps=1, rank=2, learning_rate=1e-4, batch_size=1,
+            gradient_accumulation=1, resolution=64, validation_every=1, validation_split=0.0,
+        )  # fmt: skip
+
+    run = runs.start_with_dataset("sd3", [upload], output, arguments_for, name="ux-sks")
+    run.cancel(grace=2)
+    command = run.log_path.read_text().splitlines()[0].removeprefix(COMMAND_PROMPT)
+    assert "-m pipelines.train_sd3_lora" in command and str(run.folder / "dataset") in command
+    started = subprocess.run(
+        ["bash", "-c", command + " --help"], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
+    assert started.returncode == 0 and "usage:" in started.stdout, started.stderr
