@@ -49,6 +49,7 @@ STUDIO_CSS = f"""
         grid-template-rows: auto;
         grid-template-areas: "controls" "result" "settings";
     }}
+    .shortcut-hint {{ display: none; }}  /* a phone has no Ctrl key */
     /* Room for more tabs in the bar before the rest go under its "..." menu. */
     .tab-wrapper button[role="tab"] {{ padding-left: var(--size-2); padding-right: var(--size-2); }}
 }}
@@ -69,12 +70,21 @@ STUDIO_JS = f"""
         button.click();
     }}, true);
     if (window.matchMedia("(max-width: {NARROW_SCREEN_PX}px)").matches) {{
-        const closeSettings = (attempt) => {{
-            const toggle = document.querySelector("#generate-settings-accordion > button.label-wrap.open");
-            if (toggle) toggle.click();
-            else if (attempt < 50) setTimeout(() => closeSettings(attempt + 1), 100);
-        }};
-        closeSettings(0);
+        // The tab mounts when first opened, and its accordion answers clicks a moment later: once it
+        // appears, click it until it is closed (a few tries at most), then leave it to the user.
+        const watcher = new MutationObserver(() => {{
+            const toggle = document.querySelector("#generate-settings-accordion > button.label-wrap");
+            if (!toggle) return;
+            watcher.disconnect();
+            let tries = 0;
+            const close = () => {{
+                if (!toggle.classList.contains("open") || tries++ >= 20) return;
+                toggle.click();
+                setTimeout(close, 100);
+            }};
+            setTimeout(close, 0);
+        }});
+        watcher.observe(document.body, {{ childList: true, subtree: true }});
     }}
 }}
 """
