@@ -175,6 +175,10 @@ def test_switching_model_keeps_valid_values(page, tmp_path):
     panel.get_by_text(re.compile(r"Kept your steps 12; empty the box to use 3.5 Medium's preset")).first.wait_for()
     assert steps.input_value() == "12" and width.input_value() == "256"
     assert panel.get_by_label("Guidance / CFG (empty = preset)").get_attribute("placeholder") == "preset: 4.5"
+    # The memory mode's choice is shown whole ("auto: the fastest that fits"), not cut off.
+    memory_mode = panel.get_by_label("Memory mode (quantization / offload)")
+    assert memory_mode.input_value() == "auto: the fastest that fits"
+    assert memory_mode.evaluate("element => element.scrollWidth <= element.clientWidth")
     screenshot(page, tmp_path, "model-switch")
 
 
