@@ -27,6 +27,84 @@ from pipelines.startup import TITLE, parse_args, studio_from_args
 from pipelines.studio import TINY_MODE_NOTICE, Studio
 
 APP_DIR = Path(__file__).resolve().parent
+NARROW_SCREEN_PX = 768  # below this width the page is laid out for a phone
+
+STUDIO_CSS = f"""
+/* Generate: prompt and settings on the left, the result on the right, as in A1111; on a phone the
+   result comes right under the Generate button, and the settings follow it. */
+#generate-layout {{
+    display: grid;
+    grid-template-columns: minmax(0, 1fr) minmax(0, 1fr);
+    grid-template-rows: auto 1fr;
+    grid-template-areas: "controls result" "settings result";
+    align-items: start;
+}}
+#generate-controls {{ grid-area: controls; }}
+#generate-result {{ grid-area: result; }}
+#generate-settings {{ grid-area: settings; }}
+.shortcut-hint {{ font-size: var(--text-sm); opacity: 0.75; }}
+#generate-error p {{ color: var(--error-text-color); }}
+@media (max-width: {NARROW_SCREEN_PX}px) {{
+    #generate-layout {{
+        grid-template-columns: minmax(0, 1fr);
+        grid-template-rows: auto;
+        grid-template-areas: "controls" "result" "settings";
+    }}
+    .shortcut-hint {{ display: none; }}  /* a phone has no Ctrl key */
+    /* Room for more tabs in the bar before the rest go under its "..." menu. */
+    .tab-wrapper button[role="tab"] {{ padding-left: var(--size-2); padding-right: var(--size-2); }}
+}}
+"""
+
+# Ctrl+Enter (Cmd+Enter on a Mac) clicks the visible tab's button marked "ctrl-enter-runs", as in A1111;
+# on a narrow screen the Generate settings start closed, so the result is close to the button.
+STUDIO_JS = f"""
+() => {{
+    document.addEventListener("keydown", (event) => {{
+        if (event.key !== "Enter" || !(event.ctrlKey || event.metaKey) || event.isComposing) return;
+        const button = [...document.querySelectorAll("button.ctrl-enter-runs")].find(
+            (candidate) => candidate.offsetParent !== null && !candidate.disabled
+        );
+        if (!button) return;
+        event.preventDefault();
+        event.stopPropagation();
+        button.click();
+    }}, true);
+    if (window.matchMedia("(max-width: {NARROW_SCREEN_PX}px)").matches) {{
+        // The tab mounts when first opened, and its accordion answers clicks a moment later: once it
+        // appears, click it until it is closed (a few tries at most), then leave it to the user.
+        const watcher = new MutationObserver(() => {{
+            const toggle = document.querySelector("#generate-settings-accordion > button.label-wrap");
+            if (!toggle) return;
+            watcher.disconnect();
+            let tries = 0;
+            const close = () => {{
+                if (!toggle.classList.contains("open") || tries++ >= 20) return;
+                toggle.click();
+                setTimeout(close, 100);
+            }};
+            setTimeout(close, 0);
+        }});
+        watcher.observe(document.body, {{ childList: true, subtree: true }});
+    }}
+}}
+"""
+
+# "Caption the selected image" then runs the caption: the Caption tab's own button is clicked, so the
+# caption uses that tab's settings and shows its progress and errors there. The tab may still be
+# mounting when this runs, hence the short wait for the button.
+CLICK_CAPTION_JS = """
+async (image) => {
+    if (!image) return;  // nothing generated yet: nothing to caption
+    for (let attempt = 0; attempt < 50; attempt++) {
+        const button = [...document.querySelectorAll("#caption-tab button")].find(
+            (candidate) => candidate.textContent.trim() === "Caption" && candidate.offsetParent !== null
+        );
+        if (button) { button.click(); return; }
+        await new Promise((resolve) => setTimeout(resolve, 100));
+    }
+}
+"""
 
 
 def blocked_paths(studio: Studio) -> list[str]:
@@ -56,16 +134,17 @@ def build_app(studio: Studio) -> gr.Blocks:
         if studio.tiny:
             gr.Markdown(f"**{TINY_MODE_NOTICE}**")
         with gr.Tabs() as tabs:
-            with gr.Tab("Caption", id="caption"):
+            # Caption and Generate first: on a phone the tab bar shows only the first few.
+            with gr.Tab("Caption", id="caption", elem_id="caption-tab"):
                 caption = build_caption_tab(studio)
+            with gr.Tab("Generate", id="generate"):
+                generate = build_generate_tab(studio, outputs_dir=studio.outputs_dir)
             with gr.Tab("Batch", id="batch"):
                 build_batch_tab(studio)
             with gr.Tab("Match", id="match"):
                 build_match_tab(studio)
             with gr.Tab("Attention", id="attention"):
                 build_attention_tab(studio)
-            with gr.Tab("Generate", id="generate"):
-                generate = build_generate_tab(studio, outputs_dir=studio.outputs_dir)
             with gr.Tab("PNG Info", id="png_info"):
                 png_info = build_png_info_tab(studio)
             with gr.Tab("Round trip", id="roundtrip"):
@@ -77,8 +156,9 @@ def build_app(studio: Studio) -> gr.Blocks:
                 build_scoreboard_tab(studio, scoreboard_tab)
             with gr.Tab("System", id="system") as system_tab:
                 build_system_tab(studio, system_tab)
-        # Close the loop: a generated image goes to BLIP. The file is the one the session selected,
-        # looked up by index in the session's own list (server state): the page never sends a path.
+        # Close the loop: a generated image goes to BLIP, which captions it. The file is the one the session
+        # selected (gallery or history), looked up by index in the session's own list (server state): the page
+        # never sends a path.
         generate["send_to_caption"].click(
             lambda shown, index: (selected_image(shown, index), gr.Tabs(selected="caption")),
             inputs=[generate["shown_images"], generate["selected_index"]],
@@ -86,7 +166,7 @@ def build_app(studio: Studio) -> gr.Blocks:
             queue=False,
             api_name="send_to_caption",
             api_visibility="private",
-        )
+        ).success(None, inputs=caption["image"], js=CLICK_CAPTION_JS, queue=False, api_visibility="private")
         # An image's settings go to the Generate form, values the model cannot take clamped with a note.
         # A new model first loads its preset into the form, so then the values land after the preset.
         form = [*(generate[name] for name in GENERATE_FIELDS), png_info["form_pending"]]
@@ -137,6 +217,8 @@ def main(argv: list[str] | None = None) -> None:
         max_file_size=settings.MAX_UPLOAD_BYTES,
         blocked_paths=blocked_paths(studio),
         theme=gr.themes.Soft(),
+        css=STUDIO_CSS,
+        js=STUDIO_JS,
     )
 
 

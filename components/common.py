@@ -7,6 +7,7 @@ import gc
 import inspect
 import logging
 import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 
@@ -101,6 +102,13 @@ def _after_error(user_error: gr.Error) -> None:
 
 
 def _as_user_error(function: Callable, error: Exception) -> gr.Error:
+    user_error = _user_error(function, error)
+    # A toast that fades after 10 s leaves a bare "Error" badge behind: the sentence stays until closed.
+    user_error.duration = None
+    return user_error
+
+
+def _user_error(function: Callable, error: Exception) -> gr.Error:
     if isinstance(error, gr.Error):
         return error
     if isinstance(error, (ValueError, ModelLoadError)):
@@ -115,6 +123,69 @@ def _as_user_error(function: Callable, error: Exception) -> gr.Error:
         f"Something went wrong ({type(error).__name__}); the server log has details. Try again, or with other settings.",
         print_exception=False,
     )
+
+
+class LastErrors:
+    """The sentence of each session's last failed event, for a status line beside the button that failed.
+
+    ``watch`` wraps an event function (after ``named_endpoint``) and keeps the sentence of the
+    ``gr.Error`` it raises, by session; the event's ``.failure`` listener shows it with ``take``.
+    Only sentences the server wrote are kept, and at most ``limit`` sessions (the oldest go first).
+    """
+
+    limit = 1000  # sessions with an error not shown yet; each holds one sentence
+
+    def __init__(self) -> None:
+        self._sentences: OrderedDict[str, str] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def record(self, request, sentence: str) -> None:
+        session = getattr(request, "session_hash", None) or "api"
+        with self._lock:
+            self._sentences[session] = sentence
+            self._sentences.move_to_end(session)
+            while len(self._sentences) > self.limit:
+                self._sentences.popitem(last=False)
+
+    def take(self, request: gr.Request) -> str:
+        """The session's last error as a status line ("" if none), forgotten once taken."""
+        session = getattr(request, "session_hash", None) or "api"
+        with self._lock:
+            sentence = self._sentences.pop(session, "")
+        return f"⚠️ {sentence}" if sentence else ""
+
+    def watch(self, function: Callable) -> Callable:
+        """``function`` (a Gradio event function with a ``gr.Request`` parameter) that records its errors."""
+
+        def request_in(args, kwargs):
+            return next((value for value in [*args, *kwargs.values()] if isinstance(value, gr.Request)), None)
+
+        if inspect.isgeneratorfunction(function):
+
+            @functools.wraps(function)
+            def streaming_watched(*args, **kwargs):
+                try:
+                    yield from function(*args, **kwargs)
+                except gr.Error as error:
+                    self.record(request_in(args, kwargs), error.message)
+                    raise
+
+            return streaming_watched
+
+        @functools.wraps(function)
+        def watched(*args, **kwargs):
+            try:
+                return function(*args, **kwargs)
+            except gr.Error as error:
+                self.record(request_in(args, kwargs), error.message)
+                raise
+
+        return watched
+
+    def show_on(self, event, status: gr.components.Component) -> None:
+        """After ``event``: its error sentence in ``status`` if it failed, ``status`` cleared if it succeeded."""
+        event.failure(self.take, inputs=None, outputs=status, queue=False, api_visibility="private")
+        event.success(lambda: "", inputs=None, outputs=status, queue=False, api_visibility="private")
 
 
 def on_gpu(duration: Callable[..., int]) -> Callable[[Callable], Callable]:

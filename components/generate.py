@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextvars
+import math
 import queue
 import threading
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import gradio as gr
 
 from components.common import (
+    LastErrors,
     StopRequests,
     ValidatedNumber,
     ValidatedSlider,
@@ -25,7 +27,17 @@ from components.lora_panel import build_lora_panel
 from pipelines import settings, workspace
 from pipelines.catalog import CATALOG
 from pipelines.memory import SD3_MODES
-from pipelines.sd3 import ASPECT_RATIOS, MODEL_CHOICES, SIZE_MULTIPLE, model_key, size_for_aspect, slider_range
+from pipelines.png_metadata import read_png_settings
+from pipelines.sd3 import (
+    ASPECT_RATIOS,
+    MODEL_CHOICES,
+    SIZE_MULTIPLE,
+    model_key,
+    size_for_aspect,
+    size_limits,
+    slider_range,
+    snap,
+)
 from pipelines.studio import Studio
 
 EXAMPLE_PROMPTS = [
@@ -55,7 +67,7 @@ def generation_summary(details: dict) -> str:
         + (f"–{seeds[-1]}" if len(seeds) > 1 else "")
         + f", {details['timings']['generate_seconds']:.1f} s"
     )
-    summary += f" · memory mode {details['memory_mode']['mode']} ({details['memory_mode']['reason']})"
+    summary += f" · memory mode {memory_mode_label(details['memory_mode'])} ({details['memory_mode']['reason']})"
     if details["loras"]:
         fused = " (fused)" if details["lora_fused"] else ""
         summary += " · LoRA " + ", ".join(f"{item['name']}:{item['weight']:g}" for item in details["loras"]) + fused
@@ -66,6 +78,19 @@ def generation_summary(details: dict) -> str:
     if details["tiny"]:
         summary += " · tiny random model: the images are noise by design"
     return summary
+
+
+_SHORT_DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
+
+
+def memory_mode_label(memory_mode: dict) -> str:
+    """The memory mode as it ran: a bf16 mode is named after the dtype its weights really had.
+
+    On a CPU the weights are float32 (bf16 there is slow and noisy), so "bf16" reads "fp32";
+    on a GPU without bf16, "fp16".
+    """
+    mode, dtype = memory_mode["mode"], _SHORT_DTYPES.get(memory_mode.get("dtype") or "", "bf16")
+    return dtype + mode.removeprefix("bf16") if mode.startswith("bf16") and dtype != "bf16" else mode
 
 
 def estimated_gpu_seconds(prompt, model, negative_prompt, seed, steps, guidance, width, height, *rest, **named) -> int:
@@ -97,11 +122,96 @@ def selection_index(index, shown: list[str] | None) -> int | None:
 
 
 def selected_image(shown: list[str] | None, index: int | None) -> str | None:
-    """The file the session selected (the first image if none was), chosen from the server's own list."""
+    """The file the session selected (the first image if none was), chosen from the server's own list.
+
+    ``shown`` is the list the last click chose from: the gallery's images or the history's.
+    """
     shown = [path for path in (shown or []) if Path(path).is_file()]
     if not shown:
         return None
     return shown[index] if isinstance(index, int) and 0 <= index < len(shown) else shown[0]
+
+
+def seed_of_image(path: str | None) -> int | None:
+    """The seed a generated PNG was drawn with (its settings chunk), or None for a file without one."""
+    if path is None:
+        return None
+    try:
+        _, studio_settings = read_png_settings(Path(path))
+    except (OSError, ValueError):
+        return None
+    seed = (studio_settings or {}).get("seed")
+    return seed if isinstance(seed, int) and not isinstance(seed, bool) else None
+
+
+def _clamped_number(label: str, text, low: float, high: float) -> tuple[str, str | None]:
+    """(text, note): a number box's text clamped to [low, high], with a sentence if it changed.
+
+    Empty stays empty (the preset); text that is no number is left for validation to explain.
+    """
+    if text is None or not str(text).strip():
+        return "", None
+    try:
+        value = float(str(text).strip())
+    except ValueError:
+        return str(text), None
+    if low <= value <= high:
+        return str(text), None
+    clamped = min(max(value, low), high)
+    return f"{clamped:g}", f"{label} {value:g} is outside {low:g}–{high:g}, so it is now {clamped:g}."
+
+
+def _side(value) -> str:
+    return f"{value:g}" if isinstance(value, int | float) and not isinstance(value, bool) else str(value)
+
+
+def fitted_size(width, height, key: str, tiny: bool) -> tuple[int, int]:
+    """``width`` x ``height`` brought within what model ``key`` draws: each side within the slider's range,
+    then the area within the model's megapixels (scaled, keeping the aspect ratio), in multiples of 16."""
+    spec = CATALOG[key]
+    limits, (low, high) = size_limits(spec, tiny), slider_range(spec, tiny)
+    try:
+        width, height = float(width), float(height)
+    except (TypeError, ValueError):
+        return size_for_aspect("1:1", spec, tiny)
+    width, height = min(max(snap(width), low), high), min(max(snap(height), low), high)
+    area = width * height
+    if area > limits["max_pixels"]:  # shrink, rounding down so the result stays inside
+        scale = (limits["max_pixels"] / area) ** 0.5
+        width, height = (max(low, math.floor(side * scale / SIZE_MULTIPLE) * SIZE_MULTIPLE) for side in (width, height))
+    elif area < limits["min_pixels"]:  # grow, rounding up
+        scale = (limits["min_pixels"] / area) ** 0.5
+        width, height = (min(high, math.ceil(side * scale / SIZE_MULTIPLE) * SIZE_MULTIPLE) for side in (width, height))
+    return int(width), int(height)
+
+
+def settings_for_model(key: str, tiny: bool, steps, guidance, width, height) -> tuple[str, str, int, int, list[str]]:
+    """The user's steps, guidance and size carried over to model ``key``: kept where valid, clamped where not.
+
+    Empty steps and guidance stay empty, which means the new model's preset. Returns (steps, guidance,
+    width, height, notes), one sentence per value changed and one reminder when a kept value is not the preset.
+    """
+    spec = CATALOG[key]
+    preset = spec.image_preset
+    title = spec.title.removeprefix("Stable Diffusion ")
+    steps, steps_note = _clamped_number("Steps", steps, 1, settings.MAX_STEPS)
+    guidance, guidance_note = _clamped_number("Guidance", guidance, 0.0, settings.MAX_GUIDANCE)
+    notes = [note for note in (steps_note, guidance_note) if note]
+    new_width, new_height = fitted_size(width, height, key, tiny)
+    if (new_width, new_height) != (width, height):
+        limits = size_limits(spec, tiny)
+        notes.append(
+            f"{_side(width)}x{_side(height)} is outside what {title} draws ({limits['min_pixels'] / 2**20:.2f}–"
+            f"{limits['max_pixels'] / 2**20:.2f} megapixels, at most {limits['max_side']} px a side), "
+            f"so the size is now {new_width}x{new_height}."
+        )
+    kept = [f"{name} {value}" for name, value in (("steps", steps), ("guidance", guidance)) if value]
+    if kept:
+        notes.append(
+            f"Kept your {' and '.join(kept)}; empty the box to use {title}'s preset "
+            f"({preset.steps} steps, guidance {preset.guidance:g})."
+        )
+    return steps, guidance, new_width, new_height, notes
 
 
 def session_history(new: list[str], history: list[str] | None, folder: Path) -> list[str]:
@@ -118,9 +228,17 @@ def session_history(new: list[str], history: list[str] | None, folder: Path) -> 
     return kept
 
 
+def _number_or(text, default: float) -> float:
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        return default
+
+
 def build_generate_tab(studio: Studio, outputs_dir: Path | None = None) -> dict:
     """Build the Generate tab inside the current Blocks; returns its main components."""
     stop_requests = StopRequests()
+    last_errors = LastErrors()
     first_key = model_key("large")
     first_preset = CATALOG[first_key].image_preset
     default_width, default_height = size_for_aspect("1:1", CATALOG[first_key], studio.tiny)
@@ -174,7 +292,7 @@ def build_generate_tab(studio: Studio, outputs_dir: Path | None = None) -> dict:
             _, step, total, previews = event
             progress((step, total), desc="denoising", unit="steps")
             if previews:
-                yield (gr.skip(),) * 7 + (gr.update(value=previews[0], visible=True), gr.skip())
+                yield (gr.skip(),) * 7 + (gr.update(value=previews[0], visible=True), gr.skip(), gr.skip())
 
         details = outcome.details
         for warning in details["warnings"]:
@@ -182,32 +300,41 @@ def build_generate_tab(studio: Studio, outputs_dir: Path | None = None) -> dict:
         paths = [str(path) for path in outcome.paths]
         history = session_history(paths, history, workspace.session_folder(visitor))
         hidden = gr.update(value=None, visible=False)
-        yield paths, details["seed"], generation_summary(details), history, history, paths, 0, hidden, details
+        yield paths, details["seed"], generation_summary(details), history, history, paths, 0, hidden, details, paths
 
     generate_fn = on_gpu(estimated_gpu_seconds)(generate_images)
 
     def stop_generation(request: gr.Request):
         stop_requests.stop(request)
 
-    def apply_preset(model):
+    def apply_model(model, steps_text, guidance_text, width_value, height_value):
+        """The new model's ranges and presets; the user's values stay where valid (see settings_for_model)."""
         key = model_key(model)
         preset = CATALOG[key].image_preset
-        width, height = size_for_aspect("1:1", CATALOG[key], studio.tiny)
+        steps_text, guidance_text, width_value, height_value, notes = settings_for_model(
+            key, studio.tiny, steps_text, guidance_text, width_value, height_value
+        )
+        for note in notes:
+            gr.Info(note)
         low, high = _slider_ranges(studio, key)
-        note = ""
-        if preset.guidance <= 1.0:
-            note = "Large Turbo runs 4 steps without classifier-free guidance: the negative prompt does not apply."
+        uses_cfg = (preset.guidance if guidance_text == "" else _number_or(guidance_text, preset.guidance)) > 1.0
+        if not uses_cfg:
+            notes.insert(
+                0,
+                "Large Turbo runs 4 steps without classifier-free guidance: the negative prompt does not apply."
+                if guidance_text == ""
+                else "Without classifier-free guidance (guidance ≤ 1) the negative prompt does not apply.",
+            )
         return (
-            gr.update(value="", placeholder=f"preset: {preset.steps}"),
-            gr.update(value="", placeholder=f"preset: {preset.guidance:g}"),
-            gr.update(value=width, minimum=low, maximum=high),
-            gr.update(value=height, minimum=low, maximum=high),
+            gr.update(value=steps_text, placeholder=f"preset: {preset.steps}"),
+            gr.update(value=guidance_text, placeholder=f"preset: {preset.guidance:g}"),
+            gr.update(value=width_value, minimum=low, maximum=high),
+            gr.update(value=height_value, minimum=low, maximum=high),
             gr.update(
                 value=bool(preset.skip_layer_guidance_layers), interactive=bool(preset.skip_layer_guidance_layers)
             ),
-            gr.update(interactive=preset.guidance > 1.0),
-            gr.update(value="1:1"),
-            note,
+            gr.update(interactive=uses_cfg),
+            " ".join(notes),
         )
 
     def apply_aspect(ratio, model):
@@ -215,7 +342,8 @@ def build_generate_tab(studio: Studio, outputs_dir: Path | None = None) -> dict:
         return width, height
 
     gr.Markdown(
-        "Text to image with Stable Diffusion 3.5. Switching the model loads its preset. "
+        "Text to image with Stable Diffusion 3.5. Switching the model keeps your settings where they are valid "
+        "for it; empty steps and guidance use its preset. "
         "Images are PNGs that carry their settings (AUTOMATIC1111 `parameters` chunk + a JSON chunk)."
     )
     if not studio.tiny:
@@ -224,8 +352,10 @@ def build_generate_tab(studio: Studio, outputs_dir: Path | None = None) -> dict:
             "Large needs about 28 GB of GPU memory in bf16; on the CPU an image takes many minutes."
         )
     low, high = _slider_ranges(studio, first_key)
-    with gr.Row():
-        with gr.Column(scale=1):
+    # Three columns that app.py's CSS lays out as a grid: the prompt and the settings on the left, the
+    # result on the right; on a narrow screen the result comes right under the Generate button.
+    with gr.Row(elem_id="generate-layout"):
+        with gr.Column(scale=1, elem_id="generate-controls"):
             prompt = gr.Textbox(label="Prompt", lines=3, max_length=settings.MAX_PROMPT_CHARS, value="")
             negative_prompt = gr.Textbox(
                 label="Negative prompt", lines=1, value="", max_length=settings.MAX_PROMPT_CHARS
@@ -239,16 +369,36 @@ def build_generate_tab(studio: Studio, outputs_dir: Path | None = None) -> dict:
                 label="Model",
             )
             with gr.Row():
-                run = gr.Button("Generate", variant="primary", scale=3)
+                # The class is what app.py's Ctrl+Enter handler clicks (the A1111 shortcut).
+                run = gr.Button("Generate", variant="primary", scale=3, elem_classes=["ctrl-enter-runs"])
                 stop = gr.Button("Stop", variant="stop", scale=1)
+            gr.Markdown("Ctrl+Enter (⌘+Enter on a Mac) generates.", elem_classes=["shortcut-hint"])
+            # The last error's sentence stays here after its toast is closed.
+            error_status = gr.Markdown(elem_id="generate-error")
+        with gr.Column(scale=1, elem_id="generate-result"):
+            preview = gr.Image(label="Preview", format="png", interactive=False, height=256, visible=False)
+            gallery = gr.Gallery(label="Images", format="png", columns=2, height=520, preview=True)
+            summary = gr.Markdown()
+            with gr.Accordion("Details (JSON)", open=False):
+                details = gr.JSON(label="Details")
+            used_seed = ValidatedNumber(visible=False, precision=0)
+            send_to_caption = gr.Button("Caption the selected image with BLIP →")
+            # Server-side only: the images the gallery shows, and the selection as a list and an index in it
+            # (the gallery's images or the history's, whichever was clicked last).
+            gallery_images = gr.State([])
+            shown_images = gr.State([])
+            selected_index = gr.State(None)
+            with gr.Accordion("This session's images", open=False):
+                history_gallery = gr.Gallery(label="History", format="png", columns=4, height=300)
+            history = gr.State([])
+        with gr.Column(scale=1, elem_id="generate-settings"):
             with gr.Row():
                 seed = ValidatedNumber(
                     value=-1, precision=0, label="Seed (-1 = random)", minimum=-1, maximum=settings.MAX_SEED
                 )
-                reuse_seed = gr.Button("♻ Reuse last seed", size="sm")
-            with gr.Accordion("Settings", open=True):
+                reuse_seed = gr.Button("♻ Seed of the selected image", size="sm")
+            with gr.Accordion("Settings", open=True, elem_id="generate-settings-accordion"):
                 with gr.Row():
-                    # Empty means "the model's preset", in the UI and in the API alike.
                     # Empty means "the model's preset", in the UI and in the API alike. Text boxes,
                     # because an empty number box sends 0, which is a real guidance value.
                     steps = gr.Textbox(
@@ -270,14 +420,6 @@ def build_generate_tab(studio: Studio, outputs_dir: Path | None = None) -> dict:
                     skip_layer_guidance = gr.Checkbox(
                         value=False, interactive=False, label="Skip-layer guidance (Medium: layers 7, 8, 9)"
                     )
-                    memory_mode = gr.Dropdown(
-                        choices=[("auto: the fastest that fits", "auto")]
-                        + [(f"{mode.key}: {mode.title}", mode.key) for mode in SD3_MODES],
-                        value=studio.memory_mode,
-                        label="Memory mode (quantization / offload)",
-                        info="bitsandbytes and offload need a CUDA GPU; dropping T5 weakens long prompts",
-                        visible=not studio.public,  # a public instance runs the operator's --memory
-                    )
                     preview_every = ValidatedSlider(
                         0,
                         settings.MAX_PREVIEW_EVERY,
@@ -285,21 +427,16 @@ def build_generate_tab(studio: Studio, outputs_dir: Path | None = None) -> dict:
                         step=1,
                         label="Preview every N steps (0 = off)",
                     )
+                # A row of its own: its choices are long, and the dropdown is no wider than its column.
+                memory_mode = gr.Dropdown(
+                    choices=[("auto: the fastest that fits", "auto")]
+                    + [(f"{mode.key}: {mode.title}", mode.key) for mode in SD3_MODES],
+                    value=studio.memory_mode,
+                    label="Memory mode (quantization / offload)",
+                    info="bitsandbytes and offload need a CUDA GPU; dropping T5 weakens long prompts",
+                    visible=not studio.public,  # a public instance runs the operator's --memory
+                )
             lora_panel = build_lora_panel(studio, model, memory_mode)
-        with gr.Column(scale=1):
-            preview = gr.Image(label="Preview", format="png", interactive=False, height=256, visible=False)
-            gallery = gr.Gallery(label="Images", format="png", columns=2, height=520, preview=True)
-            summary = gr.Markdown()
-            with gr.Accordion("Details (JSON)", open=False):
-                details = gr.JSON(label="Details")
-            used_seed = ValidatedNumber(visible=False, precision=0)
-            send_to_caption = gr.Button("Caption the selected image with BLIP →")
-            # Server-side only: the files the gallery shows now, and which one is selected (an index).
-            shown_images = gr.State([])
-            selected_index = gr.State(None)
-            with gr.Accordion("This session's images", open=False):
-                history_gallery = gr.Gallery(label="History", format="png", columns=4, height=300)
-            history = gr.State([])
     gr.Examples(examples=EXAMPLE_PROMPTS, inputs=[prompt, model], label="Example prompts")
 
     parameters = [
@@ -323,9 +460,13 @@ def build_generate_tab(studio: Studio, outputs_dir: Path | None = None) -> dict:
         parameter("progress", gr.Progress()),
         parameter("request", None, gr.Request),
     ]
+    # A new run clears the last error's sentence; a failed one puts its sentence beside the button.
     gr.on(
+        triggers=[run.click, prompt.submit], fn=lambda: "", outputs=error_status, queue=False, api_visibility="private"
+    )
+    generation = gr.on(
         triggers=[run.click, prompt.submit],
-        fn=named_endpoint(generate_fn, parameters),
+        fn=last_errors.watch(named_endpoint(generate_fn, parameters)),
         inputs=[
             prompt,
             model,
@@ -345,37 +486,69 @@ def build_generate_tab(studio: Studio, outputs_dir: Path | None = None) -> dict:
             lora_panel.lora_fuse,
             history,
         ],  # fmt: skip
-        outputs=[gallery, used_seed, summary, history, history_gallery, shown_images, selected_index, preview, details],
+        outputs=[
+            gallery,
+            used_seed,
+            summary,
+            history,
+            history_gallery,
+            shown_images,
+            selected_index,
+            preview,
+            details,
+            gallery_images,
+        ],
         api_name="generate",
         concurrency_id=settings.GPU_CONCURRENCY_ID,
+        # The progress bar sits on the gallery, so the live previews above it stay in view.
+        show_progress_on=[gallery],
     )
+    last_errors.show_on(generation, error_status)
     stop.click(stop_generation, inputs=None, outputs=None, queue=False, api_name="generate_stop")
+
+    def reused_seed(shown, index, last):
+        # The selected image's own seed (from its PNG); the run's first seed if there is no image to read.
+        seed_used = seed_of_image(selected_image(shown, index))
+        if seed_used is not None:
+            return seed_used
+        return last if last is not None else -1
+
     reuse_seed.click(
-        lambda last: last if last is not None else -1,
-        inputs=used_seed,
+        reused_seed,
+        inputs=[shown_images, selected_index, used_seed],
         outputs=seed,
         queue=False,
+        api_name="generate_reuse_seed",
         api_visibility="private",
     )
     preset_loaded = model.change(
-        apply_preset,
-        inputs=model,
-        outputs=[steps, guidance, width, height, skip_layer_guidance, negative_prompt, aspect, cfg_note],
+        apply_model,
+        inputs=[model, steps, guidance, width, height],
+        outputs=[steps, guidance, width, height, skip_layer_guidance, negative_prompt, cfg_note],
         queue=False,
         api_visibility="private",
     )
     aspect.input(apply_aspect, inputs=[aspect, model], outputs=[width, height], queue=False, api_visibility="private")
 
-    def remember_selection(shown, evt: gr.SelectData):
-        # Only the position is taken from the page; the file is looked up in this session's own list.
-        return selection_index(evt.index, shown)
+    def remember_selection(images, evt: gr.SelectData):
+        # Only the position is taken from the page; the file is looked up in this session's own list,
+        # which becomes the list the selection indexes.
+        return images, selection_index(evt.index, images)
 
     gallery.select(
         remember_selection,
-        inputs=shown_images,
-        outputs=selected_index,
+        inputs=gallery_images,
+        outputs=[shown_images, selected_index],
         queue=False,
         api_name="generate_select",
+        api_visibility="private",
+    )
+    history_gallery.select(
+        remember_selection,
+        inputs=history,
+        outputs=[shown_images, selected_index],
+        queue=False,
+        api_name="generate_history_select",
         api_visibility="private",
     )
     return {
@@ -385,6 +558,7 @@ def build_generate_tab(studio: Studio, outputs_dir: Path | None = None) -> dict:
         "shown_images": shown_images,
         "selected_index": selected_index,
         "preview": preview,
+        "error_status": error_status,
         "run": run,
         "stop": stop,
         # The form, for other tabs to fill (PNG Info's "Send to Generate").

@@ -535,7 +535,12 @@ def generation_details(
         "size": f"{request.width}x{request.height}",
         "max_sequence_length": request.max_sequence_length,
         "skip_layer_guidance_layers": list(request.skip_layer_guidance_layers),
-        "memory_mode": {"mode": prepared.memory_mode, "reason": prepared.memory_mode_reason},
+        "memory_mode": {
+            "mode": prepared.memory_mode,
+            "reason": prepared.memory_mode_reason,
+            # What the weights really are: a "bf16" mode runs float32 on a CPU.
+            "dtype": str(getattr(prepared.pipeline, "dtype", "")).removeprefix("torch."),
+        },
         "loras": [dict(lora) for lora in prepared.loras],
         "lora_fused": prepared.lora_fused,
         "trigger_words_added": list(prepared.trigger_words),

@@ -76,6 +76,7 @@ def test_generate_returns_a_details_dict_as_its_last_output(tiny_client):
         "stable-diffusion-3.5-medium"
     )
     assert details["memory_mode"]["mode"] == "bf16" and "no CUDA GPU" in details["memory_mode"]["reason"]
+    assert details["memory_mode"]["dtype"] == "float32"  # what a "bf16" mode really runs in on the CPU
     assert details["loras"] == [] and details["tiny"] is True and details["warnings"] == []
     assert details["files"] == [Path(item["image"]).name for item in gallery]
     assert (
@@ -119,3 +120,9 @@ def test_the_sliders_ranges_are_the_limits_validation_uses(tiny_app_url, tiny_cl
         tiny_client.predict("a cat", steps=2, preview_every=settings.MAX_PREVIEW_EVERY + 1, api_name="/generate")
     with pytest.raises(AppError, match="megapixels"):  # the slider's top on both sides is past the area limit
         tiny_client.predict("a cat", steps=2, width=high, height=high + SIZE_MULTIPLE, api_name="/generate")
+
+
+def test_the_summary_on_a_cpu_names_the_precision_the_weights_really_have(tiny_client):
+    _, _, summary, *_, details = tiny_client.predict("a cat", steps=2, api_name="/generate")
+    assert details["memory_mode"]["dtype"] == "float32"
+    assert "memory mode fp32 (auto: no CUDA GPU, so full precision" in summary and "bf16" not in summary

@@ -114,10 +114,10 @@ def test_the_app_refuses_an_unknown_memory_mode_at_start(tiny_root):
 def test_generate_api_reports_the_mode_and_refuses_gpu_only_modes(tiny_client):
     from gradio_client.exceptions import AppError
 
-    _, _, summary, *_ = tiny_client.predict("a cat", steps=2, memory_mode="bf16-no-t5", api_name="/generate")
-    assert "memory mode bf16-no-t5 (chosen by hand)" in summary
-    _, _, summary, *_ = tiny_client.predict("a cat", steps=2, api_name="/generate")
-    assert "memory mode bf16 (auto: no CUDA GPU" in summary
+    *_, details = tiny_client.predict("a cat", steps=2, memory_mode="bf16-no-t5", api_name="/generate")
+    assert details["memory_mode"] == {"mode": "bf16-no-t5", "reason": "chosen by hand", "dtype": "float32"}
+    *_, details = tiny_client.predict("a cat", steps=2, api_name="/generate")
+    assert details["memory_mode"]["mode"] == "bf16" and "auto: no CUDA GPU" in details["memory_mode"]["reason"]
     with pytest.raises(AppError, match="needs a CUDA GPU"):
         tiny_client.predict("a cat", steps=2, memory_mode="nf4", api_name="/generate")
 
