@@ -11,7 +11,15 @@ from dataclasses import fields
 
 import gradio as gr
 
-from components.common import UploadedImage, example_photos, launch_alone, named_endpoint, parameter, visitor_id
+from components.common import (
+    LastErrors,
+    UploadedImage,
+    example_photos,
+    launch_alone,
+    named_endpoint,
+    parameter,
+    visitor_id,
+)
 from components.decoding import build_decoding_controls, decoding_parameters, request_from_values
 from pipelines import settings
 from pipelines.blip import STRATEGY_LABELS, CaptionRequest, CaptionResult
@@ -204,6 +212,7 @@ def build_caption_tab(studio: Studio) -> dict:
                 loaded_name = gr.Textbox(visible=False)  # the API's first output; the picker follows it
                 adapter_list = gr.JSON(label="Adapters")
             run = gr.Button("Caption", variant="primary")
+            error_status = gr.Markdown(elem_id="caption-error")  # the last error's sentence stays here
         with gr.Column(scale=1):
             table = gr.Dataframe(
                 headers=CAPTION_TABLE_HEADERS,
@@ -222,14 +231,16 @@ def build_caption_tab(studio: Studio) -> dict:
     def picked_adapter(name: str = "", request: gr.Request = None):
         return gr.update(choices=adapter_choices(studio, visitor_id(request)), value=name or "")
 
-    gr.on(
+    last_errors = LastErrors()
+    captioning = gr.on(
         triggers=[run.click],
-        fn=make_caption_function(studio),
+        fn=last_errors.watch(make_caption_function(studio)),
         inputs=[image, *controls.inputs(), adapter],
         outputs=[table, summary, details],
         api_name="caption",
         concurrency_id=settings.GPU_CONCURRENCY_ID,
     )
+    last_errors.show_on(captioning, error_status)
     controls.reuse_seed.click(
         last_seed, inputs=[details, controls.seed], outputs=controls.seed, queue=False, api_visibility="private"
     )

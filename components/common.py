@@ -184,8 +184,10 @@ class LastErrors:
 
     def show_on(self, event, status: gr.components.Component) -> None:
         """After ``event``: its error sentence in ``status`` if it failed, ``status`` cleared if it succeeded."""
-        event.failure(self.take, inputs=None, outputs=status, queue=False, api_visibility="private")
-        event.success(lambda: "", inputs=None, outputs=status, queue=False, api_visibility="private")
+        # No progress timer on the status line: it would flash "0.0s" where the sentence goes.
+        quiet = {"queue": False, "api_visibility": "private", "show_progress": "hidden"}
+        event.failure(self.take, inputs=None, outputs=status, **quiet)
+        event.success(lambda: "", inputs=None, outputs=status, **quiet)
 
 
 def on_gpu(duration: Callable[..., int]) -> Callable[[Callable], Callable]:

@@ -462,7 +462,12 @@ def build_generate_tab(studio: Studio, outputs_dir: Path | None = None) -> dict:
     ]
     # A new run clears the last error's sentence; a failed one puts its sentence beside the button.
     gr.on(
-        triggers=[run.click, prompt.submit], fn=lambda: "", outputs=error_status, queue=False, api_visibility="private"
+        triggers=[run.click, prompt.submit],
+        fn=lambda: "",
+        outputs=error_status,
+        queue=False,
+        api_visibility="private",
+        show_progress="hidden",
     )
     generation = gr.on(
         triggers=[run.click, prompt.submit],

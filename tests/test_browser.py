@@ -93,6 +93,13 @@ def block(panel, label: str):
     return panel.locator(".block").filter(has=title).last
 
 
+def status_line_empties(status, timeout_ms: int = 10_000) -> None:
+    """Wait until the status line ``status`` shows nothing (the listener that clears it runs after the result)."""
+    status.page.wait_for_function(
+        "element => !element.innerText.trim()", arg=status.element_handle(), timeout=timeout_ms
+    )
+
+
 def cell(panel, row: int, column: int) -> str:
     return panel.locator(f"[data-testid=cell-{row}-{column}]").first.inner_text().strip()
 

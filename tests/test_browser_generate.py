@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from tests import test_browser
-from tests.test_browser import TIMEOUT_MS, block, open_tab, screenshot
+from tests.test_browser import TIMEOUT_MS, block, open_tab, screenshot, status_line_empties
 
 # tests/test_browser.py's fixtures: one Chromium per module, one fresh desktop-sized page per test.
 browser, page = test_browser.browser, test_browser.page
@@ -160,7 +160,7 @@ def test_a_failed_run_leaves_its_sentence_beside_the_button(page, tmp_path):
     assert 0 <= status_box["y"] - (button_box["y"] + button_box["height"]) < 120
     # The next successful run clears it.
     generate(panel, "a lighthouse at dusk")
-    assert not status.inner_text().strip()
+    status_line_empties(status)
     screenshot(page, tmp_path, "error-beside-button")
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests import test_browser
-from tests.test_browser import EXAMPLES, cell, open_tab, screenshot, upload
+from tests.test_browser import EXAMPLES, cell, open_tab, screenshot, status_line_empties, upload
 
 browser, page = test_browser.browser, test_browser.page  # the same fixtures: one Chromium, a fresh page per test
 
@@ -128,3 +128,19 @@ def test_an_edited_batch_caption_ends_up_in_the_exported_zip(page, tmp_path):
         assert zipped.read("coffee.txt").decode().strip() == "sks, a cup of black coffee on a saucer"
         assert metadata["chelsea.png"] == other  # the caption nobody touched
     screenshot(page, tmp_path, "batch-edited")
+
+
+def test_a_failed_caption_leaves_its_sentence_beside_the_button(page, tmp_path):
+    panel = open_tab(page, "Caption")
+    button = panel.get_by_role("button", name="Caption", exact=True)
+    button.click()  # no image yet
+    status = panel.locator("#caption-error")
+    status.get_by_text(re.compile(r"Upload an image .* first\.")).wait_for()
+    # The sentence sits right under the button, and stays after the toast is closed.
+    assert 0 <= status.bounding_box()["y"] - (button.bounding_box()["y"] + button.bounding_box()["height"]) < 120
+    # The next successful caption clears it.
+    upload(panel, EXAMPLES / "chelsea.png")
+    button.click()
+    panel.get_by_text(re.compile(r"1 caption\(s\) in [\d.]+ s")).wait_for()
+    status_line_empties(status)
+    screenshot(page, tmp_path, "caption-error-beside-button")
