@@ -52,9 +52,9 @@ def load_sd3_pipeline(source: str, runtime: Runtime, variant: str | None = None)
 
 def load_sd3_controlnet(source: str, runtime: Runtime, variant: str | None = None) -> Any:
     """A diffusers SD3ControlNetModel stored as its base's memory mode ``variant`` stores the MMDiT."""
-    from pipelines.sd3_controlnet import load_controlnet
+    from pipelines.sd3_loading import load_sd3_controlnet as load_in_mode
 
-    return load_controlnet(source, runtime, variant or "bf16")
+    return load_in_mode(source, runtime, variant or "bf16")
 
 
 def load_depth_estimator(source: str, runtime: Runtime, variant: str | None = None):

@@ -6,7 +6,7 @@
    and Turbo get one sentence before any model loads), plans the memory mode with the ControlNet,
    loads Large and applies its LoRAs.
 2. The ControlNet (``SD3ControlNetModel``, one of Stability's canny/depth/blur releases) loads
-   through the manager in Large's memory mode, and ``StableDiffusion3ControlNetPipeline.from_pipe``
+   through the manager in Large's memory mode (``sd3_loading.load_sd3_controlnet``), and ``StableDiffusion3ControlNetPipeline.from_pipe``
    builds the ControlNet pipeline from Large's loaded components: the MMDiT, text encoders and
    VAE are the very same objects (LoRAs included), never a second copy. The pipeline is kept on
    the ControlNet model while Large's components stay the same, so it is built once.
@@ -38,31 +38,7 @@ from pipelines.generation import (
     StepCallback,
 )
 from pipelines.memory.modes import get_mode
-from pipelines.runtime import Runtime
 from pipelines.sd3 import GenerateResult, LatentPreviewer, generate
-
-
-def load_controlnet(source: str, runtime: Runtime, mode_key: str = "bf16"):
-    """An SD3ControlNetModel from a repo id or folder, stored as memory mode ``mode_key`` stores the MMDiT.
-
-    A quantized mode quantizes the ControlNet (an MMDiT of 19 blocks) with the same bitsandbytes
-    format. It sits on the GPU in every mode but sequential offload, model offload included: it
-    runs at every step (``controlnet_pipeline`` hands it to accelerate under sequential offload).
-    """
-    from diffusers import SD3ControlNetModel
-
-    from pipelines.sd3_loading import check_mode, pipeline_quantization
-
-    mode = get_mode("sd35-large", mode_key)
-    check_mode(mode, runtime)
-    quantization = pipeline_quantization(mode, runtime.dtype)
-    config = quantization.quant_mapping.get("transformer") if quantization is not None else None
-    controlnet = SD3ControlNetModel.from_pretrained(source, torch_dtype=runtime.dtype, quantization_config=config)
-    if config is None:
-        controlnet.to(runtime.device)
-    controlnet.eval()
-    controlnet.studio_memory_mode = mode.key
-    return controlnet
 
 
 def controlnet_pipeline(base, controlnet):
