@@ -142,7 +142,8 @@ def build_generate_tab(studio: Studio, outputs_dir: Path | None = None) -> dict:
         ``lora_scale`` multiplies the weights of ``lora``; ``lora_fuse`` merges them into the weights first.
         ``control_image`` (SD3.5 Large only) draws with the ControlNet ``control_type`` (canny, depth, blur)
         at ``control_scale``; ``preprocess=False`` uses the image as the map as it is; ``canny_low`` and
-        ``canny_high`` are cv2.Canny's thresholds. The last output is the map the ControlNet followed.
+        ``canny_high`` are cv2.Canny's thresholds. The output before the details dict is the map the ControlNet
+        followed.
         """
         job = generation_request(
             prompt, model, negative_prompt=negative_prompt, seed=seed, steps=steps, guidance=guidance, width=width,
@@ -213,8 +214,8 @@ def build_generate_tab(studio: Studio, outputs_dir: Path | None = None) -> dict:
             paths,
             0,
             hidden,
-            details,
             shown_map,
+            details,  # last, as on every endpoint that returns one
         )
 
     generate_fn = on_gpu(estimated_gpu_seconds)(generate_images)
@@ -443,8 +444,8 @@ def build_generate_tab(studio: Studio, outputs_dir: Path | None = None) -> dict:
             shown_images,
             selected_index,
             preview,
-            details,
             control_map,
+            details,
         ],  # fmt: skip
         api_name="generate",
         concurrency_id=settings.GPU_CONCURRENCY_ID,

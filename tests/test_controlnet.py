@@ -217,3 +217,20 @@ def test_plan_table_lists_large_with_a_controlnet_per_mode_and_refuses_it_for_me
     assert {item.title for item in rows} == {"sd35-large + ControlNet"}
     with pytest.raises(ValueError, match="fits sd35-large only"):
         plan("sd35-medium", "bf16", controlnet=CONTROLNET_KEYS["canny"])
+
+
+def test_a_gated_controlnet_load_names_its_page_and_the_token():
+    from types import SimpleNamespace
+
+    from huggingface_hub.errors import GatedRepoError
+
+    from pipelines.manager import explain_load_failure
+
+    spec = CATALOG[CONTROLNET_KEYS["depth"]]
+    try:
+        raise OSError("cannot load") from GatedRepoError(
+            "401 gated", response=SimpleNamespace(headers={}, request=None)
+        )
+    except OSError as error:
+        message = explain_load_failure(spec, spec.repo_id, error)
+    assert "gated" in message and "HF_TOKEN" in message and spec.hub_url in message and spec.title in message

@@ -24,7 +24,7 @@ def test_generate_with_a_canny_control_image_changes_the_image_and_shows_the_map
     from gradio_client import handle_file
 
     plain, *_ = tiny_client.predict("a red house", api_name="/generate", **SMALL)
-    gallery, _, summary, *_, details, control_map = tiny_client.predict(
+    gallery, _, summary, *_, control_map, details = tiny_client.predict(
         "a red house",
         control_image=handle_file(PHOTO),
         control_type="canny",
