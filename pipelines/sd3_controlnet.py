@@ -120,6 +120,8 @@ def draw(
     }
     total_steps = request.steps * request.num_images
     parts: list[GenerateResult] = []
+    # The CUDA generators fork too (the map is encoded there on a GPU); none on a CPU-only machine.
+    accelerators = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
     for index in range(request.num_images):  # one image at a time: each seeds its own map encoding
         seed = request.seed + index
         single = dataclasses.replace(request, seed=seed, num_images=1)
@@ -129,7 +131,7 @@ def draw(
             if on_step is not None:
                 on_step(done_before + done, total_steps, previews)
 
-        with torch.random.fork_rng(devices=_accelerators(pipeline)):
+        with torch.random.fork_rng(devices=accelerators):
             torch.manual_seed(seed)
             part = generate(
                 pipeline,
@@ -148,11 +150,6 @@ def draw(
         if part.stopped:
             break
     return _joined(parts, request)
-
-
-def _accelerators(pipeline) -> list:
-    device = getattr(pipeline, "_execution_device", torch.device("cpu"))
-    return [device] if device.type == "cuda" else []
 
 
 def _joined(parts: list[GenerateResult], request) -> GenerateResult:

@@ -234,3 +234,20 @@ def test_a_gated_controlnet_load_names_its_page_and_the_token():
     except OSError as error:
         message = explain_load_failure(spec, spec.repo_id, error)
     assert "gated" in message and "HF_TOKEN" in message and spec.hub_url in message and spec.title in message
+
+
+def test_loading_a_controlnet_never_evicts_the_large_it_draws_with(tiny_root):
+    sizes = {"sd35-large": 100, CONTROLNET_KEYS["canny"]: 100}
+    manager = ModelManager(
+        choose_runtime("cpu"),
+        tiny_root=tiny_root,
+        memory_budget_bytes=1,  # nothing fits: every load wants to make room
+        estimate_bytes=lambda key, variant: sizes.get(key, 1),
+    )
+    manager.get("sd35-large", variant="bf16")
+    manager.get(CONTROLNET_KEYS["canny"], variant="bf16", keep=("sd35-large",))
+    assert manager.is_loaded("sd35-large") and manager.is_loaded(CONTROLNET_KEYS["canny"])
+    notes = []
+    manager.get(CONTROLNET_KEYS["blur"], variant="bf16", notify=notes.append, keep=("sd35-large",))
+    assert manager.is_loaded("sd35-large") and not manager.is_loaded(CONTROLNET_KEYS["canny"])
+    assert notes and "ControlNet (Canny)" in notes[0]

@@ -49,3 +49,14 @@ def test_a_control_image_with_medium_is_refused_with_the_sentence(tiny_client):
         )
     assert controlnet_refusal("sd35-medium") in str(refused.value)
     assert CATALOG["sd35-medium"].title in str(refused.value)
+
+
+def test_system_plans_large_with_a_controlnet_in_every_mode(tiny_client):
+    from pipelines.memory import SD3_MODES
+
+    _, _, table, auto, details = tiny_client.predict(api_name="/system")
+    plans = [plan for plan in details["planner"]["plans"] if plan["controlnet"]]
+    assert [plan["mode"] for plan in plans] == [mode.key for mode in SD3_MODES]
+    rows = [row for row in table["data"] if row[0] == "sd35-large + ControlNet"]
+    assert len(rows) == len(SD3_MODES) and all(row[5] > 0 for row in rows)
+    assert "sd35-large + ControlNet" in details["planner"]["auto"] and "sd35-large + ControlNet" in auto
