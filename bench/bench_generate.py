@@ -10,6 +10,12 @@ memory mode, LoRA selection, the step callback, stop check, truncation check,
 PNG parameters, saving the PNG with its metadata, the details dict). It is
 timed with live previews off and with a preview after every step, so the
 previews' cost is printed. Goal: ratio <= 1.05 without previews.
+
+A ControlNet row follows (``controlnet_rows``): the Studio's ControlNet draw
+(``pipelines/sd3_controlnet.run``: the service's checks, cv2.Canny, the ControlNet
+pipeline built from the loaded one, PNGs, details) against a bare
+``StableDiffusion3ControlNetPipeline`` call on a cv2.Canny map, same settings.
+Goal: ratio <= 1.05.
 """
 
 from __future__ import annotations
@@ -169,6 +175,110 @@ def main(argv: list[str] | None = None) -> None:
             )
     path = write_results("generate-cpu", "tiny and mid-size random weights", rows)
     print(f"medians of {args.repeats} interleaved runs; saved to {path}")
+    controlnet_rows(tiny_root, cases, args.repeats)
+
+
+class PipelineAndControlNet(OnePipeline):
+    """OnePipeline that also serves a ControlNet (for any ControlNet key)."""
+
+    def __init__(self, pipeline, controlnet) -> None:
+        super().__init__(pipeline)
+        self.controlnet = controlnet
+
+    def get(self, key, variant=None, notify=None, keep=()):
+        return self.controlnet if key.startswith("sd35-large-controlnet") else self.pipeline
+
+
+def controlnet_rows(tiny_root: Path, cases: dict, repeats: int) -> list[dict]:
+    """Studio ControlNet (canny) vs a bare StableDiffusion3ControlNetPipeline call, per case; saved and printed."""
+    import cv2
+    import numpy as np
+    from diffusers import SD3ControlNetModel, StableDiffusion3ControlNetPipeline
+    from diffusers.image_processor import VaeImageProcessor
+    from PIL import Image
+
+    from pipelines import sd3_controlnet
+    from pipelines.control_maps import ControlSettings
+    from pipelines.tiny import TINY_CONTROLNET_DIRS
+
+    photo = Image.open(Path(__file__).resolve().parent.parent / "assets" / "examples" / "astronaut.png").convert("RGB")
+    tiny_controlnet = SD3ControlNetModel.from_pretrained(tiny_root / TINY_CONTROLNET_DIRS["canny"])
+    print(f"\nControlNet (canny, scale 1), fp32, {machine_description()}; 4 steps, guidance 3.5")
+    print(f"{'pipeline':<24} {'bare call':>10} {'Studio':>9} {'ratio':>6}")
+    rows = []
+    with tempfile.TemporaryDirectory() as scratch:
+        for name, (pipeline, side) in cases.items():
+            width = pipeline.transformer.config.num_attention_heads * pipeline.transformer.config.attention_head_dim
+            if width == tiny_controlnet.inner_dim:
+                controlnet = tiny_controlnet
+            else:  # the mid-size MMDiT's width, half its blocks, as the released ControlNets are to Large
+                torch.manual_seed(0)
+                controlnet = SD3ControlNetModel(
+                    sample_size=32,
+                    patch_size=2,
+                    in_channels=16,
+                    num_layers=pipeline.transformer.config.num_layers // 2,
+                    attention_head_dim=pipeline.transformer.config.attention_head_dim,
+                    num_attention_heads=pipeline.transformer.config.num_attention_heads,
+                    joint_attention_dim=None,
+                    caption_projection_dim=width,
+                    pooled_projection_dim=pipeline.transformer.config.pooled_projection_dim,
+                    out_channels=16,
+                    pos_embed_max_size=None,
+                    pos_embed_type=None,
+                    use_pos_embed=False,
+                    force_zeros_for_pooled_projection=False,
+                    qk_norm=None,
+                ).eval()
+            service = GenerationService(PipelineAndControlNet(pipeline, controlnet))
+            request = GenerationRequest(
+                prompt="a red cube on a blue sphere",
+                steps=4,
+                guidance=3.5,
+                width=side,
+                height=side,
+                seed=1,
+                control=ControlSettings(photo, "canny", 1.0),
+            )
+            bare_pipeline = StableDiffusion3ControlNetPipeline.from_pipe(pipeline, controlnet=controlnet)
+            bare_pipeline.set_progress_bar_config(disable=True)
+            canny_processor = VaeImageProcessor(vae_scale_factor=bare_pipeline.vae_scale_factor, do_normalize=False)
+
+            def bare(bare_pipeline=bare_pipeline, canny_processor=canny_processor, side=side):
+                edges = Image.fromarray(cv2.Canny(np.asarray(photo.convert("L")), 100, 200)).convert("RGB")
+                # The model card's SD3CannyImageProcessor: unnormalised pixels x 127.5 + 0.5.
+                control = canny_processor.preprocess(edges, height=side, width=side) * 255 * 0.5 + 0.5
+                return bare_pipeline(
+                    "a red cube on a blue sphere",
+                    control_image=control,
+                    controlnet_conditioning_scale=1.0,
+                    num_inference_steps=4,
+                    guidance_scale=3.5,
+                    height=side,
+                    width=side,
+                    generator=[torch.Generator().manual_seed(1)],
+                    max_sequence_length=256,
+                ).images
+
+            def studio(service=service, request=request):
+                return sd3_controlnet.run(service, request, folder=Path(scratch))
+
+            medians = interleaved_medians({"bare": bare, "studio": studio}, repeats)
+            ratio = medians["studio"] / medians["bare"]
+            print(f"{name:<24} {medians['bare']:>9.3f}s {medians['studio']:>8.3f}s {ratio:>6.3f}")
+            rows.append(
+                {
+                    "pipeline": name,
+                    "controlnet_parameters": sum(parameter.numel() for parameter in controlnet.parameters()),
+                    "bare_seconds": medians["bare"],
+                    "studio_seconds": medians["studio"],
+                    "ratio": ratio,
+                    "repeats": repeats,
+                }
+            )
+    path = write_results("generate-controlnet-cpu", "tiny and mid-size random weights, canny ControlNet", rows)
+    print(f"medians of {repeats} interleaved runs; saved to {path}")
+    return rows
 
 
 if __name__ == "__main__":

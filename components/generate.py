@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextvars
+import dataclasses
 import math
 import queue
 import threading
@@ -13,6 +14,7 @@ import gradio as gr
 from components.common import (
     LastErrors,
     StopRequests,
+    UploadedImage,
     ValidatedNumber,
     ValidatedSlider,
     generation_request,
@@ -24,8 +26,9 @@ from components.common import (
     visitor_id,
 )
 from components.lora_panel import build_lora_panel
-from pipelines import settings, workspace
+from pipelines import sd3_controlnet, settings, workspace
 from pipelines.catalog import CATALOG
+from pipelines.control_maps import DEPTH_TRAINING_NOTE, ControlSettings
 from pipelines.memory import SD3_MODES
 from pipelines.png_metadata import read_png_settings
 from pipelines.sd3 import (
@@ -73,6 +76,8 @@ def generation_summary(details: dict) -> str:
         summary += " · LoRA " + ", ".join(f"{item['name']}:{item['weight']:g}" for item in details["loras"]) + fused
     if details["trigger_words_added"]:
         summary += f" · trigger words added: {', '.join(details['trigger_words_added'])}"
+    if details.get("controlnet"):
+        summary += f" · ControlNet {details['controlnet']['type']} {details['controlnet']['scale']:g}"
     if details["stopped"]:
         summary += f" · stopped at step {details['steps_done']}"
     if details["tiny"]:
@@ -245,14 +250,18 @@ def build_generate_tab(studio: Studio, outputs_dir: Path | None = None) -> dict:
 
     def generate_images(
         prompt, model, negative_prompt, seed, steps, guidance, width, height, max_sequence_length,
-        skip_layer_guidance, num_images, preview_every, memory_mode, lora, lora_scale, lora_fuse, history, progress,
-        request,
+        skip_layer_guidance, num_images, preview_every, memory_mode, lora, lora_scale, lora_fuse, history,
+        control_image, control_type, control_scale, preprocess, canny_low, canny_high, progress, request,
     ):  # fmt: skip
         """Yields step previews while the pipeline runs, then the PNGs, their summary and a details dict.
 
         ``lora`` names the LoRAs to mix ("name:0.8, other:0.5"; empty = none): a name not loaded yet
         loads from the LoRA folder or the registry, and ``<lora:name:0.8>`` tags in the prompt work too.
         ``lora_scale`` multiplies the weights of ``lora``; ``lora_fuse`` merges them into the weights first.
+        ``control_image`` (SD3.5 Large only) draws with the ControlNet ``control_type`` (canny, depth, blur)
+        at ``control_scale``; ``preprocess=False`` uses the image as the map as it is; ``canny_low`` and
+        ``canny_high`` are cv2.Canny's thresholds. The output before the details dict is the map the ControlNet
+        followed.
         """
         job = generation_request(
             prompt, model, negative_prompt=negative_prompt, seed=seed, steps=steps, guidance=guidance, width=width,
@@ -260,6 +269,16 @@ def build_generate_tab(studio: Studio, outputs_dir: Path | None = None) -> dict:
             num_images=num_images, memory_mode=memory_mode, lora=lora, lora_scale=lora_scale, lora_fuse=lora_fuse,
             preview_every=0 if preview_every is None else preview_every,
         )  # fmt: skip
+        if control_image is not None:
+            control = ControlSettings(
+                control_image,
+                settings.DEFAULT_CONTROL_TYPE if control_type is None else control_type,
+                settings.DEFAULT_CONTROL_SCALE if control_scale is None else control_scale,
+                True if preprocess is None else bool(preprocess),
+                settings.DEFAULT_CANNY_LOW if canny_low is None else canny_low,
+                settings.DEFAULT_CANNY_HIGH if canny_high is None else canny_high,
+            )
+            job = dataclasses.replace(job, control=control)
         visitor = visitor_id(request)  # another visitor's uploaded LoRA is "not loaded" for this one
         stop = stop_requests.start(request)
 
@@ -269,14 +288,17 @@ def build_generate_tab(studio: Studio, outputs_dir: Path | None = None) -> dict:
 
         def run():
             try:
-                outcome = studio.generation.run(
-                    job,
-                    visitor=visitor,
-                    notify=gr.Info,
-                    on_step=lambda step, total, previews: events.put(("step", step, total, previews)),
-                    should_stop=stop.is_set,
-                )
-                events.put(("done", outcome))
+                arguments = {
+                    "visitor": visitor,
+                    "notify": gr.Info,
+                    "on_step": lambda step, total, previews: events.put(("step", step, total, previews)),
+                    "should_stop": stop.is_set,
+                }
+                if job.control is not None:
+                    outcome, control_map = sd3_controlnet.run(studio.generation, job, **arguments)
+                else:
+                    outcome, control_map = studio.generation.run(job, **arguments), None
+                events.put(("done", outcome, control_map))
             except BaseException as error:  # re-raised below, in the request's thread
                 events.put(("error", error))
 
@@ -287,12 +309,12 @@ def build_generate_tab(studio: Studio, outputs_dir: Path | None = None) -> dict:
             if event[0] == "error":
                 raise event[1]
             if event[0] == "done":
-                outcome = event[1]
+                _, outcome, control_map = event
                 break
             _, step, total, previews = event
             progress((step, total), desc="denoising", unit="steps")
             if previews:
-                yield (gr.skip(),) * 7 + (gr.update(value=previews[0], visible=True), gr.skip(), gr.skip())
+                yield (gr.skip(),) * 7 + (gr.update(value=previews[0], visible=True),) + (gr.skip(),) * 3
 
         details = outcome.details
         for warning in details["warnings"]:
@@ -300,7 +322,20 @@ def build_generate_tab(studio: Studio, outputs_dir: Path | None = None) -> dict:
         paths = [str(path) for path in outcome.paths]
         history = session_history(paths, history, workspace.session_folder(visitor))
         hidden = gr.update(value=None, visible=False)
-        yield paths, details["seed"], generation_summary(details), history, history, paths, 0, hidden, details, paths
+        shown_map = control_map if control_map is not None else gr.skip()
+        yield (
+            paths,
+            details["seed"],
+            generation_summary(details),
+            history,
+            history,
+            paths,
+            0,
+            hidden,
+            shown_map,
+            details,  # last of what the API returns, as on every endpoint that returns one
+            paths,  # gallery_images (server state)
+        )
 
     generate_fn = on_gpu(estimated_gpu_seconds)(generate_images)
 
@@ -437,6 +472,50 @@ def build_generate_tab(studio: Studio, outputs_dir: Path | None = None) -> dict:
                     visible=not studio.public,  # a public instance runs the operator's --memory
                 )
             lora_panel = build_lora_panel(studio, model, memory_mode)
+            with gr.Accordion("ControlNet (3.5 Large)", open=False):
+                gr.Markdown(
+                    "Draw following the shape of an image: Stability's canny, depth and blur ControlNets, released "
+                    "for SD3.5 **Large** only (Medium and Turbo refuse a control image). Each is about 4.3 GB in bf16 "
+                    "(an 8.6 GB fp32 download, gated like Large). "
+                    + DEPTH_TRAINING_NOTE
+                    + (
+                        " Tiny mode: tiny random ControlNets, so the image changes but follows nothing."
+                        if studio.tiny
+                        else ""
+                    )
+                )
+                with gr.Row():
+                    control_image = UploadedImage(label="Control image (empty = no ControlNet)", height=200)
+                    control_map = gr.Image(label="Control map used", format="png", interactive=False, height=200)
+                control_type = gr.Radio(
+                    choices=list(settings.CONTROL_TYPES), value=settings.DEFAULT_CONTROL_TYPE, label="Control type"
+                )
+                with gr.Row():
+                    control_scale = ValidatedSlider(
+                        settings.CONTROL_SCALE.low,
+                        settings.CONTROL_SCALE.high,
+                        value=settings.DEFAULT_CONTROL_SCALE,
+                        step=settings.CONTROL_SCALE.step,
+                        label="Control scale (0 = off, 1 = as trained)",
+                    )
+                    preprocess = gr.Checkbox(
+                        value=True, label="Preprocess (off: the image already is a canny, depth or blur map)"
+                    )
+                with gr.Row():
+                    canny_low = ValidatedSlider(
+                        settings.CANNY_THRESHOLD.low,
+                        settings.CANNY_THRESHOLD.high,
+                        value=settings.DEFAULT_CANNY_LOW,
+                        step=settings.CANNY_THRESHOLD.step,
+                        label="Canny low threshold",
+                    )
+                    canny_high = ValidatedSlider(
+                        settings.CANNY_THRESHOLD.low,
+                        settings.CANNY_THRESHOLD.high,
+                        value=settings.DEFAULT_CANNY_HIGH,
+                        step=settings.CANNY_THRESHOLD.step,
+                        label="Canny high threshold",
+                    )
     gr.Examples(examples=EXAMPLE_PROMPTS, inputs=[prompt, model], label="Example prompts")
 
     parameters = [
@@ -457,6 +536,12 @@ def build_generate_tab(studio: Studio, outputs_dir: Path | None = None) -> dict:
         parameter("lora_scale", 1.0),
         parameter("lora_fuse", False),
         parameter("history", None),
+        parameter("control_image", None),
+        parameter("control_type", settings.DEFAULT_CONTROL_TYPE),
+        parameter("control_scale", settings.DEFAULT_CONTROL_SCALE),
+        parameter("preprocess", True),
+        parameter("canny_low", settings.DEFAULT_CANNY_LOW),
+        parameter("canny_high", settings.DEFAULT_CANNY_HIGH),
         parameter("progress", gr.Progress()),
         parameter("request", None, gr.Request),
     ]
@@ -490,6 +575,12 @@ def build_generate_tab(studio: Studio, outputs_dir: Path | None = None) -> dict:
             lora_panel.lora_scale,
             lora_panel.lora_fuse,
             history,
+            control_image,
+            control_type,
+            control_scale,
+            preprocess,
+            canny_low,
+            canny_high,
         ],  # fmt: skip
         outputs=[
             gallery,
@@ -500,9 +591,10 @@ def build_generate_tab(studio: Studio, outputs_dir: Path | None = None) -> dict:
             shown_images,
             selected_index,
             preview,
+            control_map,
             details,
             gallery_images,
-        ],
+        ],  # fmt: skip
         api_name="generate",
         concurrency_id=settings.GPU_CONCURRENCY_ID,
         # The progress bar sits on the gallery, so the live previews above it stay in view.

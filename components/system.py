@@ -9,6 +9,7 @@ from pipelines import settings
 from pipelines.activations import ACTIVATION_NOTES
 from pipelines.blip_precision import runtime_blip_precision
 from pipelines.memory import GIB, auto_choice, gpu_memory, machine_report, plan_table
+from pipelines.memory.planner import PLANNED_CONTROLNET
 from pipelines.studio import Studio
 from pipelines.validation import as_float, as_int
 
@@ -84,7 +85,7 @@ def make_system_function(studio: Studio):
         margin = settings.PLAN_MARGIN_BYTES
         rows = [
             [  # in PLAN_HEADERS order
-                item.model_key,
+                item.title,  # "sd35-large + ControlNet" for the ControlNet rows
                 item.mode.title,
                 "yes" if item.fits(gpu_bytes, margin) else "no",
                 round(item.peak_bytes / GIB, 2),
@@ -97,6 +98,12 @@ def make_system_function(studio: Studio):
         ]
         sd3_keys = sorted({item.model_key for item in plans if item.model_key.startswith("sd35")})
         choices = {key: auto_choice(key, gpu_bytes, height, width, margin) for key in sd3_keys}
+        with_controlnet = [item for item in plans if item.controlnet]
+        if with_controlnet:  # Large with a ControlNet (the three share one architecture)
+            base = with_controlnet[0].model_key
+            choices[with_controlnet[0].title] = auto_choice(
+                base, gpu_bytes, height, width, margin, controlnet=PLANNED_CONTROLNET
+            )
         summary = [f"**Automatic choice for a {float(gpu_gb):g} GiB GPU at {width}×{height}:**"]
         summary += [f"- `{key}`: {reason}" for key, (_, reason) in choices.items()]
         report = machine_report(studio.manager.runtime)

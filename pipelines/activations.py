@@ -28,6 +28,9 @@ the real config files):
   Hidden states ≈ 10 × b × N × hidden × e: the residual stream, its normalised copy and the 4×-wide MLP
   before and after GELU (within ±25% of a peak measured on the CPU in the tests). Without a memory-efficient
   attention kernel add 2 × b × heads × N² × e (the scores and their softmax).
+- **SD3.5 Large ControlNet** (per step, before the MMDiT): its blocks see the image tokens only (no text
+  stream), so 10 × b × image tokens × hidden × e; its 19 residuals (b × image tokens × hidden each) stay alive
+  through the MMDiT's step and are added to it. The control image's VAE encode is smaller than the decode.
 - **VAE decode**: the largest decoder feature map F (channels × pixels, from block_out_channels: at 1024²
   the 256-channel map upsampled to full size) × 4 (a resnet block's input, its normalised and activated
   copies and the conv output; within ±25% of a CPU measurement) × batch × e; without a memory-efficient kernel the
@@ -210,6 +213,34 @@ def text_tokens(model_key: str, t5_tokens: int | None = None) -> int:
 def image_tokens(model_key: str, height: int, width: int) -> int:
     step = vae_scale_factor(model_key) * component_config(model_key, "transformer")["patch_size"]
     return (height // step) * (width // step)
+
+
+def controlnet_activation(
+    base_key: str,
+    controlnet_key: str,
+    height: int,
+    width: int,
+    batch: int,
+    dtype: str = "bf16",
+    attention: str = "sdpa",
+) -> Activation:
+    """One ControlNet step: its blocks over the image tokens alone (the SD3.5 ControlNets take no text),
+    for the same rows as the MMDiT (batch x 2 under CFG). Same per-block formula as ``mmdit_activation``."""
+    rows = batch * (2 if _uses_cfg(base_key) else 1)
+    config = component_config(controlnet_key, "controlnet")
+    step = mmdit_activation(config, image_tokens(base_key, height, width), rows, dtype, attention)
+    return Activation("controlnet", "denoising (ControlNet)", step.bytes, step.formula)
+
+
+def controlnet_residual_bytes(
+    base_key: str, controlnet_key: str, height: int, width: int, batch: int, dtype: str = "bf16"
+) -> int:
+    """The ControlNet's outputs the MMDiT adds block by block: one residual per ControlNet block,
+    rows x image tokens x hidden each, alive through the MMDiT's step."""
+    config = component_config(controlnet_key, "controlnet")
+    rows = batch * (2 if _uses_cfg(base_key) else 1)
+    hidden = config["num_attention_heads"] * config["attention_head_dim"]
+    return config["num_layers"] * rows * image_tokens(base_key, height, width) * hidden * DTYPE_BYTES[dtype]
 
 
 def activations(

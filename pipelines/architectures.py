@@ -36,8 +36,10 @@ from pipelines.catalog import CATALOG, MODEL_CONFIGS_DIR
 EXTRA_CONFIG_DIRS = {"blip-itm": "Salesforce__blip-itm-base-coco"}
 
 SD3_COMPONENTS = ("text_encoder", "text_encoder_2", "text_encoder_3", "transformer", "vae")
+FAMILIES = ("sd3", "blip-caption", "blip-itm", "sd3-controlnet", "depth-estimator")
 COMPONENT_TITLES = {
     "model": "whole model",
+    "controlnet": "ControlNet",
     "text_encoder": "CLIP-L/14",
     "text_encoder_2": "OpenCLIP bigG/14",
     "text_encoder_3": "T5-XXL encoder",
@@ -83,8 +85,13 @@ class ComponentSize:
 
 
 def planned_models() -> tuple[str, ...]:
-    """Every model key the planner knows: the catalog's, then the extra ones."""
-    return (*CATALOG, *(key for key in EXTRA_CONFIG_DIRS if key not in CATALOG))
+    """Every model key the planner plans alone: the catalog's, then the extra ones.
+
+    A ControlNet is planned with its base (``plan(base, mode, controlnet=...)``) and the depth
+    estimator's weights are counted where it loads (``load_estimate_bytes``), so neither is listed.
+    """
+    alone = tuple(key for key, spec in CATALOG.items() if spec.kind not in ("sd3-controlnet", "depth-estimator"))
+    return (*alone, *(key for key in EXTRA_CONFIG_DIRS if key not in CATALOG))
 
 
 def config_dir(key: str) -> Path:
@@ -99,14 +106,15 @@ def config_dir(key: str) -> Path:
 def family(key: str) -> str:
     """ "sd3", "blip-caption" or "blip-itm": which components and activations the model has."""
     kind = CATALOG[key].kind if key in CATALOG else key
-    if kind in ("sd3", "blip-caption", "blip-itm"):
+    if kind in FAMILIES:
         return kind
     config_dir(key)  # raises the "unknown model" sentence
     raise ValueError(f"The planner has no architecture for {key!r}.")
 
 
 def component_names(key: str) -> tuple[str, ...]:
-    return SD3_COMPONENTS if family(key) == "sd3" else ("model",)
+    kind = family(key)
+    return SD3_COMPONENTS if kind == "sd3" else ("controlnet",) if kind == "sd3-controlnet" else ("model",)
 
 
 @functools.cache
@@ -132,6 +140,14 @@ def build_on_meta(key: str, component: str = "model"):
             from transformers import BlipConfig, BlipForImageTextRetrieval
 
             return BlipForImageTextRetrieval(BlipConfig.from_pretrained(folder))
+        if kind == "sd3-controlnet":
+            from diffusers import SD3ControlNetModel
+
+            return SD3ControlNetModel.from_config(component_config(key, "controlnet"))
+        if kind == "depth-estimator":
+            from transformers import DepthAnythingConfig, DepthAnythingForDepthEstimation
+
+            return DepthAnythingForDepthEstimation(DepthAnythingConfig.from_pretrained(folder))
         if component == "transformer":
             from diffusers import SD3Transformer2DModel
 
@@ -234,3 +250,28 @@ def quantizable_linears(module, *, library: str) -> list[tuple[str, Any]]:
         for label, layer in module.named_modules()
         if type(layer) is torch.nn.Linear and should_convert_module(label, skipped)
     ]
+
+
+@functools.cache
+def copied_pos_embed_size(base_key: str) -> ComponentSize:
+    """The position embedding diffusers copies from the base MMDiT into an SD3.5 ControlNet.
+
+    The released SD3.5 Large ControlNets have no position embedding of their own
+    (``use_pos_embed: false``); ``StableDiffusion3ControlNetPipeline`` builds a ``PatchEmbed``
+    from the transformer's config and loads the transformer's weights into it, so the
+    ControlNet holds this second, small copy (the 192² x 2432 table and the patch conv).
+    """
+    import torch
+    from diffusers.models.embeddings import PatchEmbed
+
+    config = component_config(base_key, "transformer")
+    with torch.device("meta"):
+        module = PatchEmbed(
+            height=config["sample_size"],
+            width=config["sample_size"],
+            patch_size=config["patch_size"],
+            in_channels=config["in_channels"],
+            embed_dim=config["num_attention_heads"] * config["attention_head_dim"],
+            pos_embed_max_size=config["pos_embed_max_size"],
+        )
+    return measure_module(module, name="controlnet_pos_embed", title="ControlNet position table (copied)")

@@ -35,7 +35,7 @@ class ModelSpec:
 
     key: str  # the name the app, the CLI flags and the API use
     repo_id: str  # Hugging Face Hub repo id
-    kind: str  # which loader builds it: "blip-caption", "blip-itm" or "sd3"
+    kind: str  # which loader builds it: "blip-caption", "blip-itm", "sd3", "sd3-controlnet" or "depth-estimator"
     title: str
     parameters: int  # state-dict elements of the real architecture (meta-device count)
     licence: str
@@ -44,6 +44,7 @@ class ModelSpec:
     config_dir: str  # folder of its real config files under assets/model-configs
     image_preset: ImagePreset | None = None
     notes: str = ""
+    requires: str | None = None  # the model it only works with (a ControlNet's base): unloaded with it
 
     @property
     def hub_url(self) -> str:
@@ -55,6 +56,15 @@ _MEGAPIXEL = 1024 * 1024
 # The short SD3.5 names the UI, the API, the CLIs and the tiny builder use; values are catalog keys.
 # The one map: pipelines.sd3, the trainers and pipelines.tiny import it from here.
 SD3_SHORT_NAMES = {"large": "sd35-large", "large-turbo": "sd35-large-turbo", "medium": "sd35-medium"}
+
+# control_type -> the ControlNet's catalog key. Stability released these for SD3.5 Large (8B) only.
+CONTROLNET_KEYS = {
+    "canny": "sd35-large-controlnet-canny",
+    "depth": "sd35-large-controlnet-depth",
+    "blur": "sd35-large-controlnet-blur",
+}
+CONTROLNET_BASE = "sd35-large"  # the one model every released SD3.5 ControlNet fits
+DEPTH_ESTIMATOR_KEY = "depth-anything-v2-small"  # makes depth maps for the depth ControlNet
 
 CATALOG: dict[str, ModelSpec] = {
     spec.key: spec
@@ -134,6 +144,57 @@ CATALOG: dict[str, ModelSpec] = {
                 max_pixels=2 * _MEGAPIXEL,  # Medium was trained up to 1440 px (~2 MP)
                 skip_layer_guidance_layers=(7, 8, 9),  # SLG helps Medium's anatomy; ruins Large
             ),
+        ),
+        ModelSpec(
+            key="sd35-large-controlnet-canny",
+            repo_id="stabilityai/stable-diffusion-3.5-large-controlnet-canny",
+            kind="sd3-controlnet",
+            title="SD3.5 Large ControlNet (Canny)",
+            parameters=2_153_518_976,  # 19 blocks of Large's width; the Hub file (8.61 GB) stores them in fp32
+            licence="stabilityai-ai-community",
+            gated=True,  # the Stability Community License is accepted on the Hub first, as for the base model
+            tiny_dir="sd35-large-controlnet-canny",
+            config_dir="stabilityai__stable-diffusion-3.5-large-controlnet-canny",
+            notes="Trained on Canny edge maps (white edges on black).",
+            requires="sd35-large",
+        ),
+        ModelSpec(
+            key="sd35-large-controlnet-depth",
+            repo_id="stabilityai/stable-diffusion-3.5-large-controlnet-depth",
+            kind="sd3-controlnet",
+            title="SD3.5 Large ControlNet (Depth)",
+            parameters=2_153_518_976,  # 19 blocks of Large's width; the Hub file (8.61 GB) stores them in fp32
+            licence="stabilityai-ai-community",
+            gated=True,  # the Stability Community License is accepted on the Hub first, as for the base model
+            tiny_dir="sd35-large-controlnet-depth",
+            config_dir="stabilityai__stable-diffusion-3.5-large-controlnet-depth",
+            notes="Trained on DepthFM depth maps; the Studio makes depth maps with Depth Anything V2 Small instead.",
+            requires="sd35-large",
+        ),
+        ModelSpec(
+            key="sd35-large-controlnet-blur",
+            repo_id="stabilityai/stable-diffusion-3.5-large-controlnet-blur",
+            kind="sd3-controlnet",
+            title="SD3.5 Large ControlNet (Blur)",
+            parameters=2_153_518_976,  # 19 blocks of Large's width; the Hub file (8.61 GB) stores them in fp32
+            licence="stabilityai-ai-community",
+            gated=True,  # the Stability Community License is accepted on the Hub first, as for the base model
+            tiny_dir="sd35-large-controlnet-blur",
+            config_dir="stabilityai__stable-diffusion-3.5-large-controlnet-blur",
+            notes="Trained on Gaussian-blurred images: for detail-preserving re-renders and tiled upscaling.",
+            requires="sd35-large",
+        ),
+        ModelSpec(
+            key="depth-anything-v2-small",
+            repo_id="depth-anything/Depth-Anything-V2-Small-hf",
+            kind="depth-estimator",
+            title="Depth Anything V2 Small",
+            parameters=24_785_089,  # DINOv2-S/14 backbone + DPT head; the model card says 24.8M
+            licence="apache-2.0",
+            gated=False,
+            tiny_dir="depth-anything-v2-small",
+            config_dir="depth-anything__Depth-Anything-V2-Small-hf",
+            notes="Relative depth (near is bright) for the depth ControlNet.",
         ),
     )
 }

@@ -19,7 +19,9 @@ named steps, which a caller may also run one by one (an img2img call swaps ``dra
 
 Image-to-image, inpainting and ControlNet reuse 1 and 3 as they are and bring their own
 ``draw`` (e.g. ``StableDiffusion3Img2ImgPipeline.from_pipe(prepared.pipeline)``, which shares
-the loaded weights, LoRAs included) returning a ``GenerateResult``.
+the loaded weights, LoRAs included) returning a ``GenerateResult``. ControlNet is
+``pipelines.sd3_controlnet.run``: a request with ``control`` set is checked here (SD3.5 Large
+only, memory planned with the ControlNet), drawn there.
 
 ``pipelines`` never imports gradio: notes go to a ``notify`` callable, the step stream to
 ``on_step``, and a stop request is polled through ``should_stop``.
@@ -39,6 +41,7 @@ from PIL import Image
 
 from pipelines import settings, workspace
 from pipelines.catalog import CATALOG
+from pipelines.control_maps import CheckedControl, ControlSettings, check_control
 from pipelines.lora import LoadedLora, LoraLibrary, prompt_with_triggers
 from pipelines.lora_sources import LoraSource, sanitize_lora_name
 from pipelines.memory import resolve_mode
@@ -85,6 +88,7 @@ class GenerationRequest:
     lora_scale: float | None = None  # None: 1
     lora_fuse: bool = False
     preview_every: int = 0  # 0: no previews
+    control: ControlSettings | None = None  # a ControlNet (SD3.5 Large only): drawn by pipelines.sd3_controlnet
 
     def drawing(self, prompt: str) -> GenerateRequest:
         """The model-level request for ``prompt`` (the prompt with its LoRA tags taken out)."""
@@ -137,6 +141,7 @@ class PreparedGeneration:
     visitor: str | None
     tiny: bool = False
     timings: dict[str, float] = field(default_factory=dict)
+    control: CheckedControl | None = None  # the checked ControlNet request, if any
 
 
 @dataclass
@@ -159,6 +164,7 @@ class _Checked:
     memory_mode_reason: str
     library: LoraLibrary
     sources: dict[str, LoraSource]
+    control: CheckedControl | None = None
 
 
 # ----------------------------------------------------------------------------- LoRA names
@@ -278,13 +284,16 @@ class GenerationService:
 
     # -- the pipeline (one way to get it)
 
-    def memory_mode(self, key: str, requested: str | None, height: int, width: int) -> tuple[str, str]:
-        """(mode, why) a request for ``key`` at ``width``x``height`` runs in; ValueError on a refused change."""
+    def memory_mode(
+        self, key: str, requested: str | None, height: int, width: int, *, controlnet: str | None = None
+    ) -> tuple[str, str]:
+        """(mode, why) a request for ``key`` at ``width``x``height`` (with ``controlnet``, a catalog key)
+        runs in; ValueError on a refused change."""
         if self._memory_mode_for is not None:
             wanted = self._memory_mode_for(requested, key, height, width)
         else:
             wanted = str(requested or "").strip() or self.default_memory_mode
-        return resolve_mode(key, wanted or "auto", self.manager.runtime, height, width)
+        return resolve_mode(key, wanted or "auto", self.manager.runtime, height, width, controlnet=controlnet)
 
     def pipeline_in_mode(self, key: str, mode: str, notify: Notify | None = None):
         """The SD3.5 pipeline for ``key`` in memory mode ``mode`` (loaded, or reloaded, if needed)."""
@@ -331,7 +340,7 @@ class GenerationService:
         timings: dict[str, float] = {}
         started = time.perf_counter()
 
-        # 1-2. Every check that needs no model: settings, memory mode, where each LoRA comes from.
+        # 1-3. Every check that needs no model: settings, ControlNet, memory mode, where each LoRA comes from.
         checked = self._check(request, visitor)
         resolved, choices, library, sources = checked.request, checked.choices, checked.library, checked.sources
         mode, mode_reason, key = checked.memory_mode, checked.memory_mode_reason, resolved.model_key
@@ -399,6 +408,7 @@ class GenerationService:
             visitor=visitor,
             tiny=self.tiny,
             timings=timings,
+            control=checked.control,
         )
 
     def check(self, request: GenerationRequest, *, visitor: str | None = None) -> ResolvedRequest:
@@ -413,12 +423,20 @@ class GenerationService:
         resolved = resolve_request(request.drawing(prompt), tiny=self.tiny)
         preview_every = 0 if request.preview_every is None else request.preview_every
         preview_every = as_int("preview_every", preview_every, 0, settings.MAX_PREVIEW_EVERY)
-        # 2. The memory mode (a public instance refuses a visitor's change) and each LoRA's source.
+        # 2. A ControlNet fits SD3.5 Large only; its settings and upload are checked before any model loads.
         key = resolved.model_key
-        mode, reason = self.memory_mode(key, request.memory_mode, resolved.height, resolved.width)
+        control = check_control(request.control, key) if request.control is not None else None
+        # 3. The memory mode (a public instance refuses a visitor's change) and each LoRA's source.
+        mode, reason = self.memory_mode(
+            key,
+            request.memory_mode,
+            resolved.height,
+            resolved.width,
+            controlnet=control.controlnet_key if control is not None else None,
+        )
         library = self.libraries[key]
         sources = self._lora_sources(library, choices, visitor)
-        return _Checked(resolved, choices, preview_every, mode, reason, library, sources)
+        return _Checked(resolved, choices, preview_every, mode, reason, library, sources, control)
 
     def _lora_sources(
         self, library: LoraLibrary, choices: list[LoraChoice], visitor: str | None
@@ -507,7 +525,9 @@ class GenerationService:
         folder: Path | None = None,
         save: bool = True,
     ) -> GenerationOutcome:
-        """``prepare``, ``draw`` and ``finish`` in one call."""
+        """``prepare``, ``draw`` and ``finish`` in one call (a request with ``control``: ``sd3_controlnet.run``)."""
+        if request.control is not None:
+            raise ValueError("A request with a control image is drawn by pipelines.sd3_controlnet.run.")
         prepared = self.prepare(request, visitor=visitor, notify=notify)
         result = self.draw(prepared, on_step=on_step, should_stop=should_stop)
         return self.finish(prepared, result, folder=folder, save=save)
@@ -550,4 +570,5 @@ def generation_details(
         "notes": list(prepared.notes),
         "warnings": list(result.warnings),
         "tiny": prepared.tiny,  # a tiny random stand-in drew it: noise by design
+        "controlnet": prepared.control.details() if prepared.control is not None else None,
     }

@@ -48,3 +48,22 @@ def load_sd3_pipeline(source: str, runtime: Runtime, variant: str | None = None)
     from pipelines.sd3_loading import load_sd3_pipeline as load_in_mode
 
     return load_in_mode(source, runtime, variant or "bf16")
+
+
+def load_sd3_controlnet(source: str, runtime: Runtime, variant: str | None = None) -> Any:
+    """A diffusers SD3ControlNetModel stored as its base's memory mode ``variant`` stores the MMDiT."""
+    from pipelines.sd3_loading import load_sd3_controlnet as load_in_mode
+
+    return load_in_mode(source, runtime, variant or "bf16")
+
+
+def load_depth_estimator(source: str, runtime: Runtime, variant: str | None = None):
+    """A DepthEstimator (transformers depth-estimation model + its image processor) for depth control maps."""
+    from transformers import AutoImageProcessor, AutoModelForDepthEstimation
+
+    from pipelines.control_maps import DepthEstimator
+
+    processor = AutoImageProcessor.from_pretrained(source)
+    model = AutoModelForDepthEstimation.from_pretrained(source, dtype=runtime.dtype)
+    model.to(runtime.device).eval()
+    return DepthEstimator(model=model, processor=processor, source=source)

@@ -50,6 +50,8 @@ def _loaders() -> dict[str, Loader]:
         "blip-caption": loaders.load_blip_captioner,
         "blip-itm": loaders.load_blip_retrieval,
         "sd3": loaders.load_sd3_pipeline,
+        "sd3-controlnet": loaders.load_sd3_controlnet,
+        "depth-estimator": loaders.load_depth_estimator,
     }
 
 
@@ -68,6 +70,9 @@ class ModelManager:
     Hub answers (one short request, see pipelines/hub_access.py). If it does not,
     the model loads from the local cache when it is there, and otherwise fails at
     once with a sentence naming the network, instead of minutes of retries.
+
+    A model that ``requires`` another (an SD3.5 ControlNet its base) is unloaded
+    with it: it cannot draw alone, and what it caches refers to the base.
     """
 
     def __init__(
@@ -116,13 +121,21 @@ class ModelManager:
             return str(self.tiny_root / spec.tiny_dir)
         return spec.repo_id
 
-    def get(self, key: str, variant: str | None = None, notify: Callable[[str], None] | None = None) -> Any:
+    def get(
+        self,
+        key: str,
+        variant: str | None = None,
+        notify: Callable[[str], None] | None = None,
+        *,
+        keep: tuple[str, ...] = (),
+    ) -> Any:
         """The loaded model for ``key`` (in memory mode ``variant``), loading it on first use.
 
         A model loaded in another variant is unloaded and loaded again in this
         one. Raises ModelLoadError with a sentence that names the model and the
         fix; a failed load caches nothing, so the next request tries cleanly.
-        ``notify`` receives a sentence for each model unloaded to make room.
+        ``notify`` receives a sentence for each model unloaded to make room;
+        the models in ``keep`` (e.g. a ControlNet's base, in use) are never among them.
         """
         spec = self._spec(key)
         loaded = self._loaded.get(key)
@@ -138,8 +151,9 @@ class ModelManager:
                 with self._registry_lock:
                     self._loaded.pop(key, None)
                 del loaded
+                self._unload_dependents(key)
                 _release_memory()
-            self._make_room(key, variant, notify)
+            self._make_room(key, variant, notify, keep)
             source = self.source_for(key)
             loader = (self._loaders or _loaders())[spec.kind]
             started = time.perf_counter()
@@ -184,8 +198,10 @@ class ModelManager:
             return snapshot
         raise ModelLoadError(unreachable_sentence(spec, self.hub_probe.endpoint(), problem, tiny=self.tiny))
 
-    def _make_room(self, key: str, variant: str | None, notify: Callable[[str], None] | None) -> None:
-        """Unload least-recently-used models until ``key`` is expected to fit the budget."""
+    def _make_room(
+        self, key: str, variant: str | None, notify: Callable[[str], None] | None, keep: tuple[str, ...] = ()
+    ) -> None:
+        """Unload least-recently-used models (never those in ``keep``) until ``key`` is expected to fit."""
         if self.memory_budget_bytes is None or self._estimate_bytes is None:
             return
         needed = self._estimate_bytes(key, variant)
@@ -195,9 +211,10 @@ class ModelManager:
                     (entry for entry in self._loaded.values() if entry.key != key), key=lambda e: e.last_used
                 )
                 held = sum(entry.footprint_bytes for entry in others)
-            if held + needed <= self.memory_budget_bytes or not others:
+            candidates = [entry for entry in others if entry.key not in keep]
+            if held + needed <= self.memory_budget_bytes or not candidates:
                 return
-            victim = others[0]
+            victim = candidates[0]
             self.unload(victim.key)
             message = (
                 f"Unloaded {self.catalog[victim.key].title} ({victim.footprint_bytes / 2**30:.1f} GiB, least recently "
@@ -233,13 +250,23 @@ class ModelManager:
             return list(self._loaded.values())
 
     def unload(self, key: str) -> bool:
-        """Drop ``key`` from the cache; True if it was loaded."""
+        """Drop ``key`` (and the models that require it) from the cache; True if ``key`` was loaded."""
         self._spec(key)
         with self._locks[key], self._registry_lock:
             removed = self._loaded.pop(key, None)
         if removed is not None:
+            del removed
+            self._unload_dependents(key)
             _release_memory()
-        return removed is not None
+            return True
+        return False
+
+    def _unload_dependents(self, key: str) -> None:
+        """Drop the loaded models whose catalog entry ``requires`` ``key`` (its ControlNets)."""
+        for entry in self.loaded_models():
+            if self.catalog[entry.key].requires == key:
+                with self._registry_lock:
+                    self._loaded.pop(entry.key, None)
 
 
 def _footprint_bytes(model: Any) -> int:

@@ -394,8 +394,15 @@ def generate(
     preview_every: int = 0,
     previewer: LatentPreviewer | None = None,
     loras: list[dict] | None = None,
+    extra_arguments: dict | None = None,
+    extra_parameters: dict | None = None,
+    extra_settings: dict | None = None,
 ) -> GenerateResult:
     """Draw ``request`` with ``pipeline``.
+
+    ``extra_arguments`` go to the pipeline call as they are (a ControlNet's ``control_image`` and
+    ``controlnet_conditioning_scale``); ``extra_parameters`` are more A1111 pairs for each PNG's text,
+    ``extra_settings`` more keys for its JSON chunk.
 
     ``on_step(step, total, previews)`` is called after every denoising step;
     ``previews`` holds projected latents every ``preview_every`` steps (0: never).
@@ -438,6 +445,7 @@ def generate(
     }
     if request.skip_layer_guidance_layers:
         call["skip_guidance_layers"] = list(request.skip_layer_guidance_layers)
+    call.update(extra_arguments or {})
     vae_tiled = configure_vae(pipeline, request)
     out_of_memory = False
     try:
@@ -467,6 +475,7 @@ def generate(
             pairs["SLG layers"] = "[" + ", ".join(map(str, request.skip_layer_guidance_layers)) + "]"
         if request.max_sequence_length != settings.DEFAULT_T5_TOKENS:
             pairs["T5 tokens"] = request.max_sequence_length
+        pairs.update(extra_parameters or {})
         if loras:
             pairs["Lora hashes"] = ", ".join(f"{lora['name']}: {lora.get('hash', '')}" for lora in loras)
         if state["stopped"]:
@@ -487,6 +496,7 @@ def generate(
                 "steps_done": state["steps_done"],
                 "stopped": state["stopped"],
                 "vae_tiling": vae_tiled,
+                **(extra_settings or {}),
             }
         )
     return GenerateResult(

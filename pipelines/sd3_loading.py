@@ -98,3 +98,24 @@ def load_sd3_pipeline(source: str, runtime: Runtime, mode_key: str = "bf16") -> 
         pipeline.vae.enable_tiling()  # as pipelines.sd3.configure_vae does per call for offloaded modes
     pipeline.studio_memory_mode = mode.key
     return pipeline
+
+
+def load_sd3_controlnet(source: str, runtime: Runtime, mode_key: str = "bf16"):
+    """An SD3ControlNetModel from a repo id or folder, stored as memory mode ``mode_key`` stores the MMDiT.
+
+    A quantized mode quantizes the ControlNet (an MMDiT of 19 blocks) with the same bitsandbytes
+    format. It sits on the GPU in every mode but sequential offload, model offload included: it
+    runs at every step (``sd3_controlnet.controlnet_pipeline`` hands it to accelerate under sequential offload).
+    """
+    from diffusers import SD3ControlNetModel
+
+    mode = get_mode("sd35-large", mode_key)
+    check_mode(mode, runtime)
+    quantization = pipeline_quantization(mode, runtime.dtype)
+    config = quantization.quant_mapping.get("transformer") if quantization is not None else None
+    controlnet = SD3ControlNetModel.from_pretrained(source, torch_dtype=runtime.dtype, quantization_config=config)
+    if config is None:
+        controlnet.to(runtime.device)
+    controlnet.eval()
+    controlnet.studio_memory_mode = mode.key
+    return controlnet

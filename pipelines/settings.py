@@ -170,6 +170,22 @@ MAX_PREVIEW_EVERY = 10  # the Generate tab's slider and /generate's check: rarer
 VAE_TILING_ABOVE_PIXELS = 1536 * 1024  # larger images decode in tiles (the VAE is the peak there)
 MAX_HISTORY_IMAGES = 48  # images kept in a browser session's history gallery
 
+# --- ControlNet (pipelines/control_maps, pipelines/sd3_controlnet, components/generate) ------
+CONTROL_TYPES = ("canny", "depth", "blur")  # the three ControlNets Stability released for SD3.5 Large
+DEFAULT_CONTROL_TYPE = "canny"
+# controlnet_conditioning_scale: 1 is the strength the ControlNets were trained at (diffusers' default);
+# 0 turns the ControlNet off; A1111's ControlNet weight goes to 2.
+CONTROL_SCALE = NumberRange(0.0, 2.0, 0.05)
+DEFAULT_CONTROL_SCALE = 1.0
+# cv2.Canny hysteresis thresholds on the gradient magnitude of 8-bit pixels; 100/200 is the usual pair
+# (diffusers' and A1111's ControlNet examples), both ranges are A1111's.
+CANNY_THRESHOLD = NumberRange(1, 255, 1)
+DEFAULT_CANNY_LOW = 100
+DEFAULT_CANNY_HIGH = 200
+# Gaussian blur for the blur ControlNet: Stability publishes no preprocessing value; 9 px is the sigma
+# Forge's blur_gaussian preprocessor starts at.
+CONTROL_BLUR_SIGMA = 9.0
+
 # --- results (bench/, the Round trip tab, the Scoreboard) ---------------------------
 # Benchmarks write bench/results (the repository's measured figures). The Round trip tab writes
 # the evaluations that visitors run to STUDIO_RESULTS_DIR when set (e.g. a persistent volume on a

@@ -27,15 +27,17 @@ from pathlib import Path
 
 import torch
 
-from pipelines.catalog import CATALOG, SD3_SHORT_NAMES
+from pipelines.catalog import CATALOG, CONTROLNET_KEYS, DEPTH_ESTIMATOR_KEY, SD3_SHORT_NAMES
 
 # Bump when anything below changes, so stale caches are rebuilt, never reused.
-TINY_BUILD_VERSION = 4
+TINY_BUILD_VERSION = 5
 
 # Where each tiny stand-in lives under the tiny root: the catalog says (ModelSpec.tiny_dir).
 TINY_BLIP_DIR = CATALOG["blip-caption"].tiny_dir
 TINY_BLIP_ITM_DIR = CATALOG["blip-itm"].tiny_dir
 TINY_SD3_DIRS = {short: CATALOG[key].tiny_dir for short, key in SD3_SHORT_NAMES.items()}
+TINY_CONTROLNET_DIRS = {control_type: CATALOG[key].tiny_dir for control_type, key in CONTROLNET_KEYS.items()}
+TINY_DEPTH_DIR = CATALOG[DEPTH_ESTIMATOR_KEY].tiny_dir
 TINY_LORA_DIR = "loras"
 TINY_LORA_REGISTRY = "loras.json"
 
@@ -413,6 +415,102 @@ def build_tiny_sd3(out_dir: Path, variant: str) -> None:
     pipeline.save_pretrained(out_dir)
 
 
+# ----------------------------------------------------------------------------- ControlNet
+
+
+_TINY_CONTROLNET_SEEDS = {"canny": 21, "depth": 22, "blur": 23}
+
+
+def tiny_controlnet(control_type: str):
+    """A tiny ``SD3ControlNetModel`` shaped like the released SD3.5 Large ControlNets, random weights.
+
+    The real config (assets/model-configs) shrunk as the tiny Large is: half the base's blocks
+    (19 of 38 there, 1 of 2 here), the base's width, no text stream (``joint_attention_dim`` None),
+    no position table of its own (the pipeline copies the MMDiT's), the pooled text projection kept.
+    A new ControlNet starts with zeroed output layers (it adds nothing until trained), so the
+    zero-initialised ``controlnet_blocks`` and ``pos_embed_input`` get random weights here: a tiny
+    ControlNet that changes the image, as a trained one does.
+    """
+    from diffusers import SD3ControlNetModel
+
+    large = _TINY_SD3_SHAPES["large"]
+    torch.manual_seed(_TINY_CONTROLNET_SEEDS[control_type])
+    inner_dim = large["num_attention_heads"] * _TINY_HEAD_DIM
+    controlnet = SD3ControlNetModel(
+        sample_size=32,
+        patch_size=2,
+        in_channels=16,
+        num_layers=large["num_layers"] // 2,
+        attention_head_dim=_TINY_HEAD_DIM,
+        num_attention_heads=large["num_attention_heads"],
+        joint_attention_dim=None,  # the SD3.5 ControlNets see no text tokens
+        caption_projection_dim=inner_dim,
+        pooled_projection_dim=64,  # the tiny CLIP-L + CLIP-G projections, as the tiny MMDiT's
+        out_channels=16,
+        pos_embed_max_size=None,
+        pos_embed_type=None,
+        use_pos_embed=False,
+        force_zeros_for_pooled_projection=False,
+        qk_norm=None,
+    )
+    with torch.no_grad():
+        for module in [*controlnet.controlnet_blocks, controlnet.pos_embed_input.proj]:
+            torch.nn.init.normal_(module.weight, std=0.3)
+            torch.nn.init.normal_(module.bias, std=0.1)
+    return controlnet.eval()
+
+
+def build_tiny_controlnet(out_dir: Path, control_type: str) -> None:
+    """Save a tiny SD3.5 Large ControlNet (``control_type``: canny, depth or blur) in the Hub layout."""
+    tiny_controlnet(control_type).save_pretrained(out_dir)
+
+
+def build_tiny_depth_estimator(out_dir: Path) -> None:
+    """Save a tiny ``DepthAnythingForDepthEstimation`` with its ``DPTImageProcessor`` in the Hub layout.
+
+    Depth Anything V2 Small's config (a DINOv2-S/14 backbone read out at 4 layers, a DPT neck and
+    head) shrunk: 4 backbone layers of width 32, 56 px inputs, narrow neck and head. Same classes,
+    same processor settings (keep the aspect ratio, multiples of 14, ImageNet mean/std).
+    """
+    from transformers import DepthAnythingConfig, DepthAnythingForDepthEstimation, Dinov2Config, DPTImageProcessor
+
+    backbone = Dinov2Config(
+        hidden_size=32,
+        num_attention_heads=2,
+        num_hidden_layers=4,
+        mlp_ratio=4,
+        image_size=56,
+        patch_size=14,
+        out_indices=[1, 2, 3, 4],  # the real model reads layers 3, 6, 9, 12 of 12
+        apply_layernorm=True,
+        reshape_hidden_states=False,
+    )
+    config = DepthAnythingConfig(
+        backbone_config=backbone,
+        reassemble_hidden_size=32,
+        patch_size=14,
+        fusion_hidden_size=16,
+        neck_hidden_sizes=[8, 16, 32, 32],
+        head_hidden_size=8,
+        depth_estimation_type="relative",
+        max_depth=1,  # relative depth: transformers multiplies the head's output by it, and so stores 1
+    )
+    torch.manual_seed(24)
+    model = DepthAnythingForDepthEstimation(config).eval()
+    processor = DPTImageProcessor(
+        do_resize=True,
+        size={"height": 56, "width": 56},
+        ensure_multiple_of=14,
+        keep_aspect_ratio=True,
+        do_rescale=True,
+        do_normalize=True,
+        image_mean=[0.485, 0.456, 0.406],
+        image_std=[0.229, 0.224, 0.225],
+    )
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+
+
 # ----------------------------------------------------------------------------- LoRAs
 
 
@@ -537,6 +635,9 @@ def _builders() -> dict[str, callable]:
     builders = {TINY_BLIP_DIR: build_tiny_blip, TINY_BLIP_ITM_DIR: build_tiny_blip_itm}
     for variant, dirname in TINY_SD3_DIRS.items():
         builders[dirname] = lambda out_dir, variant=variant: build_tiny_sd3(out_dir, variant)
+    for control_type, dirname in TINY_CONTROLNET_DIRS.items():
+        builders[dirname] = lambda out_dir, control_type=control_type: build_tiny_controlnet(out_dir, control_type)
+    builders[TINY_DEPTH_DIR] = build_tiny_depth_estimator
     builders[TINY_LORA_DIR] = build_tiny_loras
     return builders
 

@@ -28,6 +28,7 @@ NUMERIC_MODULES = {
     "test_blip",
     "test_blip_adapters",
     "test_caption_folder",
+    "test_controlnet",
     "test_diverse_beam",
     "test_lora",
     "test_lora_formats",

@@ -45,6 +45,8 @@ from pipelines.activations import (
     DTYPE_BYTES,
     Activation,
     activations,
+    controlnet_activation,
+    controlnet_residual_bytes,
     max_side,
     max_t5_tokens,
     text_tokens,
@@ -53,11 +55,16 @@ from pipelines.architectures import (
     ComponentSize,
     component_names,
     component_sizes,
+    copied_pos_embed_size,
     family,
     planned_models,
 )
+from pipelines.catalog import CATALOG, CONTROLNET_BASE, CONTROLNET_KEYS
 from pipelines.memory.gpu import gpu_memory
 from pipelines.memory.modes import GIB, WEIGHT_FORMATS, MemoryMode, default_mode, get_mode, modes_for
+
+# The three released SD3.5 Large ControlNets share one config (assets/model-configs), so one plans for all.
+PLANNED_CONTROLNET = CONTROLNET_KEYS["canny"]
 
 
 def weight_bytes(size: ComponentSize, fmt: str = "full", dtype: str = "bf16") -> int:
@@ -109,6 +116,12 @@ class MemoryPlan:
     peak_component: str  # whose forward pass sets the peak
     peak_bytes: int
     notes: tuple[str, ...] = field(default=())
+    controlnet: str | None = None  # the ControlNet's catalog key when planned with one
+
+    @property
+    def title(self) -> str:
+        """The model as the System tab names it: "sd35-large", or "sd35-large + ControlNet"."""
+        return self.model_key + (" + ControlNet" if self.controlnet else "")
 
     @property
     def weight_bytes(self) -> int:
@@ -131,6 +144,7 @@ class MemoryPlan:
     def as_dict(self) -> dict:
         return {
             "model": self.model_key,
+            "controlnet": self.controlnet,
             "mode": self.mode.key,
             "mode_title": self.mode.title,
             "height": self.height,
@@ -194,6 +208,7 @@ def plan(
     dtype: str = "bf16",
     attention: str = "sdpa",
     t5_tokens: int | None = None,
+    controlnet: str | None = None,
 ) -> MemoryPlan:
     """Estimate ``model_key``'s GPU memory in ``mode`` for ``batch`` images of ``height`` x ``width``.
 
@@ -201,26 +216,50 @@ def plan(
     that sets it, and which components are on the GPU then. ``dtype`` is the
     compute dtype of everything not quantized; ``attention="math"`` assumes no
     memory-efficient attention kernel; ``t5_tokens`` is the prompt length T5 is
-    run at (the preset's 256 by default, at most 512). Raises ValueError for an
-    unknown model or mode, or a size the model cannot draw.
+    run at (the preset's 256 by default, at most 512). ``controlnet`` (a
+    ControlNet's catalog key) adds that ControlNet, stored in the mode's MMDiT
+    format, and its per-step work (see ``controlnet_activation``). Raises
+    ValueError for an unknown model or mode, a size the model cannot draw, or a
+    ControlNet the model does not take.
     """
     # 1. Check inputs
     _validate(model_key, height, width, batch, dtype, attention, t5_tokens)
+    _check_controlnet(model_key, controlnet)
     memory_mode = get_mode(model_key, mode)
     sizes = {size.name: size for size in component_sizes(model_key)}
     estimates = activations(model_key, height, width, batch, dtype, attention, t5_tokens)
     sd3 = family(model_key) == "sd3"
     element = DTYPE_BYTES[dtype]
+    names = component_names(model_key)
+    if controlnet is not None:
+        # The ControlNet runs each step just before the MMDiT; its 19 residuals stay alive through the MMDiT.
+        names = (*names, "controlnet")
+        sizes["controlnet"] = component_sizes(controlnet)[0]
+        estimates["controlnet"] = controlnet_activation(model_key, controlnet, height, width, batch, dtype, attention)
+        held = controlnet_residual_bytes(model_key, controlnet, height, width, batch, dtype)
+        mmdit = estimates["transformer"]
+        estimates["transformer"] = Activation(
+            mmdit.component, mmdit.phase, mmdit.bytes + held, mmdit.formula + f" + ControlNet residuals {held:,} B"
+        )
 
     # 2. Weights per component in this mode
-    loaded = [name for name in component_names(model_key) if name not in memory_mode.dropped]
-    weights = {name: weight_bytes(sizes[name], memory_mode.format_for(name), dtype) for name in loaded}
+    loaded = [name for name in names if name not in memory_mode.dropped]
+    weights = {
+        name: weight_bytes(sizes[name], memory_mode.format_for("transformer" if name == "controlnet" else name), dtype)
+        for name in loaded
+    }
+    if controlnet is not None:  # plus the position table diffusers copies into it from the MMDiT
+        weights["controlnet"] += weight_bytes(copied_pos_embed_size(model_key), "full", dtype)
 
     # 3. Each phase: what is on the GPU while that component runs, plus its activations
     def on_gpu(running: str) -> dict[str, int]:
         if memory_mode.offload == "none":
             return dict(weights)
         if memory_mode.offload == "model":
+            if controlnet is not None:
+                # The Studio keeps the ControlNet on the GPU under model offload (pipelines/sd3_controlnet.py:
+                # it runs at every step, and diffusers would not offload it between steps either).
+                return {running: weights[running], "controlnet": weights["controlnet"]}
             return {running: weights[running]}
         return {running: sizes[running].largest_module_elements * element}  # sequential: one module at a time
 
@@ -238,7 +277,7 @@ def plan(
             activation=estimates[name] if name in weights else None,
             gpu_bytes_at_peak=resident.get(name, 0),
         )
-        for name in component_names(model_key)
+        for name in names
     )
     notes = []
     if "text_encoder_3" in memory_mode.dropped:
@@ -266,7 +305,18 @@ def plan(
         peak_component=peak_component,
         peak_bytes=peak_bytes,
         notes=tuple(notes),
+        controlnet=controlnet,
     )
+
+
+def _check_controlnet(model_key: str, controlnet: str | None) -> None:
+    if controlnet is None:
+        return
+    spec = CATALOG.get(controlnet)
+    if spec is None or spec.kind != "sd3-controlnet":
+        raise ValueError(f"{controlnet!r} is not a ControlNet of the catalog.")
+    if spec.requires != model_key:
+        raise ValueError(f"{spec.title} fits {spec.requires} only, not {model_key}.")
 
 
 def auto_choice(
@@ -280,6 +330,7 @@ def auto_choice(
     dtype: str = "bf16",
     attention: str = "sdpa",
     t5_tokens: int | None = None,
+    controlnet: str | None = None,
 ) -> tuple[str | None, str]:
     """The fastest mode whose estimated peak plus ``margin`` fits in ``free_bytes``, and why, in one sentence.
 
@@ -291,7 +342,17 @@ def auto_choice(
     if free_bytes <= 0:
         raise ValueError(f"free_bytes must be positive, not {free_bytes}.")
     plans = [
-        plan(model_key, mode.key, height, width, batch, dtype=dtype, attention=attention, t5_tokens=t5_tokens)
+        plan(
+            model_key,
+            mode.key,
+            height,
+            width,
+            batch,
+            dtype=dtype,
+            attention=attention,
+            t5_tokens=t5_tokens,
+            controlnet=controlnet,
+        )
         for mode in modes_for(model_key)
     ]
     for index, candidate in enumerate(plans):
@@ -306,7 +367,7 @@ def auto_choice(
             return candidate.mode.key, reason + "."
     smallest = min(plans, key=lambda candidate: candidate.peak_bytes)
     return None, (
-        f"No mode fits {model_key} at {width}×{height} in {gib(free_bytes)}: even {smallest.mode.title} needs about "
+        f"No mode fits {model_key}{' with its ControlNet' if controlnet else ''} at {width}×{height} in {gib(free_bytes)}: even {smallest.mode.title} needs about "
         f"{gib(smallest.peak_bytes + margin)} with the margin; use a smaller size or a GPU with more memory."
     )
 
@@ -323,27 +384,58 @@ def plan_table(
     dtype: str = "bf16",
     attention: str = "sdpa",
 ) -> list[MemoryPlan]:
-    """Every model x mode: the SD3.5 models at ``height`` x ``width``, BLIP at each of PLAN_CAPTION_BATCHES."""
+    """Every model x mode: the SD3.5 models at ``height`` x ``width``, BLIP at each of PLAN_CAPTION_BATCHES,
+    then SD3.5 Large with a ControlNet (all three share one architecture) in each mode."""
     plans = []
-    for key in models if models is not None else planned_models():
+    keys = models if models is not None else planned_models()
+    for key in keys:
         batches = (1,) if family(key) == "sd3" else settings.PLAN_CAPTION_BATCHES
         for batch in batches:
             for mode in modes_for(key):
                 plans.append(plan(key, mode.key, height, width, batch, dtype=dtype, attention=attention))
+    if CONTROLNET_BASE in keys:
+        for mode in modes_for(CONTROLNET_BASE):
+            plans.append(
+                plan(
+                    CONTROLNET_BASE,
+                    mode.key,
+                    height,
+                    width,
+                    dtype=dtype,
+                    attention=attention,
+                    controlnet=PLANNED_CONTROLNET,
+                )
+            )
     return plans
 
 
 def load_estimate_bytes(model_key: str, mode: str | None, dtype: str = "bf16") -> int:
-    """Weight bytes ``model_key`` will hold once loaded in ``mode``, for the manager's budget."""
+    """Weight bytes ``model_key`` will hold once loaded in ``mode``, for the manager's budget.
+
+    A ControlNet is loaded in its base's memory mode and stores its weights in that mode's MMDiT
+    format (plus the position table its pipeline copies in); the depth estimator stays in ``dtype``.
+    """
+    kind = family(model_key)
+    if kind == "sd3-controlnet":
+        base = CATALOG[model_key].requires
+        fmt = get_mode(base, mode or default_mode(base)).format_for("transformer")
+        return weight_bytes(component_sizes(model_key)[0], fmt, dtype) + weight_bytes(
+            copied_pos_embed_size(base), "full", dtype
+        )
+    if kind == "depth-estimator":
+        return weight_bytes(component_sizes(model_key)[0], "full", dtype)
     chosen = plan(model_key, mode or default_mode(model_key), dtype=dtype)
     return sum(component.weight_bytes for component in chosen.components)
 
 
-def resolve_mode(model_key: str, requested: str, runtime, height: int, width: int) -> tuple[str, str]:
+def resolve_mode(
+    model_key: str, requested: str, runtime, height: int, width: int, *, controlnet: str | None = None
+) -> tuple[str, str]:
     """(mode, why) for a requested mode; "auto" asks ``auto_choice`` with this GPU's free memory.
 
     On a machine without CUDA, "auto" is full precision: quantization and
-    offload need a GPU. Raises ValueError when nothing fits.
+    offload need a GPU. ``controlnet`` plans that ControlNet in too. Raises
+    ValueError when nothing fits.
     """
     if requested != "auto":
         get_mode(model_key, requested)  # ValueError for an unknown mode
@@ -351,7 +443,9 @@ def resolve_mode(model_key: str, requested: str, runtime, height: int, width: in
     if runtime.device.type != "cuda":
         return default_mode(model_key), "auto: no CUDA GPU, so full precision (quantization and offload need one)"
     gpu = gpu_memory(runtime.device)
-    mode, reason = auto_choice(model_key, gpu["free_bytes"], height, width, settings.PLAN_MARGIN_BYTES)
+    mode, reason = auto_choice(
+        model_key, gpu["free_bytes"], height, width, settings.PLAN_MARGIN_BYTES, controlnet=controlnet
+    )
     if mode is None:
         raise ValueError(reason)
     return mode, "auto: " + reason
