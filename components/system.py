@@ -9,6 +9,7 @@ from pipelines import settings
 from pipelines.activations import ACTIVATION_NOTES
 from pipelines.blip_precision import runtime_blip_precision
 from pipelines.memory import GIB, auto_choice, gpu_memory, machine_report, plan_table
+from pipelines.sd3_fast import fast_path_details
 from pipelines.studio import Studio
 from pipelines.validation import as_float, as_int
 
@@ -100,6 +101,7 @@ def make_system_function(studio: Studio):
             "machine": report,
             "tiny_mode": studio.tiny,
             "blip_precision": runtime_blip_precision(studio.manager.runtime).as_dict(),
+            "sd3_fast_path": fast_path_details(studio.manager),
             "loaded_models": [
                 {
                     "key": item.key,

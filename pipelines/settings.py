@@ -166,6 +166,17 @@ MAX_PREVIEW_EVERY = 10  # the Generate tab's slider and /generate's check: rarer
 VAE_TILING_ABOVE_PIXELS = 1536 * 1024  # larger images decode in tiles (the VAE is the peak there)
 MAX_HISTORY_IMAGES = 48  # images kept in a browser session's history gallery
 
+# --- SD3.5 fast path (pipelines/sd3_fast, --fast, --step-cache) ---------------------
+# auto: regional compilation + fused QKV + channels-last VAE on CUDA GPUs that Triton compiles for;
+# eager elsewhere. off (--no-fast): the plain diffusers pipeline. on: forced, on the CPU too.
+DEFAULT_FAST_PATH = "auto"
+# First Block Cache (lossy, off by default): diffusers' suggested threshold, and the largest accepted
+# (past ~0.3 most steps are skipped and images blur).
+SUGGESTED_STEP_CACHE_THRESHOLD = 0.05
+MAX_STEP_CACHE_THRESHOLD = 0.5
+# ZeroGPU: the GPU time asked for one ahead-of-time compilation of the MMDiT (Large takes minutes).
+AOT_COMPILE_SECONDS = 1500
+
 # --- results (bench/, the Round trip tab, the Scoreboard) ---------------------------
 # Benchmarks write bench/results (the repository's measured figures). The Round trip tab writes
 # the evaluations that visitors run to STUDIO_RESULTS_DIR when set (e.g. a persistent volume on a
