@@ -275,8 +275,19 @@ def enable_step_cache(transformer: Any, threshold: float, report: FastPathReport
     except ImportError:
         report.note("No step cache: this diffusers has no First Block Cache.")
         return
-    # SD3Transformer2DModel has no CacheMixin.enable_cache in diffusers 0.42: apply the hook directly.
-    apply_first_block_cache(transformer, FirstBlockCacheConfig(threshold=threshold))
+    # SD3Transformer2DModel has no CacheMixin.enable_cache in diffusers 0.42: apply the hooks directly.
+    # The hooks attach to the blocks themselves. SD3's last block (context_pre_only) returns no text
+    # stream, which the cache's tail hook subtracts from (TypeError in diffusers 0.42), so the cache
+    # spans the blocks before it and that last block runs every step.
+    blocks = list(transformer.transformer_blocks)
+    if getattr(blocks[-1], "context_pre_only", False):
+        blocks = blocks[:-1]
+    if len(blocks) < 2:
+        report.note("No step cache: the transformer has too few blocks to cache between.")
+        return
+    span = torch.nn.Module()
+    span.transformer_blocks = torch.nn.ModuleList(blocks)
+    apply_first_block_cache(span, FirstBlockCacheConfig(threshold=threshold))
     report.step_cache_threshold = threshold
     report.note(f"Step cache on (First Block Cache, threshold {threshold:g}): lossy, images differ from uncached.")
 

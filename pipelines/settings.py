@@ -148,6 +148,9 @@ ATTENTION_SHEET_CELL = 192  # side of each overlay in the sheet, in pixels
 DEFAULT_BATCH_SIZE = 8  # images per forward pass; 8 keeps BLIP base under 2 GB of activations
 MAX_BATCH_SIZE = 64
 BATCH_LOADER_WORKERS = 2  # DataLoader processes decoding images ahead of the model
+# On a GPU, BLIP base at batch 32 with beam 3 holds ~3 GB of activations in bf16: large batches keep
+# the GPU busy (pipelines/blip_gpu.py); caption_folder and the GPU bench use it there.
+GPU_CAPTION_BATCH_SIZE = 32
 MAX_BATCH_FILES = 2000  # images per Batch-tab run (the command line has no limit)
 MAX_ZIP_UNCOMPRESSED_BYTES = 2 * 1024**3  # a zip that would unpack past this is refused (zip bombs)
 MAX_ZIP_RATIO = 200  # a member that compresses more than this is a bomb, not a photo
