@@ -221,6 +221,18 @@ def fuse_qkv(transformer: Any, report: FastPathReport) -> None:
         report.fused_qkv = True
 
 
+def raise_recompile_limit() -> None:
+    """Let the blocks' shared ``forward`` keep more graphs than Dynamo's default 8.
+
+    Every block runs the same code object, and each variant is one cache entry: SD3's last block
+    (``context_pre_only``) is one, each LoRA adapter set is another (peft's active adapter names are
+    guarded). Past the limit Dynamo silently runs that code eager (seen on the tiny bench after two
+    LoRA switches), losing the fast path; ``settings.FAST_PATH_RECOMPILE_LIMIT`` bounds it instead.
+    """
+    config = torch._dynamo.config
+    config.recompile_limit = max(config.recompile_limit, settings.FAST_PATH_RECOMPILE_LIMIT)
+
+
 def compile_blocks(transformer: Any, report: FastPathReport) -> None:
     """Regional compilation of the repeated MMDiT blocks (``dynamic=True``: one graph for every size)."""
     if getattr(transformer, "_repeated_blocks", None):
@@ -320,6 +332,7 @@ def apply_fast_path(pipeline: Any, options: FastPathOptions | None, *, offload: 
         aot_on_zerogpu(pipeline, report)
         return report
     load_cache_artifacts(compile_cache_dir(options), report)
+    raise_recompile_limit()
     compile_blocks(transformer, report)
     return report
 

@@ -177,6 +177,9 @@ DEFAULT_FAST_PATH = "auto"
 # (past ~0.3 most steps are skipped and images blur).
 SUGGESTED_STEP_CACHE_THRESHOLD = 0.05
 MAX_STEP_CACHE_THRESHOLD = 0.5
+# Graphs Dynamo keeps for the MMDiT blocks' shared forward (its default is 8): one per block variant
+# and LoRA adapter set; past it that code silently runs eager (pipelines/sd3_fast.raise_recompile_limit).
+FAST_PATH_RECOMPILE_LIMIT = 64
 # ZeroGPU: the GPU time asked for one ahead-of-time compilation of the MMDiT (Large takes minutes).
 AOT_COMPILE_SECONDS = 1500
 

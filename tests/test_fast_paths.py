@@ -131,6 +131,25 @@ def test_a_lora_attaching_unfuses_qkv_and_refuses_after_ahead_of_time_compilatio
 # ----------------------------------------------------------------------------- compiled
 
 
+def test_forced_fast_path_compiles_each_block_lazily_with_room_for_lora_graphs(tiny_root, tmp_path):
+    from pipelines import settings
+
+    runtime = dataclasses.replace(
+        choose_runtime("cpu"), fast_path=dataclasses.replace(choose_fast_path("on", "cpu"), cache_dir=tmp_path)
+    )
+    pipeline = load_sd3_pipeline(str(tiny_root / "sd35-large"), runtime, "bf16")
+    report = pipeline.studio_fast_path
+    assert report.compiled == "per-block torch.compile" and report.compiled_blocks == 2
+    assert all(block._compiled_call_impl is not None for block in pipeline.transformer.transformer_blocks)
+    assert torch._dynamo.config.recompile_limit >= settings.FAST_PATH_RECOMPILE_LIMIT
+    assert report.cache_dir == str(tmp_path) and not report.loaded_cache_artifacts  # an empty folder
+    sequential = tiny_pipeline(tiny_root)
+    from pipelines.sd3_fast import apply_fast_path
+
+    skipped = apply_fast_path(sequential, choose_fast_path("on", "cpu"), offload="sequential")
+    assert skipped.compiled == "no" and "sequential offload" in skipped.notes[-1]
+
+
 @pytest.mark.slow
 def test_compiled_blocks_match_eager_keep_seeds_and_do_not_recompile_across_sizes(tiny_root, tmp_path):
     """Really compiles the tiny MMDiT's blocks with Inductor on the CPU (about a minute here)."""
