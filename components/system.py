@@ -122,7 +122,9 @@ def make_system_function(studio: Studio):
                 "auto": {key: {"mode": mode, "reason": reason} for key, (mode, reason) in choices.items()},
             },
         }
-        device = f"{device_markdown(report)}  \n{details['blip_precision']['label']}"
+        device = (
+            f"{device_markdown(report)}  \n{details['blip_precision']['label']}  \n{details['sd3_fast_path']['label']}"
+        )
         return device, loaded_rows(studio), rows, "\n".join(summary), details
 
     return named_endpoint(

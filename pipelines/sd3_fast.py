@@ -175,8 +175,18 @@ def fast_path_details(manager: Any) -> dict:
         if isinstance(getattr(item.model, "studio_fast_path", None), FastPathReport)
     }
     if options is None:
-        return {"requested": None, "enabled": False, "reason": "not resolved (eager)", "pipelines": loaded}
+        return {
+            "requested": None,
+            "enabled": False,
+            "reason": "not resolved (eager)",
+            "label": "SD3.5 fast path: off (eager)",
+            "pipelines": loaded,
+        }
+    label = f"SD3.5 fast path: {'on' if options.enabled else 'off'} ({options.reason})"
+    if options.step_cache_threshold is not None:
+        label += f"; step cache {options.step_cache_threshold:g} on: LOSSY, images differ from uncached"
     return {
+        "label": label,
         "requested": options.requested,
         "enabled": options.enabled,
         "reason": options.reason,

@@ -305,3 +305,16 @@ def test_caption_folder_takes_large_batches_on_a_gpu():
     from pipelines.caption_folder import default_batch_size
 
     assert default_batch_size("cuda:0") == settings.GPU_CAPTION_BATCH_SIZE > default_batch_size("cpu")
+
+
+def test_system_details_say_what_the_fast_path_did_and_label_the_step_cache_lossy(tiny_manager):
+    from pipelines.sd3_fast import fast_path_details
+
+    tiny_manager.get("sd35-large", variant="bf16")
+    details = fast_path_details(tiny_manager)
+    assert details["pipelines"]["sd35-large"]["compiled"] == "no" and "off" in details["label"]
+    manager = types.SimpleNamespace(
+        runtime=types.SimpleNamespace(fast_path=choose_fast_path("auto", "cpu", step_cache_threshold=0.05)),
+        loaded_models=lambda: [],
+    )
+    assert "LOSSY" in fast_path_details(manager)["label"]
