@@ -238,11 +238,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--name", default=None, help="results file name (default gpu-cuda, or gpu-tiny-cpu)")
     parser.add_argument("--fast", action="store_true", help="the fast paths against eager (bench/gpu_fast.py)")
     parser.add_argument("--repeats", type=int, default=3, help="--fast: draws per median")
+    parser.add_argument("--only", default=None, help="--fast: some groups (large, medium, fp8, cold-warm, blip)")
     args = parser.parse_args(argv)
     if args.fast:  # its own rows and file (gpu-fast-*.json): the memory-mode rows above stay as measured
         from bench.gpu_fast import run
 
-        run(tiny=args.tiny, side=args.side, repeats=args.repeats, name=args.name)
+        run(tiny=args.tiny, side=args.side, repeats=args.repeats, name=args.name, only=args.only)
         return
 
     from pipelines.runtime import choose_runtime

@@ -110,9 +110,13 @@ def median_seconds(pipeline, call: dict, repeats: int) -> float:
     return statistics.median(timed(lambda: draw(pipeline, call)) for _ in range(repeats))
 
 
-def side_by_side(name: str, eager: float, fast: float, **fields) -> dict:
-    row = {"row": name, "eager_seconds": eager, "fast_seconds": fast, "fast_over_eager": fast / eager, **fields}
-    print(f"  {name:<34} eager {eager:8.3f} s   fast {fast:8.3f} s   fast/eager {fast / eager:5.2f}x")
+def side_by_side(name: str, eager: float | None, fast: float, **fields) -> dict:
+    """One row: eager and fast seconds and their ratio (None without an eager run in this process)."""
+    ratio = fast / eager if eager else None
+    row = {"row": name, "eager_seconds": eager, "fast_seconds": fast, "fast_over_eager": ratio, **fields}
+    eager_text = "-" if eager is None else f"{eager:8.3f}"
+    ratio_text = "-" if ratio is None else f"{ratio:5.2f}x"
+    print(f"  {name:<34} eager {eager_text:>8} s   fast {fast:8.3f} s   fast/eager {ratio_text}")
     return row
 
 
@@ -317,7 +321,7 @@ def fp8_row(
     seconds = median_seconds(pipeline, call, repeats)
     row = side_by_side(
         f"fp8 + fast, sd35-large {side}²",
-        eager_seconds or float("nan"),
+        eager_seconds,  # the large group's eager bf16 median in this run (None when it did not run)
         seconds,
         model="sd35-large",
         mode="fp8",
@@ -431,7 +435,10 @@ def blip_rows(runtime: Runtime, tiny_root: Path | None, repeats: int) -> list[di
 # --- the run ---------------------------------------------------------------------------------
 
 
-def run(*, tiny: bool, side: int | None, repeats: int, name: str | None) -> Path:
+GROUPS = ("large", "medium", "fp8", "cold-warm", "blip")  # --only: run some, e.g. one device call each
+
+
+def run(*, tiny: bool, side: int | None, repeats: int, name: str | None, only: str | None = None) -> Path:
     runtime = choose_runtime("auto")
     tiny_root = None
     if tiny:
@@ -443,6 +450,9 @@ def run(*, tiny: bool, side: int | None, repeats: int, name: str | None) -> Path
 
     print(f"{machine_description()}, {runtime.description}; {'tiny' if tiny else 'real-size random-weight'} models")
     started = time.perf_counter()
+    groups = set(GROUPS if not only else only.split(","))
+    if groups - set(GROUPS):
+        raise SystemExit(f"--only {only!r}: choose among {', '.join(GROUPS)}.")
     rows: list[dict] = []
     eager_large: dict = {}
 
@@ -453,16 +463,21 @@ def run(*, tiny: bool, side: int | None, repeats: int, name: str | None) -> Path
 
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_SCRATCH")) as scratch_name:
         scratch = Path(scratch_name)
-        for model_key in ("sd35-large", "sd35-medium"):
+        for model_key in [key for key in ("sd35-large", "sd35-medium") if key.removeprefix("sd35-") in groups]:
             rows += guarded(model_key, lambda key=model_key: large_and_medium(key, scratch / "cache"))
             release()  # the model's pipeline went out of scope with its function
         eager_seconds = eager_large.get("sd35-large")
-        rows += guarded("fp8", lambda: [fp8_row(runtime, side, repeats, tiny_root, eager_seconds, scratch)])
-        rows += guarded("cold/warm", lambda: [cold_warm_rows("sd35-large", side, tiny, scratch)])
-    rows += guarded("blip", lambda: blip_rows(runtime, tiny_root, repeats))
+        if "fp8" in groups:
+            rows += guarded("fp8", lambda: [fp8_row(runtime, side, repeats, tiny_root, eager_seconds, scratch)])
+        if "cold-warm" in groups:
+            rows += guarded("cold/warm", lambda: [cold_warm_rows("sd35-large", side, tiny, scratch)])
+    if "blip" in groups:
+        rows += guarded("blip", lambda: blip_rows(runtime, tiny_root, repeats))
     release()
     size = "tiny" if tiny else "real-size random weights"
-    name = name or ("gpu-fast-tiny-" + runtime.device.type if tiny else "gpu-fast-" + runtime.device.type)
+    if name is None:  # parts run with --only keep their own files
+        name = "gpu-fast-" + ("tiny-" if tiny else "") + runtime.device.type
+        name += "" if not only else "-" + "-".join(sorted(groups))
     path = write_results(name, size, rows)
     if os.environ.get("OUT"):
         import shutil
@@ -490,6 +505,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--side", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--name", default=None)
+    parser.add_argument("--only", default=None, help=f"comma-separated groups of rows: {', '.join(GROUPS)}")
     parser.add_argument("--compile-probe", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--model", default="sd35-large", help=argparse.SUPPRESS)
     parser.add_argument("--cache-dir", type=Path, default=None, help=argparse.SUPPRESS)
@@ -500,7 +516,7 @@ def main(argv: list[str] | None = None) -> None:
             result = compile_probe(args.model, side, args.cache_dir, args.tiny)
         print(json.dumps(result))
         return
-    run(tiny=args.tiny, side=args.side, repeats=args.repeats, name=args.name)
+    run(tiny=args.tiny, side=args.side, repeats=args.repeats, name=args.name, only=args.only)
 
 
 if __name__ == "__main__":
