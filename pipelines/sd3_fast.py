@@ -290,6 +290,18 @@ def save_cache_artifacts(folder: Path) -> bool:
     return True
 
 
+def _name_cache_context(transformer: Any, args: tuple, kwargs: dict) -> None:
+    """Before each MMDiT forward: the step cache's state for this kind of pass.
+
+    The SD3 pipeline batches CFG's two halves into one forward; skip-layer guidance (Medium's
+    preset) adds a second forward per step without some blocks. Each kind keeps its own cached
+    residuals, so one never decides for the other.
+    """
+    from diffusers.hooks.hooks import CacheContext, _set_cache_context
+
+    _set_cache_context(transformer, CacheContext("skip-layer-guidance" if kwargs.get("skip_layers") else "denoise"))
+
+
 def enable_step_cache(transformer: Any, threshold: float, report: FastPathReport) -> None:
     """diffusers' First Block Cache on the MMDiT (lossy; see ``fast_call`` for its per-call state)."""
     try:
@@ -310,6 +322,7 @@ def enable_step_cache(transformer: Any, threshold: float, report: FastPathReport
     span = torch.nn.Module()
     span.transformer_blocks = torch.nn.ModuleList(blocks)
     apply_first_block_cache(span, FirstBlockCacheConfig(threshold=threshold))
+    transformer.register_forward_pre_hook(_name_cache_context, with_kwargs=True)
     report.step_cache_threshold = threshold
     report.note(f"Step cache on (First Block Cache, threshold {threshold:g}): lossy, images differ from uncached.")
 
@@ -358,16 +371,12 @@ def fast_call(pipeline: Any) -> Iterator[None]:
         yield
         return
     transformer = pipeline.transformer
-    if report.step_cache_threshold is not None:
-        from diffusers.hooks import HookRegistry
-        from diffusers.hooks.hooks import CacheContext, _set_cache_context
-
-        # The SD3 pipeline batches CFG's two halves in one forward, so one context serves the call.
-        _set_cache_context(transformer, CacheContext("sd3"))
     try:
         yield
     finally:
-        if report.step_cache_threshold is not None:
+        if report.step_cache_threshold is not None:  # each pass names its context (_name_cache_context)
+            from diffusers.hooks import HookRegistry
+
             HookRegistry.check_if_exists_or_initialize(transformer).reset_stateful_hooks()
     if report.cache_dir is not None and not report.saved_cache_artifacts and report.compiled != "no":
         report.saved_cache_artifacts = save_cache_artifacts(Path(report.cache_dir))

@@ -186,6 +186,18 @@ def test_step_cache_is_lossy_resets_per_call_and_keeps_seeds(tiny_root):
     assert cached.shape == exact.shape
     assert not np.array_equal(cached, exact)  # steps were skipped: a different image
     assert np.array_equal(draw(cached_pipeline, steps=6), cached)  # fresh state per call: reproducible
+    # Medium's preset adds skip-layer guidance, a second forward per step with its own cache state.
+    with fast_call(cached_pipeline):
+        guided = cached_pipeline(
+            "a red cube",
+            num_inference_steps=6,
+            height=64,
+            width=64,
+            skip_guidance_layers=[7, 8, 9],
+            generator=torch.Generator().manual_seed(0),
+            output_type="np",
+        ).images
+    assert guided.shape == exact.shape and np.isfinite(guided).all()
 
 
 # ----------------------------------------------------------------------------- fp8
