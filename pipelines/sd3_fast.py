@@ -419,31 +419,38 @@ def export_dynamic_shapes(kwargs: dict) -> dict:
     return {name: spec(value) for name, value in kwargs.items()}
 
 
-def compile_ahead_of_time(pipeline: Any, example_call: dict, spaces_module: Any = None) -> FastPathReport:
-    """Capture the transformer's inputs from one ``pipeline(**example_call)``, export and compile it
-    ahead of time with the ``spaces`` package's AoT helpers, and put the compiled model in its place.
+def capture_and_compile(pipeline: Any, example_call: dict, spaces_module: Any) -> Any:
+    """Capture the transformer's inputs from one ``pipeline(**example_call)``, export the transformer
+    with sizes left dynamic and compile it ahead of time; returns ``spaces.aoti_compile``'s result.
 
-    On a ZeroGPU Space this runs inside a ``spaces.GPU`` function (a GPU is attached only there);
-    ``aot_on_zerogpu`` does that. ``spaces_module`` None: ``import spaces``.
+    On ZeroGPU this is the part that runs inside ``spaces.GPU`` (in the GPU worker): the compiled
+    model comes back to the main process, where ``aoti_apply`` puts it in place.
     """
     import inspect
 
-    if spaces_module is None:
-        import spaces as spaces_module
-    report: FastPathReport = getattr(pipeline, "studio_fast_path", None) or FastPathReport()
-    pipeline.studio_fast_path = report
     transformer = pipeline.transformer
     # 1. One call, stopped at the transformer: its arguments are what the compiled model will take.
     with spaces_module.aoti_capture(transformer) as captured:
         pipeline(**example_call)
-    # 2. Every argument by name, sizes left dynamic; export, compile, and swap the forward for the result.
+    # 2. Every argument by name, every tensor dimension free to vary; export and compile.
     bound = inspect.signature(transformer.forward).bind_partial(*captured.args, **captured.kwargs)
     kwargs = dict(bound.arguments)
     exported = torch.export.export(transformer, args=(), kwargs=kwargs, dynamic_shapes=export_dynamic_shapes(kwargs))
-    compiled = spaces_module.aoti_compile(exported)
-    spaces_module.aoti_apply(compiled, transformer)
+    return spaces_module.aoti_compile(exported)
+
+
+def compile_ahead_of_time(pipeline: Any, example_call: dict, spaces_module: Any = None, gpu=None) -> FastPathReport:
+    """``capture_and_compile`` (inside ``gpu``, e.g. ``spaces.GPU(duration=...)``, when given), then
+    ``spaces.aoti_apply`` of the result onto the transformer. ``spaces_module`` None: ``import spaces``."""
+    if spaces_module is None:
+        import spaces as spaces_module
+    report: FastPathReport = getattr(pipeline, "studio_fast_path", None) or FastPathReport()
+    pipeline.studio_fast_path = report
+    compile_step = capture_and_compile if gpu is None else gpu(capture_and_compile)
+    compiled = compile_step(pipeline, example_call, spaces_module)
+    spaces_module.aoti_apply(compiled, pipeline.transformer)
     report.compiled = "ahead-of-time (ZeroGPU)"
-    report.compiled_blocks = len(getattr(transformer, "transformer_blocks", ()))
+    report.compiled_blocks = len(getattr(pipeline.transformer, "transformer_blocks", ()))
     return report
 
 
@@ -455,9 +462,8 @@ def aot_on_zerogpu(pipeline: Any, report: FastPathReport, spaces_module: Any = N
     side = settings.PLAN_DEFAULT_SIDE
     example = {"prompt": "a photograph", "num_inference_steps": 2, "height": side, "width": side}
     try:
-        spaces_module.GPU(duration=settings.AOT_COMPILE_SECONDS)(compile_ahead_of_time)(
-            pipeline, example, spaces_module
-        )
+        gpu = spaces_module.GPU(duration=settings.AOT_COMPILE_SECONDS)
+        compile_ahead_of_time(pipeline, example, spaces_module, gpu=gpu)
     except Exception as error:  # never lose the pipeline over a faster path
         report.compiled = "no"
         report.note(f"Ahead-of-time compilation failed ({type(error).__name__}: {error}); the transformer runs eager.")

@@ -288,6 +288,29 @@ def _spaces_module():
     )
 
 
+def test_zerogpu_compiles_inside_spaces_gpu_and_falls_back_to_eager_with_a_sentence(tiny_root):
+    from pipelines import settings
+    from pipelines.sd3_fast import aot_on_zerogpu
+
+    durations = []
+
+    def gpu(duration):
+        durations.append(duration)
+        return lambda function: function
+
+    def failing_capture(module, call_method="forward"):
+        raise RuntimeError("no GPU worker here")
+
+    spaces = types.SimpleNamespace(GPU=gpu, aoti_capture=failing_capture)
+    pipeline = tiny_pipeline(tiny_root)
+    before = draw(pipeline, seed=2)
+    report = FastPathReport()
+    aot_on_zerogpu(pipeline, report, spaces)
+    assert durations == [settings.AOT_COMPILE_SECONDS]
+    assert report.compiled == "no" and "runs eager" in report.notes[-1] and "no GPU worker here" in report.notes[-1]
+    assert np.array_equal(draw(pipeline, seed=2), before)
+
+
 @pytest.mark.slow
 def test_ahead_of_time_path_exports_with_dynamic_sizes_and_keeps_the_images(tiny_root):
     eager = draw(tiny_pipeline(tiny_root), seed=7)
