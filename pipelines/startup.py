@@ -36,7 +36,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="auto",
         metavar="MODE",
         help="SD3.5 memory mode: auto (the fastest that fits this GPU), bf16, nf4, nf4-t5nf4, int8, bf16-no-t5, "
-        "nf4-no-t5, bf16-offload, nf4-t5nf4-offload, nf4-no-t5-offload, bf16-sequential",
+        "nf4-no-t5, bf16-offload, nf4-t5nf4-offload, nf4-no-t5-offload, bf16-sequential, fp8 (lossy; compute "
+        "capability 8.9+ and torchao)",
     )
     parser.add_argument(
         "--precision",
