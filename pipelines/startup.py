@@ -44,7 +44,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=settings.DEFAULT_BLIP_PRECISION,
         metavar="VARIANT",
         help="BLIP on the CPU: auto (default: the fastest variant within "
-        f"{settings.MAX_BLIP_LOGIT_DEVIATION:.0%} logit deviation that this CPU runs natively; fp32 under --tiny), "
+        f"{settings.MAX_BLIP_LOGIT_DEVIATION * 100:.0f}%% logit deviation that this CPU runs natively; fp32 under --tiny), "
         f"or one of {', '.join(PRECISION_CHOICES[1:])}; fp32 is exact. GPUs keep bf16/fp16.",
     )
     parser.add_argument(

@@ -84,6 +84,16 @@ def test_startup_flags_reach_the_runtime(tmp_path):
         studio_from_args(parse_args(["--tiny", "--tiny-dir", str(tmp_path), "--step-cache", "3"]))
 
 
+def test_help_lists_the_fast_path_flags(capsys):
+    """``--help`` prints (a bare % in a help string used to make argparse raise TypeError)."""
+    from pipelines.startup import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    text = capsys.readouterr().out
+    assert "--no-fast" in text and "--step-cache" in text and "LOSSY" in text and "fp8" in text
+
+
 # ----------------------------------------------------------------------------- eager fallback
 
 
