@@ -72,16 +72,16 @@ def test_off_and_on_are_honoured_and_bad_values_refused():
     assert choose_fast_path("auto", "cpu", step_cache_threshold=0).step_cache_threshold is None  # 0 = off
 
 
-def test_startup_flags_reach_the_runtime(tmp_path):
+def test_startup_flags_reach_the_runtime(tiny_root):
     from pipelines.startup import parse_args, studio_from_args
 
     assert parse_args(["--no-fast"]).fast == "off"
     assert parse_args([]).fast == "auto"
-    studio = studio_from_args(parse_args(["--tiny", "--tiny-dir", str(tmp_path), "--step-cache", "0.1"]))
+    studio = studio_from_args(parse_args(["--tiny", "--tiny-dir", str(tiny_root), "--step-cache", "0.1"]))
     options = studio.manager.runtime.fast_path
     assert not options.enabled and options.step_cache_threshold == 0.1
     with pytest.raises(SystemExit, match="out of range"):
-        studio_from_args(parse_args(["--tiny", "--tiny-dir", str(tmp_path), "--step-cache", "3"]))
+        studio_from_args(parse_args(["--tiny", "--tiny-dir", str(tiny_root), "--step-cache", "3"]))
 
 
 def test_help_lists_the_fast_path_flags(capsys):
