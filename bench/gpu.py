@@ -2,6 +2,7 @@
 
     python -m bench.gpu                 # on a CUDA machine; no Hub needed
     python -m bench.gpu --tiny          # the same script on the tiny models, on any machine (a preflight)
+    python -m bench.gpu --fast          # the fast paths against eager instead (bench/gpu_fast.py)
 
 Compute does not depend on weight values, so SD3.5 and BLIP are built from
 their real config files (assets/model-configs) with random bf16 weights. For
@@ -235,7 +236,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--models", default="sd35-large,sd35-medium")
     parser.add_argument("--modes", default="bf16,nf4-t5nf4,bf16-offload")
     parser.add_argument("--name", default=None, help="results file name (default gpu-cuda, or gpu-tiny-cpu)")
+    parser.add_argument("--fast", action="store_true", help="the fast paths against eager (bench/gpu_fast.py)")
+    parser.add_argument("--repeats", type=int, default=3, help="--fast: draws per median")
+    parser.add_argument("--only", default=None, help="--fast: some groups (large, medium, fp8, cold-warm, blip)")
     args = parser.parse_args(argv)
+    if args.fast:  # its own rows and file (gpu-fast-*.json): the memory-mode rows above stay as measured
+        from bench.gpu_fast import run
+
+        run(tiny=args.tiny, side=args.side, repeats=args.repeats, name=args.name, only=args.only)
+        return
 
     from pipelines.runtime import choose_runtime
 

@@ -10,6 +10,7 @@ from pipelines.activations import ACTIVATION_NOTES
 from pipelines.blip_precision import runtime_blip_precision
 from pipelines.memory import GIB, auto_choice, gpu_memory, machine_report, plan_table
 from pipelines.memory.planner import PLANNED_CONTROLNET
+from pipelines.sd3_fast import fast_path_details
 from pipelines.studio import Studio
 from pipelines.validation import as_float, as_int
 
@@ -111,6 +112,7 @@ def make_system_function(studio: Studio):
             "machine": report,
             "tiny_mode": studio.tiny,
             "blip_precision": runtime_blip_precision(studio.manager.runtime).as_dict(),
+            "sd3_fast_path": fast_path_details(studio.manager),
             "loaded_models": [
                 {
                     "key": item.key,
@@ -131,7 +133,9 @@ def make_system_function(studio: Studio):
                 "auto": {key: {"mode": mode, "reason": reason} for key, (mode, reason) in choices.items()},
             },
         }
-        device = f"{device_markdown(report)}  \n{details['blip_precision']['label']}"
+        device = (
+            f"{device_markdown(report)}  \n{details['blip_precision']['label']}  \n{details['sd3_fast_path']['label']}"
+        )
         return device, loaded_rows(studio), rows, "\n".join(summary), details
 
     return named_endpoint(

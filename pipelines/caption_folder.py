@@ -64,7 +64,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--overwrite", action="store_true", help="caption again images that already have one")
     parser.add_argument("--limit", type=int, default=None, help="caption at most this many new images this run")
-    parser.add_argument("--batch-size", type=int, default=settings.DEFAULT_BATCH_SIZE)
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help=f"images per forward pass (default {settings.DEFAULT_BATCH_SIZE}; "
+        f"{settings.GPU_CAPTION_BATCH_SIZE} on a CUDA GPU)",
+    )
     parser.add_argument("--workers", type=int, default=settings.BATCH_LOADER_WORKERS, help="image loader processes")
     parser.add_argument("--trigger", default="", help="text put before every caption, e.g. a LoRA trigger word")
     parser.add_argument("--suffix", default="", help="text put after every caption")
@@ -262,7 +268,7 @@ def run(args: argparse.Namespace) -> int:
             my_files,
             root,
             request,
-            batch_size=args.batch_size,
+            batch_size=args.batch_size or default_batch_size(device),
             num_workers=args.workers,
             trigger=args.trigger,
             suffix=args.suffix,
@@ -325,6 +331,11 @@ def _gather_objects(state, items: list) -> list:
     from accelerate.utils import gather_object
 
     return gather_object(list(items))
+
+
+def default_batch_size(device: str) -> int:
+    """Images per forward pass when --batch-size is not given: large batches keep a GPU busy."""
+    return settings.GPU_CAPTION_BATCH_SIZE if str(device).startswith("cuda") else settings.DEFAULT_BATCH_SIZE
 
 
 def main(argv: list[str] | None = None) -> None:

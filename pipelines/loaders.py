@@ -26,6 +26,11 @@ def load_blip_captioner(source: str, runtime: Runtime, variant: str | None = Non
         from pipelines.blip_precision import apply_blip_precision
 
         apply_blip_precision(model, variant)
+    if runtime.device.type == "cuda":  # --fast: the compiled vision encoder (pipelines/blip_gpu.py)
+        from pipelines.blip_gpu import apply_blip_gpu_fast_path
+
+        fast = runtime.fast_path
+        apply_blip_gpu_fast_path(model, runtime.device.type, enabled=fast is not None and fast.enabled)
     captioner = BlipCaptioner(model=model, processor=processor, source=source)
     captioner.precision = variant
     return captioner

@@ -47,6 +47,7 @@ from pipelines.lora_formats import (
 )
 from pipelines.lora_sources import LoraSource, sanitize_lora_name
 from pipelines.ownership import SHARED, UploadSlots
+from pipelines.sd3_fast import prepare_for_lora
 
 logger = logging.getLogger(__name__)
 
@@ -416,6 +417,7 @@ class LoraLibrary:
         """Load ``state_dict`` as adapter ``adapter``; the number of layers it changed. Undone on failure."""
         transformer = pipeline.transformer
         expected = len({key.rsplit(".lora_", 1)[0] for key in state_dict})
+        prepare_for_lora(pipeline)  # the fast path's fused QKV would hide the projections peft wraps
         try:
             # The transformer only (the text encoders get nothing, and diffusers would log that twice);
             # low_cpu_mem_usage=False: peft copies the factors, so the library's CPU copy stays its own.

@@ -23,6 +23,7 @@ from PIL import Image
 from pipelines import settings, workspace
 from pipelines.catalog import CATALOG, SD3_SHORT_NAMES, ImagePreset, ModelSpec
 from pipelines.png_metadata import a1111_parameters, save_png
+from pipelines.sd3_fast import fast_call
 from pipelines.validation import as_float, as_int
 
 # What the UI and the API call each model; values are catalog keys.
@@ -449,7 +450,8 @@ def generate(
     vae_tiled = configure_vae(pipeline, request)
     out_of_memory = False
     try:
-        images = pipeline(**call).images
+        with fast_call(pipeline):  # the step cache's per-call state; the compile cache saved once
+            images = pipeline(**call).images
     except torch.OutOfMemoryError:
         out_of_memory = True  # answered below, once this block has let go of the failed call's tensors
     if out_of_memory:

@@ -15,11 +15,46 @@ import torch
 
 from pipelines.memory.modes import MemoryMode, get_mode
 from pipelines.runtime import Runtime
+from pipelines.sd3_fast import apply_fast_path
+
+FP8_MIN_CAPABILITY = (8, 9)  # fp8 tensor cores: Ada (8.9) and Hopper (9.0) onwards
+TORCHAO_FORMATS = frozenset({"fp8-rowwise"})
+
+
+def torchao_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("torchao") is not None
+
+
+def check_fp8(runtime: Runtime, *, capability: tuple[int, int] | None = None, has_torchao: bool | None = None) -> None:
+    """ValueError, in one sentence, when fp8 cannot run here (``capability``/``has_torchao`` None: this machine)."""
+    if runtime.device.type != "cuda":
+        raise ValueError(
+            "Memory mode 'fp8' needs a CUDA GPU of compute capability 8.9 or newer (Ada, Hopper); this machine has "
+            "none, so use 'bf16'."
+        )
+    if capability is None:
+        capability = torch.cuda.get_device_capability(runtime.device)
+    if tuple(capability) < FP8_MIN_CAPABILITY:
+        raise ValueError(
+            f"Memory mode 'fp8' needs compute capability 8.9 or newer; this GPU has {capability[0]}.{capability[1]}, "
+            "so use 'bf16' or 'nf4'."
+        )
+    if has_torchao is None:
+        has_torchao = torchao_available()
+    if not has_torchao:
+        raise ValueError(
+            "Memory mode 'fp8' quantizes with torchao, which is not installed: pip install torchao==0.18.0, "
+            "or use 'bf16' or 'nf4'."
+        )
 
 
 def check_mode(mode: MemoryMode, runtime: Runtime) -> None:
     """ValueError, in one sentence, when ``mode`` cannot run on ``runtime``."""
-    quantized = [component for component, fmt in mode.formats if fmt != "full"]
+    if any(fmt in TORCHAO_FORMATS for _, fmt in mode.formats):
+        check_fp8(runtime)
+    quantized = [component for component, fmt in mode.formats if fmt != "full" and fmt not in TORCHAO_FORMATS]
     if quantized and runtime.device.type != "cuda":
         raise ValueError(
             f"Memory mode '{mode.key}' quantizes with bitsandbytes, which needs a CUDA GPU (diffusers refuses "
@@ -44,12 +79,28 @@ def _bitsandbytes_config(config_class, fmt: str, compute_dtype: torch.dtype, com
     raise ValueError(f"Unknown weight format {fmt!r} for {component}; use nf4 or int8.")
 
 
+def _torchao_config(fmt: str, component: str):
+    """diffusers' TorchAoConfig for the MMDiT: fp8 dynamic activations and weights, one scale per row."""
+    import diffusers
+
+    if component != "transformer":
+        raise ValueError(f"{fmt} applies to the transformer only, not {component}.")
+    try:
+        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow
+    except ImportError:
+        raise ValueError(
+            "Memory mode 'fp8' quantizes with torchao, which is not installed: pip install torchao==0.18.0, "
+            "or use 'bf16' or 'nf4'."
+        ) from None
+    return diffusers.TorchAoConfig(Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()))
+
+
 def pipeline_quantization(mode: MemoryMode, compute_dtype: torch.dtype):
     """The ``PipelineQuantizationConfig`` that loads ``mode``'s quantized components, or None (full precision).
 
     One bitsandbytes config per quantized component, in ``quant_mapping``: diffusers' class for the
-    MMDiT, transformers' for T5 (each library quantizes its own models). Dropped components are not
-    loaded, so they get none.
+    MMDiT, transformers' for T5 (each library quantizes its own models); fp8 is diffusers'
+    TorchAoConfig. Dropped components are not loaded, so they get none.
     """
     import diffusers
     import transformers
@@ -57,6 +108,9 @@ def pipeline_quantization(mode: MemoryMode, compute_dtype: torch.dtype):
     mapping = {}
     for component, fmt in mode.formats:
         if fmt == "full" or component in mode.dropped:
+            continue
+        if fmt in TORCHAO_FORMATS:
+            mapping[component] = _torchao_config(fmt, component)
             continue
         library = diffusers if component == "transformer" else transformers
         mapping[component] = _bitsandbytes_config(library.BitsAndBytesConfig, fmt, compute_dtype, component)
@@ -97,6 +151,9 @@ def load_sd3_pipeline(source: str, runtime: Runtime, mode_key: str = "bf16") -> 
     if mode.offload != "none":
         pipeline.vae.enable_tiling()  # as pipelines.sd3.configure_vae does per call for offloaded modes
     pipeline.studio_memory_mode = mode.key
+
+    # 4. The fast path (--fast): compiled blocks, fused QKV, channels-last VAE; a report either way.
+    apply_fast_path(pipeline, runtime.fast_path, offload=mode.offload)
     return pipeline
 
 

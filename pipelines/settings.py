@@ -151,6 +151,9 @@ ATTENTION_SHEET_CELL = 192  # side of each overlay in the sheet, in pixels
 DEFAULT_BATCH_SIZE = 8  # images per forward pass; 8 keeps BLIP base under 2 GB of activations
 MAX_BATCH_SIZE = 64
 BATCH_LOADER_WORKERS = 2  # DataLoader processes decoding images ahead of the model
+# On a GPU, BLIP base at batch 32 with beam 3 holds ~3 GB of activations in bf16: large batches keep
+# the GPU busy (pipelines/blip_gpu.py); caption_folder and the GPU bench use it there.
+GPU_CAPTION_BATCH_SIZE = 32
 MAX_BATCH_FILES = 2000  # images per Batch-tab run (the command line has no limit)
 MAX_EDITED_CAPTION_CHARS = 2000  # one caption typed into the Batch tab's table (T5 reads about 512 tokens)
 MAX_ZIP_UNCOMPRESSED_BYTES = 2 * 1024**3  # a zip that would unpack past this is refused (zip bombs)
@@ -185,6 +188,20 @@ DEFAULT_CANNY_HIGH = 200
 # Gaussian blur for the blur ControlNet: Stability publishes no preprocessing value; 9 px is the sigma
 # Forge's blur_gaussian preprocessor starts at.
 CONTROL_BLUR_SIGMA = 9.0
+
+# --- SD3.5 fast path (pipelines/sd3_fast, --fast, --step-cache) ---------------------
+# auto: regional compilation + fused QKV + channels-last VAE on CUDA GPUs that Triton compiles for;
+# eager elsewhere. off (--no-fast): the plain diffusers pipeline. on: forced, on the CPU too.
+DEFAULT_FAST_PATH = "auto"
+# First Block Cache (lossy, off by default): diffusers' suggested threshold, and the largest accepted
+# (past ~0.3 most steps are skipped and images blur).
+SUGGESTED_STEP_CACHE_THRESHOLD = 0.05
+MAX_STEP_CACHE_THRESHOLD = 0.5
+# Graphs Dynamo keeps for the MMDiT blocks' shared forward (its default is 8): one per block variant
+# and LoRA adapter set; past it that code silently runs eager (pipelines/sd3_fast.raise_recompile_limit).
+FAST_PATH_RECOMPILE_LIMIT = 64
+# ZeroGPU: the GPU time asked for one ahead-of-time compilation of the MMDiT (Large takes minutes).
+AOT_COMPILE_SECONDS = 1500
 
 # --- results (bench/, the Round trip tab, the Scoreboard) ---------------------------
 # Benchmarks write bench/results (the repository's measured figures). The Round trip tab writes

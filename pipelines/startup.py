@@ -7,6 +7,7 @@ Below components/ and app.py in the import graph (no gradio here), so a tab run 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 from pathlib import Path
@@ -17,6 +18,7 @@ from pipelines.catalog import CATALOG
 from pipelines.hub_access import HubProbe, set_hub_timeouts
 from pipelines.manager import ModelManager
 from pipelines.runtime import choose_runtime
+from pipelines.sd3_fast import choose_fast_path
 from pipelines.studio import Studio
 
 TITLE = "BLIP × SD3.5 Studio"
@@ -36,15 +38,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="auto",
         metavar="MODE",
         help="SD3.5 memory mode: auto (the fastest that fits this GPU), bf16, nf4, nf4-t5nf4, int8, bf16-no-t5, "
-        "nf4-no-t5, bf16-offload, nf4-t5nf4-offload, nf4-no-t5-offload, bf16-sequential",
+        "nf4-no-t5, bf16-offload, nf4-t5nf4-offload, nf4-no-t5-offload, bf16-sequential, fp8 (lossy; compute "
+        "capability 8.9+ and torchao)",
     )
     parser.add_argument(
         "--precision",
         default=settings.DEFAULT_BLIP_PRECISION,
         metavar="VARIANT",
         help="BLIP on the CPU: auto (default: the fastest variant within "
-        f"{settings.MAX_BLIP_LOGIT_DEVIATION:.0%} logit deviation that this CPU runs natively; fp32 under --tiny), "
+        f"{settings.MAX_BLIP_LOGIT_DEVIATION * 100:.0f}%% logit deviation that this CPU runs natively; fp32 under --tiny), "
         f"or one of {', '.join(PRECISION_CHOICES[1:])}; fp32 is exact. GPUs keep bf16/fp16.",
+    )
+    parser.add_argument(
+        "--fast",
+        default=settings.DEFAULT_FAST_PATH,
+        choices=("auto", "on", "off"),
+        help="SD3.5 fast path: regional torch.compile of the MMDiT blocks, fused QKV, channels-last VAE, a "
+        "compile cache kept across restarts. auto (default): on for CUDA GPUs that support it; off: plain "
+        "diffusers; on: forced (the CPU too)",
+    )
+    parser.add_argument("--no-fast", dest="fast", action="store_const", const="off", help="the same as --fast off")
+    parser.add_argument(
+        "--step-cache",
+        type=float,
+        default=None,
+        metavar="THRESHOLD",
+        help="SD3.5 step cache (First Block Cache), LOSSY, off by default: skip a step's remaining MMDiT "
+        f"blocks when its first block changed less than THRESHOLD (e.g. {settings.SUGGESTED_STEP_CACHE_THRESHOLD:g}; "
+        "0 = off). Images differ from uncached ones",
     )
     parser.add_argument("--outputs", type=Path, default=None, help="also save every generated PNG in this folder")
     parser.add_argument(
@@ -166,6 +187,12 @@ def studio_from_args(args: argparse.Namespace) -> Studio:
     silence_known_noise()
     try:
         runtime = with_blip_precision(choose_runtime(args.device), args.precision, tiny=args.tiny)
+        fast_path = choose_fast_path(
+            getattr(args, "fast", settings.DEFAULT_FAST_PATH),
+            runtime.device,
+            step_cache_threshold=getattr(args, "step_cache", None),
+        )
+        runtime = dataclasses.replace(runtime, fast_path=fast_path)
         tiny_root = None
         if args.tiny:
             import torch

@@ -353,7 +353,7 @@ def test_longer_t5_prompts_cost_t5_and_transformer_memory():
     ("arguments", "words"),
     [
         (("sd35-huge", "bf16"), "choose one of"),
-        (("sd35-large", "fp8"), "choose one of"),
+        (("sd35-large", "fp6"), "choose one of"),
         (("sd35-large", "bf16", 1000, 1024), "multiple of 16"),
         (("sd35-large", "bf16", 4096, 1024), "between 256 and 3072"),
         (("sd35-large", "bf16", 1024, 1024, 0), "batch must be between"),

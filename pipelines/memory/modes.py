@@ -75,6 +75,14 @@ WEIGHT_FORMATS: dict[str, WeightFormat] = {
             source="torchao Int8Tensor: int8 qdata plus an fp32 scale and an int8 zero point per output row",
         ),
         WeightFormat(
+            "fp8-rowwise",
+            "fp8 e4m3, row-wise scales (torchao)",
+            8,
+            row_bytes=4,
+            source="torchao Float8Tensor, PerRow: float8_e4m3fn qdata plus one fp32 scale per output row; "
+            "activations are quantized per call (dynamic), so they take no memory ahead",
+        ),
+        WeightFormat(
             "nf4",
             "NF4 (bitsandbytes 4-bit)",
             4,
@@ -146,6 +154,14 @@ SD3_MODES: tuple[MemoryMode, ...] = (
         "bf16 + sequential CPU offload",
         offload="sequential",
         note="every weight crosses PCIe at every step: slowest",
+    ),
+    # Last, so auto never picks it: it changes images (lossy) and needs torchao and a GPU of compute
+    # capability 8.9 or newer (Ada, Hopper), which pipelines.sd3_loading.check_mode verifies.
+    MemoryMode(
+        "fp8",
+        "MMDiT fp8 (dynamic activations + weights, row-wise)",
+        (("transformer", "fp8-rowwise"),),
+        note="fp8 matmuls on compute capability 8.9+: faster than bf16 there, lossy; opt-in (--memory fp8)",
     ),
 )
 BLIP_MODES: tuple[MemoryMode, ...] = (
