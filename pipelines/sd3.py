@@ -394,6 +394,8 @@ def generate(
     preview_every: int = 0,
     previewer: LatentPreviewer | None = None,
     loras: list[dict] | None = None,
+    extra_inputs: dict | None = None,
+    extra_parameters: dict | None = None,
 ) -> GenerateResult:
     """Draw ``request`` with ``pipeline``.
 
@@ -402,6 +404,8 @@ def generate(
     ``should_stop()`` is polled each step; when True the run stops there and the
     partly denoised images are decoded and returned with ``stopped=True``.
     Image i uses seed ``request.seed + i``, so each reproduces alone.
+    ``extra_inputs`` go to the pipeline's call as they are (image-to-image: ``image``, ``strength``,
+    ``mask_image``); ``extra_parameters`` join each PNG's A1111 pairs and its JSON settings.
     """
     started = time.perf_counter()
     warnings = truncation_warnings(pipeline, request.prompt, request.max_sequence_length)
@@ -438,6 +442,7 @@ def generate(
     }
     if request.skip_layer_guidance_layers:
         call["skip_guidance_layers"] = list(request.skip_layer_guidance_layers)
+    call.update(extra_inputs or {})
     vae_tiled = configure_vae(pipeline, request)
     out_of_memory = False
     try:
@@ -463,6 +468,7 @@ def generate(
             "Size": f"{request.width}x{request.height}",
             "Model": repo_id.rsplit("/", 1)[-1],
         }
+        pairs.update(extra_parameters or {})
         if request.skip_layer_guidance_layers:
             pairs["SLG layers"] = "[" + ", ".join(map(str, request.skip_layer_guidance_layers)) + "]"
         if request.max_sequence_length != settings.DEFAULT_T5_TOKENS:
@@ -487,6 +493,7 @@ def generate(
                 "steps_done": state["steps_done"],
                 "stopped": state["stopped"],
                 "vae_tiling": vae_tiled,
+                **({"image_to_image": dict(extra_parameters)} if extra_parameters else {}),
             }
         )
     return GenerateResult(
