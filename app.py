@@ -16,6 +16,7 @@ from components.batch import build_batch_tab
 from components.caption import build_caption_tab
 from components.common import visitor_id
 from components.generate import build_generate_tab, selected_image
+from components.image_to_image import build_image_to_image_tab
 from components.match import build_match_tab
 from components.roundtrip import build_roundtrip_tab
 from components.scoreboard import build_scoreboard_tab
@@ -65,6 +66,8 @@ def build_app(studio: Studio) -> gr.Blocks:
                 build_attention_tab(studio)
             with gr.Tab("Generate", id="generate"):
                 generate = build_generate_tab(studio, outputs_dir=studio.outputs_dir)
+            with gr.Tab("Image to image", id="image_to_image"):
+                image_to_image = build_image_to_image_tab(studio)
             with gr.Tab("Round trip", id="roundtrip"):
                 build_roundtrip_tab(studio)
             if studio.training_enabled:
@@ -82,6 +85,31 @@ def build_app(studio: Studio) -> gr.Blocks:
             outputs=[caption["image"], tabs],
             queue=False,
             api_name="send_to_caption",
+            api_visibility="private",
+        )
+        # The same selected file (server state, by index) goes to img2img or to the inpainting editor.
+        generate["send_to_img2img"].click(
+            lambda shown, index: (
+                selected_image(shown, index),
+                gr.Tabs(selected="image_to_image"),
+                gr.Tabs(selected="img2img"),
+            ),
+            inputs=[generate["shown_images"], generate["selected_index"]],
+            outputs=[image_to_image["image"], tabs, image_to_image["modes"]],
+            queue=False,
+            api_name="send_to_img2img",
+            api_visibility="private",
+        )
+        generate["send_to_inpaint"].click(
+            lambda shown, index: (
+                selected_image(shown, index),
+                gr.Tabs(selected="image_to_image"),
+                gr.Tabs(selected="inpaint"),
+            ),
+            inputs=[generate["shown_images"], generate["selected_index"]],
+            outputs=[image_to_image["editor"], tabs, image_to_image["modes"]],
+            queue=False,
+            api_name="send_to_inpaint",
             api_visibility="private",
         )
         # A closed page's files go at once; sessions that never close are swept by age (see generate).

@@ -293,7 +293,10 @@ def build_generate_tab(studio: Studio, outputs_dir: Path | None = None) -> dict:
             with gr.Accordion("Details (JSON)", open=False):
                 details = gr.JSON(label="Details")
             used_seed = ValidatedNumber(visible=False, precision=0)
-            send_to_caption = gr.Button("Caption the selected image with BLIP →")
+            with gr.Row():
+                send_to_caption = gr.Button("Caption the selected image with BLIP →")
+                send_to_img2img = gr.Button("Send to img2img →")
+                send_to_inpaint = gr.Button("Send to inpaint →")
             # Server-side only: the files the gallery shows now, and which one is selected (an index).
             shown_images = gr.State([])
             selected_index = gr.State(None)
@@ -382,6 +385,8 @@ def build_generate_tab(studio: Studio, outputs_dir: Path | None = None) -> dict:
         "prompt": prompt,
         "gallery": gallery,
         "send_to_caption": send_to_caption,
+        "send_to_img2img": send_to_img2img,
+        "send_to_inpaint": send_to_inpaint,
         "shown_images": shown_images,
         "selected_index": selected_index,
         "preview": preview,

@@ -153,6 +153,20 @@ def mask_from_layers(layers: Sequence[Image.Image], size: tuple[int, int]) -> Im
     return Image.fromarray(union.astype(np.uint8) * 255, mode="L")
 
 
+def load_brush_layer(path: str | Path) -> Image.Image:
+    """An image editor's brush layer (a PNG, transparent where nothing was painted) as RGBA, decoded
+    within the upload limits; ValueError with a sentence for anything else."""
+    try:
+        if Path(path).stat().st_size > settings.MAX_UPLOAD_BYTES:
+            raise ValueError("too large")
+        with Image.open(path) as layer:
+            if layer.width * layer.height > settings.MAX_DECODE_PIXELS:
+                raise ValueError("too many pixels")
+            return layer.convert("RGBA")
+    except (OSError, ValueError, Image.DecompressionBombError) as error:
+        raise ValueError("A brush layer of the mask could not be read; paint the mask again.") from error
+
+
 # ----------------------------------------------------------------------------- masks
 
 
@@ -321,7 +335,10 @@ def draw(
     twin, run by ``sd3.generate``. ``on_step`` counts the steps strength leaves (see ``denoising_steps``)."""
     pipeline = derived_pipeline(prepared.pipeline, inpaint=mask is not None)
     total = denoising_steps(prepared.request.steps, strength)
-    inputs: dict[str, Any] = {"image": image, "strength": strength}
+    # One copy of the image per seed: diffusers' img2img encodes image i with generator i, and slices
+    # past a single image when given several generators.
+    copies = [image] * prepared.request.num_images if mask is None else image
+    inputs: dict[str, Any] = {"image": copies, "strength": strength}
     parameters: dict[str, Any] = {"Denoising strength": f"{strength:g}"}
     if mask is not None:
         inputs["mask_image"] = mask

@@ -174,6 +174,7 @@ DEFAULT_STRENGTH = 0.75  # A1111's default denoising strength: new detail, same 
 DEFAULT_VARIATION_STRENGTH = 0.5  # variations keep the layout and colours, and redraw the detail
 MASK_BLUR = NumberRange(0, 64, 1)  # pixels: how far the paste-back blends around the mask's edge
 DEFAULT_MASK_BLUR = 4  # A1111's default: enough to hide the seam at SD3.5's sizes
+MAX_MASK_LAYERS = 8  # brush layers of the image editor read into one mask
 
 # --- results (bench/, the Round trip tab, the Scoreboard) ---------------------------
 # Benchmarks write bench/results (the repository's measured figures). The Round trip tab writes

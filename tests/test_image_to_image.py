@@ -24,6 +24,7 @@ from pipelines.sd3_image_to_image import (
     mask_from_layers,
 )
 from pipelines.studio import Studio
+from tests.tolerances import assert_close_pixels
 
 SIDE = 128
 DRAW = {"model": "large", "steps": 4}
@@ -216,3 +217,11 @@ def test_the_image_round_trip_redraws_the_image_itself_at_a_strength(studio):
     assert details["prompt"] == trip.caption
     plain = image_round_trip(image, studio.generation, studio.matcher(), request, save=False)
     assert "strength" not in plain.details()
+
+
+def test_variations_are_consecutive_seeds_each_reproducible_alone(studio):
+    request = ImageToImageRequest(photo(), GenerationRequest(prompt="", seed=20, num_images=2, **DRAW), strength=0.5)
+    both = image_to_image(studio.generation, request, captioner=studio.captioner, save=False)
+    assert both.details["seeds"] == [20, 21] and both.details["caption"]
+    second = run(studio, prompt="", seed=21, strength=0.5)
+    assert_close_pixels(pixels(both.images[1]), pixels(second.images[0]))
