@@ -104,3 +104,11 @@ def test_variations_draw_consecutive_seeds_from_the_caption(tiny_client, files):
     assert len(gallery) == 2 and details["seeds"] == [10, 11] and details["strength"] == 0.5
     assert prompt_used == details["caption"]
     assert not np.array_equal(pixels(first_image(gallery)), pixels(gallery[1]["image"]))
+
+
+def test_the_round_trip_redraws_the_image_itself_at_a_strength(tiny_client, files):
+    caption, redrawn, _fits, details = tiny_client.predict(
+        image=files["photo"], seed=3, steps=2, strength=0.5, api_name="/roundtrip_image"
+    )
+    assert details["mode"] == "img2img" and details["strength"] == 0.5 and details["prompt"] == caption
+    assert Image.open(redrawn).size == (SIDE, SIDE)  # the image's own size, not the model's default
