@@ -212,7 +212,8 @@ def derived_pipeline(pipeline, inpaint: bool):
     derived = kept.get(pipeline_class)
     if derived is None or any(derived.components.get(name) is not part for name, part in pipeline.components.items()):
         # from_pipe casts every component to its dtype, float32 unless told: name the one they have.
-        derived = pipeline_class.from_pipe(pipeline, torch_dtype=pipeline.vae.dtype)
+        derived = pipeline_class.from_pipe(pipeline, dtype=pipeline.vae.dtype)
+        derived.set_progress_bar_config(**getattr(pipeline, "_progress_bar_config", {}))  # as the pipeline shows it
         kept[pipeline_class] = derived
     derived.studio_memory_mode = getattr(pipeline, "studio_memory_mode", None)  # read by sd3.configure_vae
     return derived
@@ -225,6 +226,56 @@ def blip_caption(captioner: Callable[[], Any], image: Image.Image) -> str:
 
 
 # ----------------------------------------------------------------------------- the job
+
+
+@dataclass(frozen=True)
+class CheckedRequest:
+    """An ImageToImageRequest checked: the generation request at its drawing size, the strength, the mask."""
+
+    job: GenerationRequest  # width and height: the drawing size; skip-layer guidance off
+    strength: float
+    notes: tuple[str, ...]
+    mask: Image.Image | None = None  # binary "L", inpaint only
+    mask_blur: int | None = None
+    mask_weights: np.ndarray | None = None  # the blurred mask, in [0, 1]
+
+
+def check_request(
+    service: GenerationService, request: ImageToImageRequest, image: Image.Image, visitor: str | None = None
+) -> CheckedRequest:
+    """Every check that needs no model (strength, mask, size, the generation settings); ValueError otherwise.
+    An empty prompt is checked as if BLIP's caption were in it already."""
+    strength = check_strength(request.strength)
+    mask = blur = weights = None
+    if request.inpaint:
+        mask = check_mask(request.mask, image.size)
+        blur = settings.DEFAULT_MASK_BLUR if request.mask_blur is None else request.mask_blur
+        blur = as_int("mask_blur", blur, int(settings.MASK_BLUR.low), int(settings.MASK_BLUR.high))
+        weights = blurred_mask(mask, blur)
+    job = request.generation
+    spec = CATALOG[model_key(job.model)]
+    width, height = drawing_size(image.size, job.model, service.tiny)
+    notes = []
+    if (width, height) != image.size:
+        notes.append(
+            f"The image is {image.width}x{image.height}; it is drawn at {width}x{height} (multiples of 16 within "
+            f"{spec.title}'s range)"
+            + (", and pasted back at its own size." if request.inpaint and request.paste_back else ".")
+        )
+    if job.skip_layer_guidance:
+        raise ValueError(
+            "Skip-layer guidance is for text to image only (diffusers' image-to-image pipelines lack it); turn it off."
+        )
+    if job.skip_layer_guidance is None and spec.image_preset.skip_layer_guidance_layers:
+        notes.append(
+            "Skip-layer guidance (Medium's preset) is off: diffusers' image-to-image pipelines do not take it."
+        )
+    job = dataclasses.replace(job, width=width, height=height, skip_layer_guidance=False)
+    if not split_lora_tags(job.prompt or "")[0].strip():
+        service.check(dataclasses.replace(job, prompt="a caption " + (job.prompt or "")), visitor=visitor)
+    else:
+        service.check(job, visitor=visitor)
+    return CheckedRequest(job, strength, tuple(notes), mask, blur, weights)
 
 
 def image_to_image(
@@ -245,35 +296,10 @@ def image_to_image(
     image = request.image.convert("RGB")
 
     # 1. Every check that needs no model.
-    strength = check_strength(request.strength)
-    mask_weights = blur = mask = None
-    if request.inpaint:
-        mask = check_mask(request.mask, image.size)
-        blur = as_int("mask_blur", settings.DEFAULT_MASK_BLUR if request.mask_blur is None else request.mask_blur,
-                      int(settings.MASK_BLUR.low), int(settings.MASK_BLUR.high))  # fmt: skip
-        mask_weights = blurred_mask(mask, blur)
-    job = request.generation
-    width, height = drawing_size(image.size, job.model, service.tiny)
-    notes = []
-    if (width, height) != image.size:
-        notes.append(
-            f"The image is {image.width}x{image.height}; it is drawn at {width}x{height} (multiples of 16 within "
-            f"{CATALOG[model_key(job.model)].title}'s range)"
-            + (", and pasted back at its own size." if request.inpaint and request.paste_back else ".")
-        )
-    if job.skip_layer_guidance:
-        raise ValueError(
-            "Skip-layer guidance is for text to image only (diffusers' image-to-image pipelines lack it); turn it off."
-        )
-    if job.skip_layer_guidance is None and CATALOG[model_key(job.model)].image_preset.skip_layer_guidance_layers:
-        notes.append(
-            "Skip-layer guidance (Medium's preset) is off: diffusers' image-to-image pipelines do not take it."
-        )
-    job = dataclasses.replace(job, width=width, height=height, skip_layer_guidance=False)
-    untagged, _ = split_lora_tags(job.prompt or "")
-    needs_caption = not untagged.strip()
-    service.check(dataclasses.replace(job, prompt="a caption " + (job.prompt or "")) if needs_caption else job,
-                  visitor=visitor)  # fmt: skip
+    checked = check_request(service, request, image, visitor)
+    job, notes, mask, mask_weights = checked.job, list(checked.notes), checked.mask, checked.mask_weights
+    strength, blur, (width, height) = checked.strength, checked.mask_blur, (job.width, job.height)
+    needs_caption = not split_lora_tags(job.prompt or "")[0].strip()
 
     # 2. An empty prompt: BLIP says what the image shows (the prompt's LoRA tags stay).
     caption = None

@@ -112,3 +112,15 @@ def test_the_round_trip_redraws_the_image_itself_at_a_strength(tiny_client, file
     )
     assert details["mode"] == "img2img" and details["strength"] == 0.5 and details["prompt"] == caption
     assert Image.open(redrawn).size == (SIDE, SIDE)  # the image's own size, not the model's default
+
+
+def test_send_to_img2img_and_inpaint_hand_over_the_selected_image_only(tiny_app_url, tiny_client):
+    from tests.test_visitor_files_api import run_private
+
+    gallery, *_ = tiny_client.predict("a lighthouse", seed=5, steps=2, num_images=2, api_name="/generate")
+    run_private(tiny_app_url, tiny_client, "generate_select", {"index": 1, "value": str(Path(__file__))})
+    image, _tabs, _modes = run_private(tiny_app_url, tiny_client, "send_to_img2img")["data"]
+    assert Path(image["path"]).name == Path(gallery[1]["image"]).name  # by index, from the session's own list
+    editor, _tabs, _modes = run_private(tiny_app_url, tiny_client, "send_to_inpaint")["data"]
+    assert Path(editor["background"]["path"]).name == Path(gallery[1]["image"]).name
+    assert editor["layers"] == []
