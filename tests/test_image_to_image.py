@@ -225,3 +225,12 @@ def test_variations_are_consecutive_seeds_each_reproducible_alone(studio):
     assert both.details["seeds"] == [20, 21] and both.details["caption"]
     second = run(studio, prompt="", seed=21, strength=0.5)
     assert_close_pixels(pixels(both.images[1]), pixels(second.images[0]))
+
+
+def test_steps_report_the_denoising_total_and_stop_ends_the_run(studio):
+    seen = []
+    request = ImageToImageRequest(photo(), GenerationRequest(prompt="a fox", seed=1, model="large", steps=10), 0.55)
+    image_to_image(studio.generation, request, on_step=lambda step, total, _: seen.append((step, total)), save=False)
+    assert seen == [(step, 6) for step in range(1, 7)]  # 10 steps at 0.55: diffusers runs 6
+    stopped = image_to_image(studio.generation, request, should_stop=lambda: True, save=False).details
+    assert stopped["stopped"] is True and stopped["steps_done"] == 1
