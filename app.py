@@ -16,6 +16,7 @@ from components.batch import build_batch_tab
 from components.caption import build_caption_tab
 from components.common import user_errors, visitor_id
 from components.generate import build_generate_tab, selected_image
+from components.image_to_image import build_image_to_image_tab
 from components.match import build_match_tab
 from components.png_info import GENERATE_FIELDS, build_png_info_tab, pending_form_values, send_to_generate
 from components.roundtrip import build_roundtrip_tab
@@ -139,6 +140,8 @@ def build_app(studio: Studio) -> gr.Blocks:
                 caption = build_caption_tab(studio)
             with gr.Tab("Generate", id="generate"):
                 generate = build_generate_tab(studio, outputs_dir=studio.outputs_dir)
+            with gr.Tab("Image to image", id="image_to_image"):
+                image_to_image = build_image_to_image_tab(studio)
             with gr.Tab("Batch", id="batch"):
                 build_batch_tab(studio)
             with gr.Tab("Match", id="match"):
@@ -196,6 +199,31 @@ def build_app(studio: Studio) -> gr.Blocks:
         # Train's "Load the result" switches Generate to the run's model with its LoRA active.
         if studio.training_enabled:
             send_results_to_generate(train, generate["lora_panel"], tabs)
+        # The same selected file (server state, by index) goes to img2img or to the inpainting editor.
+        generate["send_to_img2img"].click(
+            lambda shown, index: (
+                selected_image(shown, index),
+                gr.Tabs(selected="image_to_image"),
+                gr.Tabs(selected="img2img"),
+            ),
+            inputs=[generate["shown_images"], generate["selected_index"]],
+            outputs=[image_to_image["image"], tabs, image_to_image["modes"]],
+            queue=False,
+            api_name="send_to_img2img",
+            api_visibility="private",
+        )
+        generate["send_to_inpaint"].click(
+            lambda shown, index: (
+                selected_image(shown, index),
+                gr.Tabs(selected="image_to_image"),
+                gr.Tabs(selected="inpaint"),
+            ),
+            inputs=[generate["shown_images"], generate["selected_index"]],
+            outputs=[image_to_image["editor"], tabs, image_to_image["modes"]],
+            queue=False,
+            api_name="send_to_inpaint",
+            api_visibility="private",
+        )
         # A closed page's files go at once; sessions that never close are swept by age (see generate).
         demo.unload(forget_visitor)
     return demo

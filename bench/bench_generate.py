@@ -15,6 +15,10 @@ A ControlNet row follows (``controlnet_rows``): the Studio's ControlNet draw
 (``pipelines/sd3_controlnet.run``: the service's checks, cv2.Canny, the ControlNet
 pipeline built from the loaded one, PNGs, details) against a bare
 ``StableDiffusion3ControlNetPipeline`` call on a cv2.Canny map, same settings.
+
+The img2img row times the Studio's image to image (``pipelines/sd3_image_to_image.py``: the same
+service's prepare and finish around a ``from_pipe`` twin, PNG included) against the bare
+``StableDiffusion3Img2ImgPipeline`` call on the same weights, strength 0.6 (3 of the 4 steps).
 Goal: ratio <= 1.05.
 """
 
@@ -26,13 +30,16 @@ import json
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 
 from bench.common import interleaved_medians, machine_description, write_results
 from pipelines.catalog import MODEL_CONFIGS_DIR
 from pipelines.generation import GenerationRequest, GenerationService
 from pipelines.runtime import choose_runtime
 from pipelines.sd3 import LatentPreviewer
+from pipelines.sd3_image_to_image import ImageToImageRequest, image_to_image
 from pipelines.tiny import TINY_SD3_DIRS, ensure_tiny_models
 
 
@@ -112,9 +119,52 @@ def mid_size_pipeline(tiny_dir: Path):
     return pipeline
 
 
+IMG2IMG_STRENGTH = 0.6
+
+
+def time_img2img(pipeline, service, request, side: int, folder: Path, repeats: int) -> dict:
+    """Medians of the Studio's img2img and the bare diffusers img2img call, same weights and settings."""
+    from diffusers import StableDiffusion3Img2ImgPipeline
+
+    grid = np.random.default_rng(0).integers(0, 256, size=(4, 4, 3), dtype=np.uint8)
+    image = Image.fromarray(grid).resize((side, side), Image.Resampling.BICUBIC)
+    twin = StableDiffusion3Img2ImgPipeline.from_pipe(pipeline, dtype=pipeline.vae.dtype)  # once, as a user would
+    twin.set_progress_bar_config(disable=True)
+    job = ImageToImageRequest(image, request, strength=IMG2IMG_STRENGTH)
+
+    def bare():
+        return twin(
+            "a red cube on a blue sphere",
+            image=image,
+            strength=IMG2IMG_STRENGTH,
+            num_inference_steps=4,
+            guidance_scale=3.5,
+            height=side,
+            width=side,
+            generator=[torch.Generator().manual_seed(1)],
+            max_sequence_length=256,
+        ).images
+
+    def studio():
+        return image_to_image(service, job, folder=folder)
+
+    medians = interleaved_medians({"bare": bare, "studio": studio}, repeats)
+    return {
+        "bare_seconds": medians["bare"],
+        "studio_seconds": medians["studio"],
+        "ratio": medians["studio"] / medians["bare"],
+        "repeats": repeats,
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--only",
+        choices=["generate", "img2img", "controlnet"],
+        help="time one of the three (img2img writes img2img-cpu.json, controlnet generate-controlnet-cpu.json)",
+    )
     args = parser.parse_args(argv)
 
     tiny_root = ensure_tiny_models()
@@ -127,8 +177,7 @@ def main(argv: list[str] | None = None) -> None:
         "mid-size SD3, 256x256": (mid_size_pipeline(tiny_root / TINY_SD3_DIRS["large"]), 256),
     }
     print(f"SD3 pipelines with random weights, fp32, {machine_description()}; 4 steps, guidance 3.5")
-    print(f"{'pipeline':<24} {'bare call':>10} {'Studio':>9} {'ratio':>6} {'+previews':>10} {'ratio':>6}")
-    rows = []
+    generate_rows, img2img_rows = [], []
     with tempfile.TemporaryDirectory() as scratch:
         for name, (pipeline, side) in cases.items():
             parameters = sum(parameter.numel() for parameter in pipeline.transformer.parameters())
@@ -136,46 +185,35 @@ def main(argv: list[str] | None = None) -> None:
             request = GenerationRequest(
                 prompt="a red cube on a blue sphere", steps=4, guidance=3.5, width=side, height=side, seed=1
             )
-            LatentPreviewer.for_pipeline(pipeline)(torch.zeros(1, 16, 2, 2))  # fit the projection outside the timing
-
-            def bare(pipeline=pipeline, side=side):
-                return pipeline(
-                    "a red cube on a blue sphere",
-                    num_inference_steps=4,
-                    guidance_scale=3.5,
-                    height=side,
-                    width=side,
-                    generator=[torch.Generator().manual_seed(1)],
-                    max_sequence_length=256,
-                ).images
-
-            def studio(service=service, request=request, preview_every=0):
-                with_previews = dataclasses.replace(request, preview_every=preview_every)
-                return service.run(with_previews, folder=Path(scratch))
-
-            medians = interleaved_medians(
-                {"bare": bare, "studio": studio, "previews": lambda: studio(preview_every=1)}, args.repeats
-            )
-            ratio, preview_ratio = medians["studio"] / medians["bare"], medians["previews"] / medians["bare"]
+            if args.only in (None, "generate"):
+                row = time_generate(pipeline, service, request, side, Path(scratch), args.repeats)
+                generate_rows.append({"pipeline": name, "transformer_parameters": parameters, **row})
+            if args.only in (None, "img2img"):
+                row = time_img2img(pipeline, service, request, side, Path(scratch), args.repeats)
+                img2img_rows.append(
+                    {"pipeline": f"{name}, img2img strength {IMG2IMG_STRENGTH}", "transformer_parameters": parameters}
+                    | row
+                )
+    if generate_rows:
+        print(f"{'text to image':<24} {'bare call':>10} {'Studio':>9} {'ratio':>6} {'+previews':>10} {'ratio':>6}")
+        for row in generate_rows:
             print(
-                f"{name:<24} {medians['bare']:>9.3f}s {medians['studio']:>8.3f}s {ratio:>6.3f}"
-                f" {medians['previews']:>9.3f}s {preview_ratio:>6.3f}"
+                f"{row['pipeline']:<24} {row['bare_seconds']:>9.3f}s {row['studio_seconds']:>8.3f}s {row['ratio']:>6.3f}"
+                f" {row['studio_with_previews_seconds']:>9.3f}s {row['previews_ratio']:>6.3f}"
             )
-            rows.append(
-                {
-                    "pipeline": name,
-                    "transformer_parameters": parameters,
-                    "bare_seconds": medians["bare"],
-                    "studio_seconds": medians["studio"],
-                    "ratio": ratio,
-                    "studio_with_previews_seconds": medians["previews"],
-                    "previews_ratio": preview_ratio,
-                    "repeats": args.repeats,
-                }
+    if img2img_rows:
+        print(f"img2img at strength {IMG2IMG_STRENGTH} (3 of the 4 steps run)")
+        print(f"{'pipeline':<42} {'bare call':>10} {'Studio':>9} {'ratio':>6}")
+        for row in img2img_rows:
+            print(
+                f"{row['pipeline']:<42} {row['bare_seconds']:>9.3f}s {row['studio_seconds']:>8.3f}s {row['ratio']:>6.3f}"
             )
-    path = write_results("generate-cpu", "tiny and mid-size random weights", rows)
-    print(f"medians of {args.repeats} interleaved runs; saved to {path}")
-    controlnet_rows(tiny_root, cases, args.repeats)
+    if generate_rows or img2img_rows:
+        name = {"img2img": "img2img-cpu"}.get(args.only, "generate-cpu")
+        path = write_results(name, "tiny and mid-size random weights", generate_rows + img2img_rows)
+        print(f"medians of {args.repeats} interleaved runs; saved to {path}")
+    if args.only in (None, "controlnet"):
+        controlnet_rows(tiny_root, cases, args.repeats)
 
 
 class PipelineAndControlNet(OnePipeline):
@@ -279,6 +317,37 @@ def controlnet_rows(tiny_root: Path, cases: dict, repeats: int) -> list[dict]:
     path = write_results("generate-controlnet-cpu", "tiny and mid-size random weights, canny ControlNet", rows)
     print(f"medians of {repeats} interleaved runs; saved to {path}")
     return rows
+
+
+def time_generate(pipeline, service, request, side: int, folder: Path, repeats: int) -> dict:
+    """Medians of the Studio's generation (without and with a preview every step) and the bare call."""
+    LatentPreviewer.for_pipeline(pipeline)(torch.zeros(1, 16, 2, 2))  # fit the projection outside the timing
+
+    def bare():
+        return pipeline(
+            "a red cube on a blue sphere",
+            num_inference_steps=4,
+            guidance_scale=3.5,
+            height=side,
+            width=side,
+            generator=[torch.Generator().manual_seed(1)],
+            max_sequence_length=256,
+        ).images
+
+    def studio(preview_every=0):
+        return service.run(dataclasses.replace(request, preview_every=preview_every), folder=folder)
+
+    medians = interleaved_medians(
+        {"bare": bare, "studio": studio, "previews": lambda: studio(preview_every=1)}, repeats
+    )
+    return {
+        "bare_seconds": medians["bare"],
+        "studio_seconds": medians["studio"],
+        "ratio": medians["studio"] / medians["bare"],
+        "studio_with_previews_seconds": medians["previews"],
+        "previews_ratio": medians["previews"] / medians["bare"],
+        "repeats": repeats,
+    }
 
 
 if __name__ == "__main__":

@@ -417,7 +417,10 @@ def build_generate_tab(studio: Studio, outputs_dir: Path | None = None) -> dict:
             with gr.Accordion("Details (JSON)", open=False):
                 details = gr.JSON(label="Details")
             used_seed = ValidatedNumber(visible=False, precision=0)
-            send_to_caption = gr.Button("Caption the selected image with BLIP →")
+            with gr.Row():
+                send_to_caption = gr.Button("Caption the selected image with BLIP →")
+                send_to_img2img = gr.Button("Send to img2img →")
+                send_to_inpaint = gr.Button("Send to inpaint →")
             # Server-side only: the images the gallery shows, and the selection as a list and an index in it
             # (the gallery's images or the history's, whichever was clicked last).
             gallery_images = gr.State([])
@@ -652,6 +655,8 @@ def build_generate_tab(studio: Studio, outputs_dir: Path | None = None) -> dict:
         "prompt": prompt,
         "gallery": gallery,
         "send_to_caption": send_to_caption,
+        "send_to_img2img": send_to_img2img,
+        "send_to_inpaint": send_to_inpaint,
         "shown_images": shown_images,
         "selected_index": selected_index,
         "preview": preview,

@@ -35,6 +35,7 @@ from pipelines.roundtrip import (
     run_evaluation,
 )
 from pipelines.sd3 import MODEL_CHOICES, model_key
+from pipelines.sd3_image_to_image import check_strength
 from pipelines.studio import Studio
 from pipelines.validation import as_int
 
@@ -140,17 +141,25 @@ def build_roundtrip_tab(studio: Studio) -> dict:
                 )
             yield str(trip.generation.paths[0]), summary, scores, trip.diff, details["seed"], details
 
-    def reverse_trip(image, model, seed, steps, request, **shared):
+    def reverse_trip(image, model, seed, steps, request, strength="", **shared):
         if image is None:
             raise ValueError("Upload an image (PNG, JPEG, WebP, GIF, BMP or TIFF) first.")
         picture = load_image(image)
+        strength = None if blank_to_none(strength) is None else check_strength(strength)  # set: img2img
         visitor = visitor_id(request)
         job = settings_request("", model, seed, steps, **shared)
         # The caption is the prompt, so it is not known yet; every other setting is checked now.
         studio.generation.check(dataclasses.replace(job, prompt="the caption"), visitor=visitor)
         with workspace.request_folder(visitor) as folder:
             trip = image_round_trip(
-                picture, studio.generation, studio.matcher(), job, visitor=visitor, notify=gr.Info, folder=folder
+                picture,
+                studio.generation,
+                studio.matcher(),
+                job,
+                visitor=visitor,
+                notify=gr.Info,
+                folder=folder,
+                strength=strength,
             )
             fits = f"The caption fits the redrawn image with a mean log-prob of {trip.fit.mean_logprob:.3f}."
             yield trip.caption, str(trip.generation.paths[0]), fits, trip.details()
@@ -256,7 +265,15 @@ def build_roundtrip_tab(studio: Studio) -> dict:
             reverse_model = gr.Radio(choices=_model_choices(), value="large", label="Model")
             reverse_seed = ValidatedNumber(value=-1, precision=0, label="Seed (-1 = random)")
             reverse_run = gr.Button("Caption, then draw the caption", variant="primary")
-        reverse_steps = gr.Textbox(value="", label="Steps (empty = preset)", placeholder="preset")
+        with gr.Row():
+            reverse_steps = gr.Textbox(value="", label="Steps (empty = preset)", placeholder="preset")
+            # Empty: text to image from the caption alone. A strength: the caption redraws the image itself.
+            reverse_strength = gr.Textbox(
+                value="",
+                label=f"Strength (empty = from the caption alone; {settings.STRENGTH.low:g}-{settings.STRENGTH.high:g} "
+                "= img2img from your image)",
+                placeholder="empty: text to image",
+            )
         reverse_caption = gr.Textbox(label="BLIP's caption", interactive=False)
         reverse_summary = gr.Markdown()
         with gr.Accordion("Details (JSON)", open=False):
@@ -364,10 +381,12 @@ def build_roundtrip_tab(studio: Studio) -> dict:
                 parameter("model", "large"),
                 parameter("seed", -1),
                 parameter("steps", ""),
-                *shared_parameters,
+                *shared_parameters[:-1],
+                parameter("strength", ""),  # last, so positional callers keep working
+                shared_parameters[-1],
             ],
         ),
-        inputs=[upload, reverse_model, reverse_seed, reverse_steps, *shared_inputs],
+        inputs=[upload, reverse_model, reverse_seed, reverse_steps, *shared_inputs, reverse_strength],
         outputs=[reverse_caption, redrawn, reverse_summary, reverse_details],
         api_name="roundtrip_image",
         concurrency_id=settings.GPU_CONCURRENCY_ID,

@@ -31,6 +31,7 @@ from pipelines.catalog import CATALOG
 from pipelines.generation import GenerationOutcome, GenerationRequest, GenerationService
 from pipelines.matching import ImageTextMatcher, MatchRequest, TextScore
 from pipelines.sd3 import GenerateRequest, GenerateResult, model_key, size_limits
+from pipelines.sd3_image_to_image import ImageToImageRequest, image_to_image
 
 PROMPTS_DIR = Path(__file__).resolve().parent.parent / "assets" / "prompts"
 _WORD = re.compile(r"[\w']+")
@@ -161,15 +162,22 @@ def image_round_trip(
     notify: Callable[[str], None] | None = None,
     folder: Path | None = None,
     save: bool = True,
+    strength: float | None = None,
 ) -> ImageRoundTrip:
     """Caption ``image``, draw the caption with ``request``'s settings (its prompt is replaced by the
     caption; its LoRAs apply), and score the caption against the new image.
 
-    Without a width and height the image's shape is drawn at the model's default area.
+    Without a width and height the image's shape is drawn at the model's default area. With a
+    ``strength``, the caption redraws ``image`` itself (image to image, at the image's size).
     """
     generation = _generation_service(generation)
     request = request or GenerationRequest(prompt="")
     caption = matcher.captioner.caption(image, caption_request).captions[0].text
+    if strength is not None:
+        job = ImageToImageRequest(image, dataclasses.replace(request, prompt=caption, num_images=1), strength)
+        outcome = image_to_image(generation, job, visitor=visitor, notify=notify, folder=folder, save=save)
+        fit = matcher.match([outcome.images[0]], MatchRequest(texts=(caption,))).scores[0][0]
+        return ImageRoundTrip(caption=caption, generation=outcome, fit=fit)
     if request.width is None or request.height is None:
         side = size_limits(CATALOG[model_key(request.model)], generation.tiny)["default_size"]
         width, height = image.size

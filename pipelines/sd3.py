@@ -402,8 +402,9 @@ def generate(
     """Draw ``request`` with ``pipeline``.
 
     ``extra_arguments`` go to the pipeline call as they are (a ControlNet's ``control_image`` and
-    ``controlnet_conditioning_scale``); ``extra_parameters`` are more A1111 pairs for each PNG's text,
-    ``extra_settings`` more keys for its JSON chunk.
+    ``controlnet_conditioning_scale``; image-to-image's ``image``, ``strength``, ``mask_image``);
+    ``extra_parameters`` are more A1111 pairs for each PNG's text, ``extra_settings`` more keys for
+    its JSON chunk.
 
     ``on_step(step, total, previews)`` is called after every denoising step;
     ``previews`` holds projected latents every ``preview_every`` steps (0: never).

@@ -203,6 +203,16 @@ FAST_PATH_RECOMPILE_LIMIT = 64
 # ZeroGPU: the GPU time asked for one ahead-of-time compilation of the MMDiT (Large takes minutes).
 AOT_COMPILE_SECONDS = 1500
 
+# --- image to image and inpainting (pipelines/sd3_image_to_image, components/image_to_image) ------
+# Strength is the share of the denoising schedule redrawn: 1 starts from pure noise (the input only
+# sets the size), and below 0.05 even 100 steps leave the image untouched but for rounding.
+STRENGTH = NumberRange(0.05, 1.0, 0.05)
+DEFAULT_STRENGTH = 0.75  # A1111's default denoising strength: new detail, same composition
+DEFAULT_VARIATION_STRENGTH = 0.5  # variations keep the layout and colours, and redraw the detail
+MASK_BLUR = NumberRange(0, 64, 1)  # pixels: how far the paste-back blends around the mask's edge
+DEFAULT_MASK_BLUR = 4  # A1111's default: enough to hide the seam at SD3.5's sizes
+MAX_MASK_LAYERS = 8  # brush layers of the image editor read into one mask
+
 # --- results (bench/, the Round trip tab, the Scoreboard) ---------------------------
 # Benchmarks write bench/results (the repository's measured figures). The Round trip tab writes
 # the evaluations that visitors run to STUDIO_RESULTS_DIR when set (e.g. a persistent volume on a

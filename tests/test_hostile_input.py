@@ -236,6 +236,10 @@ BAD_IMAGE_INPUTS = [
     pytest.param("/match", lambda bad, good: ((good,), {"texts": "a cat", "more_images": [bad]}), id="match-more-images"),
     pytest.param("/attention", lambda bad, good: ((bad,), {"caption": "a cat"}), id="attention-image"),
     pytest.param("/roundtrip_image", lambda bad, good: ((bad,), {}), id="roundtrip-image"),
+    pytest.param("/img2img", lambda bad, good: ((bad,), {"prompt": "a cat"}), id="img2img-image"),
+    pytest.param("/inpaint", lambda bad, good: ((bad,), {"mask": good, "prompt": "a cat"}), id="inpaint-image"),
+    pytest.param("/inpaint", lambda bad, good: ((good,), {"mask": bad, "prompt": "a cat"}), id="inpaint-mask"),
+    pytest.param("/variations", lambda bad, good: ((bad,), {}), id="variations-image"),
 ]  # fmt: skip
 
 
@@ -372,6 +376,7 @@ MAIN_INPUTS = {  # what each endpoint needs besides the number under test
     "/system": {},
     "/roundtrip": {"prompt": "a cat", "steps": 2},
     "/roundtrip_image": {"image": "EXAMPLE"},
+    "/img2img": {"image": "EXAMPLE", "prompt": "a cat", "steps": 1},
     "/caption_batch": {"files": ["EXAMPLE"]},
     "/evaluate": {"categories": ["counting"], "steps": 1, "side": 64},
 }
@@ -404,6 +409,8 @@ NUMBERS = [
     pytest.param("/roundtrip", {"seed": "abc"}, "seed must be a whole number", id="roundtrip-seed-string"),
     pytest.param("/roundtrip", {"steps": 10**6}, "steps must be between 1 and 100", id="roundtrip-steps-huge"),
     pytest.param("/roundtrip_image", {"seed": -7}, "seed must be between -1 and 4294967295, not -7", id="roundtrip-image-seed"),
+    pytest.param("/img2img", {"strength": "nan"}, "strength must be a number between 0.05 and 1", id="img2img-strength-nan"),
+    pytest.param("/img2img", {"strength": HUGE}, "strength must be a number between 0.05 and 1", id="img2img-strength-huge"),
     pytest.param("/caption_batch", {"batch_size": 0}, "batch_size must be between 1 and 64, not 0", id="batch-size-zero"),
     pytest.param("/evaluate", {"seeds": ",".join(map(str, range(11)))}, "11 seeds were given; one evaluation run takes at most 10", id="evaluate-too-many-seeds"),
     pytest.param("/evaluate", {"steps": "../../etc"}, "steps must be a whole number", id="evaluate-steps-path"),

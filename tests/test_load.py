@@ -48,6 +48,9 @@ MODEL_EVENTS = (
     "lora_unload",
     "roundtrip",
     "roundtrip_image",
+    "img2img",
+    "inpaint",
+    "variations",
     "evaluate",
     "train_load_result",  # loads a trained adapter into the pipeline
     "unload",  # would pull a model away from a running generation (issue 15, attack 6)

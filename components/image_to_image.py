@@ -1,0 +1,388 @@
+"""Image to image tab: img2img, inpainting (a brush mask) and variations (APIs ``/img2img``, ``/inpaint``,
+``/variations``), on the generation service (pipelines/sd3_image_to_image.py)."""
+
+from __future__ import annotations
+
+import contextvars
+import queue
+import threading
+from collections.abc import Callable, Iterator
+
+import gradio as gr
+
+from components.common import (
+    StopRequests,
+    UploadedImage,
+    ValidatedNumber,
+    ValidatedSlider,
+    blank_to_none,
+    generation_request,
+    launch_alone,
+    named_endpoint,
+    on_gpu,
+    parameter,
+    visitor_id,
+)
+from pipelines import settings, workspace
+from pipelines.catalog import CATALOG
+from pipelines.images import load_image
+from pipelines.memory import SD3_MODES
+from pipelines.sd3 import MODEL_CHOICES
+from pipelines.sd3_image_to_image import ImageToImageRequest, image_to_image, load_brush_layer, mask_from_layers
+from pipelines.studio import Studio
+
+OUTPUT_COUNT = 5  # gallery, summary, prompt used, preview, details
+
+
+def image_to_image_summary(details: dict) -> str:
+    """One line for people about a details dict (clients read the dict)."""
+    seeds = details["seeds"]
+    summary = (
+        f"{details['mode']}: {len(details['seeds'])} image(s), {details['output_size']}, strength "
+        f"{details['strength']:g} = {details['steps_done']}/{details['denoising_steps']} denoising steps of "
+        f"{details['steps']}, guidance {details['guidance']:g}, seed {seeds[0]}"
+        + (f"–{seeds[-1]}" if len(seeds) > 1 else "")
+        + f", {details['timings']['generate_seconds']:.1f} s"
+    )
+    if details["loras"]:
+        summary += " · LoRA " + ", ".join(f"{item['name']}:{item['weight']:g}" for item in details["loras"])
+    if details["caption"]:
+        summary += f" · prompt = BLIP's caption: **{details['caption']}**"
+    if details["resized"]:
+        summary += f" · drawn at {details['size']} (the input is {details['input_size']}, not a multiple of 16)"
+    if details["stopped"]:
+        summary += f" · stopped at step {details['steps_done']}"
+    if details["tiny"]:
+        summary += " · tiny random model: the images are noise by design"
+    return summary
+
+
+def estimated_gpu_seconds(*args, **named) -> int:
+    """A generous ZeroGPU duration for one call: loading plus at most 100 steps of a ~1 MP image."""
+    return 120
+
+
+def stream_outcome(job: Callable, progress) -> Iterator[tuple[str, object]]:
+    """Run ``job(on_step)`` in a worker thread (in this request's context, so its notes reach the page);
+    yields ("preview", image) for each step preview, then ("done", outcome)."""
+    events: queue.Queue = queue.Queue()
+
+    def work():
+        try:
+            events.put(("done", job(lambda step, total, previews: events.put(("step", step, total, previews)))))
+        except BaseException as error:  # re-raised below, in the request's thread
+            events.put(("error", error))
+
+    threading.Thread(target=contextvars.copy_context().run, args=(work,), name="sd3-img2img", daemon=True).start()
+    while True:
+        event = events.get()
+        if event[0] == "error":
+            raise event[1]
+        if event[0] == "done":
+            yield "done", event[1]
+            return
+        _, step, total, previews = event
+        progress((step, total), desc="denoising", unit="steps")
+        if previews:
+            yield "preview", previews[0]
+
+
+def _model_choices():
+    return [(CATALOG[key].title.removeprefix("Stable Diffusion "), name) for name, key in MODEL_CHOICES.items()]
+
+
+def build_image_to_image_tab(studio: Studio) -> dict:
+    """Build the Image to image tab inside the current Blocks; returns its main components."""
+    stop_requests = StopRequests()
+
+    def redraw(picture, mask, prompt, negative_prompt, strength, model, seed, steps, guidance, lora, lora_scale,
+               memory_mode, preview_every, progress, request, *, inpaint=False, mask_blur=None, paste_back=True,
+               num_images=1):  # fmt: skip
+        """Stream previews, then yield (PNGs, summary, the prompt used, hidden preview, details)."""
+        job = generation_request(
+            prompt, model, negative_prompt=negative_prompt, seed=seed, steps=steps, guidance=guidance,
+            num_images=num_images, memory_mode=memory_mode, lora=lora, lora_scale=lora_scale,
+            preview_every=0 if preview_every is None else preview_every,
+        )  # fmt: skip
+        task = ImageToImageRequest(
+            picture, job, strength=blank_to_none(strength), inpaint=inpaint, mask=mask,
+            mask_blur=blank_to_none(mask_blur), paste_back=bool(paste_back),
+        )  # fmt: skip
+        visitor = visitor_id(request)
+        stop = stop_requests.start(request)
+        with workspace.request_folder(visitor) as folder:
+
+            def run(on_step):
+                return image_to_image(
+                    studio.generation, task, captioner=studio.captioner, visitor=visitor, notify=gr.Info,
+                    on_step=on_step, should_stop=stop.is_set, folder=folder,
+                )  # fmt: skip
+
+            for kind, value in stream_outcome(run, progress):
+                if kind == "preview":
+                    yield (gr.skip(),) * 3 + (gr.update(value=value, visible=True), gr.skip())
+                else:
+                    outcome = value
+            details = outcome.details
+            for warning in details["warnings"]:
+                gr.Warning(warning)
+            paths = [str(path) for path in outcome.paths]
+            hidden = gr.update(value=None, visible=False)
+            yield paths, image_to_image_summary(details), details["prompt"], hidden, details
+
+    def uploaded(image, what="an image"):
+        if image is None:
+            raise ValueError(f"Upload {what} (PNG, JPEG, WebP, GIF, BMP or TIFF) first.")
+        return load_image(image)
+
+    def img2img(image, prompt, negative_prompt, strength, model, seed, steps, guidance, lora, lora_scale,
+                memory_mode, preview_every, progress, request):  # fmt: skip
+        """Redraw ``image`` at ``strength`` (0.05-1: how much of the schedule is redrawn). The size follows the
+        image (snapped to 16 within the model's range); an empty prompt is BLIP's caption of it."""
+        yield from redraw(uploaded(image), None, prompt, negative_prompt, strength, model, seed, steps, guidance,
+                          lora, lora_scale, memory_mode, preview_every, progress, request)  # fmt: skip
+
+    def inpaint(image, mask, prompt, negative_prompt, strength, mask_blur, paste_back, model, seed, steps, guidance,
+                lora, lora_scale, memory_mode, preview_every, progress, request):  # fmt: skip
+        """Repaint ``image`` where ``mask`` is white (a mask image of the same size). ``paste_back`` keeps every
+        pixel farther than ``mask_blur`` outside the mask exactly as it was; an empty prompt is BLIP's caption."""
+        picture = uploaded(image)
+        mask_image = None if mask is None else uploaded(mask, "a mask")
+        yield from redraw(picture, mask_image, prompt, negative_prompt, strength, model, seed, steps, guidance, lora,
+                          lora_scale, memory_mode, preview_every, progress, request, inpaint=True,
+                          mask_blur=mask_blur, paste_back=paste_back)  # fmt: skip
+
+    def inpaint_drawn(editor, mask, prompt, negative_prompt, strength, mask_blur, paste_back, model, seed, steps,
+                      guidance, lora, lora_scale, memory_mode, preview_every, progress, request):  # fmt: skip
+        """The Inpaint button: the image and the brush mask from the editor (an uploaded mask wins)."""
+        editor = editor or {}
+        picture = uploaded(editor.get("background"), "an image into the editor")
+        if mask is not None:
+            mask_image = uploaded(mask, "a mask")
+        else:
+            layers = [load_brush_layer(path) for path in (editor.get("layers") or [])[: settings.MAX_MASK_LAYERS]]
+            mask_image = mask_from_layers(layers, picture.size)
+        yield from redraw(picture, mask_image, prompt, negative_prompt, strength, model, seed, steps, guidance, lora,
+                          lora_scale, memory_mode, preview_every, progress, request, inpaint=True,
+                          mask_blur=mask_blur, paste_back=paste_back)  # fmt: skip
+
+    def variations(image, strength, count, seed, model, steps, guidance, lora, lora_scale, memory_mode, progress,
+                   request):  # fmt: skip
+        """``count`` img2img redraws of ``image`` with BLIP's caption as the prompt, seeds seed, seed+1, ..."""
+        yield from redraw(uploaded(image), None, "", "", strength, model, seed, steps, guidance, lora, lora_scale,
+                          memory_mode, 0, progress, request, num_images=count)  # fmt: skip
+
+    def stop_run(request: gr.Request):
+        stop_requests.stop(request)
+
+    gr.Markdown(
+        "Redraw an image with SD3.5: **img2img** keeps its composition at a strength you choose, **Inpaint** "
+        "repaints only what you brush over. An empty prompt uses BLIP's caption of the image. The output keeps "
+        "the image's size (snapped to multiples of 16 within the model's range)."
+    )
+    if not studio.tiny:
+        gr.Markdown("The SD3.5 repos are gated: start the app with `HF_TOKEN`; a GPU makes this take seconds.")
+
+    def settings_controls(strength_value: float):
+        prompt = gr.Textbox(label="Prompt (empty = BLIP's caption of the image)", lines=2, value="",
+                            max_length=settings.MAX_PROMPT_CHARS)  # fmt: skip
+        negative_prompt = gr.Textbox(label="Negative prompt", value="", max_length=settings.MAX_PROMPT_CHARS)
+        strength = ValidatedSlider(settings.STRENGTH.low, settings.STRENGTH.high, value=strength_value,
+                                   step=settings.STRENGTH.step, label="Strength (share of the schedule redrawn)")  # fmt: skip
+        model = gr.Radio(choices=_model_choices(), value="large", label="Model")
+        with gr.Row():
+            seed = ValidatedNumber(value=-1, precision=0, label="Seed (-1 = random)", minimum=-1,
+                                   maximum=settings.MAX_SEED)  # fmt: skip
+            steps = gr.Textbox(value="", label="Steps (empty = preset)", placeholder="preset")
+            guidance = gr.Textbox(value="", label="Guidance (empty = preset)", placeholder="preset")
+        with gr.Accordion("LoRA, memory, previews", open=False):
+            lora = gr.Textbox(value="", label="LoRAs (name:weight, comma-separated)", placeholder="pixel_style:0.8")
+            lora_scale = ValidatedSlider(-settings.MAX_LORA_WEIGHT, settings.MAX_LORA_WEIGHT, value=1.0, step=0.05,
+                                         label="LoRA scale")  # fmt: skip
+            memory_mode = gr.Dropdown(
+                choices=[("auto: the fastest that fits", "auto")]
+                + [(f"{mode.key}: {mode.title}", mode.key) for mode in SD3_MODES],
+                value=studio.memory_mode,
+                label="Memory mode (quantization / offload)",
+                visible=not studio.public,
+            )
+            preview_every = ValidatedSlider(0, settings.MAX_PREVIEW_EVERY, value=settings.DEFAULT_PREVIEW_EVERY,
+                                            step=1, label="Preview every N steps (0 = off)")  # fmt: skip
+        return (
+            prompt,
+            negative_prompt,
+            strength,
+            model,
+            seed,
+            steps,
+            guidance,
+            lora,
+            lora_scale,
+            memory_mode,
+            preview_every,
+        )
+
+    def output_controls():
+        preview = gr.Image(label="Preview", format="png", interactive=False, height=256, visible=False)
+        gallery = gr.Gallery(label="Images", format="png", columns=2, height=420, preview=True)
+        summary = gr.Markdown()
+        prompt_used = gr.Textbox(label="Prompt used", interactive=False)
+        with gr.Accordion("Details (JSON)", open=False):
+            details = gr.JSON(label="Details")
+        return [gallery, summary, prompt_used, preview, details]
+
+    shared_parameters = [
+        parameter("prompt", ""),
+        parameter("negative_prompt", ""),
+        parameter("strength", settings.DEFAULT_STRENGTH),
+    ]
+    tail_parameters = [
+        parameter("model", "large"),
+        parameter("seed", -1),
+        parameter("steps", ""),
+        parameter("guidance", ""),
+        parameter("lora", ""),
+        parameter("lora_scale", 1.0),
+        parameter("memory_mode", studio.memory_mode),
+        parameter("preview_every", settings.DEFAULT_PREVIEW_EVERY),
+        parameter("progress", gr.Progress()),
+        parameter("request", None, gr.Request),
+    ]
+    gpu = on_gpu(estimated_gpu_seconds)
+
+    with gr.Tabs() as modes:
+        with gr.Tab("img2img", id="img2img"), gr.Row():
+            with gr.Column(scale=1):
+                image = UploadedImage(label="Image", height=300)
+                (prompt, negative_prompt, strength, model, seed, steps, guidance, lora, lora_scale, memory_mode,
+                 preview_every) = settings_controls(settings.DEFAULT_STRENGTH)  # fmt: skip
+                with gr.Row():
+                    run = gr.Button("Redraw", variant="primary", scale=3)
+                    stop = gr.Button("Stop", variant="stop", scale=1)
+                with gr.Accordion("Variations: BLIP's caption, several seeds", open=False):
+                    with gr.Row():
+                        variation_strength = ValidatedSlider(
+                            settings.STRENGTH.low, settings.STRENGTH.high, value=settings.DEFAULT_VARIATION_STRENGTH,
+                            step=settings.STRENGTH.step, label="Strength",
+                        )  # fmt: skip
+                        variation_count = ValidatedSlider(1, settings.MAX_IMAGES_PER_REQUEST, value=4, step=1,
+                                                          label="Variations (seed, seed+1, ...)")  # fmt: skip
+                    run_variations = gr.Button("Make variations")
+            with gr.Column(scale=1):
+                img2img_outputs = output_controls()
+        with gr.Tab("Inpaint", id="inpaint"), gr.Row():
+            with gr.Column(scale=1):
+                editor = gr.ImageEditor(
+                    label="Image: brush over what to repaint",
+                    type="filepath",
+                    format="png",  # lossless: paste-back keeps the input's pixels exactly
+                    brush=gr.Brush(colors=["#ffffff"], color_mode="fixed", default_size=24),
+                    layers=False,
+                    transforms=(),
+                    height=380,
+                )
+                with gr.Accordion("Or upload a mask (white = repaint, the image's size)", open=False):
+                    mask = UploadedImage(label="Mask", height=200)
+                (inpaint_prompt, inpaint_negative, inpaint_strength, inpaint_model, inpaint_seed, inpaint_steps,
+                 inpaint_guidance, inpaint_lora, inpaint_lora_scale, inpaint_memory,
+                 inpaint_preview) = settings_controls(settings.DEFAULT_STRENGTH)  # fmt: skip
+                with gr.Row():
+                    mask_blur = ValidatedSlider(settings.MASK_BLUR.low, settings.MASK_BLUR.high,
+                                                value=settings.DEFAULT_MASK_BLUR, step=settings.MASK_BLUR.step,
+                                                label="Mask blur (px)")  # fmt: skip
+                    paste_back = gr.Checkbox(value=True, label="Paste back: keep every pixel outside the mask")
+                with gr.Row():
+                    inpaint_run = gr.Button("Inpaint", variant="primary", scale=3)
+                    inpaint_stop = gr.Button("Stop", variant="stop", scale=1)
+                # /inpaint for API clients: an image and a mask file (the editor's value is the page's own).
+                api_image = UploadedImage(visible=False)
+                api_run = gr.Button(visible=False)
+            with gr.Column(scale=1):
+                inpaint_outputs = output_controls()
+
+    gr.on(
+        triggers=[run.click],
+        fn=named_endpoint(gpu(img2img), [parameter("image"), *shared_parameters, *tail_parameters]),
+        inputs=[
+            image,
+            prompt,
+            negative_prompt,
+            strength,
+            model,
+            seed,
+            steps,
+            guidance,
+            lora,
+            lora_scale,
+            memory_mode,
+            preview_every,
+        ],  # fmt: skip
+        outputs=img2img_outputs,
+        api_name="img2img",
+        concurrency_id=settings.GPU_CONCURRENCY_ID,
+    )
+    run_variations.click(
+        named_endpoint(
+            gpu(variations),
+            [
+                parameter("image"),
+                parameter("strength", settings.DEFAULT_VARIATION_STRENGTH),
+                parameter("count", 4),
+                parameter("seed", -1),
+                parameter("model", "large"),
+                parameter("steps", ""),
+                parameter("guidance", ""),
+                parameter("lora", ""),
+                parameter("lora_scale", 1.0),
+                parameter("memory_mode", studio.memory_mode),
+                parameter("progress", gr.Progress()),
+                parameter("request", None, gr.Request),
+            ],
+        ),
+        inputs=[
+            image,
+            variation_strength,
+            variation_count,
+            seed,
+            model,
+            steps,
+            guidance,
+            lora,
+            lora_scale,
+            memory_mode,
+        ],  # fmt: skip
+        outputs=img2img_outputs,
+        api_name="variations",
+        concurrency_id=settings.GPU_CONCURRENCY_ID,
+    )
+    inpaint_parameters = [
+        *shared_parameters,
+        parameter("mask_blur", settings.DEFAULT_MASK_BLUR),
+        parameter("paste_back", True),
+        *tail_parameters,
+    ]
+    inpaint_inputs = [inpaint_prompt, inpaint_negative, inpaint_strength, mask_blur, paste_back, inpaint_model,
+                      inpaint_seed, inpaint_steps, inpaint_guidance, inpaint_lora, inpaint_lora_scale, inpaint_memory,
+                      inpaint_preview]  # fmt: skip
+    api_run.click(
+        named_endpoint(gpu(inpaint), [parameter("image"), parameter("mask"), *inpaint_parameters]),
+        inputs=[api_image, mask, *inpaint_inputs],
+        outputs=inpaint_outputs,
+        api_name="inpaint",
+        concurrency_id=settings.GPU_CONCURRENCY_ID,
+    )
+    inpaint_run.click(
+        named_endpoint(gpu(inpaint_drawn), [parameter("editor"), parameter("mask"), *inpaint_parameters]),
+        inputs=[editor, mask, *inpaint_inputs],
+        outputs=inpaint_outputs,
+        api_name="inpaint_drawn",
+        api_visibility="private",
+        concurrency_id=settings.GPU_CONCURRENCY_ID,
+    )
+    stop.click(stop_run, queue=False, api_name="img2img_stop")
+    inpaint_stop.click(stop_run, queue=False, api_name="inpaint_stop")
+    return {"image": image, "editor": editor, "modes": modes, "gallery": img2img_outputs[0], "run": run}
+
+
+if __name__ == "__main__":
+    launch_alone(build_image_to_image_tab, "Image to image")
