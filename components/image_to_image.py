@@ -114,7 +114,7 @@ def build_image_to_image_tab(studio: Studio) -> dict:
 
             def run(on_step):
                 return image_to_image(
-                    studio.generation, task, captioner=studio.captioner, visitor=visitor, notify=gr.Info,
+                    studio.generation, task, describe=studio.caption_for_prompt, visitor=visitor, notify=gr.Info,
                     on_step=on_step, should_stop=stop.is_set, folder=folder,
                 )  # fmt: skip
 

@@ -54,6 +54,7 @@ from pipelines.sd3 import (
     resolve_request,
     save_images,
 )
+from pipelines.sd3_fast import prepare_for_lora
 from pipelines.validation import as_float, as_int
 
 Notify = Callable[[str], None]
@@ -271,7 +272,11 @@ class GenerationService:
         self.libraries = (
             dict(libraries)
             if libraries is not None
-            else {key: LoraLibrary(key) for key, spec in CATALOG.items() if spec.kind == "sd3"}
+            else {
+                key: LoraLibrary(key, before_attach=prepare_for_lora)
+                for key, spec in CATALOG.items()
+                if spec.kind == "sd3"
+            }
         )
         self.find_lora = find_lora
         self.default_memory_mode = memory_mode

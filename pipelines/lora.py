@@ -29,7 +29,7 @@ import re
 import threading
 import warnings
 import weakref
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,7 +47,6 @@ from pipelines.lora_formats import (
 )
 from pipelines.lora_sources import LoraSource, sanitize_lora_name
 from pipelines.ownership import SHARED, UploadSlots
-from pipelines.sd3_fast import prepare_for_lora
 
 logger = logging.getLogger(__name__)
 
@@ -226,12 +225,17 @@ class LoraLibrary:
         *,
         model_title: str | None = None,
         known_bases: Mapping[int, tuple[str, int]] | None = None,
+        before_attach: Callable[[Any], None] | None = None,
     ) -> None:
+        """``before_attach(pipeline)`` runs before an adapter attaches: the SD3.5 fast path passes its
+        ``prepare_for_lora`` (unfuse QKV, refuse an ahead-of-time compiled transformer); this package
+        never imports the drawing code."""
         if model_key not in CATALOG or CATALOG[model_key].kind != "sd3":
             raise ValueError(f"LoRAs are for the SD3.5 models; {model_key!r} is not one.")
         self.model_key = model_key
         self.model_title = model_title or CATALOG[model_key].title
         self.known_bases = dict(KNOWN_MMDIT_BASES if known_bases is None else known_bases)
+        self.before_attach = before_attach
         self._entries: dict[str, LoadedLora] = {}
         self._selection: tuple[tuple[str, float], ...] = ()
         self._fused: _Fused | None = None
@@ -417,7 +421,8 @@ class LoraLibrary:
         """Load ``state_dict`` as adapter ``adapter``; the number of layers it changed. Undone on failure."""
         transformer = pipeline.transformer
         expected = len({key.rsplit(".lora_", 1)[0] for key in state_dict})
-        prepare_for_lora(pipeline)  # the fast path's fused QKV would hide the projections peft wraps
+        if self.before_attach is not None:
+            self.before_attach(pipeline)  # e.g. the fast path's fused QKV would hide the projections peft wraps
         try:
             # The transformer only (the text encoders get nothing, and diffusers would log that twice);
             # low_cpu_mem_usage=False: peft copies the factors, so the library's CPU copy stays its own.

@@ -1,7 +1,7 @@
 """Image to image and inpainting with SD3.5, on the generation service's ``prepare`` and ``finish``.
 
     request = ImageToImageRequest(image, GenerationRequest(prompt="", seed=7), strength=0.6)
-    outcome = image_to_image(studio.generation, request, captioner=studio.captioner)
+    outcome = image_to_image(studio.generation, request, describe=studio.caption_for_prompt)
     outcome.images, outcome.paths, outcome.details  # as /generate's, plus strength, denoising steps, caption
 
 Only ``draw`` is this module's own: ``StableDiffusion3Img2ImgPipeline`` (or ``...InpaintPipeline``)
@@ -32,7 +32,6 @@ import torch
 from PIL import Image
 
 from pipelines import settings
-from pipelines.blip import CaptionRequest
 from pipelines.catalog import CATALOG
 from pipelines.generation import (
     GenerationOutcome,
@@ -219,12 +218,6 @@ def derived_pipeline(pipeline, inpaint: bool):
     return derived
 
 
-def blip_caption(captioner: Callable[[], Any], image: Image.Image) -> str:
-    """BLIP's caption of ``image``: the base captioner (no adapter), beam search with 3 beams."""
-    request = CaptionRequest(strategy=settings.CaptionStrategy.BEAM, num_beams=3)
-    return captioner().caption(image, request, adapter=None).captions[0].text
-
-
 # ----------------------------------------------------------------------------- the job
 
 
@@ -282,7 +275,7 @@ def image_to_image(
     service: GenerationService,
     request: ImageToImageRequest,
     *,
-    captioner: Callable[[], Any] | None = None,
+    describe: Callable[[Image.Image], str] | None = None,
     visitor: str | None = None,
     notify: Notify | None = None,
     on_step: StepCallback | None = None,
@@ -290,8 +283,8 @@ def image_to_image(
     folder: Path | None = None,
     save: bool = True,
 ) -> GenerationOutcome:
-    """Redraw ``request.image`` (see the module docstring). ``captioner()`` returns the BLIP captioner,
-    needed only for an empty prompt. ValueError with one sentence for the first bad input."""
+    """Redraw ``request.image`` (see the module docstring). ``describe(image)`` gives BLIP's caption
+    (``Studio.caption_for_prompt``), needed only for an empty prompt. ValueError with one sentence for the first bad input."""
     say = notify or (lambda _sentence: None)
     image = request.image.convert("RGB")
 
@@ -304,9 +297,9 @@ def image_to_image(
     # 2. An empty prompt: BLIP says what the image shows (the prompt's LoRA tags stay).
     caption = None
     if needs_caption:
-        if captioner is None:
+        if describe is None:
             raise ValueError("Write a prompt: no BLIP captioner is at hand to describe the image.")
-        caption = blip_caption(captioner, image)
+        caption = describe(image)
         job = dataclasses.replace(job, prompt=f"{caption} {job.prompt or ''}".strip())
         notes.append(f"The prompt is BLIP's caption of the image: {caption!r}.")
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipelines import settings
-from pipelines.blip import BlipCaptioner
+from pipelines.blip import BlipCaptioner, CaptionRequest
 from pipelines.blip_adapters import TINY_ADAPTER_DIR, BlipAdapterInfo, BlipAdapterSet, default_adapter_dir
 from pipelines.catalog import CATALOG
 from pipelines.generation import GenerationService
@@ -25,6 +25,7 @@ from pipelines.lora_sources import (
 )
 from pipelines.manager import ModelManager
 from pipelines.matching import ImageTextMatcher
+from pipelines.sd3_fast import prepare_for_lora
 from pipelines.training_runs import LoadedTrainingResult, TrainingRuns, renaming_sentence
 
 HUB_REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
@@ -86,6 +87,7 @@ class Studio:
                 key,
                 model_title=f"{spec.title} (tiny)" if self.tiny else None,
                 known_bases=tiny_base_names() if self.tiny else None,
+                before_attach=prepare_for_lora,
             )
             for key, spec in CATALOG.items()
             if spec.kind == "sd3"
@@ -144,6 +146,12 @@ class Studio:
     def captioner(self) -> BlipCaptioner:
         """The BLIP captioning model, loaded on first use, with every loaded adapter attached (inactive)."""
         return self.blip_adapters.attached(self.manager.get("blip-caption"))
+
+    def caption_for_prompt(self, image) -> str:
+        """BLIP's caption of ``image`` as a prompt (image to image with an empty prompt): the base
+        captioner, no adapter, beam search with 3 beams."""
+        request = CaptionRequest(strategy=settings.CaptionStrategy.BEAM, num_beams=3)
+        return self.captioner().caption(image, request, adapter=None).captions[0].text
 
     def load_blip_adapter(
         self, source: str = "", uploads: list[str | Path] | tuple = (), *, visitor: str | None = None

@@ -63,7 +63,7 @@ def run(studio, image=None, prompt="a red fox", seed=7, strength=0.6, save=False
         strength=strength,
         **fields,
     )
-    return image_to_image(studio.generation, request, captioner=studio.captioner, save=save)
+    return image_to_image(studio.generation, request, describe=studio.caption_for_prompt, save=save)
 
 
 def test_from_pipe_shares_the_loaded_weights(studio):
@@ -221,7 +221,7 @@ def test_the_image_round_trip_redraws_the_image_itself_at_a_strength(studio):
 
 def test_variations_are_consecutive_seeds_each_reproducible_alone(studio):
     request = ImageToImageRequest(photo(), GenerationRequest(prompt="", seed=20, num_images=2, **DRAW), strength=0.5)
-    both = image_to_image(studio.generation, request, captioner=studio.captioner, save=False)
+    both = image_to_image(studio.generation, request, describe=studio.caption_for_prompt, save=False)
     assert both.details["seeds"] == [20, 21] and both.details["caption"]
     second = run(studio, prompt="", seed=21, strength=0.5)
     assert_close_pixels(pixels(both.images[1]), pixels(second.images[0]))
