@@ -213,7 +213,7 @@ def test_the_batch_work_folder_is_deleted_and_only_the_zip_survives_in_gradios_c
     defaults = {name: parameter.default for name, parameter in inspect.signature(endpoint).parameters.items()}
     defaults.update(files=[str(zip_of(tmp_path / "two.zip", ["a.png", "a.png"], PNG))], strategy="greedy")
     defaults.update(progress=lambda *args, **kwargs: None, request=None, batch_size=2)
-    rows, archive, summary = endpoint(*defaults.values())
+    rows, archive, summary, _kept_rows = endpoint(*defaults.values())  # the last: the rows the server keeps for edits
     assert "2 of 2 images captioned" in summary and [row[1] for row in rows] == ["a (2).png", "a.png"]
     assert list(work_root.iterdir()) == []  # the unpacked copies are gone
     assert Path(archive).is_relative_to(cache) and Path(archive).is_file()

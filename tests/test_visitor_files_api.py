@@ -118,7 +118,7 @@ def test_two_visitors_same_seed_same_second_each_see_only_their_own_images(two_v
             }
             results = {name: run.result() for name, run in runs.items()}
         names = {}
-        for name, (gallery, seed, _summary, history, _preview, details) in results.items():
+        for name, (gallery, seed, _summary, history, _preview, _control_map, details) in results.items():
             assert seed == 11 and len(gallery) == 1 and details["files"] == [Path(gallery[0]["image"]).name]
             assert len(history) == round_number  # the session's own images, nobody else's
             for item in history:
