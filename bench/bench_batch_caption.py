@@ -26,8 +26,8 @@ from pathlib import Path
 from PIL import Image
 
 from bench.common import machine_description, real_size_blip_captioner, write_results
-from pipelines.batch_caption import caption_files, find_images
-from pipelines.blip import CaptionRequest
+from pipelines.blip.batch_caption import caption_files, find_images
+from pipelines.blip.captioner import CaptionRequest
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "assets" / "examples"
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,7 +47,7 @@ def run_cli(folder: Path, model_dir: Path, processes: int, batch_size: int) -> f
     command = [sys.executable, "-m"]
     if processes > 1:
         command += ["torch.distributed.run", "--standalone", "--nproc_per_node", str(processes), "-m"]
-    command += ["pipelines.caption_folder", str(folder), "--model", str(model_dir), "--device", "cpu"]
+    command += ["pipelines.blip.caption_folder", str(folder), "--model", str(model_dir), "--device", "cpu"]
     command += ["--batch-size", str(batch_size), "--strategy", "beam", "--num-beams", "3"]
     command += ["--min-new-tokens", "20", "--max-new-tokens", "20"]
     started = time.perf_counter()

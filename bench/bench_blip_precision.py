@@ -3,7 +3,7 @@
     python -m bench.bench_blip_precision [--repeats 5] [--skip-app] [--skip-variants]
 
 (a) In process, real-size BLIP base with random weights: every variant of
-``pipelines.blip_precision`` captions the same photo (greedy, exactly 20 new
+``pipelines.blip.precision`` captions the same photo (greedy, exactly 20 new
 tokens, the feature cache off), timed in turn with fp32; prints the median
 seconds, the ratio to fp32, the relative L2 deviation of the first decode
 step's logits from fp32's, and whether the 20 greedy tokens equal fp32's.
@@ -38,9 +38,9 @@ import torch
 from PIL import Image
 
 from bench.common import interleaved_medians, machine_description, real_size_blip_captioner, write_results
-from pipelines.blip import BlipCaptioner, CaptionRequest
-from pipelines.blip_precision import VARIANTS, apply_blip_precision, cpu_has_native_bf16
-from pipelines.feature_cache import ImageFeatureCache
+from pipelines.blip.captioner import BlipCaptioner, CaptionRequest
+from pipelines.blip.feature_cache import ImageFeatureCache
+from pipelines.blip.precision import VARIANTS, apply_blip_precision, cpu_has_native_bf16
 
 ROOT = Path(__file__).resolve().parent.parent
 PHOTO = ROOT / "assets" / "examples" / "chelsea.png"

@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 from bench.common import interleaved_medians, machine_description, real_size_blip_captioner, write_results
-from pipelines.blip import CaptionRequest
+from pipelines.blip.captioner import CaptionRequest
 
 PHOTO = Path(__file__).resolve().parent.parent / "assets" / "examples" / "chelsea.png"
 TOKENS = 20
@@ -33,7 +33,7 @@ SETTINGS = {
         "request": CaptionRequest(strategy="beam", num_beams=3),
         "generate": {"num_beams": 3, "do_sample": False, "early_stopping": True},
     },
-    # Sampling draws from one seeded stream per caption (pipelines/seeded_sampling.py), so a caption
+    # Sampling draws from one seeded stream per caption (pipelines/blip/seeded_sampling.py), so a caption
     # does not depend on its batch; the bare side samples from the global generator.
     "sample": {
         "request": CaptionRequest(strategy="sampling", seed=0),

@@ -5,18 +5,18 @@
 Two pipelines: the tiny Large stand-in, and a mid-size random-weight SD3
 (an 8-layer, 512-wide MMDiT with the real SD3 VAE config and small text
 encoders) at 256x256, 4 steps, guidance 3.5. The Studio side is what every tab
-runs: the generation service (``pipelines/generation.py``: checks, presets,
+runs: the generation service (``pipelines/sd3/generation.py``: checks, presets,
 memory mode, LoRA selection, the step callback, stop check, truncation check,
 PNG parameters, saving the PNG with its metadata, the details dict). It is
 timed with live previews off and with a preview after every step, so the
 previews' cost is printed. Goal: ratio <= 1.05 without previews.
 
 A ControlNet row follows (``controlnet_rows``): the Studio's ControlNet draw
-(``pipelines/sd3_controlnet.run``: the service's checks, cv2.Canny, the ControlNet
+(``pipelines/sd3/controlnet.run``: the service's checks, cv2.Canny, the ControlNet
 pipeline built from the loaded one, PNGs, details) against a bare
 ``StableDiffusion3ControlNetPipeline`` call on a cv2.Canny map, same settings.
 
-The img2img row times the Studio's image to image (``pipelines/sd3_image_to_image.py``: the same
+The img2img row times the Studio's image to image (``pipelines/sd3/image_to_image.py``: the same
 service's prepare and finish around a ``from_pipe`` twin, PNG included) against the bare
 ``StableDiffusion3Img2ImgPipeline`` call on the same weights, strength 0.6 (3 of the 4 steps).
 Goal: ratio <= 1.05.
@@ -36,10 +36,10 @@ from PIL import Image
 
 from bench.common import interleaved_medians, machine_description, write_results
 from pipelines.catalog import MODEL_CONFIGS_DIR
-from pipelines.generation import GenerationRequest, GenerationService
 from pipelines.runtime import choose_runtime
-from pipelines.sd3 import LatentPreviewer
-from pipelines.sd3_image_to_image import ImageToImageRequest, image_to_image
+from pipelines.sd3.generation import GenerationRequest, GenerationService
+from pipelines.sd3.image_to_image import ImageToImageRequest, image_to_image
+from pipelines.sd3.text_to_image import LatentPreviewer
 from pipelines.tiny import TINY_SD3_DIRS, ensure_tiny_models
 
 
@@ -235,8 +235,8 @@ def controlnet_rows(tiny_root: Path, cases: dict, repeats: int) -> list[dict]:
     from diffusers.image_processor import VaeImageProcessor
     from PIL import Image
 
-    from pipelines import sd3_controlnet
-    from pipelines.control_maps import ControlSettings
+    from pipelines.sd3 import controlnet as sd3_controlnet
+    from pipelines.sd3.control_maps import ControlSettings
     from pipelines.tiny import TINY_CONTROLNET_DIRS
 
     photo = Image.open(Path(__file__).resolve().parent.parent / "assets" / "examples" / "astronaut.png").convert("RGB")

@@ -131,8 +131,8 @@ def main(argv: list[str] | None = None) -> None:
 
     from diffusers.utils import logging as diffusers_logging
 
-    from pipelines.lora import LoraLibrary
-    from pipelines.lora_sources import resolve_lora_source
+    from pipelines.lora.library import LoraLibrary
+    from pipelines.lora.sources import resolve_lora_source
 
     diffusers_logging.set_verbosity_error()  # the bare load warns about the text encoders this pipeline lacks
 

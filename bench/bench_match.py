@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from bench.common import interleaved_medians, machine_description, real_size_blip_captioner, write_results
-from pipelines.matching import ImageTextMatcher, MatchRequest
+from pipelines.blip.matching import ImageTextMatcher, MatchRequest
 
 PHOTO = Path(__file__).resolve().parent.parent / "assets" / "examples" / "chelsea.png"
 TEXTS = [

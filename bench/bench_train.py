@@ -6,15 +6,15 @@ Studio's whole training step against a bare loop.
     python -m bench.bench_train --studio-loop   # only the Studio's step against a bare loop (tiny SD3, seconds)
 
 Each step is the trainers' own: the MMDiT frozen in the training dtype with a
-rank-16 LoRA (fp32) on the layers ``pipelines.train_sd3_lora`` targets by
-default, the flow-matching loss of ``pipelines.flow_matching``, backward and an
+rank-16 LoRA (fp32) on the layers ``pipelines.training.train_sd3_lora`` targets by
+default, the flow-matching loss of ``pipelines.training.flow_matching``, backward and an
 AdamW update, batch 1 with 77 + 256 text tokens; BLIP base with the default
-``pipelines.train_blip_lora`` LoRA and ``decoder_loss`` on precomputed image
+``pipelines.training.train_blip_lora`` LoRA and ``decoder_loss`` on precomputed image
 features (batch 8, 20-token captions). Weights are random (compute does not
 depend on their values). Per row: median seconds per step, peak GPU memory on
 CUDA, and checkpointing's cost as a ratio to the step without it.
 
-The Studio-loop row runs ``pipelines.train_sd3_lora.train`` itself (DataLoader
+The Studio-loop row runs ``pipelines.training.train_sd3_lora.train`` itself (DataLoader
 under ``accelerator.prepare``, ``accelerator.accumulate``, diffusers' schedule,
 the loss reduced across processes, a log line per step) on the tiny SD3 Large at
 64 px, against a bare loop of the same transformer, LoRA, precomputed batches,
@@ -59,8 +59,8 @@ def _sd3_step_seconds(model_key, checkpointing, blocks, side, repeats, device, d
     """(median s/step, peak GiB) of the SD3 trainer's step on a fresh real-width MMDiT."""
     from peft import LoraConfig
 
-    from pipelines.flow_matching import flow_matching_loss
-    from pipelines.train_sd3_lora import SD3LoraTrainingConfig
+    from pipelines.training.flow_matching import flow_matching_loss
+    from pipelines.training.train_sd3_lora import SD3LoraTrainingConfig
 
     cuda = device.type == "cuda"
     target_modules = SD3LoraTrainingConfig(dataset="", output_dir="").target_modules
@@ -126,7 +126,7 @@ def sd3_step_rows(model_key: str, blocks: int | None, side: int, repeats: int, d
 
 
 def blip_step_row(repeats: int, device, dtype) -> dict:
-    from pipelines.train_blip_lora import BlipLoraTrainingConfig, add_lora, decoder_loss
+    from pipelines.training.train_blip_lora import BlipLoraTrainingConfig, add_lora, decoder_loss
 
     cuda = device.type == "cuda"
     captioner = real_size_blip_captioner(dtype=dtype, device=str(device))
@@ -196,10 +196,10 @@ def _bare_loop_seconds(config, steps: int) -> float:
     )
     from peft import LoraConfig
 
-    from pipelines.flow_matching import flow_matching_loss, sample_noise_levels
-    from pipelines.sd3_training_data import precompute, stack_batch
-    from pipelines.train_sd3_lora import model_fingerprint, resolve_model
-    from pipelines.training_data import read_dataset
+    from pipelines.training.dataset import read_dataset
+    from pipelines.training.flow_matching import flow_matching_loss, sample_noise_levels
+    from pipelines.training.sd3_data import precompute, stack_batch
+    from pipelines.training.train_sd3_lora import model_fingerprint, resolve_model
 
     model = resolve_model(config)
     data = precompute(  # the trainer's run before filled the cache, so nothing is encoded here
@@ -250,7 +250,7 @@ def studio_loop_row(steps: int, rounds: int = 3) -> dict:
     import tempfile
 
     from pipelines.tiny import ensure_tiny_models
-    from pipelines.train_sd3_lora import SD3LoraTrainingConfig, train
+    from pipelines.training.train_sd3_lora import SD3LoraTrainingConfig, train
 
     with tempfile.TemporaryDirectory() as folder:
         root = Path(folder)

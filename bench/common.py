@@ -33,7 +33,7 @@ def real_size_blip_captioner(dtype: torch.dtype = torch.float32, device: str = "
     """
     from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor
 
-    from pipelines.blip import BlipCaptioner
+    from pipelines.blip.captioner import BlipCaptioner
 
     config_dir = MODEL_CONFIGS_DIR / "Salesforce__blip-image-captioning-base"
     config = BlipConfig.from_pretrained(config_dir)

@@ -7,7 +7,7 @@
 Compute does not depend on weight values, so SD3.5 and BLIP are built from
 their real config files (assets/model-configs) with random bf16 weights. For
 the quantized and offloaded modes the random pipeline is saved once and loaded
-back through the Studio's own loader (pipelines/sd3_loading.py), so those rows
+back through the Studio's own loader (pipelines/sd3/loading.py), so those rows
 exercise the same from_pretrained + BitsAndBytesConfig path users run.
 
 Per row: seconds per image, median seconds per denoising step, peak GPU memory
@@ -143,7 +143,7 @@ def release() -> None:
 
 def sd3_rows(model_key: str, modes: list[str], side: int, runtime: Runtime, scratch: Path, tiny_root: Path | None):
     """Rows for ``model_key`` (and Turbo's preset on Large's architecture) in every mode."""
-    from pipelines.sd3_loading import load_sd3_pipeline
+    from pipelines.sd3.loading import load_sd3_pipeline
 
     presets = [(model_key, CATALOG[model_key].image_preset)]
     if model_key == "sd35-large":
@@ -190,7 +190,7 @@ def blip_rows(runtime: Runtime, tiny_root: Path | None) -> list[dict]:
     from PIL import Image
 
     from bench.common import real_size_blip_captioner
-    from pipelines.blip import CaptionRequest
+    from pipelines.blip.captioner import CaptionRequest
 
     if tiny_root is not None:
         from pipelines.manager import ModelManager

@@ -4,7 +4,7 @@ Rows (each with eager and fast seconds and their ratio; the file records machine
 version and model size):
 
 - SD3.5 Large 1024², 28 steps; Large Turbo's preset (4 steps, no CFG) on Large's architecture;
-  Medium, 40 steps: eager bf16 against the fast path (``pipelines/sd3_fast.py``), medians of
+  Medium, 40 steps: eager bf16 against the fast path (``pipelines/sd3/fast.py``), medians of
   ``--repeats`` draws after a warm-up that compiles;
 - fp8 (torchao, compute capability ≥ 8.9) with the fast path, against eager bf16, with peak memory
   beside the planner's estimate; on a machine that cannot run it, the row says why;
@@ -41,7 +41,7 @@ import torch
 from bench.common import RESULTS_DIR, write_results
 from pipelines.catalog import CATALOG
 from pipelines.runtime import Runtime, choose_runtime
-from pipelines.sd3_fast import apply_fast_path, choose_fast_path, fast_call, recompile_count
+from pipelines.sd3.fast import apply_fast_path, choose_fast_path, fast_call, recompile_count
 
 PROMPT = "a capybara holding a sign that reads Hello World, photograph"
 REAL_SIZES = (768, 896, 1024, 1152, 1280)  # five sizes the UI allows (multiples of 16)
@@ -74,7 +74,7 @@ def build_sd3(model_key: str, runtime: Runtime, tiny_root: Path | None):
         from bench.gpu import real_size_sd3
 
         return real_size_sd3(model_key, runtime.device, runtime.dtype)
-    from pipelines.sd3_loading import load_sd3_pipeline
+    from pipelines.sd3.loading import load_sd3_pipeline
 
     return load_sd3_pipeline(str(tiny_root / CATALOG[model_key].tiny_dir), runtime, "bf16")
 
@@ -143,7 +143,7 @@ def step_cache_row(pipeline, preset_key: str, side: int, threshold: float) -> di
     """Per-step latent deviation of First Block Cache from the uncached draw (same seed), and its time."""
     from diffusers.hooks import HookRegistry
 
-    from pipelines.sd3_fast import FastPathReport, enable_step_cache
+    from pipelines.sd3.fast import FastPathReport, enable_step_cache
 
     call = call_for(preset_key, side)
     exact_steps, exact_image = latents_per_step(pipeline, call)
@@ -298,7 +298,7 @@ def fp8_row(
 ):
     """Large in fp8 with the fast path, against eager bf16; skipped with the loader's sentence where it cannot run."""
     from pipelines.memory import plan
-    from pipelines.sd3_loading import check_fp8, load_sd3_pipeline
+    from pipelines.sd3.loading import check_fp8, load_sd3_pipeline
 
     try:
         check_fp8(runtime)
@@ -388,8 +388,8 @@ def blip_rows(runtime: Runtime, tiny_root: Path | None, repeats: int) -> list[di
     from PIL import Image
 
     from bench.common import real_size_blip_captioner
-    from pipelines.blip import CaptionRequest
-    from pipelines.blip_gpu import apply_blip_gpu_fast_path
+    from pipelines.blip.captioner import CaptionRequest
+    from pipelines.blip.gpu import apply_blip_gpu_fast_path
 
     if tiny_root is not None:
         from pipelines.manager import ModelManager

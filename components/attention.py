@@ -14,7 +14,7 @@ from components.common import (
     visitor_id,
 )
 from pipelines import settings, workspace
-from pipelines.attention import AttentionRequest, AttentionResult, decoder_layout, explain_attention
+from pipelines.blip.attention import AttentionRequest, AttentionResult, decoder_layout, explain_attention
 from pipelines.images import describe_image, load_image
 from pipelines.studio import Studio
 

@@ -27,7 +27,7 @@ from components.common import (
 )
 from components.decoding import build_decoding_controls, decoding_parameters, request_from_values
 from pipelines import settings
-from pipelines.batch_caption import (
+from pipelines.blip.batch_caption import (
     CaptionedImage,
     FailedImage,
     caption_decoration,
@@ -268,7 +268,7 @@ def build_batch_tab(studio: Studio) -> dict:
         "Caption a dataset for LoRA training. Drop images or a .zip; get a zip with one `<stem>.txt` per image "
         "(kohya-ss, taggui), `metadata.jsonl` (Hugging Face `imagefolder`), `captions.csv` and "
         "`captioning.json` (model, adapter, settings). "
-        "For folders on disk use `python -m pipelines.caption_folder DIR` (see the README)."
+        "For folders on disk use `python -m pipelines.blip.caption_folder DIR` (see the README)."
     )
     with gr.Row():
         with gr.Column(scale=1):

@@ -22,8 +22,8 @@ from components.common import (
 )
 from components.decoding import build_decoding_controls, decoding_parameters, request_from_values
 from pipelines import settings
-from pipelines.blip import STRATEGY_LABELS, CaptionRequest, CaptionResult
-from pipelines.blip_precision import runtime_blip_precision
+from pipelines.blip.captioner import STRATEGY_LABELS, CaptionRequest, CaptionResult
+from pipelines.blip.precision import runtime_blip_precision
 from pipelines.images import describe_image, load_image
 from pipelines.settings import CaptionStrategy
 from pipelines.studio import Studio

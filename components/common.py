@@ -16,7 +16,7 @@ import torch
 
 from pipelines import settings
 from pipelines.errors import ModelLoadError
-from pipelines.generation import GenerationRequest
+from pipelines.sd3.generation import GenerationRequest
 
 logger = logging.getLogger(__name__)
 

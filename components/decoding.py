@@ -14,7 +14,7 @@ import gradio as gr
 
 from components.common import ValidatedNumber, ValidatedSlider, parameter
 from pipelines import settings
-from pipelines.blip import FIELD_LABELS, STRATEGY_LABELS, CaptionRequest
+from pipelines.blip.captioner import FIELD_LABELS, STRATEGY_LABELS, CaptionRequest
 from pipelines.settings import BEAM_STRATEGIES, CaptionStrategy
 
 # What the tabs start from: the library's defaults, but sampling with a random seed (reported back).

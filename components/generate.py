@@ -26,12 +26,13 @@ from components.common import (
     visitor_id,
 )
 from components.lora_panel import build_lora_panel
-from pipelines import sd3_controlnet, settings, workspace
+from pipelines import settings, workspace
 from pipelines.catalog import CATALOG
-from pipelines.control_maps import DEPTH_TRAINING_NOTE, ControlSettings
 from pipelines.memory import SD3_MODES
-from pipelines.png_metadata import read_png_settings
-from pipelines.sd3 import (
+from pipelines.sd3 import controlnet as sd3_controlnet
+from pipelines.sd3.control_maps import DEPTH_TRAINING_NOTE, ControlSettings
+from pipelines.sd3.png_metadata import read_png_settings
+from pipelines.sd3.text_to_image import (
     ASPECT_RATIOS,
     MODEL_CHOICES,
     SIZE_MULTIPLE,

@@ -1,5 +1,5 @@
 """Image to image tab: img2img, inpainting (a brush mask) and variations (APIs ``/img2img``, ``/inpaint``,
-``/variations``), on the generation service (pipelines/sd3_image_to_image.py)."""
+``/variations``), on the generation service (pipelines/sd3/image_to_image.py)."""
 
 from __future__ import annotations
 
@@ -27,8 +27,8 @@ from pipelines import settings, workspace
 from pipelines.catalog import CATALOG
 from pipelines.images import load_image
 from pipelines.memory import SD3_MODES
-from pipelines.sd3 import MODEL_CHOICES
-from pipelines.sd3_image_to_image import ImageToImageRequest, image_to_image, load_brush_layer, mask_from_layers
+from pipelines.sd3.image_to_image import ImageToImageRequest, image_to_image, load_brush_layer, mask_from_layers
+from pipelines.sd3.text_to_image import MODEL_CHOICES
 from pipelines.studio import Studio
 
 OUTPUT_COUNT = 5  # gallery, summary, prompt used, preview, details

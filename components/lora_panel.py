@@ -4,7 +4,7 @@ What a generation uses is the ``lora`` text ("name:0.8, other:0.5"), the same
 parameter ``/generate`` takes, so the page and a script mix LoRAs the same way.
 Loading adds the LoRA to that text at its default weight; unloading removes it.
 A name in that text (or a ``<lora:name:w>`` tag in the prompt) that is not loaded
-yet loads on demand from the LoRA folder or the registry (``pipelines.generation``);
+yet loads on demand from the LoRA folder or the registry (``pipelines.sd3.generation``);
 loading here first only checks it early. Models come from the generation service too.
 
 An uploaded LoRA belongs to the visitor who sent it (``visitor_id``): nobody else
@@ -22,9 +22,9 @@ import gradio as gr
 from components.common import ValidatedSlider, blank_to_none, named_endpoint, parameter, visitor_id
 from pipelines import settings
 from pipelines.catalog import SD3_LABELS
-from pipelines.lora import LIST_HEADERS
-from pipelines.lora_sources import list_lora_files, sanitize_lora_name
-from pipelines.sd3 import MODEL_CHOICES, model_key
+from pipelines.lora.library import LIST_HEADERS
+from pipelines.lora.sources import list_lora_files, sanitize_lora_name
+from pipelines.sd3.text_to_image import MODEL_CHOICES, model_key
 from pipelines.studio import Studio
 from pipelines.validation import as_float
 

@@ -8,8 +8,8 @@ import gradio as gr
 
 from components.common import UploadedImage, example_photos, launch_alone, named_endpoint, parameter
 from pipelines import settings
+from pipelines.blip.matching import RANKING_LABELS, MatchRequest, MatchResult, TextScore
 from pipelines.images import describe_image, load_image
-from pipelines.matching import RANKING_LABELS, MatchRequest, MatchResult, TextScore
 from pipelines.studio import Studio
 
 TEXT_TABLE_HEADERS = ["#", "text", "mean log-prob", "total log-prob", "tokens", "ITM P(match)", "ITC cosine"]

@@ -2,7 +2,7 @@
 
 Reads the Studio's PNGs (their JSON chunk, else the ``parameters`` text), A1111, Forge and
 ComfyUI's A1111-format PNGs, and JPEG/WebP files with A1111's EXIF UserComment. The parsing
-is ``pipelines.png_info``; app.py wires "Send to Generate" to the Generate tab's controls.
+is ``pipelines.sd3.png_info``; app.py wires "Send to Generate" to the Generate tab's controls.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import re
 import gradio as gr
 
 from components.common import UploadedImage, launch_alone, named_endpoint, parameter
-from pipelines.png_info import generate_form_values, read_generation_settings
+from pipelines.sd3.png_info import generate_form_values, read_generation_settings
 from pipelines.studio import Studio
 
 # The Generate tab's controls "Send to Generate" fills, in the order of ``generate_form_update``'s values.

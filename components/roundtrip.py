@@ -22,10 +22,9 @@ from components.common import (
 )
 from pipelines import settings, workspace
 from pipelines.catalog import CATALOG
-from pipelines.generation import GenerationRequest
 from pipelines.images import load_image
 from pipelines.memory import SD3_MODES
-from pipelines.roundtrip import (
+from pipelines.roundtrip.loop import (
     PROMPTS_DIR,
     check_evaluation_size,
     evaluation_table,
@@ -34,8 +33,9 @@ from pipelines.roundtrip import (
     prompt_round_trip,
     run_evaluation,
 )
-from pipelines.sd3 import MODEL_CHOICES, model_key
-from pipelines.sd3_image_to_image import check_strength
+from pipelines.sd3.generation import GenerationRequest
+from pipelines.sd3.image_to_image import check_strength
+from pipelines.sd3.text_to_image import MODEL_CHOICES, model_key
 from pipelines.studio import Studio
 from pipelines.validation import as_int
 

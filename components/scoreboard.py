@@ -6,8 +6,8 @@ import gradio as gr
 import pandas as pd
 
 from components.common import launch_alone, named_endpoint
-from pipelines.scoreboard import SUMMARY_COLUMNS, ScoreboardReport, build_report
-from pipelines.scoreboard_types import NOT_MEASURED, Measurement
+from pipelines.scoreboard.page import SUMMARY_COLUMNS, ScoreboardReport, build_report
+from pipelines.scoreboard.schema import NOT_MEASURED, Measurement
 from pipelines.studio import Studio
 
 TAB_TITLES = {

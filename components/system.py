@@ -6,11 +6,11 @@ import gradio as gr
 
 from components.common import ValidatedNumber, launch_alone, named_endpoint, parameter
 from pipelines import settings
-from pipelines.activations import ACTIVATION_NOTES
-from pipelines.blip_precision import runtime_blip_precision
+from pipelines.blip.precision import runtime_blip_precision
 from pipelines.memory import GIB, auto_choice, gpu_memory, machine_report, plan_table
+from pipelines.memory.activations import ACTIVATION_NOTES
 from pipelines.memory.planner import PLANNED_CONTROLNET
-from pipelines.sd3_fast import fast_path_details
+from pipelines.sd3.fast import fast_path_details
 from pipelines.studio import Studio
 from pipelines.validation import as_float, as_int
 

@@ -1,6 +1,6 @@
 """Train tab: an SD3.5 LoRA or a BLIP caption LoRA, trained in the background (API ``/train_*``).
 
-A run is a subprocess (``pipelines.training_runs``): it never holds the
+A run is a subprocess (``pipelines.training.runs``): it never holds the
 generation queue, keeps going if the browser tab closes, and is cancelled as a
 whole. The tab polls its log for the loss curve. A finished SD3.5 LoRA lands in
 the LoRA folder and a BLIP adapter in the adapter folder, so the Generate and
@@ -16,9 +16,9 @@ import gradio as gr
 from components.common import ValidatedNumber, launch_alone, named_endpoint, parameter, visitor_id
 from pipelines import settings
 from pipelines.catalog import sd3_model_choices  # the labels Generate shows too
-from pipelines.sd3 import MODEL_CHOICES
+from pipelines.sd3.text_to_image import MODEL_CHOICES
 from pipelines.studio import Studio
-from pipelines.training_runs import RunStatus, renaming_sentence, run_name, smoothed_losses
+from pipelines.training.runs import RunStatus, renaming_sentence, run_name, smoothed_losses
 from pipelines.validation import as_float, as_int
 
 TRAINERS = {"sd3": "SD3.5 LoRA (images → style or subject)", "blip": "BLIP caption LoRA (new language or style)"}
@@ -112,14 +112,14 @@ def trainer_arguments(
             arguments.append("--gradient-checkpointing")
         if use_8bit_adam:
             arguments.append("--use-8bit-adam")
-        from pipelines.train_sd3_lora import parse_args
+        from pipelines.training.train_sd3_lora import parse_args
     else:
         if studio.tiny:
             arguments += ["--tiny", "--tiny-dir", str(studio.manager.tiny_root)]
         else:
             arguments += ["--model", studio.manager.source_for("blip-caption")]
         arguments += ["--max-steps", str(numbers["steps"]), "--validation-split", str(numbers["validation_split"])]
-        from pipelines.train_blip_lora import parse_args
+        from pipelines.training.train_blip_lora import parse_args
     try:
         parse_args(arguments).validated()  # the trainer's sentences, before a process starts
     except SystemExit:

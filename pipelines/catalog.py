@@ -54,7 +54,7 @@ class ModelSpec:
 _MEGAPIXEL = 1024 * 1024
 
 # The short SD3.5 names the UI, the API, the CLIs and the tiny builder use; values are catalog keys.
-# The one map: pipelines.sd3, the trainers and pipelines.tiny import it from here.
+# The one map: pipelines.sd3.text_to_image, the trainers and pipelines.tiny import it from here.
 SD3_SHORT_NAMES = {"large": "sd35-large", "large-turbo": "sd35-large-turbo", "medium": "sd35-medium"}
 
 # control_type -> the ControlNet's catalog key. Stability released these for SD3.5 Large (8B) only.

@@ -16,9 +16,9 @@ class Runtime:
     device: torch.device
     dtype: torch.dtype
     # --precision: the variant BLIP's captioner converts to after loading (CPU only); None: ``dtype``.
-    # A pipelines.blip_precision.BlipPrecision; not imported here, since that module builds on this one.
+    # A pipelines.blip.precision.BlipPrecision; not imported here, since that module builds on this one.
     blip_precision: Any = None
-    # --fast / --step-cache: a pipelines.sd3_fast.FastPathOptions the SD3 loader applies; None: eager.
+    # --fast / --step-cache: a pipelines.sd3.fast.FastPathOptions the SD3 loader applies; None: eager.
     fast_path: Any = None
 
     @property

@@ -53,7 +53,7 @@ MAX_IMAGE_SIDE = 2048
 # this is still accepted, because only frame 0 is ever decoded.
 
 
-# --- BLIP captioning (pipelines/blip) -----------------------------------------------
+# --- BLIP captioning (pipelines/blip/captioner) -----------------------------------------------
 class CaptionStrategy(StrEnum):
     """How BLIP decodes: the one list that requests, controls and every check read."""
 
@@ -110,20 +110,20 @@ CAPTION_RANGES = {
 # so pressing Caption twice gives new captions; the seed used is returned. CaptionRequest itself keeps 0.
 UI_CAPTION_SEED = -1
 CPU_VISION_CHUNK = 1  # images per ViT pass on the CPU (see BlipCaptioner._run_vision_encoder)
-# --precision (pipelines/blip_precision): on the CPU, auto picks the fastest BLIP variant whose
+# --precision (pipelines/blip/precision): on the CPU, auto picks the fastest BLIP variant whose
 # measured relative L2 deviation of the first decode step's logits from fp32 stays at most this.
 # 2% admits whole-model bf16 (1.6% measured) and keeps dynamic int8 (5.5-6.1%, per-channel weights
-# 3.9-4.7%) opt-in; see the table in pipelines/blip_precision.py.
+# 3.9-4.7%) opt-in; see the table in pipelines/blip/precision.py.
 DEFAULT_BLIP_PRECISION = "auto"
 MAX_BLIP_LOGIT_DEVIATION = 0.02
 
-# --- image-feature cache (pipelines/feature_cache) ----------------------------------
+# --- image-feature cache (pipelines/blip/feature_cache) ----------------------------------
 # Vision-encoder outputs kept per loaded model, so Caption, Match and Attention on the
 # same image run the ViT once. BLIP base keeps 577 x 768 floats per image: 1.8 MB in
 # fp32, so the default costs at most ~57 MB per model.
 IMAGE_FEATURE_CACHE_ENTRIES = _env_int("STUDIO_FEATURE_CACHE_ENTRIES", 32, ceiling=256)
 
-# --- image-text matching (pipelines/matching) ---------------------------------------
+# --- image-text matching (pipelines/blip/matching) ---------------------------------------
 MAX_MATCH_TEXTS = 20  # candidate texts per request; all are scored in one decoder pass
 MAX_MATCH_TEXT_CHARS = 300  # per candidate; BLIP was trained on captions of a few dozen words
 MAX_MATCH_IMAGES = 8  # the main image plus up to 7 more, to rank images for a text
@@ -132,7 +132,7 @@ DEFAULT_MATCH_RANKING = "mean"  # mean log-prob per token: long and short texts 
 # Candidates used when a request gives none: one per example photo, so the examples rank at once.
 DEFAULT_MATCH_TEXTS = "a photo of a cat\na cup of coffee on a table\na rocket launch\nan astronaut in a space suit"
 
-# --- cross-attention heatmaps (pipelines/attention) ---------------------------------
+# --- cross-attention heatmaps (pipelines/blip/attention) ---------------------------------
 MAX_ATTENTION_CAPTION_CHARS = 500
 ATTENTION_OVERLAY_SIDE = 384  # longest side of each overlay (BLIP itself looks at 384 px)
 DEFAULT_ATTENTION_OPACITY = 0.6  # how strongly the hottest spots are coloured over the image
@@ -147,19 +147,19 @@ MAX_ATTENTION_EXPORT_BYTES = _env_int("STUDIO_MAX_ATTENTION_EXPORT_MB", 64, ceil
 ATTENTION_SHEET_COLUMNS = 6  # words per row in the laid-out sheet
 ATTENTION_SHEET_CELL = 192  # side of each overlay in the sheet, in pixels
 
-# --- batch captioning (pipelines/batch_caption, caption_folder) ----------------------
+# --- batch captioning (pipelines/blip/batch_caption, caption_folder) ----------------------
 DEFAULT_BATCH_SIZE = 8  # images per forward pass; 8 keeps BLIP base under 2 GB of activations
 MAX_BATCH_SIZE = 64
 BATCH_LOADER_WORKERS = 2  # DataLoader processes decoding images ahead of the model
 # On a GPU, BLIP base at batch 32 with beam 3 holds ~3 GB of activations in bf16: large batches keep
-# the GPU busy (pipelines/blip_gpu.py); caption_folder and the GPU bench use it there.
+# the GPU busy (pipelines/blip/gpu.py); caption_folder and the GPU bench use it there.
 GPU_CAPTION_BATCH_SIZE = 32
 MAX_BATCH_FILES = 2000  # images per Batch-tab run (the command line has no limit)
 MAX_EDITED_CAPTION_CHARS = 2000  # one caption typed into the Batch tab's table (T5 reads about 512 tokens)
 MAX_ZIP_UNCOMPRESSED_BYTES = 2 * 1024**3  # a zip that would unpack past this is refused (zip bombs)
 MAX_ZIP_RATIO = 200  # a member that compresses more than this is a bomb, not a photo
 
-# --- SD3.5 generation (pipelines/sd3, components/generate) ---------------------------
+# --- SD3.5 generation (pipelines/sd3/text_to_image, components/generate) ---------------------------
 # Per-model presets (steps, guidance, size range) live in pipelines/catalog.py.
 MAX_STEPS = 100
 MAX_GUIDANCE = 20.0
@@ -173,7 +173,7 @@ MAX_PREVIEW_EVERY = 10  # the Generate tab's slider and /generate's check: rarer
 VAE_TILING_ABOVE_PIXELS = 1536 * 1024  # larger images decode in tiles (the VAE is the peak there)
 MAX_HISTORY_IMAGES = 48  # images kept in a browser session's history gallery
 
-# --- ControlNet (pipelines/control_maps, pipelines/sd3_controlnet, components/generate) ------
+# --- ControlNet (pipelines/sd3/control_maps, pipelines/sd3/controlnet, components/generate) ------
 CONTROL_TYPES = ("canny", "depth", "blur")  # the three ControlNets Stability released for SD3.5 Large
 DEFAULT_CONTROL_TYPE = "canny"
 # controlnet_conditioning_scale: 1 is the strength the ControlNets were trained at (diffusers' default);
@@ -189,7 +189,7 @@ DEFAULT_CANNY_HIGH = 200
 # Forge's blur_gaussian preprocessor starts at.
 CONTROL_BLUR_SIGMA = 9.0
 
-# --- SD3.5 fast path (pipelines/sd3_fast, --fast, --step-cache) ---------------------
+# --- SD3.5 fast path (pipelines/sd3/fast, --fast, --step-cache) ---------------------
 # auto: regional compilation + fused QKV + channels-last VAE on CUDA GPUs that Triton compiles for;
 # eager elsewhere. off (--no-fast): the plain diffusers pipeline. on: forced, on the CPU too.
 DEFAULT_FAST_PATH = "auto"
@@ -198,12 +198,12 @@ DEFAULT_FAST_PATH = "auto"
 SUGGESTED_STEP_CACHE_THRESHOLD = 0.05
 MAX_STEP_CACHE_THRESHOLD = 0.5
 # Graphs Dynamo keeps for the MMDiT blocks' shared forward (its default is 8): one per block variant
-# and LoRA adapter set; past it that code silently runs eager (pipelines/sd3_fast.raise_recompile_limit).
+# and LoRA adapter set; past it that code silently runs eager (pipelines/sd3/fast.raise_recompile_limit).
 FAST_PATH_RECOMPILE_LIMIT = 64
 # ZeroGPU: the GPU time asked for one ahead-of-time compilation of the MMDiT (Large takes minutes).
 AOT_COMPILE_SECONDS = 1500
 
-# --- image to image and inpainting (pipelines/sd3_image_to_image, components/image_to_image) ------
+# --- image to image and inpainting (pipelines/sd3/image_to_image, components/image_to_image) ------
 # Strength is the share of the denoising schedule redrawn: 1 starts from pure noise (the input only
 # sets the size), and below 0.05 even 100 steps leave the image untouched but for rounding.
 STRENGTH = NumberRange(0.05, 1.0, 0.05)
@@ -251,7 +251,7 @@ PLAN_MAX_GPU_GIB = 2048  # what the System tab accepts as a typed GPU size
 # workspaces, allocator fragmentation. Generous until a GPU benchmark measures it.
 PLAN_MARGIN_BYTES = 2 * 1024**3
 
-# --- background training runs (pipelines/training_runs, components/train) ------------
+# --- background training runs (pipelines/training/runs, components/train) ------------
 MAX_RUNNING_TRAININGS = _env_int("STUDIO_MAX_TRAININGS", 1, ceiling=4)  # runs at once; each wants the whole GPU
 MAX_TRAINING_IMAGES = 5000  # images in one uploaded training dataset
 MAX_SIDECAR_BYTES = 64 * 1024  # one .txt caption
@@ -264,7 +264,7 @@ TRAINING_RUN_ID_BYTES = 12  # random bytes in a run id (96 bits): not guessable,
 # A /train_start waits this long for another visitor's dataset check (one runs at a time) before a sentence.
 TRAINING_DATASET_CHECK_WAIT_SECONDS = 120
 
-# --- SD3.5 LoRA training (pipelines/train_sd3_lora, pipelines/sd3_training_data) ----
+# --- SD3.5 LoRA training (pipelines/training/train_sd3_lora, pipelines/training/sd3_data) ----
 SD3_TRAIN_DEFAULT_MODEL = "sd35-large"  # the Generate tab's default model, so a LoRA trained by default loads there
 SD3_TRAIN_DEFAULT_RESOLUTION = 1024  # SD3.5's native side: buckets hold about this many pixels squared
 SD3_TRAIN_MIN_RESOLUTION = 64  # the tiny models' smallest size; real SD3.5 wants 512 or more
@@ -309,7 +309,7 @@ SD3_TRAIN_DEFAULT_LOG_EVERY = 10  # steps between log lines
 SD3_TRAIN_MAX_PROMPT_CHARS = 1000  # trigger and validation prompt
 SD3_TRAIN_EVAL_SIGMAS = (0.25, 0.5, 0.75)  # fixed noise levels of the held-out loss
 
-# --- a public instance: shared GPU, hostile input (components/*, pipelines/sd3) -------
+# --- a public instance: shared GPU, hostile input (components/*, pipelines/sd3/text_to_image) -------
 # Every event that runs a model shares this concurrency id, so with STUDIO_CONCURRENCY=1 two
 # models never run at once on the GPU by accident: a caption waits for a generation and vice versa.
 GPU_CONCURRENCY_ID = "gpu"
@@ -324,7 +324,7 @@ MAX_EVALUATION_IMAGES = _env_int("STUDIO_MAX_EVALUATION_IMAGES", 60, ceiling=100
 # ICO, ...); each is code a stranger's file could reach, and no tab needs them.
 UPLOAD_IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
 
-# --- BLIP LoRA adapters (pipelines/blip_adapters, the Caption and Batch tabs) --------
+# --- BLIP LoRA adapters (pipelines/blip/adapters, the Caption and Batch tabs) --------
 # Where adapter folders are found by name: STUDIO_BLIP_ADAPTER_DIR, else adapters/ beside
 # the code. In --tiny mode without the variable, <tiny root>/blip-adapters (holding tiny-demo).
 BLIP_ADAPTER_DIR_ENV = "STUDIO_BLIP_ADAPTER_DIR"
@@ -335,7 +335,7 @@ MAX_BLIP_ADAPTER_BYTES = _env_int("STUDIO_MAX_BLIP_ADAPTER_MB", 512, ceiling=204
 MAX_BLIP_ADAPTER_CONFIG_BYTES = 1024 * 1024  # adapter_config.json is a few kB
 MAX_BLIP_ADAPTERS = 16  # loaded at once; each adds its LoRA layers to every decoder pass it is active in
 
-# --- BLIP caption-LoRA training (pipelines/train_blip_lora) --------------------------
+# --- BLIP caption-LoRA training (pipelines/training/train_blip_lora) --------------------------
 # LoRA wraps these projections of the text decoder's self-attention ("self") and
 # cross-attention ("cross"); "dense" is each attention block's output projection.
 BLIP_TRAIN_TARGET_PROJECTIONS = ("query", "key", "value", "dense")
@@ -364,7 +364,7 @@ BLIP_TRAIN_DEFAULT_LOG_EVERY = 10
 # of all caption pieces the trainer warns before training (the adapter cannot learn them).
 BLIP_TRAIN_UNKNOWN_TOKEN_WARNING = 0.05
 
-# --- LoRA (pipelines/lora, pipelines/lora_formats) ----------------------------------
+# --- LoRA (pipelines/lora/library, pipelines/lora/formats) ----------------------------------
 # Local LoRA files are read from this folder (app.py's --lora-dir); names resolve inside it only.
 DEFAULT_LORA_DIR = "loras"
 # Curated SD3.5 LoRAs (repo, weight file, trigger words, default scale, bases, source page, licence).

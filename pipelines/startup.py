@@ -13,12 +13,12 @@ import os
 from pathlib import Path
 
 from pipelines import settings
-from pipelines.blip_precision import PRECISION_CHOICES, with_blip_precision
+from pipelines.blip.precision import PRECISION_CHOICES, with_blip_precision
 from pipelines.catalog import CATALOG
 from pipelines.hub_access import HubProbe, set_hub_timeouts
 from pipelines.manager import ModelManager
 from pipelines.runtime import choose_runtime
-from pipelines.sd3_fast import choose_fast_path
+from pipelines.sd3.fast import choose_fast_path
 from pipelines.studio import Studio
 
 TITLE = "BLIP × SD3.5 Studio"

@@ -9,13 +9,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipelines import settings
-from pipelines.blip import BlipCaptioner, CaptionRequest
-from pipelines.blip_adapters import TINY_ADAPTER_DIR, BlipAdapterInfo, BlipAdapterSet, default_adapter_dir
+from pipelines.blip.adapters import TINY_ADAPTER_DIR, BlipAdapterInfo, BlipAdapterSet, default_adapter_dir
+from pipelines.blip.captioner import BlipCaptioner, CaptionRequest
+from pipelines.blip.matching import ImageTextMatcher
 from pipelines.catalog import CATALOG
-from pipelines.generation import GenerationService
-from pipelines.lora import LoadedLora, LoraLibrary
-from pipelines.lora_formats import PICKLED_SUFFIXES
-from pipelines.lora_sources import (
+from pipelines.lora.formats import PICKLED_SUFFIXES
+from pipelines.lora.library import LoadedLora, LoraLibrary
+from pipelines.lora.sources import (
     LoraSource,
     RegistryEntry,
     list_lora_files,
@@ -24,9 +24,9 @@ from pipelines.lora_sources import (
     sanitize_lora_name,
 )
 from pipelines.manager import ModelManager
-from pipelines.matching import ImageTextMatcher
-from pipelines.sd3_fast import prepare_for_lora
-from pipelines.training_runs import LoadedTrainingResult, TrainingRuns, renaming_sentence
+from pipelines.sd3.fast import prepare_for_lora
+from pipelines.sd3.generation import GenerationService
+from pipelines.training.runs import LoadedTrainingResult, TrainingRuns, renaming_sentence
 
 HUB_REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
@@ -42,7 +42,7 @@ class Studio:
     outputs_dir: Path | None = None  # --outputs: generated PNGs are also saved here
     memory_mode: str = "auto"  # --memory: the default SD3.5 memory mode
     blip_adapter_dir: Path | None = None  # None: $STUDIO_BLIP_ADAPTER_DIR, <tiny root>/blip-adapters, or adapters/
-    # The BLIP LoRA adapters the Caption and Batch tabs share (see pipelines/blip_adapters.py).
+    # The BLIP LoRA adapters the Caption and Batch tabs share (see pipelines/blip/adapters.py).
     blip_adapters: BlipAdapterSet = field(init=False, repr=False)
     lora_dir: Path | None = None  # --lora-dir; None: <tiny root>/loras under --tiny, else loras/
     lora_registry_path: Path | None = None  # None: the tiny registry under --tiny, else assets/loras.json
@@ -55,7 +55,7 @@ class Studio:
     # The SD3.5 LoRAs loaded per model (catalog key); they survive the model being evicted and reloaded.
     sd3_loras: dict[str, LoraLibrary] = field(init=False, repr=False)
     training_runs: TrainingRuns = field(init=False, repr=False)
-    # The one way to draw (pipelines/generation.py): every tab that makes an SD3.5 image calls it.
+    # The one way to draw (pipelines/sd3/generation.py): every tab that makes an SD3.5 image calls it.
     generation: GenerationService = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -255,7 +255,7 @@ class Studio:
     ) -> LoadedTrainingResult:
         """Load what a finished training run wrote: an SD3.5 LoRA onto ``model`` (the run's base model), with
         ``trigger`` (the run's trigger word) as its trigger word, or a BLIP adapter. Says where it is now."""
-        from pipelines.sd3 import MODEL_CHOICES, model_key
+        from pipelines.sd3.text_to_image import MODEL_CHOICES, model_key
 
         output_dir = Path(output_dir)
         if kind == "blip":

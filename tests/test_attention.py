@@ -11,7 +11,7 @@ import torch
 from gradio_client import handle_file
 from PIL import Image
 
-from pipelines.attention import (
+from pipelines.blip.attention import (
     AttentionRequest,
     colorize,
     cross_attention_maps,
@@ -23,7 +23,7 @@ from pipelines.attention import (
     word_groups,
     word_heatmaps,
 )
-from pipelines.blip import CaptionRequest
+from pipelines.blip.captioner import CaptionRequest
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "assets" / "examples"
 CAPTION = "a cat sitting on the wooden table"

@@ -14,7 +14,7 @@ from gradio_client import handle_file
 from PIL import Image
 
 from pipelines import settings
-from pipelines.batch_caption import (
+from pipelines.blip.batch_caption import (
     CaptionedImage,
     FailedImage,
     caption_files,
@@ -23,7 +23,7 @@ from pipelines.batch_caption import (
     decorate_caption,
     find_images,
 )
-from pipelines.blip import CaptionRequest
+from pipelines.blip.captioner import CaptionRequest
 from tests.tolerances import assert_same_captions
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "assets" / "examples"
@@ -181,7 +181,7 @@ def test_images_that_would_share_a_sidecar_are_renamed_in_the_zip(tmp_path, phot
 def test_dataset_names_is_linear_in_the_number_of_clashes():
     import time
 
-    from pipelines.batch_caption import dataset_names
+    from pipelines.blip.batch_caption import dataset_names
 
     names = [f"a.{suffix}" for suffix in ("png", "jpg", "jpeg", "webp", "gif", "bmp", "tif", "tiff")]
     names += [f"dir/a{index}.png" for index in range(20_000)] + [f"dir/a{index}.jpg" for index in range(20_000)]
@@ -282,7 +282,7 @@ def test_caption_batch_api_without_files_says_what_to_do(tiny_client):
 
 
 def test_edited_captions_replace_only_the_text_of_the_server_held_rows():
-    from pipelines.batch_caption import CaptionedImage, FailedImage, edited_results
+    from pipelines.blip.batch_caption import CaptionedImage, FailedImage, edited_results
 
     results = [CaptionedImage("a.png", "sks, a cat", -1.0), FailedImage("b.png", "unreadable"),
                CaptionedImage("c.png", "sks, a cup", -2.0)]  # fmt: skip

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipelines.blip import CaptionRequest
+from pipelines.blip.captioner import CaptionRequest
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "assets" / "examples"
 
@@ -194,7 +194,7 @@ def test_bad_requests_are_refused_with_a_sentence(request_fields, words):
     ],
 )
 def test_the_beams_rule_makes_room_for_the_captions_and_says_so(request_fields, beams, captions, words):
-    from pipelines.blip import FIELD_LABELS, STRATEGY_LABELS
+    from pipelines.blip.captioner import FIELD_LABELS, STRATEGY_LABELS
 
     request, notes = CaptionRequest(**request_fields).with_room_for_captions()
     request = request.validated()  # what comes out is always a valid request

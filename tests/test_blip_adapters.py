@@ -16,14 +16,15 @@ import torch
 from gradio_client import handle_file
 from PIL import Image
 
-from pipelines import caption_folder, settings
-from pipelines.attention import cross_attention_maps
-from pipelines.batch_caption import MANIFEST_FILE, caption_files, captions_csv, dataset_zip
-from pipelines.blip import CaptionRequest
-from pipelines.blip_adapters import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, TINY_DEMO_ADAPTER, BlipAdapterSet
-from pipelines.feature_cache import model_identity
+from pipelines import settings
+from pipelines.blip import caption_folder
+from pipelines.blip.adapters import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, TINY_DEMO_ADAPTER, BlipAdapterSet
+from pipelines.blip.attention import cross_attention_maps
+from pipelines.blip.batch_caption import MANIFEST_FILE, caption_files, captions_csv, dataset_zip
+from pipelines.blip.captioner import CaptionRequest
+from pipelines.blip.feature_cache import model_identity
+from pipelines.blip.matching import ImageTextMatcher, MatchRequest
 from pipelines.loaders import load_blip_captioner
-from pipelines.matching import ImageTextMatcher, MatchRequest
 from pipelines.runtime import choose_runtime
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "assets" / "examples"

@@ -11,9 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
-from pipelines import blip_precision, settings
-from pipelines.blip import CaptionRequest
-from pipelines.blip_precision import (
+from pipelines import settings
+from pipelines.blip import precision as blip_precision
+from pipelines.blip.captioner import CaptionRequest
+from pipelines.blip.precision import (
     VARIANTS,
     PrecisionVariant,
     apply_blip_precision,
@@ -112,7 +113,7 @@ def test_unknown_value_is_refused_with_a_sentence():
 
 
 def test_caption_folder_takes_the_flag():
-    from pipelines.caption_folder import parse_args
+    from pipelines.blip.caption_folder import parse_args
 
     assert parse_args(["photos"]).precision == "auto"
     assert parse_args(["photos", "--precision", "bf16"]).precision == "bf16"
@@ -134,7 +135,7 @@ def test_caption_folder_writes_bf16_captions_and_records_the_precision(tiny_root
     import json
     import shutil
 
-    from pipelines import caption_folder
+    from pipelines.blip import caption_folder
 
     folder = tmp_path / "photos"
     folder.mkdir()
@@ -275,7 +276,7 @@ def test_bf16_first_step_logits_stay_close_to_fp32(variant_captioners, photos):
 
 @pytest.mark.parametrize("name", ["bf16", "vision-bf16", "vision-bf16-int8"])
 def test_attention_maps_work_in_every_variant(variant_captioners, photos, name):
-    from pipelines.attention import cross_attention_maps
+    from pipelines.blip.attention import cross_attention_maps
 
     maps = cross_attention_maps(variant_captioners[name], photos[0], "a cat on a sofa")
     reference = cross_attention_maps(variant_captioners["fp32"], photos[0], "a cat on a sofa")

@@ -17,8 +17,16 @@ from types import SimpleNamespace
 import pytest
 from PIL import Image
 
-from pipelines import attention, roundtrip, settings
-from pipelines.attention import AttentionRequest, check_export_size, explain_attention, export_maps, export_size_bytes
+from pipelines import settings
+from pipelines.blip import attention
+from pipelines.blip.attention import (
+    AttentionRequest,
+    check_export_size,
+    explain_attention,
+    export_maps,
+    export_size_bytes,
+)
+from pipelines.roundtrip import loop as roundtrip
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "assets" / "examples" / "coffee.png"
@@ -175,7 +183,7 @@ class FakeHub:
 def test_a_visitors_lora_over_the_limit_is_refused_before_download_without_the_token(
     weight_name, monkeypatch, tmp_path
 ):
-    from pipelines.lora_sources import resolve_lora_source
+    from pipelines.lora.sources import resolve_lora_source
 
     hub = FakeHub({"big.safetensors": 30 * MB}, tmp_path).install(monkeypatch)
     monkeypatch.setattr(settings, "MAX_LORA_BYTES", 1 * MB)
@@ -185,7 +193,7 @@ def test_a_visitors_lora_over_the_limit_is_refused_before_download_without_the_t
 
 
 def test_a_visitors_lora_within_the_limit_is_downloaded_without_the_token(monkeypatch, tmp_path):
-    from pipelines.lora_sources import _resolve_hub
+    from pipelines.lora.sources import _resolve_hub
 
     hub = FakeHub({"style.safetensors": 2 * MB}, tmp_path).install(monkeypatch)
     path, name = _resolve_hub("someone/style", "style.safetensors", tmp_path)
@@ -198,7 +206,7 @@ def test_a_visitors_lora_within_the_limit_is_downloaded_without_the_token(monkey
 
 
 def test_the_registrys_repos_are_size_checked_and_fetched_without_the_token(monkeypatch, tmp_path):
-    from pipelines.lora_sources import RegistryEntry, resolve_lora_source
+    from pipelines.lora.sources import RegistryEntry, resolve_lora_source
 
     hub = FakeHub({"red.safetensors": 30 * MB}, tmp_path).install(monkeypatch)
     monkeypatch.setattr(settings, "MAX_LORA_BYTES", 1 * MB)
@@ -211,7 +219,7 @@ def test_the_registrys_repos_are_size_checked_and_fetched_without_the_token(monk
 
 
 def test_a_hub_adapter_over_the_limit_is_refused_before_download_without_the_token(monkeypatch, tmp_path):
-    from pipelines.blip_adapter_sources import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, download_adapter
+    from pipelines.blip.adapter_sources import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, download_adapter
 
     hub = FakeHub({ADAPTER_CONFIG_FILE: 600, ADAPTER_WEIGHTS_FILE: 30 * MB}, tmp_path).install(monkeypatch)
     monkeypatch.setattr(settings, "MAX_BLIP_ADAPTER_BYTES", 1 * MB)
@@ -226,7 +234,7 @@ def test_a_hub_adapter_over_the_limit_is_refused_before_download_without_the_tok
 
 
 def test_a_hub_file_of_unknown_size_is_not_downloaded(monkeypatch, tmp_path):
-    from pipelines.blip_adapter_sources import ADAPTER_WEIGHTS_FILE, download_adapter
+    from pipelines.blip.adapter_sources import ADAPTER_WEIGHTS_FILE, download_adapter
 
     hub = FakeHub({ADAPTER_WEIGHTS_FILE: None}, tmp_path).install(monkeypatch)
     with pytest.raises(ValueError, match="did not report the size"):

@@ -1,4 +1,4 @@
-"""`python -m pipelines.caption_folder`: sidecars, metadata.jsonl, resume, overwrite, several processes."""
+"""`python -m pipelines.blip.caption_folder`: sidecars, metadata.jsonl, resume, overwrite, several processes."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from pipelines import caption_folder
-from pipelines.blip import BlipCaptioner
+from pipelines.blip import caption_folder
+from pipelines.blip.captioner import BlipCaptioner
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "assets" / "examples"
 ROOT = Path(__file__).resolve().parent.parent
@@ -178,7 +178,7 @@ def test_two_processes_write_the_same_metadata_as_one(photo_folder, tiny_root, t
 
     environment = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    command += ["-m", "pipelines.caption_folder", str(photo_folder), "--recursive", "--format", "jsonl"]
+    command += ["-m", "pipelines.blip.caption_folder", str(photo_folder), "--recursive", "--format", "jsonl"]
     command += ["--tiny", "--tiny-dir", str(tiny_root), "--device", "cpu", "--batch-size", "2", *SAMPLING]
     completed = subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=240)
     assert completed.returncode == 0, completed.stderr[-3000:]

@@ -7,7 +7,7 @@ import weakref
 from types import SimpleNamespace
 
 from components.common import StopRequests, blank_to_none
-from pipelines.sd3 import LatentPreviewer
+from pipelines.sd3.text_to_image import LatentPreviewer
 
 
 def test_one_sessions_stop_never_ends_another_sessions_run():

@@ -8,10 +8,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines import sd3_controlnet
 from pipelines.architectures import component_sizes
 from pipelines.catalog import CATALOG, CONTROLNET_KEYS, DEPTH_ESTIMATOR_KEY
-from pipelines.control_maps import (
+from pipelines.manager import ModelManager
+from pipelines.memory import SD3_MODES, plan, plan_table
+from pipelines.runtime import choose_runtime
+from pipelines.sd3 import controlnet as sd3_controlnet
+from pipelines.sd3.control_maps import (
     ControlSettings,
     blur_map,
     canny_map,
@@ -19,11 +22,8 @@ from pipelines.control_maps import (
     controlnet_refusal,
     depth_map,
 )
-from pipelines.generation import GenerationRequest, GenerationService
-from pipelines.manager import ModelManager
-from pipelines.memory import SD3_MODES, plan, plan_table
-from pipelines.png_metadata import parse_a1111_parameters
-from pipelines.runtime import choose_runtime
+from pipelines.sd3.generation import GenerationRequest, GenerationService
+from pipelines.sd3.png_metadata import parse_a1111_parameters
 from tests.tolerances import assert_close_pixels
 
 PHOTO = "assets/examples/astronaut.png"

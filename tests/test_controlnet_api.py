@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from pipelines.catalog import CATALOG
-from pipelines.control_maps import controlnet_refusal
+from pipelines.sd3.control_maps import controlnet_refusal
 
 pytestmark = pytest.mark.api
 

@@ -1,4 +1,4 @@
-"""Tests for pipelines.diverse_beam on a tiny, seeded, random BLIP (CPU, offline, a few seconds)."""
+"""Tests for pipelines.blip.diverse_beam on a tiny, seeded, random BLIP (CPU, offline, a few seconds)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import BlipConfig, BlipForConditionalGeneration
 
-from pipelines.diverse_beam import DiverseBeamOutput, diverse_beam_search
+from pipelines.blip.diverse_beam import DiverseBeamOutput, diverse_beam_search
 
 BOS, EOS, PAD = 118, 3, 0
 

@@ -1,4 +1,4 @@
-"""The fast paths (pipelines/sd3_fast.py, pipelines/blip_gpu.py, the fp8 mode): same shapes, same
+"""The fast paths (pipelines/sd3/fast.py, pipelines/blip/gpu.py, the fp8 mode): same shapes, same
 seeds, and a clean fallback with one sentence wherever a feature is missing (no CUDA, no fp8, no
 torchao, no ``spaces``). One slow test really compiles the tiny MMDiT's blocks on the CPU."""
 
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from pipelines.runtime import choose_runtime
-from pipelines.sd3_fast import (
+from pipelines.sd3.fast import (
     FastPathReport,
     choose_fast_path,
     compile_ahead_of_time,
@@ -21,7 +21,7 @@ from pipelines.sd3_fast import (
     prepare_for_lora,
     recompile_count,
 )
-from pipelines.sd3_loading import check_fp8, load_sd3_pipeline, pipeline_quantization
+from pipelines.sd3.loading import check_fp8, load_sd3_pipeline, pipeline_quantization
 
 # Compiled and eager float32 add the same products in another order (Inductor fuses and reorders);
 # 2 steps of the tiny model moved decoded pixels by 2.3e-6 here. 1e-4 of the [0, 1] range is far
@@ -109,7 +109,7 @@ def test_an_eager_pipeline_keeps_its_images_and_reports_no_compile(tiny_root):
 
 def test_qkv_fusion_is_skipped_on_sd35_with_a_sentence(tiny_root):
     """diffusers' fused SD3 processor leaves out SD3.5's QK RMS norms; the fast path must not fuse."""
-    from pipelines.sd3_fast import fuse_qkv
+    from pipelines.sd3.fast import fuse_qkv
 
     pipeline = tiny_pipeline(tiny_root)
     report = FastPathReport()
@@ -154,7 +154,7 @@ def test_forced_fast_path_compiles_each_block_lazily_with_room_for_lora_graphs(t
     assert torch._dynamo.config.recompile_limit >= settings.FAST_PATH_RECOMPILE_LIMIT
     assert report.cache_dir == str(tmp_path) and not report.loaded_cache_artifacts  # an empty folder
     sequential = tiny_pipeline(tiny_root)
-    from pipelines.sd3_fast import apply_fast_path
+    from pipelines.sd3.fast import apply_fast_path
 
     skipped = apply_fast_path(sequential, choose_fast_path("on", "cpu"), offload="sequential")
     assert skipped.compiled == "no" and "sequential offload" in skipped.notes[-1]
@@ -300,7 +300,7 @@ def _spaces_module():
 
 def test_zerogpu_compiles_inside_spaces_gpu_and_falls_back_to_eager_with_a_sentence(tiny_root):
     from pipelines import settings
-    from pipelines.sd3_fast import aot_on_zerogpu
+    from pipelines.sd3.fast import aot_on_zerogpu
 
     durations = []
 
@@ -336,10 +336,10 @@ def test_ahead_of_time_path_exports_with_dynamic_sizes_and_keeps_the_images(tiny
 
 
 def test_blip_gpu_fast_path_reads_the_library_and_stays_eager_off_cuda(tiny_captioner):
-    from pipelines.blip_gpu import apply_blip_gpu_fast_path, blip_gpu_support
+    from pipelines.blip.gpu import apply_blip_gpu_fast_path, blip_gpu_support
 
     support = blip_gpu_support(tiny_captioner.model)
-    assert support == {"sdpa": False, "static_cache": False}  # transformers 5.24: see pipelines/blip_gpu.py
+    assert support == {"sdpa": False, "static_cache": False}  # transformers 5.24: see pipelines/blip/gpu.py
     report = apply_blip_gpu_fast_path(tiny_captioner.model, "cpu")
     assert not report.vision_compiled and "CUDA GPUs only" in report.notes[0]
     assert getattr(tiny_captioner.model.vision_model, "_compiled_call_impl", None) is None
@@ -347,13 +347,13 @@ def test_blip_gpu_fast_path_reads_the_library_and_stays_eager_off_cuda(tiny_capt
 
 def test_caption_folder_takes_large_batches_on_a_gpu():
     from pipelines import settings
-    from pipelines.caption_folder import default_batch_size
+    from pipelines.blip.caption_folder import default_batch_size
 
     assert default_batch_size("cuda:0") == settings.GPU_CAPTION_BATCH_SIZE > default_batch_size("cpu")
 
 
 def test_system_details_say_what_the_fast_path_did_and_label_the_step_cache_lossy(tiny_manager):
-    from pipelines.sd3_fast import fast_path_details
+    from pipelines.sd3.fast import fast_path_details
 
     tiny_manager.get("sd35-large", variant="bf16")
     details = fast_path_details(tiny_manager)

@@ -20,11 +20,11 @@ import torch
 from gradio_client import handle_file
 from PIL import Image
 
-from pipelines import caption_folder
+from pipelines.blip import caption_folder
 from pipelines.manager import ModelLoadError, ModelManager
 from pipelines.memory import modes_for, plan
 from pipelines.runtime import choose_runtime
-from pipelines.sd3 import GenerateRequest, OutOfGpuMemory, generate, lower_memory_mode, resolve_request
+from pipelines.sd3.text_to_image import GenerateRequest, OutOfGpuMemory, generate, lower_memory_mode, resolve_request
 from pipelines.settings import OOM_FALLBACK_MEMORY_MODE
 
 CPU = choose_runtime("cpu")
@@ -242,7 +242,7 @@ def test_a_killed_cli_run_resumes_and_captions_every_image_exactly_once(tiny_roo
     slow = ["--min-new-tokens", "40", "--max-new-tokens", "40"]
     environment = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen(
-        [sys.executable, "-m", "pipelines.caption_folder", str(folder), *flags, *slow],
+        [sys.executable, "-m", "pipelines.blip.caption_folder", str(folder), *flags, *slow],
         cwd=ROOT,
         env=environment,
         stdout=subprocess.DEVNULL,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.png_metadata import parse_a1111_parameters, read_png_settings
+from pipelines.sd3.png_metadata import parse_a1111_parameters, read_png_settings
 
 pytestmark = pytest.mark.api
 
@@ -97,7 +97,7 @@ def test_the_sliders_ranges_are_the_limits_validation_uses(tiny_app_url, tiny_cl
 
     from pipelines import settings
     from pipelines.catalog import CATALOG
-    from pipelines.sd3 import SIZE_MULTIPLE, slider_range
+    from pipelines.sd3.text_to_image import SIZE_MULTIPLE, slider_range
 
     with urllib.request.urlopen(tiny_app_url + "config", timeout=10) as response:
         components = json.load(response)["components"]

@@ -13,8 +13,8 @@ from components.common import LastErrors, named_endpoint, parameter, user_errors
 from components.generate import fitted_size, memory_mode_label, seed_of_image, settings_for_model
 from pipelines import settings
 from pipelines.catalog import CATALOG
-from pipelines.png_metadata import save_png
-from pipelines.sd3 import size_limits
+from pipelines.sd3.png_metadata import save_png
+from pipelines.sd3.text_to_image import size_limits
 
 LARGE, MEDIUM, TURBO = "sd35-large", "sd35-medium", "sd35-large-turbo"
 

@@ -1,4 +1,4 @@
-"""The generation service (pipelines/generation.py) in process, on the tiny models: LoRAs by name,
+"""The generation service (pipelines/sd3/generation.py) in process, on the tiny models: LoRAs by name,
 A1111 tags, the PNG prompt redraw, the memory mode, the details dict, and every caller on one path."""
 
 from __future__ import annotations
@@ -9,7 +9,11 @@ import numpy as np
 import pytest
 
 from pipelines import settings
-from pipelines.generation import (
+from pipelines.blip.matching import ImageTextMatcher
+from pipelines.manager import ModelManager
+from pipelines.roundtrip.loop import image_round_trip, prompt_round_trip
+from pipelines.runtime import choose_runtime
+from pipelines.sd3.generation import (
     GenerationRequest,
     GenerationService,
     LoraChoice,
@@ -17,11 +21,7 @@ from pipelines.generation import (
     parse_lora_text,
     split_lora_tags,
 )
-from pipelines.manager import ModelManager
-from pipelines.matching import ImageTextMatcher
-from pipelines.png_metadata import parse_a1111_parameters, read_png_settings
-from pipelines.roundtrip import image_round_trip, prompt_round_trip
-from pipelines.runtime import choose_runtime
+from pipelines.sd3.png_metadata import parse_a1111_parameters, read_png_settings
 from pipelines.studio import Studio
 
 DRAW = {"model": "large", "seed": 7, "steps": 2, "width": 64, "height": 64}
@@ -175,7 +175,7 @@ def test_too_many_lora_tags_in_a_prompt_are_refused_before_any_model_loads(tiny_
 def test_another_visitors_upload_is_not_found_by_name(studio, tiny_root, tmp_path):
     import shutil
 
-    from pipelines.lora_sources import resolve_lora_source
+    from pipelines.lora.sources import resolve_lora_source
     from pipelines.tiny import tiny_lora_dir
 
     upload = tmp_path / "alice_style.safetensors"

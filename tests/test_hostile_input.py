@@ -30,7 +30,7 @@ from PIL import Image
 
 from pipelines import settings
 from pipelines.images import ImageDecodeError, describe_image, load_image
-from pipelines.png_metadata import parse_a1111_parameters, read_png_settings
+from pipelines.sd3.png_metadata import parse_a1111_parameters, read_png_settings
 from pipelines.validation import as_float, as_int, strip_control_characters
 
 ROOT = Path(__file__).resolve().parent.parent

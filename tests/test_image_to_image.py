@@ -1,4 +1,4 @@
-"""Image to image and inpainting (pipelines/sd3_image_to_image.py) in process, on the tiny models."""
+"""Image to image and inpainting (pipelines/sd3/image_to_image.py) in process, on the tiny models."""
 
 from __future__ import annotations
 
@@ -7,13 +7,11 @@ import pytest
 from PIL import Image
 
 from pipelines.catalog import CATALOG
-from pipelines.generation import GenerationRequest
 from pipelines.manager import ModelManager
-from pipelines.png_metadata import parse_a1111_parameters, read_png_settings
-from pipelines.roundtrip import image_round_trip
+from pipelines.roundtrip.loop import image_round_trip
 from pipelines.runtime import choose_runtime
-from pipelines.sd3 import size_limits
-from pipelines.sd3_image_to_image import (
+from pipelines.sd3.generation import GenerationRequest
+from pipelines.sd3.image_to_image import (
     ImageToImageRequest,
     blurred_mask,
     check_mask,
@@ -23,6 +21,8 @@ from pipelines.sd3_image_to_image import (
     image_to_image,
     mask_from_layers,
 )
+from pipelines.sd3.png_metadata import parse_a1111_parameters, read_png_settings
+from pipelines.sd3.text_to_image import size_limits
 from pipelines.studio import Studio
 from tests.tolerances import assert_close_pixels
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines.png_metadata import parse_a1111_parameters, read_png_settings
+from pipelines.sd3.png_metadata import parse_a1111_parameters, read_png_settings
 
 pytestmark = pytest.mark.api
 

@@ -51,7 +51,7 @@ def imported_modules(name: str, path: Path, modules: set[str]) -> set[str]:
         else:
             continue
         for target in targets:
-            # `import pipelines.blip.x` names a module; keep the longest prefix that is one of ours.
+            # `import pipelines.blip.captioner.x` names a module; keep the longest prefix that is one of ours.
             while target and target not in modules:
                 target = target.rpartition(".")[0]
             if target and target != name:

@@ -12,7 +12,7 @@ import pytest
 
 from components.decoding import build_decoding_controls
 from pipelines import settings
-from pipelines.blip import CaptionRequest
+from pipelines.blip.captioner import CaptionRequest
 from pipelines.catalog import CATALOG, SD3_SHORT_NAMES
 from pipelines.settings import CAPTION_RANGES, CaptionStrategy
 

@@ -12,7 +12,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pipelines import settings
-from pipelines.lora import (
+from pipelines.lora.formats import convert_to_diffusers
+from pipelines.lora.library import (
     LIST_HEADERS,
     LoadedLora,
     LoraLibrary,
@@ -21,10 +22,9 @@ from pipelines.lora import (
     parse_lora_selection,
     prompt_with_triggers,
 )
-from pipelines.lora_formats import convert_to_diffusers
-from pipelines.lora_sources import list_lora_files, load_registry, resolve_lora_source
+from pipelines.lora.sources import list_lora_files, load_registry, resolve_lora_source
 from pipelines.runtime import choose_runtime
-from pipelines.sd3_loading import load_sd3_pipeline
+from pipelines.sd3.loading import load_sd3_pipeline
 from pipelines.tiny import tiny_base_names, tiny_lora_dir, tiny_registry_path
 
 STYLE, KOHYA, MEDIUM = "tiny-large-style.safetensors", "tiny-large-kohya.safetensors", "tiny-medium-detail.safetensors"
@@ -217,7 +217,7 @@ def test_refused_files_say_why_and_leave_the_pipeline_unchanged(pipeline, librar
 
 
 def test_a_failure_after_diffusers_touched_the_pipeline_is_undone(pipeline, library, lora_dir, monkeypatch):
-    import pipelines.lora as lora_module
+    import pipelines.lora.library as lora_module
 
     style = load(library, pipeline, lora_dir, STYLE)
     library.apply(pipeline, [(style.name, 0.8)])

@@ -9,16 +9,16 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from pipelines.lora import LoraLibrary, count_adapter_modules
-from pipelines.lora_formats import (
+from pipelines.lora.formats import (
     convert_to_diffusers,
     inspect_lora_keys,
     lora_shape,
     read_safetensors_header,
 )
-from pipelines.lora_sources import resolve_lora_source
+from pipelines.lora.library import LoraLibrary, count_adapter_modules
+from pipelines.lora.sources import resolve_lora_source
 from pipelines.runtime import choose_runtime
-from pipelines.sd3_loading import load_sd3_pipeline
+from pipelines.sd3.loading import load_sd3_pipeline
 from pipelines.tiny import tiny_base_names
 
 WIDTH = 32  # the tiny Large: 2 heads x 16

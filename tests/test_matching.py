@@ -11,11 +11,11 @@ import torch
 from gradio_client import handle_file
 from PIL import Image
 
-from pipelines.blip import CaptionRequest
+from pipelines.blip.captioner import CaptionRequest
+from pipelines.blip.feature_cache import ImageFeatureCache
+from pipelines.blip.matching import ImageTextMatcher, MatchRequest, split_texts
 from pipelines.catalog import CATALOG, MODEL_CONFIGS_DIR
 from pipelines.errors import ModelLoadError
-from pipelines.feature_cache import ImageFeatureCache
-from pipelines.matching import ImageTextMatcher, MatchRequest, split_texts
 from tests.tolerances import SCORE_ATOL, same_score
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "assets" / "examples"
@@ -78,7 +78,7 @@ def test_batched_scores_equal_one_by_one_scores(matcher, tiny_captioner, cat):
 
 
 def test_a_captions_own_score_equals_its_match_score(matcher, tiny_captioner, cat):
-    """Same definition as pipelines/blip: a finished caption (ended by [SEP]) scores the same in both places."""
+    """Same definition as pipelines/blip/captioner: a finished caption (ended by [SEP]) scores the same in both places."""
     # The random tiny model rarely stops by itself: sample until some captions did.
     tokenizer = tiny_captioner.processor.tokenizer
     comparable = []
@@ -115,7 +115,7 @@ def test_images_are_ranked_for_each_text(matcher, cat, coffee):
 
 
 def test_the_image_features_cache_is_hit_by_caption_match_and_attention(tiny_captioner, matcher):
-    from pipelines.attention import AttentionRequest, explain_attention
+    from pipelines.blip.attention import AttentionRequest, explain_attention
 
     # An image no other test uses, so its first encoding is certainly a miss.
     image = Image.fromarray(np.random.default_rng(1234).integers(0, 256, (48, 80, 3), dtype=np.uint8))

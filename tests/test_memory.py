@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from pipelines import settings
-from pipelines.activations import blip_activation, mmdit_activation, vae_activation
 from pipelines.architectures import component_size, component_sizes, measure_module
 from pipelines.catalog import CATALOG, MODEL_CONFIGS_DIR
 from pipelines.memory import (
@@ -23,6 +22,7 @@ from pipelines.memory import (
     plan_table,
     weight_bytes,
 )
+from pipelines.memory.activations import blip_activation, mmdit_activation, vae_activation
 
 # --- parameter counts: exact, from assets/model-configs/SOURCES.md ----------------------------
 

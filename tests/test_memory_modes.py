@@ -11,8 +11,8 @@ import torch
 from pipelines.manager import ModelManager
 from pipelines.memory import SD3_MODES, get_mode, resolve_mode
 from pipelines.runtime import Runtime, choose_runtime
-from pipelines.sd3 import GenerateRequest, generate, resolve_request
-from pipelines.sd3_loading import check_mode, load_sd3_pipeline
+from pipelines.sd3.loading import check_mode, load_sd3_pipeline
+from pipelines.sd3.text_to_image import GenerateRequest, generate, resolve_request
 
 CPU = choose_runtime("cpu")
 CUDA_LIKE = Runtime(device=torch.device("cuda"), dtype=torch.bfloat16)  # only its device type is read
@@ -132,7 +132,7 @@ def test_each_mode_quantizes_exactly_its_components_through_one_pipeline_config(
     import diffusers
     import transformers
 
-    from pipelines.sd3_loading import pipeline_quantization
+    from pipelines.sd3.loading import pipeline_quantization
 
     memory_mode = get_mode("sd35-large", mode)
     config = pipeline_quantization(memory_mode, torch.bfloat16)
@@ -154,7 +154,7 @@ def test_each_mode_quantizes_exactly_its_components_through_one_pipeline_config(
 def test_loading_a_quantized_mode_hands_that_config_to_from_pretrained(monkeypatch):
     import diffusers
 
-    from pipelines.sd3_loading import pipeline_quantization
+    from pipelines.sd3.loading import pipeline_quantization
 
     seen = {}
 

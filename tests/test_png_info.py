@@ -1,4 +1,4 @@
-"""PNG Info in process: the settings a Studio, A1111 or Forge image carries, read back (pipelines/png_info.py)."""
+"""PNG Info in process: the settings a Studio, A1111 or Forge image carries, read back (pipelines/sd3/png_info.py)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from PIL import Image, PngImagePlugin
 
 from pipelines import settings
 from pipelines.catalog import CATALOG
-from pipelines.generation import GenerationRequest, GenerationService
 from pipelines.images import ImageDecodeError
-from pipelines.png_info import (
+from pipelines.sd3.generation import GenerationRequest, GenerationService
+from pipelines.sd3.png_info import (
     decode_user_comment,
     fitted_size,
     generate_form_values,

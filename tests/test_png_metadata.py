@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from PIL import Image
 
-from pipelines.png_metadata import a1111_parameters, parse_a1111_parameters, read_png_settings, save_png
+from pipelines.sd3.png_metadata import a1111_parameters, parse_a1111_parameters, read_png_settings, save_png
 
 
 @pytest.mark.parametrize(

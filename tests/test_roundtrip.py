@@ -10,10 +10,9 @@ import pytest
 from gradio_client import handle_file
 from PIL import Image
 
-from pipelines import roundtrip
-from pipelines.generation import GenerationRequest, GenerationService
-from pipelines.matching import ImageTextMatcher
-from pipelines.roundtrip import (
+from pipelines.blip.matching import ImageTextMatcher
+from pipelines.roundtrip import loop as roundtrip
+from pipelines.roundtrip.loop import (
     evaluation_table,
     image_round_trip,
     load_prompts,
@@ -21,6 +20,7 @@ from pipelines.roundtrip import (
     run_evaluation,
     word_diff,
 )
+from pipelines.sd3.generation import GenerationRequest, GenerationService
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "assets" / "examples"
 
@@ -150,7 +150,7 @@ def test_the_round_trip_takes_generate_settings_and_loras_by_name(tiny_client):
 
 
 def test_the_scoreboard_reads_back_what_an_evaluation_wrote(tiny_manager, tmp_path):
-    from pipelines.scoreboard import build_report
+    from pipelines.scoreboard.page import build_report
 
     matcher = ImageTextMatcher(tiny_manager.get("blip-caption"))
     payload = run_evaluation(

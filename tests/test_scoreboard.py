@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 from components.scoreboard import MEASURED_HEADERS, capability_table, measured_table, terms_markdown
-from pipelines.bench_results import FAILED_ROW_SENTENCE, RESULTS_DIR, read_results
-from pipelines.scoreboard import SCOREBOARD_PATH, build_report, load_scoreboard, ranked
-from pipelines.scoreboard_claims import check_claims
-from pipelines.scoreboard_types import (
+from pipelines.scoreboard.bench_results import FAILED_ROW_SENTENCE, RESULTS_DIR, read_results
+from pipelines.scoreboard.claims import check_claims
+from pipelines.scoreboard.page import SCOREBOARD_PATH, build_report, load_scoreboard, ranked
+from pipelines.scoreboard.schema import (
     CAPABILITY_STATUSES,
     NOT_MEASURED,
     STUDIO_TAB_IDS,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipelines.png_metadata import parse_a1111_parameters, read_png_settings, save_png
-from pipelines.sd3 import GenerateRequest, LatentPreviewer, generate, resolve_request
+from pipelines.sd3.png_metadata import parse_a1111_parameters, read_png_settings, save_png
+from pipelines.sd3.text_to_image import GenerateRequest, LatentPreviewer, generate, resolve_request
 from tests.tolerances import assert_close_pixels
 
 FAST = {"steps": 3, "width": 64, "height": 64}

@@ -14,7 +14,7 @@ from gradio_client import handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
 
-from pipelines.lora_sources import sanitize_lora_name
+from pipelines.lora.sources import sanitize_lora_name
 from tests.test_train_blip_lora import make_dataset
 
 pytestmark = [pytest.mark.api, pytest.mark.slow]  # each test trains in a background process

@@ -1,4 +1,4 @@
-"""`python -m pipelines.train_blip_lora` on the tiny BLIP: the loss falls, the adapter loads, resume, refusals."""
+"""`python -m pipelines.training.train_blip_lora` on the tiny BLIP: the loss falls, the adapter loads, resume, refusals."""
 
 from __future__ import annotations
 
@@ -10,21 +10,21 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from pipelines import train_blip_lora
-from pipelines.blip import CaptionRequest
-from pipelines.blip_adapters import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE
+from pipelines.blip.adapters import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE
+from pipelines.blip.captioner import CaptionRequest
 from pipelines.manager import ModelManager
 from pipelines.runtime import choose_runtime
 from pipelines.studio import Studio
-from pipelines.train_blip_lora import (
+from pipelines.training import train_blip_lora
+from pipelines.training.dataset import TrainingDataError, read_dataset
+from pipelines.training.runs import LOSS_LINE
+from pipelines.training.train_blip_lora import (
     BlipLoraTrainingConfig,
     EncodedSet,
     caption_loader,
     vocabulary_report,
     vocabulary_warning,
 )
-from pipelines.training_data import TrainingDataError, read_dataset
-from pipelines.training_runs import LOSS_LINE
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "assets" / "examples"
 # Captions in the tiny BLIP's vocabulary, so that none of them is [UNK].
@@ -298,7 +298,7 @@ def test_each_epoch_visits_every_image_and_processes_share_it_evenly():
 
 
 def test_the_learning_rate_warms_up_then_follows_a_cosine_or_stays():
-    from pipelines.training_common import make_lr_scheduler
+    from pipelines.training.common import make_lr_scheduler
 
     def factors(name, steps=10):
         optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
@@ -346,7 +346,7 @@ def test_two_processes_train_checkpoint_and_resume(dataset, tiny_root, tmp_path)
 
     def run(*extra: str) -> subprocess.CompletedProcess:
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-        command += ["-m", "pipelines.train_blip_lora", str(dataset), str(output_dir), "--tiny", "--tiny-dir"]
+        command += ["-m", "pipelines.training.train_blip_lora", str(dataset), str(output_dir), "--tiny", "--tiny-dir"]
         command += [
             str(tiny_root),
             "--device",

@@ -18,7 +18,7 @@ from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 
 from pipelines.tiny import tiny_lora_dir
-from pipelines.training_runs import PID_FILE, _group_alive
+from pipelines.training.runs import PID_FILE, _group_alive
 from tests.app_server import free_port, tiny_app
 from tests.test_train_blip_lora import make_dataset
 

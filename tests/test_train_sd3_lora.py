@@ -1,4 +1,4 @@
-"""`python -m pipelines.train_sd3_lora`: the loss falls, the LoRA loads in the Studio, resume, bad data, buckets, cache.
+"""`python -m pipelines.training.train_sd3_lora`: the loss falls, the LoRA loads in the Studio, resume, bad data, buckets, cache.
 
 One training run on the tiny Large (64 px, rank 4) is shared by most tests; the
 others reuse its cache folder, so no test but the first encodes anything.
@@ -18,7 +18,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from pipelines import settings
-from pipelines.sd3_training_data import (
+from pipelines.training.dataset import TrainingDataError, read_dataset
+from pipelines.training.sd3_data import (
     BucketBatchSampler,
     assign_buckets,
     bucket_sizes,
@@ -27,8 +28,7 @@ from pipelines.sd3_training_data import (
     nearest_bucket,
     precompute,
 )
-from pipelines.train_sd3_lora import SD3LoraTrainingConfig, train
-from pipelines.training_data import TrainingDataError, read_dataset
+from pipelines.training.train_sd3_lora import SD3LoraTrainingConfig, train
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "assets" / "examples"
 CAPTIONS = {
@@ -147,8 +147,8 @@ def _fresh_pipeline(tiny_root: Path):
 
 def _load_in_studio(pipeline, lora_file: Path) -> None:
     """The Studio's own path: resolve the file, load it into the library, select it at weight 1."""
-    from pipelines.lora import LoraLibrary
-    from pipelines.lora_sources import resolve_lora_source
+    from pipelines.lora.library import LoraLibrary
+    from pipelines.lora.sources import resolve_lora_source
 
     library = LoraLibrary("sd35-large")
     loaded = library.load(pipeline, resolve_lora_source(upload=lora_file))
@@ -254,7 +254,7 @@ def test_the_adapter_is_diffusers_format_and_changes_the_studios_images(trained,
     assert abs(draw(plain) - with_lora).max() < 1e-4
 
     # The run's other outputs: settings, model card, validation images, and log lines the Train tab reads.
-    from pipelines.training_runs import LOSS_LINE
+    from pipelines.training.runs import LOSS_LINE
 
     folder = trained["result"].output_dir
     assert json.loads((folder / "training_args.json").read_text())["trigger"] == TRIGGER
@@ -387,7 +387,7 @@ def test_a_model_that_cannot_load_is_named_with_the_fix(dataset, tmp_path, tiny_
 
 def test_aspect_buckets():
     from pipelines.catalog import CATALOG
-    from pipelines.sd3 import size_for_aspect
+    from pipelines.sd3.text_to_image import size_for_aspect
 
     buckets = bucket_sizes(1024)
     # At SD3.5's native size the buckets are the Generate tab's aspect presets: train at the sizes users draw.
@@ -488,7 +488,7 @@ def test_two_processes_train_one_adapter(dataset, tiny_root, trained, tmp_path):
 
     output_dir = tmp_path / "two"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    command += ["-m", "pipelines.train_sd3_lora", str(dataset), str(output_dir), "--tiny", "large"]
+    command += ["-m", "pipelines.training.train_sd3_lora", str(dataset), str(output_dir), "--tiny", "large"]
     command += ["--tiny-dir", str(tiny_root), "--cache-dir", str(trained["cache_dir"]), "--device", "cpu"]
     command += ["--resolution", "64", "--rank", "4", "--lora-alpha", "8", "--trigger", TRIGGER, "--lr", "1e-2"]
     command += ["--steps", "2", "--checkpoint-every", "2", "--log-every", "1"]

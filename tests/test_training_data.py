@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.training_data import (
+from pipelines.training.dataset import (
     METADATA_FILE,
     TrainingDataError,
     TrainingExample,

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from pipelines.training_data import METADATA_FILE, TrainingDataError, read_dataset
-from pipelines.training_runs import LOSS_LINE, TrainingRuns, run_name, unpack_training_upload
+from pipelines.training.dataset import METADATA_FILE, TrainingDataError, read_dataset
+from pipelines.training.runs import LOSS_LINE, TrainingRuns, run_name, unpack_training_upload
 
 
 def _png(path: Path, colour: tuple[int, int, int]) -> Path:
@@ -158,7 +158,7 @@ def test_a_run_reports_its_loss_curve_and_cancel_stops_its_process_group(tmp_pat
         "    print(f'step {step}/100 loss {1.0 / step:.4f}', flush=True)\n"
         "time.sleep(120)\n"
     )
-    monkeypatch.setitem(sys.modules["pipelines.training_runs"].TRAINER_MODULES, "sd3", "fake_trainers.slow")
+    monkeypatch.setitem(sys.modules["pipelines.training.runs"].TRAINER_MODULES, "sd3", "fake_trainers.slow")
     runs = TrainingRuns(tmp_path / "runs", environment={"PYTHONPATH": str(tmp_path)})
     run = runs.start("sd3", ["--x", "1"], tmp_path / "out", name="fake")
     deadline = time.monotonic() + 30
@@ -232,7 +232,7 @@ def fake_trainer(tmp_path, monkeypatch):
         "print('step 1/10 loss 0.5', flush=True)\n"
         "time.sleep(120)\n"
     )
-    monkeypatch.setitem(sys.modules["pipelines.training_runs"].TRAINER_MODULES, "sd3", "fake_trainers.waits")
+    monkeypatch.setitem(sys.modules["pipelines.training.runs"].TRAINER_MODULES, "sd3", "fake_trainers.waits")
     runs = TrainingRuns(tmp_path / "runs", environment={"PYTHONPATH": str(tmp_path)})
     yield runs
     runs.cancel_all(grace=2)
@@ -246,7 +246,7 @@ def _wait_for(condition, timeout: float = 30.0) -> None:
 
 
 def test_run_ids_are_random_and_end_with_the_readable_name():
-    from pipelines.training_runs import new_run_id
+    from pipelines.training.runs import new_run_id
 
     ids = {new_run_id("sd3", "My Style") for _ in range(50)}
     assert len(ids) == 50
@@ -296,7 +296,7 @@ def test_the_log_tail_shows_placeholders_not_server_paths(fake_trainer, tmp_path
 
 def test_a_survivor_of_an_earlier_app_is_stopped_and_the_limit_holds(fake_trainer, tmp_path):
     """An app killed without cleanup leaves a trainer and its PID file; the next app's runs stop it."""
-    from pipelines.training_runs import PID_FILE, _command_line
+    from pipelines.training.runs import PID_FILE, _command_line
 
     run = fake_trainer.start("sd3", [], tmp_path / "out", name="orphan")
     # A survivor has long been running; right after its start the child may not have exec'd yet
@@ -323,13 +323,13 @@ def test_a_reused_pid_is_never_killed(tmp_path):
     """A PID file whose pid now belongs to another program (or started at another time) is dropped, not acted on."""
     import subprocess
 
-    from pipelines.training_runs import PID_FILE, _start_time
+    from pipelines.training.runs import PID_FILE, _start_time
 
     bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
     try:
         folder = tmp_path / "runs" / "abc-sd3-x"
         folder.mkdir(parents=True)
-        record = {"pid": bystander.pid, "module": "pipelines.train_sd3_lora", "app_pid": 999_999_999}
+        record = {"pid": bystander.pid, "module": "pipelines.training.train_sd3_lora", "app_pid": 999_999_999}
         record.update(started=_start_time(bystander.pid), app_started=1)  # same start: the module must match too
         (folder / PID_FILE).write_text(json.dumps(record))
         (tmp_path / "runs" / "broken-sd3-y").mkdir()
@@ -378,7 +378,7 @@ def test_a_started_run_keeps_its_dataset_in_its_own_folder(fake_trainer, tmp_pat
 def test_dataset_checks_run_one_at_a_time_outside_the_callers_thread(fake_trainer, tmp_path, monkeypatch):
     import threading
 
-    module = sys.modules["pipelines.training_runs"]
+    module = sys.modules["pipelines.training.runs"]
     active, most, threads = [0], [0], set()
     entered = threading.Event()
 
@@ -415,7 +415,7 @@ def test_exit_signals_stop_trainers_then_chain_to_the_previous_handler(tmp_path)
     script.write_text(
         "import os, signal, sys, time\n"
         "from pathlib import Path\n"
-        "from pipelines import training_runs\n"
+        "from pipelines.training import runs as training_runs\n"
         "training_runs.TRAINER_MODULES['sd3'] = 'fake_trainers.waits'\n"
         "signal.signal(signal.SIGTERM, lambda *_: print('previous handler ran', flush=True))\n"
         f"runs = training_runs.TrainingRuns(Path({str(tmp_path / 'runs')!r}), environment={{'PYTHONPATH': {str(tmp_path)!r}}})\n"
@@ -443,7 +443,7 @@ def test_exit_signals_stop_trainers_then_chain_to_the_previous_handler(tmp_path)
 
 
 def test_the_smoothed_loss_is_tensorboards_debiased_ema():
-    from pipelines.training_runs import smoothed_losses
+    from pipelines.training.runs import smoothed_losses
 
     losses = [1.689, 1.52, 1.61, 1.446, 1.39, 1.47]
     weight = 0.9
@@ -463,7 +463,7 @@ def test_the_loss_chart_has_numeric_axes_from_the_first_poll():
     import gradio as gr
 
     from components.train import LOSS_SERIES, SMOOTHED_SERIES, loss_frame
-    from pipelines.training_runs import smoothed_losses
+    from pipelines.training.runs import smoothed_losses
 
     plot = gr.LinePlot(x="step", y="loss", color="series")
     for losses in ([], [(1, 1.689)], [(1, 1.689), (2, 1.52), (10, 1.446)]):
@@ -477,8 +477,8 @@ def test_the_loss_chart_has_numeric_axes_from_the_first_poll():
 
 
 def test_renamings_are_said_aloud():
-    from pipelines.lora_sources import sanitize_lora_name
-    from pipelines.training_runs import renaming_sentence, run_name
+    from pipelines.lora.sources import sanitize_lora_name
+    from pipelines.training.runs import renaming_sentence, run_name
 
     assert renaming_sentence("ux-sks", run_name("ux-sks")) == ""
     said = renaming_sentence("ux-sks", "ux-sks", sanitize_lora_name("ux-sks"))
@@ -492,13 +492,13 @@ def test_the_logged_command_runs_as_printed(tmp_path, monkeypatch):
     import shlex
     import subprocess
 
-    from pipelines.training_runs import COMMAND_PROMPT
+    from pipelines.training.runs import COMMAND_PROMPT
 
     package = tmp_path / "printing_trainers"
     package.mkdir()
     (package / "__init__.py").write_text("")
     (package / "prints.py").write_text("import os, sys\nprint(repr(sys.argv[1:]), os.getcwd())\n")
-    monkeypatch.setitem(sys.modules["pipelines.training_runs"].TRAINER_MODULES, "sd3", "printing_trainers.prints")
+    monkeypatch.setitem(sys.modules["pipelines.training.runs"].TRAINER_MODULES, "sd3", "printing_trainers.prints")
     runs = TrainingRuns(tmp_path / "runs", environment={"PYTHONPATH": str(tmp_path)})
     upload = _zip(tmp_path / "up.zip", {"a.png": _png_bytes((1, 2, 3)), "a.txt": b"a dark square"})
     run = runs.start_with_dataset(
@@ -527,7 +527,7 @@ def test_the_real_trainers_logged_command_starts_from_any_folder(tiny_manager, t
 
     from components.train import trainer_arguments
     from pipelines.studio import Studio
-    from pipelines.training_runs import COMMAND_PROMPT
+    from pipelines.training.runs import COMMAND_PROMPT
 
     studio = Studio(manager=tiny_manager, lora_dir=tmp_path / "loras")
     runs = studio.training_runs
@@ -543,7 +543,7 @@ def test_the_real_trainers_logged_command_starts_from_any_folder(tiny_manager, t
     run = runs.start_with_dataset("sd3", [upload], output, arguments_for, name="ux-sks")
     run.cancel(grace=2)
     command = run.log_path.read_text().splitlines()[0].removeprefix(COMMAND_PROMPT)
-    assert "-m pipelines.train_sd3_lora" in command and str(run.folder / "dataset") in command
+    assert "-m pipelines.training.train_sd3_lora" in command and str(run.folder / "dataset") in command
     started = subprocess.run(
         ["bash", "-c", command + " --help"], cwd=tmp_path, capture_output=True, text=True, timeout=120
     )

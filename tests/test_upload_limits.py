@@ -20,8 +20,9 @@ import pytest
 from gradio_client import handle_file
 from PIL import Image
 
-from pipelines import batch_caption, settings
-from pipelines.batch_caption import CaptionedImage, FailedImage
+from pipelines import settings
+from pipelines.blip import batch_caption
+from pipelines.blip.batch_caption import CaptionedImage, FailedImage
 from tests.test_batch_caption import collect
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "assets" / "examples"

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from pipelines.png_metadata import read_png_settings
+from pipelines.sd3.png_metadata import read_png_settings
 
 pytestmark = pytest.mark.api
 

@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 
 from pipelines import workspace
-from pipelines.png_metadata import read_png_settings
-from pipelines.sd3 import GenerateResult, save_images
+from pipelines.sd3.png_metadata import read_png_settings
+from pipelines.sd3.text_to_image import GenerateResult, save_images
 
 
 @pytest.fixture(autouse=True)
@@ -86,7 +86,7 @@ def test_exclusive_path_never_returns_an_existing_file(tmp_path):
 
 
 def _result(seed: int, prompt: str, colour: str) -> GenerateResult:
-    from pipelines.sd3 import GenerateRequest, resolve_request
+    from pipelines.sd3.text_to_image import GenerateRequest, resolve_request
 
     request = resolve_request(GenerateRequest(prompt=prompt, seed=seed, steps=2), tiny=True)
     return GenerateResult(

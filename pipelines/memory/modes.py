@@ -1,6 +1,6 @@
 """Memory modes: the weight formats and, per model family, the ways to load and run a model.
 
-The tables only: what each mode quantizes, drops and offloads (``pipelines.sd3_loading`` turns a
+The tables only: what each mode quantizes, drops and offloads (``pipelines.sd3.loading`` turns a
 mode into loading configs; ``pipelines.memory.planner`` estimates what it needs; the order of
 ``SD3_MODES`` is ``auto_choice``'s, explained there).
 """
@@ -156,7 +156,7 @@ SD3_MODES: tuple[MemoryMode, ...] = (
         note="every weight crosses PCIe at every step: slowest",
     ),
     # Last, so auto never picks it: it changes images (lossy) and needs torchao and a GPU of compute
-    # capability 8.9 or newer (Ada, Hopper), which pipelines.sd3_loading.check_mode verifies.
+    # capability 8.9 or newer (Ada, Hopper), which pipelines.sd3.loading.check_mode verifies.
     MemoryMode(
         "fp8",
         "MMDiT fp8 (dynamic activations + weights, row-wise)",

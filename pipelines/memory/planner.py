@@ -40,7 +40,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from pipelines import settings
-from pipelines.activations import (
+from pipelines.architectures import (
+    ComponentSize,
+    component_names,
+    component_sizes,
+    copied_pos_embed_size,
+    family,
+    planned_models,
+)
+from pipelines.catalog import CATALOG, CONTROLNET_BASE, CONTROLNET_KEYS
+from pipelines.memory.activations import (
     ATTENTION_KINDS,
     DTYPE_BYTES,
     Activation,
@@ -51,15 +60,6 @@ from pipelines.activations import (
     max_t5_tokens,
     text_tokens,
 )
-from pipelines.architectures import (
-    ComponentSize,
-    component_names,
-    component_sizes,
-    copied_pos_embed_size,
-    family,
-    planned_models,
-)
-from pipelines.catalog import CATALOG, CONTROLNET_BASE, CONTROLNET_KEYS
 from pipelines.memory.gpu import gpu_memory
 from pipelines.memory.modes import GIB, WEIGHT_FORMATS, MemoryMode, default_mode, get_mode, modes_for
 
@@ -257,7 +257,7 @@ def plan(
             return dict(weights)
         if memory_mode.offload == "model":
             if controlnet is not None:
-                # The Studio keeps the ControlNet on the GPU under model offload (pipelines/sd3_controlnet.py:
+                # The Studio keeps the ControlNet on the GPU under model offload (pipelines/sd3/controlnet.py:
                 # it runs at every step, and diffusers would not offload it between steps either).
                 return {running: weights[running], "controlnet": weights["controlnet"]}
             return {running: weights[running]}

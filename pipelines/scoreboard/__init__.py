@@ -1,0 +1,1 @@
+"""The scoreboard modules of pipelines/."""

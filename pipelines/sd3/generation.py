@@ -1,0 +1,579 @@
+"""The one way to draw with SD3.5: request in; images, PNG files and a details dict out.
+
+Every tab that draws (Generate, Round trip both ways, the evaluation run, the LoRA
+panel's model) goes through ``GenerationService``; so will image-to-image. In three
+named steps, which a caller may also run one by one (an img2img call swaps ``draw``):
+
+    service = studio.generation                     # or GenerationService(manager) without a Studio
+    outcome = service.run(GenerationRequest(prompt="a red fox <lora:style:0.8>", seed=7, steps=2))
+    outcome.images, outcome.paths, outcome.details  # PIL images, PNGs with their settings, plain data
+
+1. ``prepare``: LoRA tags are taken out of the prompt and merged with ``lora``; presets fill
+   what was left empty and every value is checked (``sd3.resolve_request``); the memory mode is
+   chosen (``Studio.memory_mode_for`` refuses a visitor's change on a public instance); each
+   LoRA name is found (loaded already, else in the LoRA folder or the registry) before any
+   model loads; then the pipeline is fetched in that mode, LoRAs named but not loaded are
+   loaded, their trigger words join the prompt, and the selection is applied or fused.
+2. ``draw``: ``sd3.generate`` with the step callback, previews and stop.
+3. ``finish``: the PNGs are written (``sd3.save_images``) and the details dict is built.
+
+Image-to-image, inpainting and ControlNet reuse 1 and 3 as they are and bring their own
+``draw`` (e.g. ``StableDiffusion3Img2ImgPipeline.from_pipe(prepared.pipeline)``, which shares
+the loaded weights, LoRAs included) returning a ``GenerateResult``. ControlNet is
+``pipelines.sd3.controlnet.run``: a request with ``control`` set is checked here (SD3.5 Large
+only, memory planned with the ControlNet), drawn there.
+
+``pipelines`` never imports gradio: notes go to a ``notify`` callable, the step stream to
+``on_step``, and a stop request is polled through ``should_stop``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from PIL import Image
+
+from pipelines import settings, workspace
+from pipelines.catalog import CATALOG
+from pipelines.lora.library import LoadedLora, LoraLibrary, prompt_with_triggers
+from pipelines.lora.sources import LoraSource, sanitize_lora_name
+from pipelines.memory import resolve_mode
+from pipelines.sd3.control_maps import CheckedControl, ControlSettings, check_control
+from pipelines.sd3.fast import prepare_for_lora
+from pipelines.sd3.text_to_image import (
+    GenerateRequest,
+    GenerateResult,
+    LatentPreviewer,
+    ResolvedRequest,
+    generate,
+    resolve_request,
+    save_images,
+)
+from pipelines.validation import as_float, as_int
+
+Notify = Callable[[str], None]
+StepCallback = Callable[[int, int, list[Image.Image] | None], None]
+
+# A1111's extra-network syntax: <lora:name> or <lora:name:weight> anywhere in the prompt.
+LORA_TAG = re.compile(r"<lora:([^<>]*)>", flags=re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """Everything ``/generate`` takes. ``None`` means "the model's preset" (or the instance's mode).
+
+    ``lora`` is "name", "name:0.8, other:0.5" or A1111 tags; names load on demand from the LoRA
+    folder or the registry. ``lora_scale`` multiplies the weights of ``lora`` (not the prompt's
+    own ``<lora:name:w>`` tags, which are the exact weights a Studio PNG records).
+    """
+
+    prompt: str
+    model: str = "large"
+    negative_prompt: str = ""
+    seed: int = -1
+    steps: int | None = None
+    guidance: float | None = None
+    width: int | float | None = None
+    height: int | float | None = None
+    max_sequence_length: int = settings.DEFAULT_T5_TOKENS
+    skip_layer_guidance: bool | None = None
+    num_images: int = 1
+    memory_mode: str | None = None  # None or "": the instance's --memory
+    lora: str = ""
+    lora_scale: float | None = None  # None: 1
+    lora_fuse: bool = False
+    preview_every: int = 0  # 0: no previews
+    control: ControlSettings | None = None  # a ControlNet (SD3.5 Large only): drawn by pipelines.sd3.controlnet
+
+    def drawing(self, prompt: str) -> GenerateRequest:
+        """The model-level request for ``prompt`` (the prompt with its LoRA tags taken out)."""
+        return GenerateRequest(
+            prompt=prompt,
+            model=self.model,
+            negative_prompt=self.negative_prompt or "",
+            seed=-1 if self.seed is None else self.seed,
+            steps=self.steps,
+            guidance=self.guidance,
+            width=self.width,
+            height=self.height,
+            max_sequence_length=self.max_sequence_length,
+            skip_layer_guidance=self.skip_layer_guidance,
+            num_images=self.num_images,
+        )
+
+
+@dataclass(frozen=True)
+class LoraChoice:
+    """One LoRA a request names: its (sanitized) name, its weight (None: its default), where it was named."""
+
+    name: str  # the adapter name: sanitized, a file's stem without folders or .safetensors
+    weight: float | None
+    origin: str  # "prompt" | "lora"
+    text: str = field(default="", compare=False)  # as written: what the LoRA folder is searched for
+    scale: float = 1.0  # lora_scale, for a LoRA drawn at its default weight (weight None)
+
+    def weight_for(self, entry: LoadedLora) -> float:
+        """The weight to draw with: the one given, else ``entry``'s default times ``scale``."""
+        if self.weight is not None:
+            return self.weight
+        return _weight(f"the weight of {self.name} times lora_scale", entry.default_scale * self.scale)
+
+
+@dataclass
+class PreparedGeneration:
+    """A request made ready to draw: checked settings, the pipeline in its mode, the LoRAs applied."""
+
+    request: ResolvedRequest  # its prompt is what the encoders read: tags out, trigger words in
+    pipeline: Any
+    repo_id: str
+    memory_mode: str
+    memory_mode_reason: str
+    loras: list[dict]  # LoadedLora.png_entry(weight) of each active LoRA (+ "loaded_now")
+    lora_fused: bool
+    trigger_words: list[str]
+    notes: list[str]
+    preview_every: int
+    visitor: str | None
+    tiny: bool = False
+    timings: dict[str, float] = field(default_factory=dict)
+    control: CheckedControl | None = None  # the checked ControlNet request, if any
+
+
+@dataclass
+class GenerationOutcome:
+    result: GenerateResult
+    paths: list[Path]  # the PNGs written (empty when not saved)
+    details: dict
+
+    @property
+    def images(self) -> list[Image.Image]:
+        return self.result.images
+
+
+@dataclass(frozen=True)
+class _Checked:
+    request: ResolvedRequest
+    choices: list[LoraChoice]
+    preview_every: int
+    memory_mode: str
+    memory_mode_reason: str
+    library: LoraLibrary
+    sources: dict[str, LoraSource]
+    control: CheckedControl | None = None
+
+
+# ----------------------------------------------------------------------------- LoRA names
+
+
+def split_lora_tags(prompt: str) -> tuple[str, list[LoraChoice]]:
+    """(the prompt without its ``<lora:name:w>`` tags, the LoRAs they name).
+
+    A tag and the spaces before it are removed, so ``"a fox <lora:x:1>"`` becomes ``"a fox"``,
+    exactly the text the Studio drew before it appended the tag to the PNG's prompt.
+    """
+    if not isinstance(prompt, str):
+        return prompt, []
+    choices = [_choice(match.group(1), "prompt", f"<lora:{match.group(1)}>") for match in LORA_TAG.finditer(prompt)]
+    if not choices:
+        return prompt, []
+    return re.sub(r"[ \t]*" + LORA_TAG.pattern, "", prompt, flags=re.IGNORECASE).strip(), choices
+
+
+def parse_lora_text(text: str | None, lora_scale: float | None = None) -> list[LoraChoice]:
+    """The ``lora`` parameter ("name", "name:0.8, other:0.5", or A1111 tags) -> choices; weights times ``lora_scale``."""
+    if text is None or text == "":
+        return []
+    if not isinstance(text, str):
+        raise ValueError(f"lora must be text such as 'name:0.8, other:0.5', not {type(text).__name__}.")
+    multiplier = 1.0 if lora_scale is None else _weight("lora_scale", lora_scale)
+    choices = []
+    for raw in re.split(r"[,\n]", text):
+        item = raw.strip()
+        if item.lower().startswith("<lora:") and item.endswith(">"):
+            item = item[len("<lora:") : -1]
+        if item:
+            choices.append(_choice(item, "lora", item, multiplier))
+    return choices
+
+
+def _choice(item: str, origin: str, shown: str, multiplier: float = 1.0) -> LoraChoice:
+    name, _, weight_text = item.partition(":")
+    if ":" in weight_text:
+        raise ValueError(f"{shown} gives several weights; give one: <lora:name:0.8>.")
+    if not name.strip():
+        raise ValueError(f"{shown} names no LoRA; write <lora:name:0.8>.")
+    text = name.strip()
+    key = sanitize_lora_name(PurePosixPath(text).stem if text.lower().endswith(".safetensors") else text)
+    if not weight_text.strip():
+        return LoraChoice(key, None, origin, text, multiplier)
+    weight = _weight(f"the weight of {key}", weight_text)
+    if multiplier != 1.0:
+        weight = _weight(f"the weight of {key} times lora_scale", weight * multiplier)
+    return LoraChoice(key, weight, origin, text)
+
+
+def _weight(name: str, value) -> float:
+    return as_float(name, value, -settings.MAX_LORA_WEIGHT, settings.MAX_LORA_WEIGHT)
+
+
+def merge_lora_choices(from_prompt: list[LoraChoice], from_lora: list[LoraChoice]) -> list[LoraChoice]:
+    """The prompt's tags, then the ``lora`` parameter's names; a LoRA named in both must agree on its weight."""
+    merged: dict[str, LoraChoice] = {}
+    for choice in [*from_prompt, *from_lora]:
+        earlier = merged.get(choice.name)
+        if earlier is None:
+            merged[choice.name] = choice
+        elif earlier.origin == choice.origin:
+            raise ValueError(f"The LoRA {choice.name!r} is named twice; give each LoRA once.")
+        elif earlier.weight != choice.weight:
+            raise ValueError(
+                f"The LoRA {choice.name!r} is in the prompt at weight {_shown(earlier.weight)} and in lora at "
+                f"{_shown(choice.weight)}; give it once."
+            )
+    if len(merged) > settings.MAX_ACTIVE_LORAS:
+        raise ValueError(f"{len(merged)} LoRAs were named; use at most {settings.MAX_ACTIVE_LORAS} at once.")
+    return list(merged.values())
+
+
+def _shown(weight: float | None) -> str:
+    return "default" if weight is None else f"{weight:g}"
+
+
+# ----------------------------------------------------------------------------- the service
+
+
+class GenerationService:
+    """Draws SD3.5 images for every tab (see the module docstring).
+
+    ``manager`` loads the models; ``libraries`` holds the LoRAs loaded per model key (a fresh
+    set if None); ``find_lora(name)`` returns the LoraSource a LoRA name stands for in the LoRA
+    folder or the registry, or None (None: names must be loaded already); ``memory_mode_for``
+    is ``Studio.memory_mode_for`` (None: any mode, default ``memory_mode``); ``outputs_dir``
+    receives a copy of every PNG saved (--outputs).
+    """
+
+    def __init__(
+        self,
+        manager,
+        *,
+        libraries: Mapping[str, LoraLibrary] | None = None,
+        find_lora: Callable[[str], LoraSource | None] | None = None,
+        memory_mode: str = "auto",
+        memory_mode_for: Callable[[str | None, str, int, int], str] | None = None,
+        outputs_dir: Path | None = None,
+    ) -> None:
+        self.manager = manager
+        self.libraries = (
+            dict(libraries)
+            if libraries is not None
+            else {
+                key: LoraLibrary(key, before_attach=prepare_for_lora)
+                for key, spec in CATALOG.items()
+                if spec.kind == "sd3"
+            }
+        )
+        self.find_lora = find_lora
+        self.default_memory_mode = memory_mode
+        self._memory_mode_for = memory_mode_for
+        self.outputs_dir = outputs_dir
+
+    @property
+    def tiny(self) -> bool:
+        return bool(self.manager.tiny)
+
+    # -- the pipeline (one way to get it)
+
+    def memory_mode(
+        self, key: str, requested: str | None, height: int, width: int, *, controlnet: str | None = None
+    ) -> tuple[str, str]:
+        """(mode, why) a request for ``key`` at ``width``x``height`` (with ``controlnet``, a catalog key)
+        runs in; ValueError on a refused change."""
+        if self._memory_mode_for is not None:
+            wanted = self._memory_mode_for(requested, key, height, width)
+        else:
+            wanted = str(requested or "").strip() or self.default_memory_mode
+        return resolve_mode(key, wanted or "auto", self.manager.runtime, height, width, controlnet=controlnet)
+
+    def pipeline_in_mode(self, key: str, mode: str, notify: Notify | None = None):
+        """The SD3.5 pipeline for ``key`` in memory mode ``mode`` (loaded, or reloaded, if needed)."""
+        return self.manager.get(key, variant=mode, notify=notify)
+
+    def pipeline(self, key: str, memory_mode: str | None = None, notify: Notify | None = None):
+        """The pipeline for ``key`` as loaded already, else in ``memory_mode`` (None: the instance's) at the
+        planner's default size: what the LoRA panel attaches LoRAs to."""
+        if memory_mode is None:
+            for loaded in self.manager.loaded_models():
+                if loaded.key == key:
+                    return self.pipeline_in_mode(key, loaded.variant, notify)
+        side = settings.PLAN_DEFAULT_SIDE
+        mode, _ = self.memory_mode(key, memory_mode, side, side)
+        return self.pipeline_in_mode(key, mode, notify)
+
+    def load_lora(
+        self,
+        key: str,
+        source: LoraSource,
+        *,
+        memory_mode: str | None = None,
+        name: str | None = None,
+        scale: float | None = None,
+        notify: Notify | None = None,
+        visitor: str | None = None,
+    ) -> LoadedLora:
+        """Load ``source`` onto ``key``'s pipeline (as loaded, else in ``memory_mode``); see ``LoraLibrary.load``."""
+        pipeline = self.pipeline(key, memory_mode, notify)
+        return self.libraries[key].load(pipeline, source, name=name, scale=scale, visitor=visitor)
+
+    # -- 1. prepare
+
+    def prepare(
+        self, request: GenerationRequest, *, visitor: str | None = None, notify: Notify | None = None
+    ) -> PreparedGeneration:
+        """Check ``request``, load what it needs and apply its LoRAs; nothing is drawn yet.
+
+        Every check that needs no model runs before any model loads. ``notify`` receives the
+        sentences a user should see (snapped sizes, ignored negative prompt, LoRAs loaded on
+        demand, trigger words added, models unloaded to make room).
+        """
+        say = notify or (lambda _sentence: None)
+        timings: dict[str, float] = {}
+        started = time.perf_counter()
+
+        # 1-3. Every check that needs no model: settings, ControlNet, memory mode, where each LoRA comes from.
+        checked = self._check(request, visitor)
+        resolved, choices, library, sources = checked.request, checked.choices, checked.library, checked.sources
+        mode, mode_reason, key = checked.memory_mode, checked.memory_mode_reason, resolved.model_key
+        notes = list(resolved.notes)
+        for note in notes:
+            say(note)
+
+        # 3. The pipeline, then the LoRAs named but not loaded yet.
+        before = time.perf_counter()
+        pipeline = self.pipeline_in_mode(key, mode, notify)
+        timings["load_seconds"] = time.perf_counter() - before
+        before = time.perf_counter()
+        entries: dict[str, tuple[LoadedLora, bool]] = {}
+        for choice in choices:
+            source = sources.get(choice.name)
+            if source is None:
+                entries[choice.name] = (library.get(choice.name, visitor), False)
+                continue
+            loaded = library.load(pipeline, source, visitor=visitor)
+            entries[choice.name] = (loaded, True)
+            note = f"Loaded the LoRA {loaded.name} ({source.description}) on {library.model_title}."
+            notes.append(note)
+            say(note)
+            for warning in loaded.warnings:
+                notes.append(warning)
+                say(warning)
+        selection = [(entries[choice.name][0].name, choice.weight_for(entries[choice.name][0])) for choice in choices]
+
+        # 4. Trigger words join the prompt (once: a prompt that has them already, as a PNG's does, keeps its own).
+        prompt, trigger_words = prompt_with_triggers(
+            resolved.prompt,
+            [(entries[choice.name][0], weight) for choice, (_, weight) in zip(choices, selection, strict=True)],
+        )
+        if trigger_words:
+            note = f"Added the LoRAs' trigger words to the prompt: {', '.join(trigger_words)}."
+            notes.append(note)
+            say(note)
+        if prompt != resolved.prompt:
+            resolved = dataclasses.replace(resolved, prompt=prompt)
+
+        # 5. What the next image uses: exactly this selection, fused or not.
+        if request.lora_fuse and selection:
+            library.fuse(pipeline, selection, visitor)
+        else:
+            if library.fused:
+                library.unfuse(pipeline)
+            library.apply(pipeline, selection, visitor)
+        loaded_now = {entry.name for entry, fresh in entries.values() if fresh}
+        loras = [
+            {**entry.png_entry(weight), "loaded_now": entry.name in loaded_now} for entry, weight in library.active()
+        ]
+        timings["lora_seconds"] = time.perf_counter() - before
+        timings["prepare_seconds"] = time.perf_counter() - started
+        return PreparedGeneration(
+            request=resolved,
+            pipeline=pipeline,
+            repo_id=CATALOG[key].repo_id,
+            memory_mode=mode,
+            memory_mode_reason=mode_reason,
+            loras=loras,
+            lora_fused=library.fused,
+            trigger_words=trigger_words,
+            notes=notes,
+            preview_every=checked.preview_every,
+            visitor=visitor,
+            tiny=self.tiny,
+            timings=timings,
+            control=checked.control,
+        )
+
+    def check(self, request: GenerationRequest, *, visitor: str | None = None) -> ResolvedRequest:
+        """Every check of ``prepare`` that needs no model (settings, memory mode, LoRA names); the resolved
+        request. ValueError with a sentence for the first problem. Nothing loads."""
+        return self._check(request, visitor).request
+
+    def _check(self, request: GenerationRequest, visitor: str | None) -> _Checked:
+        # 1. Settings: the prompt's LoRA tags out, presets in, every value checked.
+        prompt, tagged = split_lora_tags(request.prompt)
+        choices = merge_lora_choices(tagged, parse_lora_text(request.lora, request.lora_scale))
+        resolved = resolve_request(request.drawing(prompt), tiny=self.tiny)
+        preview_every = 0 if request.preview_every is None else request.preview_every
+        preview_every = as_int("preview_every", preview_every, 0, settings.MAX_PREVIEW_EVERY)
+        # 2. A ControlNet fits SD3.5 Large only; its settings and upload are checked before any model loads.
+        key = resolved.model_key
+        control = check_control(request.control, key) if request.control is not None else None
+        # 3. The memory mode (a public instance refuses a visitor's change) and each LoRA's source.
+        mode, reason = self.memory_mode(
+            key,
+            request.memory_mode,
+            resolved.height,
+            resolved.width,
+            controlnet=control.controlnet_key if control is not None else None,
+        )
+        library = self.libraries[key]
+        sources = self._lora_sources(library, choices, visitor)
+        return _Checked(resolved, choices, preview_every, mode, reason, library, sources, control)
+
+    def _lora_sources(
+        self, library: LoraLibrary, choices: list[LoraChoice], visitor: str | None
+    ) -> dict[str, LoraSource]:
+        """The source of each named LoRA that ``visitor`` has not loaded; ValueError for a name found nowhere."""
+        visible = set(library.names(visitor))
+        sources = {}
+        for choice in choices:
+            if choice.name in visible:
+                continue
+            source = self.find_lora(choice.text or choice.name) if self.find_lora is not None else None
+            if source is None:
+                loaded = library.names(visitor)
+                where = " in the LoRA folder or the registry" if self.find_lora is not None else ""
+                if not loaded:
+                    raise ValueError(
+                        f"No LoRA is loaded, so {choice.name!r} cannot be used, and there is no LoRA of that name"
+                        f"{where}; load it first (a registry name, a file in the LoRA folder, or an upload)."
+                    )
+                raise ValueError(
+                    f"No LoRA named {choice.name!r} is loaded; loaded: {', '.join(loaded)}; nor is there one of that "
+                    f"name{where}."
+                )
+            sources[choice.name] = source
+        return sources
+
+    # -- 2. draw
+
+    def draw(
+        self,
+        prepared: PreparedGeneration,
+        *,
+        on_step: StepCallback | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> GenerateResult:
+        """Run the denoising loop of ``prepared`` (previews every ``preview_every`` steps)."""
+        previewer = LatentPreviewer.for_pipeline(prepared.pipeline) if prepared.preview_every else None
+        return generate(
+            prepared.pipeline,
+            prepared.request,
+            repo_id=prepared.repo_id,
+            on_step=on_step,
+            should_stop=should_stop,
+            preview_every=prepared.preview_every,
+            previewer=previewer,
+            loras=[{key: value for key, value in lora.items() if key != "loaded_now"} for lora in prepared.loras],
+        )
+
+    # -- 3. finish
+
+    def finish(
+        self,
+        prepared: PreparedGeneration,
+        result: GenerateResult,
+        *,
+        folder: Path | None = None,
+        save: bool = True,
+    ) -> GenerationOutcome:
+        """Write the PNGs (into ``folder``, default: the visitor's session folder; a copy in --outputs)
+        and build the details dict."""
+        before = time.perf_counter()
+        paths: list[Path] = []
+        if save:
+            if folder is None:
+                workspace.sweep(settings.CACHE_SECONDS)  # sessions that left without closing their page
+                folder = workspace.session_folder(prepared.visitor or "local")
+            paths = save_images(result, folder, outputs_dir=self.outputs_dir)
+        timings = {
+            **prepared.timings,
+            "generate_seconds": result.seconds,
+            "save_seconds": time.perf_counter() - before,
+        }
+        timings["total_seconds"] = timings.get("prepare_seconds", 0.0) + result.seconds + timings["save_seconds"]
+        return GenerationOutcome(
+            result=result, paths=paths, details=generation_details(prepared, result, paths, timings)
+        )
+
+    def run(
+        self,
+        request: GenerationRequest,
+        *,
+        visitor: str | None = None,
+        notify: Notify | None = None,
+        on_step: StepCallback | None = None,
+        should_stop: Callable[[], bool] | None = None,
+        folder: Path | None = None,
+        save: bool = True,
+    ) -> GenerationOutcome:
+        """``prepare``, ``draw`` and ``finish`` in one call (a request with ``control``: ``sd3_controlnet.run``)."""
+        if request.control is not None:
+            raise ValueError("A request with a control image is drawn by pipelines.sd3.controlnet.run.")
+        prepared = self.prepare(request, visitor=visitor, notify=notify)
+        result = self.draw(prepared, on_step=on_step, should_stop=should_stop)
+        return self.finish(prepared, result, folder=folder, save=save)
+
+
+def generation_details(
+    prepared: PreparedGeneration, result: GenerateResult, paths: list[Path], timings: dict[str, float]
+) -> dict:
+    """The details dict of one generation: plain JSON data, what API clients and tests read."""
+    request = prepared.request
+    key = request.model_key
+    return {
+        "prompt": request.prompt,  # what the encoders read (LoRA tags out, trigger words in)
+        "negative_prompt": request.negative_prompt if request.uses_cfg else "",
+        "model": {"key": key, "repo_id": prepared.repo_id, "title": CATALOG[key].title},
+        "seed": result.seeds[0],
+        "seeds": list(result.seeds),
+        "num_images": len(result.images),
+        "steps": request.steps,
+        "steps_done": result.steps_done,
+        "stopped": result.stopped,
+        "guidance": request.guidance,
+        "width": request.width,
+        "height": request.height,
+        "size": f"{request.width}x{request.height}",
+        "max_sequence_length": request.max_sequence_length,
+        "skip_layer_guidance_layers": list(request.skip_layer_guidance_layers),
+        "memory_mode": {
+            "mode": prepared.memory_mode,
+            "reason": prepared.memory_mode_reason,
+            # What the weights really are: a "bf16" mode runs float32 on a CPU.
+            "dtype": str(getattr(prepared.pipeline, "dtype", "")).removeprefix("torch."),
+        },
+        "loras": [dict(lora) for lora in prepared.loras],
+        "lora_fused": prepared.lora_fused,
+        "trigger_words_added": list(prepared.trigger_words),
+        "parameters": list(result.parameters),  # each PNG's A1111 text: its prompt redraws it
+        "files": [path.name for path in paths],  # names only: the gallery serves the files themselves
+        "timings": {name: round(seconds, 4) for name, seconds in timings.items()},
+        "notes": list(prepared.notes),
+        "warnings": list(result.warnings),
+        "tiny": prepared.tiny,  # a tiny random stand-in drew it: noise by design
+        "controlnet": prepared.control.details() if prepared.control is not None else None,
+    }
