@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image, ImageDraw
+from test_import_graph import import_graph
 
 from pipelines.blip.adapters import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE
 from pipelines.blip.captioner import CaptionRequest
@@ -319,19 +320,16 @@ def test_the_learning_rate_warms_up_then_follows_a_cosine_or_stays():
 def test_the_trainers_modules_import_nothing_above_them():
     """The BLIP trainer's pieces sit below its driver: none imports ``train_blip_lora`` (lazily or not), and the
     settings import neither the files nor the data modules."""
-    import ast
 
-    root = Path(__file__).resolve().parent.parent / "pipelines"
     below = {
-        "blip_training_config": {"train_blip_lora", "blip_lora_files", "blip_training_data"},
-        "blip_training_data": {"train_blip_lora", "blip_lora_files"},
-        "blip_lora_files": {"train_blip_lora", "blip_training_data"},
+        "blip_config": {"train_blip_lora", "blip_lora_files", "blip_data"},
+        "blip_data": {"train_blip_lora", "blip_lora_files"},
+        "blip_lora_files": {"train_blip_lora", "blip_data"},
     }
+    graph = import_graph()  # every import, lazy ones and `from pipelines.training import x` included
     for module, above in below.items():
-        tree = ast.parse((root / f"{module}.py").read_text())
-        imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
-        imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
-        assert not {name.removeprefix("pipelines.") for name in imported} & above, module
+        imported = {name.removeprefix("pipelines.training.") for name in graph[f"pipelines.training.{module}"]}
+        assert not imported & above, module
 
 
 @pytest.mark.slow

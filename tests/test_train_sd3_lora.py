@@ -16,6 +16,7 @@ import torch
 from PIL import Image, ImageDraw
 from safetensors import safe_open
 from safetensors.torch import load_file
+from test_import_graph import import_graph
 
 from pipelines import settings
 from pipelines.training.dataset import TrainingDataError, read_dataset
@@ -543,18 +544,14 @@ def test_cuda_bf16_8bit_adam_checkpointing_and_resume(dataset, tiny_root, tmp_pa
 def test_the_trainers_modules_import_nothing_above_them():
     """Shared types sit below the code that uses them: no module of the SD3 trainer imports the driver, lazily or
     for type checking either, and the common pieces import neither trainer."""
-    import ast
-
-    root = Path(__file__).resolve().parent.parent / "pipelines"
     below = {
-        "sd3_training_config": {"train_sd3_lora", "flow_matching", "sd3_lora_files"},
+        "sd3_config": {"train_sd3_lora", "flow_matching", "sd3_lora_files"},
         "flow_matching": {"train_sd3_lora", "sd3_lora_files"},
         "sd3_lora_files": {"train_sd3_lora", "flow_matching"},
-        "sd3_training_data": {"train_sd3_lora", "flow_matching", "sd3_lora_files", "sd3_training_config"},
-        "training_common": {"train_sd3_lora", "train_blip_lora", "sd3_lora_files", "sd3_training_config"},
+        "sd3_data": {"train_sd3_lora", "flow_matching", "sd3_lora_files", "sd3_config"},
+        "common": {"train_sd3_lora", "train_blip_lora", "sd3_lora_files", "sd3_config"},
     }
+    graph = import_graph()  # every import, lazy ones and `from pipelines.training import x` included
     for module, above in below.items():
-        tree = ast.parse((root / f"{module}.py").read_text())
-        imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
-        imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
-        assert not {name.removeprefix("pipelines.") for name in imported} & above, module
+        imported = {name.removeprefix("pipelines.training.") for name in graph[f"pipelines.training.{module}"]}
+        assert not imported & above, module
