@@ -16,6 +16,29 @@ LAYERS = {"pipelines": 0, "components": 1, "app": 2}  # a layer imports only fro
 # The bottom of pipelines/: shared data and types that everything may import, so they import none
 # of the project's other modules (the catalog used to import the tiny-model builder).
 BOTTOM = frozenset({"pipelines.catalog", "pipelines.errors", "pipelines.settings"})
+# Above the bottom, the shared tools every model package may use; they import no model package.
+SHARED = BOTTOM | {
+    f"pipelines.{name}"
+    for name in ("architectures", "images", "ownership", "runtime", "tiny", "validation", "workspace")
+}
+# The subpackages of pipelines/, and what each must not import: the model packages sit side by side
+# (sd3 may use lora, nothing else crosses), training and roundtrip build on them and not on each other.
+# The Studio's assembly (pipelines.studio, pipelines.startup) sits above every subpackage.
+SUBPACKAGES_NOT_IMPORTED = {
+    "pipelines.memory": {
+        "pipelines.blip",
+        "pipelines.sd3",
+        "pipelines.lora",
+        "pipelines.training",
+        "pipelines.roundtrip",
+    },
+    "pipelines.lora": {"pipelines.blip", "pipelines.sd3", "pipelines.training", "pipelines.roundtrip"},
+    "pipelines.blip": {"pipelines.sd3", "pipelines.lora", "pipelines.training", "pipelines.roundtrip"},
+    "pipelines.sd3": {"pipelines.blip", "pipelines.training", "pipelines.roundtrip"},
+    "pipelines.training": {"pipelines.roundtrip"},
+    "pipelines.roundtrip": {"pipelines.training"},
+}
+ASSEMBLY = {"pipelines.studio", "pipelines.startup"}
 
 
 def module_name(path: Path, root: Path = ROOT) -> str:
@@ -51,7 +74,7 @@ def imported_modules(name: str, path: Path, modules: set[str]) -> set[str]:
         else:
             continue
         for target in targets:
-            # `import pipelines.blip.captioner.x` names a module; keep the longest prefix that is one of ours.
+            # `import pipelines.sd3.loading.x` names an attribute; keep the longest prefix that is one of ours.
             while target and target not in modules:
                 target = target.rpartition(".")[0]
             if target and target != name:
@@ -167,6 +190,53 @@ def test_the_bottom_modules_import_only_each_other():
     graph = import_graph()
     reaching_up = {name: sorted(graph[name] - BOTTOM) for name in sorted(BOTTOM) if graph[name] - BOTTOM}
     assert not reaching_up, f"the bottom modules import from above them: {reaching_up}"
+
+
+def test_the_shared_tools_import_no_model_package():
+    graph = import_graph()
+    reaching_up = {name: sorted(graph[name] - SHARED) for name in sorted(SHARED) if graph[name] - SHARED}
+    assert not reaching_up, f"the shared modules of pipelines/ import from above them: {reaching_up}"
+
+
+def within(module: str, package: str) -> bool:
+    return module == package or module.startswith(package + ".")
+
+
+def test_subpackages_keep_their_order():
+    """Each subpackage of pipelines/ imports only what sits beside or below it (see SUBPACKAGES_NOT_IMPORTED)."""
+    graph = import_graph()
+    for package in SUBPACKAGES_NOT_IMPORTED:
+        assert package in graph, f"{package} is gone: update SUBPACKAGES_NOT_IMPORTED"
+    crossing = []
+    for name in sorted(graph):
+        for package, forbidden in SUBPACKAGES_NOT_IMPORTED.items():
+            if not within(name, package):
+                continue
+            for target in sorted(graph[name]):
+                if any(within(target, other) for other in forbidden | ASSEMBLY):
+                    crossing.append(f"{name} imports {target}")
+    assert not crossing, "a subpackage imports one beside or above it:\n" + "\n".join(crossing)
+
+
+def test_subpackages_import_neither_the_ui_nor_gradio():
+    """No subpackage of pipelines/ imports components/, app or gradio, lazily or not."""
+    offenders = []
+    for name, path in project_files().items():
+        if not any(within(name, package) for package in SUBPACKAGES_NOT_IMPORTED):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                targets = [node.module or ""]
+            else:
+                continue
+            offenders += [
+                f"{name} imports {target} (line {node.lineno})"
+                for target in targets
+                if target.split(".")[0] in ("components", "app", "gradio")
+            ]
+    assert not offenders, "subpackages of pipelines/ that import the UI:\n" + "\n".join(offenders)
 
 
 def test_pipelines_never_import_gradio():
