@@ -1,7 +1,7 @@
 """The ``from_pretrained`` calls: the same code path for real, local and tiny models.
 
 Every loader takes ``(source, runtime, variant)``; ``variant`` is the memory
-mode for SD3 (see pipelines/memory.py) and is ignored by the BLIP loaders.
+mode for SD3 (see pipelines/memory/) and is ignored by the BLIP loaders.
 """
 
 from __future__ import annotations

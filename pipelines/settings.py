@@ -39,7 +39,7 @@ class NumberRange(NamedTuple):
         return self.low + self.step if self.low_open else self.low
 
 
-# --- uploads (pipelines/images) ---------------------------------------------------
+# --- uploads (pipelines/images) -----------------------------------------------------
 # Bytes accepted for one uploaded image. Larger files are refused before decoding.
 MAX_UPLOAD_BYTES = _env_int("STUDIO_MAX_UPLOAD_MB", 50, ceiling=200) * 1024 * 1024
 # Pixels (width x height) that may be decoded at all. Pillow's bomb warning
@@ -53,7 +53,7 @@ MAX_IMAGE_SIDE = 2048
 # this is still accepted, because only frame 0 is ever decoded.
 
 
-# --- BLIP captioning (pipelines/blip/captioner) -----------------------------------------------
+# --- BLIP captioning (pipelines/blip/captioner) -------------------------------------
 class CaptionStrategy(StrEnum):
     """How BLIP decodes: the one list that requests, controls and every check read."""
 
@@ -117,13 +117,13 @@ CPU_VISION_CHUNK = 1  # images per ViT pass on the CPU (see BlipCaptioner._run_v
 DEFAULT_BLIP_PRECISION = "auto"
 MAX_BLIP_LOGIT_DEVIATION = 0.02
 
-# --- image-feature cache (pipelines/blip/feature_cache) ----------------------------------
+# --- image-feature cache (pipelines/blip/feature_cache) -----------------------------
 # Vision-encoder outputs kept per loaded model, so Caption, Match and Attention on the
 # same image run the ViT once. BLIP base keeps 577 x 768 floats per image: 1.8 MB in
 # fp32, so the default costs at most ~57 MB per model.
 IMAGE_FEATURE_CACHE_ENTRIES = _env_int("STUDIO_FEATURE_CACHE_ENTRIES", 32, ceiling=256)
 
-# --- image-text matching (pipelines/blip/matching) ---------------------------------------
+# --- image-text matching (pipelines/blip/matching) ----------------------------------
 MAX_MATCH_TEXTS = 20  # candidate texts per request; all are scored in one decoder pass
 MAX_MATCH_TEXT_CHARS = 300  # per candidate; BLIP was trained on captions of a few dozen words
 MAX_MATCH_IMAGES = 8  # the main image plus up to 7 more, to rank images for a text
@@ -132,7 +132,7 @@ DEFAULT_MATCH_RANKING = "mean"  # mean log-prob per token: long and short texts 
 # Candidates used when a request gives none: one per example photo, so the examples rank at once.
 DEFAULT_MATCH_TEXTS = "a photo of a cat\na cup of coffee on a table\na rocket launch\nan astronaut in a space suit"
 
-# --- cross-attention heatmaps (pipelines/blip/attention) ---------------------------------
+# --- cross-attention heatmaps (pipelines/blip/attention) ----------------------------
 MAX_ATTENTION_CAPTION_CHARS = 500
 ATTENTION_OVERLAY_SIDE = 384  # longest side of each overlay (BLIP itself looks at 384 px)
 DEFAULT_ATTENTION_OPACITY = 0.6  # how strongly the hottest spots are coloured over the image
@@ -147,7 +147,7 @@ MAX_ATTENTION_EXPORT_BYTES = _env_int("STUDIO_MAX_ATTENTION_EXPORT_MB", 64, ceil
 ATTENTION_SHEET_COLUMNS = 6  # words per row in the laid-out sheet
 ATTENTION_SHEET_CELL = 192  # side of each overlay in the sheet, in pixels
 
-# --- batch captioning (pipelines/blip/batch_caption, caption_folder) ----------------------
+# --- batch captioning (pipelines/blip/batch_caption, caption_folder) ----------------
 DEFAULT_BATCH_SIZE = 8  # images per forward pass; 8 keeps BLIP base under 2 GB of activations
 MAX_BATCH_SIZE = 64
 BATCH_LOADER_WORKERS = 2  # DataLoader processes decoding images ahead of the model
@@ -159,7 +159,7 @@ MAX_EDITED_CAPTION_CHARS = 2000  # one caption typed into the Batch tab's table 
 MAX_ZIP_UNCOMPRESSED_BYTES = 2 * 1024**3  # a zip that would unpack past this is refused (zip bombs)
 MAX_ZIP_RATIO = 200  # a member that compresses more than this is a bomb, not a photo
 
-# --- SD3.5 generation (pipelines/sd3/text_to_image, components/generate) ---------------------------
+# --- SD3.5 generation (pipelines/sd3/, components/generate) -------------------------
 # Per-model presets (steps, guidance, size range) live in pipelines/catalog.py.
 MAX_STEPS = 100
 MAX_GUIDANCE = 20.0
@@ -251,7 +251,7 @@ PLAN_MAX_GPU_GIB = 2048  # what the System tab accepts as a typed GPU size
 # workspaces, allocator fragmentation. Generous until a GPU benchmark measures it.
 PLAN_MARGIN_BYTES = 2 * 1024**3
 
-# --- background training runs (pipelines/training/runs, components/train) ------------
+# --- background training runs (pipelines/training/runs, components/train) -----------
 MAX_RUNNING_TRAININGS = _env_int("STUDIO_MAX_TRAININGS", 1, ceiling=4)  # runs at once; each wants the whole GPU
 MAX_TRAINING_IMAGES = 5000  # images in one uploaded training dataset
 MAX_SIDECAR_BYTES = 64 * 1024  # one .txt caption
@@ -264,7 +264,7 @@ TRAINING_RUN_ID_BYTES = 12  # random bytes in a run id (96 bits): not guessable,
 # A /train_start waits this long for another visitor's dataset check (one runs at a time) before a sentence.
 TRAINING_DATASET_CHECK_WAIT_SECONDS = 120
 
-# --- SD3.5 LoRA training (pipelines/training/train_sd3_lora, pipelines/training/sd3_data) ----
+# --- SD3.5 LoRA training (pipelines/training/train_sd3_lora, sd3_data) --------------
 SD3_TRAIN_DEFAULT_MODEL = "sd35-large"  # the Generate tab's default model, so a LoRA trained by default loads there
 SD3_TRAIN_DEFAULT_RESOLUTION = 1024  # SD3.5's native side: buckets hold about this many pixels squared
 SD3_TRAIN_MIN_RESOLUTION = 64  # the tiny models' smallest size; real SD3.5 wants 512 or more
@@ -309,7 +309,7 @@ SD3_TRAIN_DEFAULT_LOG_EVERY = 10  # steps between log lines
 SD3_TRAIN_MAX_PROMPT_CHARS = 1000  # trigger and validation prompt
 SD3_TRAIN_EVAL_SIGMAS = (0.25, 0.5, 0.75)  # fixed noise levels of the held-out loss
 
-# --- a public instance: shared GPU, hostile input (components/*, pipelines/sd3/text_to_image) -------
+# --- a public instance: shared GPU, hostile input (components/*, pipelines/sd3/) ----
 # Every event that runs a model shares this concurrency id, so with STUDIO_CONCURRENCY=1 two
 # models never run at once on the GPU by accident: a caption waits for a generation and vice versa.
 GPU_CONCURRENCY_ID = "gpu"
@@ -324,7 +324,7 @@ MAX_EVALUATION_IMAGES = _env_int("STUDIO_MAX_EVALUATION_IMAGES", 60, ceiling=100
 # ICO, ...); each is code a stranger's file could reach, and no tab needs them.
 UPLOAD_IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
 
-# --- BLIP LoRA adapters (pipelines/blip/adapters, the Caption and Batch tabs) --------
+# --- BLIP LoRA adapters (pipelines/blip/adapters, the Caption and Batch tabs) -------
 # Where adapter folders are found by name: STUDIO_BLIP_ADAPTER_DIR, else adapters/ beside
 # the code. In --tiny mode without the variable, <tiny root>/blip-adapters (holding tiny-demo).
 BLIP_ADAPTER_DIR_ENV = "STUDIO_BLIP_ADAPTER_DIR"
@@ -335,7 +335,7 @@ MAX_BLIP_ADAPTER_BYTES = _env_int("STUDIO_MAX_BLIP_ADAPTER_MB", 512, ceiling=204
 MAX_BLIP_ADAPTER_CONFIG_BYTES = 1024 * 1024  # adapter_config.json is a few kB
 MAX_BLIP_ADAPTERS = 16  # loaded at once; each adds its LoRA layers to every decoder pass it is active in
 
-# --- BLIP caption-LoRA training (pipelines/training/train_blip_lora) --------------------------
+# --- BLIP caption-LoRA training (pipelines/training/train_blip_lora) ----------------
 # LoRA wraps these projections of the text decoder's self-attention ("self") and
 # cross-attention ("cross"); "dense" is each attention block's output projection.
 BLIP_TRAIN_TARGET_PROJECTIONS = ("query", "key", "value", "dense")
@@ -364,7 +364,7 @@ BLIP_TRAIN_DEFAULT_LOG_EVERY = 10
 # of all caption pieces the trainer warns before training (the adapter cannot learn them).
 BLIP_TRAIN_UNKNOWN_TOKEN_WARNING = 0.05
 
-# --- LoRA (pipelines/lora/library, pipelines/lora/formats) ----------------------------------
+# --- LoRA (pipelines/lora/library, pipelines/lora/formats) --------------------------
 # Local LoRA files are read from this folder (app.py's --lora-dir); names resolve inside it only.
 DEFAULT_LORA_DIR = "loras"
 # Curated SD3.5 LoRAs (repo, weight file, trigger words, default scale, bases, source page, licence).

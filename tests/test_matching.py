@@ -78,7 +78,7 @@ def test_batched_scores_equal_one_by_one_scores(matcher, tiny_captioner, cat):
 
 
 def test_a_captions_own_score_equals_its_match_score(matcher, tiny_captioner, cat):
-    """Same definition as pipelines/blip/captioner: a finished caption (ended by [SEP]) scores the same in both places."""
+    """Same definition as the captioner: a finished caption (ended by [SEP]) scores the same in both places."""
     # The random tiny model rarely stops by itself: sample until some captions did.
     tokenizer = tiny_captioner.processor.tokenizer
     comparable = []

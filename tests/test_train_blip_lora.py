@@ -1,4 +1,4 @@
-"""`python -m pipelines.training.train_blip_lora` on the tiny BLIP: the loss falls, the adapter loads, resume, refusals."""
+"""`python -m pipelines.training.train_blip_lora`, tiny BLIP: the loss falls, the adapter loads, resume, refusals."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""`python -m pipelines.training.train_sd3_lora`: the loss falls, the LoRA loads in the Studio, resume, bad data, buckets, cache.
+"""`python -m pipelines.training.train_sd3_lora`: the loss falls, the LoRA loads, resume, bad data, buckets, cache.
 
 One training run on the tiny Large (64 px, rank 4) is shared by most tests; the
 others reuse its cache folder, so no test but the first encodes anything.

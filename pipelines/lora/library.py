@@ -161,7 +161,7 @@ class LoadedLora:
     state_dict: dict[str, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
 
     def png_entry(self, weight: float) -> dict:
-        """What a generated image records about this LoRA (the ``loras`` list of ``pipelines.sd3.text_to_image.generate``)."""
+        """What a generated image records about this LoRA (the ``loras`` list of ``text_to_image.generate``)."""
         return {
             "name": self.name,
             "weight": weight,

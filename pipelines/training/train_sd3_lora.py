@@ -1,7 +1,7 @@
 """Train a DreamBooth-style LoRA for Stable Diffusion 3.5 on a captioned imagefolder.
 
     python -m pipelines.training.train_sd3_lora DATASET OUT [--model sd35-large|large|medium|DIR|REPO] [--trigger sks]
-    python -m pipelines.training.train_sd3_lora DATASET OUT --tiny medium --resolution 128 --steps 20   # offline, seconds
+    python -m pipelines.training.train_sd3_lora DATASET OUT --tiny medium --resolution 128 --steps 20  # offline, seconds
     accelerate launch --multi_gpu --num_processes 4 -m pipelines.training.train_sd3_lora DATASET OUT   # several GPUs
 
 DATASET is what the Batch tab and ``pipelines.blip.caption_folder`` write: images and
