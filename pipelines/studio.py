@@ -9,9 +9,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipelines import settings
-from pipelines.blip.adapters import TINY_ADAPTER_DIR, BlipAdapterInfo, BlipAdapterSet, default_adapter_dir
+from pipelines.blip.adapters import BlipAdapterInfo, BlipAdapterSet, default_adapter_dir
 from pipelines.blip.captioner import BlipCaptioner, CaptionRequest
 from pipelines.blip.matching import ImageTextMatcher
+from pipelines.blip.tiny_adapter import TINY_ADAPTER_DIR
 from pipelines.catalog import CATALOG
 from pipelines.lora.formats import PICKLED_SUFFIXES
 from pipelines.lora.library import LoadedLora, LoraLibrary

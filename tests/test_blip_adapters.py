@@ -18,12 +18,14 @@ from PIL import Image
 
 from pipelines import settings
 from pipelines.blip import caption_folder
-from pipelines.blip.adapters import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, TINY_DEMO_ADAPTER, BlipAdapterSet
+from pipelines.blip.adapter_files import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE
+from pipelines.blip.adapters import BlipAdapterSet
 from pipelines.blip.attention import cross_attention_maps
 from pipelines.blip.batch_caption import MANIFEST_FILE, caption_files, captions_csv, dataset_zip
 from pipelines.blip.captioner import CaptionRequest
 from pipelines.blip.feature_cache import model_identity
 from pipelines.blip.matching import ImageTextMatcher, MatchRequest
+from pipelines.blip.tiny_adapter import TINY_DEMO_ADAPTER
 from pipelines.loaders import load_blip_captioner
 from pipelines.runtime import choose_runtime
 

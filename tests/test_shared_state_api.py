@@ -17,7 +17,7 @@ from gradio_client.exceptions import AppError
 from safetensors.torch import load_file, save_file
 
 from pipelines import settings
-from pipelines.blip.adapters import ensure_tiny_demo_adapter
+from pipelines.blip.tiny_adapter import ensure_tiny_demo_adapter
 from pipelines.tiny import tiny_lora_dir
 
 pytestmark = pytest.mark.api

@@ -11,7 +11,7 @@ import torch
 from PIL import Image, ImageDraw
 from test_import_graph import import_graph
 
-from pipelines.blip.adapters import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE
+from pipelines.blip.adapter_files import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE
 from pipelines.blip.captioner import CaptionRequest
 from pipelines.manager import ModelManager
 from pipelines.runtime import choose_runtime

@@ -3,7 +3,7 @@
 An adapter is ``adapter_config.json`` + ``adapter_model.safetensors``. Pickled
 weights are refused by name; zips are unpacked with the Batch tab's rules
 (no ``..`` or absolute members, size and compression-ratio limits).
-``pipelines.blip.adapters`` checks and attaches what comes out of here.
+``pipelines.blip.adapter_files`` reads and checks what comes out of here.
 """
 
 from __future__ import annotations
@@ -16,15 +16,9 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from pipelines import settings
+from pipelines.blip.adapter_files import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, PICKLE_SENTENCE, PICKLE_SUFFIXES
 
-ADAPTER_CONFIG_FILE = "adapter_config.json"
-ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")  # weights that torch.load would unpickle
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-PICKLE_SENTENCE = (
-    "only adapter_model.safetensors is loaded: .bin weights are Python pickles, which can run code when opened; "
-    "convert it with safetensors (or ask its author for a .safetensors copy)"
-)
 
 
 def download_adapter(repo_id: str, adapter_dir: Path | None = None) -> Path:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipelines import settings
-from pipelines.blip.adapters import text_decoder_targets
+from pipelines.blip.adapter_files import text_decoder_targets
 from pipelines.training.common import check_device
 from pipelines.validation import as_float, as_int
 

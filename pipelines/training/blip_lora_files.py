@@ -7,7 +7,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-from pipelines.blip.adapters import ADAPTER_WEIGHTS_FILE
+from pipelines.blip.adapter_files import ADAPTER_WEIGHTS_FILE
 from pipelines.catalog import CATALOG
 from pipelines.training.blip_config import BlipLoraTrainingConfig, TrainingResult
 from pipelines.training.common import read_checkpoint_state, take_models, write_model_card

@@ -73,7 +73,7 @@ from pathlib import Path
 import torch
 
 from pipelines import settings
-from pipelines.blip.adapters import ADAPTER_CONFIG_FILE
+from pipelines.blip.adapter_files import ADAPTER_CONFIG_FILE
 from pipelines.blip.captioner import BlipCaptioner, CaptionRequest
 from pipelines.errors import ModelLoadError
 from pipelines.training.blip_config import BlipLoraTrainingConfig, TrainingResult
