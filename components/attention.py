@@ -48,9 +48,14 @@ def attention_details(result: AttentionResult, studio: Studio, image_description
     }
 
 
+def blip_decoder_layout(studio: Studio) -> tuple[int, int]:
+    """(layers, heads) of the captioning BLIP's text decoder, before it loads."""
+    return decoder_layout(studio.manager.source_for("blip-caption"), studio.manager.catalog["blip-caption"])
+
+
 def make_attention_function(studio: Studio):
     """The `/attention` endpoint: ``image`` is required; without a caption BLIP writes one."""
-    layers, heads = decoder_layout(studio.manager)  # from config.json, so requests are checked before loading
+    layers, heads = blip_decoder_layout(studio)  # from config.json, so requests are checked before loading
 
     # A generator: the export is written into a folder of this request and yielded; Gradio copies it
     # to its cache, then the folder is deleted.
@@ -99,7 +104,7 @@ def make_attention_function(studio: Studio):
 
 def build_attention_tab(studio: Studio) -> dict:
     """Build the Attention tab inside the current Blocks; returns its main components."""
-    layers, heads = decoder_layout(studio.manager)
+    layers, heads = blip_decoder_layout(studio)
     defaults = AttentionRequest()
     gr.Markdown(
         "Where did BLIP look for each word? Upload an image and type a caption (or leave it empty and "

@@ -156,9 +156,10 @@ def test_the_sliders_know_the_decoders_layers_and_heads_before_it_loads(tiny_man
     from pipelines.manager import ModelManager
     from pipelines.runtime import choose_runtime
 
-    assert decoder_layout(tiny_manager) == (2, 4)
+    key = "blip-caption"
+    assert decoder_layout(tiny_manager.source_for(key), tiny_manager.catalog[key]) == (2, 4)
     real = ModelManager(choose_runtime("cpu"))  # the Hub id: read from assets/model-configs, nothing loaded
-    assert decoder_layout(real) == (12, 12) and not real.loaded_models()
+    assert decoder_layout(real.source_for(key), real.catalog[key]) == (12, 12) and not real.loaded_models()
 
 
 @pytest.mark.api

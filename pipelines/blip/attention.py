@@ -31,8 +31,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from pipelines import settings
 from pipelines.blip.captioner import BlipCaptioner, CaptionRequest
-from pipelines.catalog import MODEL_CONFIGS_DIR
-from pipelines.manager import ModelManager
+from pipelines.catalog import MODEL_CONFIGS_DIR, ModelSpec
 from pipelines.validation import as_float, as_int, strip_control_characters
 
 
@@ -196,18 +195,18 @@ def _word_text(maps: CrossAttentionMaps, group: tuple[int, ...]) -> str:
     return pieces[0] + "".join(piece.removeprefix("##") for piece in pieces[1:])
 
 
-def decoder_layout(manager: ModelManager, key: str = "blip-caption") -> tuple[int, int]:
+def decoder_layout(source: str | Path, spec: ModelSpec) -> tuple[int, int]:
     """(layers, heads) of a BLIP model's text decoder, read from its config.json without loading it.
 
-    A local source (a tiny model, a ``--model`` folder) is read where it is; a Hub
+    ``source`` is where the model loads from (``ModelManager.source_for``), ``spec`` its catalog
+    entry. A local source (a tiny model, a ``--model`` folder) is read where it is; a Hub
     id from the catalog's copy of the real config in ``assets/model-configs``.
     The UI sizes its sliders with this; requests are still checked against the
     loaded model.
     """
-    folder = Path(manager.source_for(key)).expanduser()
-    config_path = folder / "config.json"
+    config_path = Path(source).expanduser() / "config.json"
     if not config_path.is_file():
-        config_path = MODEL_CONFIGS_DIR / manager.catalog[key].config_dir / "config.json"
+        config_path = MODEL_CONFIGS_DIR / spec.config_dir / "config.json"
     text_config = json.loads(config_path.read_text())["text_config"]
     return int(text_config["num_hidden_layers"]), int(text_config["num_attention_heads"])
 
