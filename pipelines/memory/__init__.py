@@ -2,6 +2,7 @@
 
 - ``pipelines.memory.modes``: weight formats and memory modes per model family;
 - ``pipelines.memory.planner``: how much memory a model needs in a mode, and which mode fits;
+- ``pipelines.memory.activations``: the activations' share of that, from the real config files;
 - ``pipelines.memory.gpu``: what this machine has (free GPU memory, the System tab's report, the
   manager's budget).
 
