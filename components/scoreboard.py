@@ -16,6 +16,8 @@ TAB_TITLES = {
     "match": "Match",
     "attention": "Attention",
     "generate": "Generate",
+    "image_to_image": "Image to image",
+    "png_info": "PNG Info",
     "system": "System",
     "roundtrip": "Round trip",
     "train": "Train",

@@ -54,7 +54,7 @@ def test_ranking_follows_the_data_file(tmp_path):
 def test_every_capability_links_to_a_studio_tab_or_says_not_built():
     data = load_scoreboard()
     capabilities = [capability for model in data.models for capability in model.capabilities]
-    assert len(data.models[0].capabilities) == 6 and len(data.models[1].capabilities) == 14
+    assert len(data.models[0].capabilities) == 6 and len(data.models[1].capabilities) == 18
     for capability in capabilities:
         assert capability.status in CAPABILITY_STATUSES
         assert capability.tab is None or capability.tab in STUDIO_TAB_IDS
@@ -67,7 +67,7 @@ def test_every_capability_links_to_a_studio_tab_or_says_not_built():
         "LoRA fine-tuning and loading": ("train", "works here"),
     }
     needs_gpu = {c.name: c.status_note for c in capabilities if c.status == "needs a GPU"}
-    assert set(needs_gpu) == {"Quantization (NF4 / 8-bit)", "CPU offload"}
+    assert set(needs_gpu) == {"Quantization (NF4 / 8-bit)", "CPU offload", "Compiled fast path and fp8"}
     assert all(note.endswith(".") for note in needs_gpu.values())  # each says why
 
 

@@ -11,7 +11,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 # Every tab a capability may link to: the ids app.py gives its gr.Tab()s.
-STUDIO_TAB_IDS = ("caption", "batch", "match", "attention", "generate", "system", "roundtrip", "train", "scoreboard")
+STUDIO_TAB_IDS = (
+    "caption",
+    "generate",
+    "image_to_image",
+    "batch",
+    "match",
+    "attention",
+    "png_info",
+    "roundtrip",
+    "train",
+    "scoreboard",
+    "system",
+)
 # "works here": runs in `python app.py --tiny` on a CPU; "needs a GPU": the tab runs but not usefully
 # without one; "needs the real weights": tiny models cannot show it (e.g. caption quality).
 CAPABILITY_STATUSES = ("works here", "needs a GPU", "needs the real weights", "not built yet")
@@ -26,7 +38,7 @@ class ScoreboardDataError(ValueError):
 @dataclass(frozen=True)
 class Claim:
     text: str
-    check: str | None  # the name of a check in scoreboard_claims.CLAIM_CHECKS, or None when the Studio cannot check it
+    check: str | None  # the name of a check in scoreboard.claims.CLAIM_CHECKS, or None when the Studio cannot check it
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@
    and Turbo get one sentence before any model loads), plans the memory mode with the ControlNet,
    loads Large and applies its LoRAs.
 2. The ControlNet (``SD3ControlNetModel``, one of Stability's canny/depth/blur releases) loads
-   through the manager in Large's memory mode (``sd3_loading.load_sd3_controlnet``), and ``StableDiffusion3ControlNetPipeline.from_pipe``
+   through the manager in Large's memory mode (``sd3.loading.load_sd3_controlnet``), and ``StableDiffusion3ControlNetPipeline.from_pipe``
    builds the ControlNet pipeline from Large's loaded components: the MMDiT, text encoders and
    VAE are the very same objects (LoRAs included), never a second copy. The pipeline is kept on
    the ControlNet model while Large's components stay the same, so it is built once.

@@ -530,7 +530,7 @@ class GenerationService:
         folder: Path | None = None,
         save: bool = True,
     ) -> GenerationOutcome:
-        """``prepare``, ``draw`` and ``finish`` in one call (a request with ``control``: ``sd3_controlnet.run``)."""
+        """``prepare``, ``draw`` and ``finish`` in one call (a request with ``control``: ``sd3.controlnet.run``)."""
         if request.control is not None:
             raise ValueError("A request with a control image is drawn by pipelines.sd3.controlnet.run.")
         prepared = self.prepare(request, visitor=visitor, notify=notify)

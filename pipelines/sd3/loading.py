@@ -162,7 +162,7 @@ def load_sd3_controlnet(source: str, runtime: Runtime, mode_key: str = "bf16"):
 
     A quantized mode quantizes the ControlNet (an MMDiT of 19 blocks) with the same bitsandbytes
     format. It sits on the GPU in every mode but sequential offload, model offload included: it
-    runs at every step (``sd3_controlnet.controlnet_pipeline`` hands it to accelerate under sequential offload).
+    runs at every step (``sd3.controlnet.controlnet_pipeline`` hands it to accelerate under sequential offload).
     """
     from diffusers import SD3ControlNetModel
 
