@@ -172,6 +172,9 @@ DEFAULT_PREVIEW_EVERY = 4  # steps between live previews (latent projection; 0 =
 MAX_PREVIEW_EVERY = 10  # the Generate tab's slider and /generate's check: rarer previews are barely previews
 VAE_TILING_ABOVE_PIXELS = 1536 * 1024  # larger images decode in tiles (the VAE is the peak there)
 MAX_HISTORY_IMAGES = 48  # images kept in a browser session's history gallery
+# zlib level of the PNGs the Studio writes. Measured on this project's CPU: a 1024x1024 image takes 137 ms
+# at PIL's default (6) and 65 ms at 1, for a file 12% larger; 137 ms would be 40% of a 0.35 s Turbo draw.
+PNG_COMPRESS_LEVEL = 1
 
 # --- ControlNet (pipelines/sd3/control_maps, pipelines/sd3/controlnet, components/generate) ------
 CONTROL_TYPES = ("canny", "depth", "blur")  # the three ControlNets Stability released for SD3.5 Large

@@ -52,7 +52,9 @@ def test_train_then_load_the_result_then_generate_with_it(page, tmp_path, datase
     panel.get_by_role("button", name="Start training").click()
     panel.get_by_text(re.compile(rf"{run_name}\*?\*?: finished")).wait_for(timeout=TRAINING_TIMEOUT_MS)
     # The command as printed, then the newest log lines, scrolled into view.
-    assert panel.get_by_text(re.compile(r"cd <app> && HF_HUB_OFFLINE=1 python -m pipelines\.training\.train_sd3_lora")).count()
+    assert panel.get_by_text(
+        re.compile(r"cd <app> && HF_HUB_OFFLINE=1 python -m pipelines\.training\.train_sd3_lora")
+    ).count()
     log = page.locator("#train-log textarea")
     page.wait_for_function(
         "box => box.scrollHeight <= box.clientHeight || box.scrollTop + box.clientHeight >= box.scrollHeight - 4",

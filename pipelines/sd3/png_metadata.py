@@ -22,6 +22,8 @@ from pathlib import Path
 
 from PIL import Image, PngImagePlugin
 
+from pipelines import settings
+
 PARAMETERS_KEY = "parameters"
 STUDIO_KEY = "studio"
 _NEGATIVE_PREFIX = "Negative prompt: "
@@ -74,7 +76,7 @@ def save_png(image: Image.Image, path: Path, parameters: str, studio_settings: d
     info = PngImagePlugin.PngInfo()
     info.add_text(PARAMETERS_KEY, parameters)
     info.add_text(STUDIO_KEY, json.dumps(studio_settings, ensure_ascii=False, sort_keys=True))
-    image.save(path, format="PNG", pnginfo=info)
+    image.save(path, format="PNG", pnginfo=info, compress_level=settings.PNG_COMPRESS_LEVEL)
     return Path(path)
 
 
