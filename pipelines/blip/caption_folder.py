@@ -47,7 +47,7 @@ from pipelines.blip.batch_caption import (
 )
 from pipelines.blip.captioner import CaptionRequest
 from pipelines.blip.precision import PRECISION_CHOICES, with_blip_precision
-from pipelines.errors import ModelLoadError
+from pipelines.errors import exit_from_command
 
 FORMATS = ("sidecar", "jsonl")
 PARTS_DIR = ".caption-parts"  # per-process metadata parts, merged and removed at the end
@@ -344,15 +344,10 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = parse_args(argv)
-    try:
-        code = run(args)
-    except (ValueError, ModelLoadError) as error:  # bad folder, bad settings, a model that cannot be loaded
-        print(f"error: {error}", file=sys.stderr)
-        code = 2
-    except KeyboardInterrupt:
-        print("interrupted: captions written so far are kept; run the same command again to resume", file=sys.stderr)
-        code = 130
-    raise SystemExit(code)
+    # A bad folder or setting, or a model that cannot be loaded: one sentence and status 2.
+    exit_from_command(
+        lambda: run(args), kept_on_interrupt="captions written so far are kept; run the same command again to resume"
+    )
 
 
 if __name__ == "__main__":

@@ -64,7 +64,6 @@ import argparse
 import logging
 import math
 import os
-import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -75,7 +74,7 @@ import torch
 from pipelines import settings
 from pipelines.blip.adapter_files import ADAPTER_CONFIG_FILE
 from pipelines.blip.captioner import BlipCaptioner, CaptionRequest
-from pipelines.errors import ModelLoadError
+from pipelines.errors import exit_from_command
 from pipelines.training.blip_config import BlipLoraTrainingConfig, TrainingResult
 from pipelines.training.blip_data import (
     EncodedSet,
@@ -103,7 +102,7 @@ from pipelines.training.common import (
     resolve_mixed_precision,
     save_training_state,
 )
-from pipelines.training.dataset import TrainingDataError, TrainingExample, read_dataset, split_validation
+from pipelines.training.dataset import TrainingExample, read_dataset, split_validation
 
 __all__ = [
     "BlipLoraTrainingConfig",
@@ -483,16 +482,11 @@ def parse_args(argv: list[str] | None = None) -> BlipLoraTrainingConfig:
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    try:
-        train(parse_args(argv))
-        code = 0
-    except (TrainingDataError, ValueError, ModelLoadError) as error:  # one sentence, no traceback
-        print(f"error: {error}", file=sys.stderr)
-        code = 2
-    except KeyboardInterrupt:
-        print("interrupted: checkpoints written so far are kept; resume with --resume latest", file=sys.stderr)
-        code = 130
-    raise SystemExit(code)
+    # TrainingDataError is a ValueError: a bad dataset is one sentence and status 2, like a bad setting.
+    exit_from_command(
+        lambda: train(parse_args(argv)),
+        kept_on_interrupt="checkpoints written so far are kept; resume with --resume latest",
+    )
 
 
 if __name__ == "__main__":

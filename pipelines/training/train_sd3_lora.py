@@ -61,7 +61,6 @@ import contextlib
 import dataclasses
 import logging
 import os
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -71,7 +70,7 @@ import torch
 
 from pipelines import settings
 from pipelines.catalog import CATALOG
-from pipelines.errors import ModelLoadError
+from pipelines.errors import ModelLoadError, exit_from_command
 from pipelines.manager import explain_load_failure
 from pipelines.training.common import (
     CHECKPOINT_PREFIX,
@@ -615,16 +614,10 @@ def parse_args(argv: list[str] | None = None) -> SD3LoraTrainingConfig:
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    try:
-        train(parse_args(argv))
-        code = 0
-    except (ValueError, ModelLoadError) as error:  # a bad dataset or setting, or a model that cannot be loaded
-        print(f"error: {error}", file=sys.stderr)
-        code = 2
-    except KeyboardInterrupt:
-        print("interrupted: checkpoints written so far are kept; run again with --resume latest", file=sys.stderr)
-        code = 130
-    raise SystemExit(code)
+    exit_from_command(
+        lambda: train(parse_args(argv)),
+        kept_on_interrupt="checkpoints written so far are kept; run again with --resume latest",
+    )
 
 
 if __name__ == "__main__":
