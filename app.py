@@ -200,30 +200,19 @@ def build_app(studio: Studio) -> gr.Blocks:
         if studio.training_enabled:
             send_results_to_generate(train, generate["lora_panel"], tabs)
         # The same selected file (server state, by index) goes to img2img or to the inpainting editor.
-        generate["send_to_img2img"].click(
-            lambda shown, index: (
-                selected_image(shown, index),
-                gr.Tabs(selected="image_to_image"),
-                gr.Tabs(selected="img2img"),
-            ),
-            inputs=[generate["shown_images"], generate["selected_index"]],
-            outputs=[image_to_image["image"], tabs, image_to_image["modes"]],
-            queue=False,
-            api_name="send_to_img2img",
-            api_visibility="private",
-        )
-        generate["send_to_inpaint"].click(
-            lambda shown, index: (
-                selected_image(shown, index),
-                gr.Tabs(selected="image_to_image"),
-                gr.Tabs(selected="inpaint"),
-            ),
-            inputs=[generate["shown_images"], generate["selected_index"]],
-            outputs=[image_to_image["editor"], tabs, image_to_image["modes"]],
-            queue=False,
-            api_name="send_to_inpaint",
-            api_visibility="private",
-        )
+        for mode, target in (("img2img", image_to_image["image"]), ("inpaint", image_to_image["editor"])):
+            generate[f"send_to_{mode}"].click(
+                lambda shown, index, mode=mode: (
+                    selected_image(shown, index),
+                    gr.Tabs(selected="image_to_image"),
+                    gr.Tabs(selected=mode),
+                ),
+                inputs=[generate["shown_images"], generate["selected_index"]],
+                outputs=[target, tabs, image_to_image["modes"]],
+                queue=False,
+                api_name=f"send_to_{mode}",
+                api_visibility="private",
+            )
         # A closed page's files go at once; sessions that never close are swept by age (see generate).
         demo.unload(forget_visitor)
     return demo
