@@ -17,10 +17,10 @@ from pathlib import Path
 
 import torch
 
-from pipelines.catalog import MODEL_CONFIGS_DIR
+from pipelines.catalog import CATALOG, MODEL_CONFIGS_DIR
 from pipelines.runtime import machine_description
 
-__all__ = ["machine_description", "real_size_blip_captioner", "interleaved_medians", "write_results"]
+__all__ = ["machine_description", "real_size_blip_captioner", "real_size_sd3", "interleaved_medians", "write_results"]
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -75,3 +75,51 @@ def write_results(name: str, model_size: str, rows: list[dict]) -> Path:
     }
     path.write_text(json.dumps(payload, indent=2) + "\n")
     return path
+
+
+def real_size_sd3(model_key: str, device: torch.device, dtype: torch.dtype):
+    """SD3.5 from the real configs, random weights created directly on ``device`` in ``dtype``."""
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    from pipelines.tiny import tiny_clip_tokenizer, tiny_t5_tokenizer
+
+    folder = MODEL_CONFIGS_DIR / CATALOG[model_key].config_dir
+
+    def config(component: str) -> dict:
+        return json.loads((folder / component / "config.json").read_text())
+
+    torch.manual_seed(0)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            transformer = SD3Transformer2DModel.from_config(config("transformer"))
+            vae = AutoencoderKL.from_config(config("vae"))
+            text_encoder = CLIPTextModelWithProjection(CLIPTextConfig(**config("text_encoder")))
+            text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**config("text_encoder_2")))
+            text_encoder_3 = T5EncoderModel(T5Config(**config("text_encoder_3")))
+    finally:
+        torch.set_default_dtype(previous)
+    # The real vocabularies are not shipped; the tiny tokenizers give valid ids, and the
+    # pipeline pads CLIP to 77 and T5 to max_sequence_length, so the compute is the real one.
+    pipeline = StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler.from_config(
+            json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+        ),
+        vae=vae,
+        text_encoder=text_encoder.eval(),
+        tokenizer=tiny_clip_tokenizer(pad_token="<|endoftext|>"),
+        text_encoder_2=text_encoder_2.eval(),
+        tokenizer_2=tiny_clip_tokenizer(pad_token="!"),
+        text_encoder_3=text_encoder_3.eval(),
+        tokenizer_3=tiny_t5_tokenizer(),
+    )
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline

@@ -71,7 +71,7 @@ def reset_peak() -> None:
 def build_sd3(model_key: str, runtime: Runtime, tiny_root: Path | None):
     """A real-size random-weight pipeline on the runtime's device, or the tiny one loaded eager."""
     if tiny_root is None:
-        from bench.gpu import real_size_sd3
+        from bench.common import real_size_sd3
 
         return real_size_sd3(model_key, runtime.device, runtime.dtype)
     from pipelines.sd3.loading import load_sd3_pipeline
