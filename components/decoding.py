@@ -105,15 +105,19 @@ def build_decoding_controls(
     with gr.Accordion("Decoding settings", open=False):
         with gr.Group(visible=defaults.strategy in BEAM_STRATEGIES) as beam_group:
             num_beams = _slider("num_beams", defaults.num_beams, FIELD_LABELS["num_beams"])
-            length_penalty = _slider("length_penalty", defaults.length_penalty, "Length penalty (>1 favours longer)")
+            length_penalty = _slider(
+                "length_penalty", defaults.length_penalty, f"{FIELD_LABELS['length_penalty']} (>1 favours longer)"
+            )
             early_stopping = gr.Checkbox(value=defaults.early_stopping, label="Early stopping")
         with gr.Group(visible=defaults.strategy == CaptionStrategy.DIVERSE_BEAM) as diverse_group:
             num_beam_groups = _slider("num_beam_groups", defaults.num_beam_groups, FIELD_LABELS["num_beam_groups"])
-            diversity_penalty = _slider("diversity_penalty", defaults.diversity_penalty, "Diversity penalty")
+            diversity_penalty = _slider(
+                "diversity_penalty", defaults.diversity_penalty, FIELD_LABELS["diversity_penalty"]
+            )
         with gr.Group(visible=defaults.strategy == CaptionStrategy.SAMPLING) as sampling_group:
-            top_k = _slider("top_k", defaults.top_k, "Top-k (0 = off)")
-            top_p = _slider("top_p", defaults.top_p, "Top-p (1 = off)")
-            temperature = _slider("temperature", defaults.temperature, "Temperature")
+            top_k = _slider("top_k", defaults.top_k, f"{FIELD_LABELS['top_k']} (0 = off)")
+            top_p = _slider("top_p", defaults.top_p, f"{FIELD_LABELS['top_p']} (1 = off)")
+            temperature = _slider("temperature", defaults.temperature, FIELD_LABELS["temperature"])
             seed_range = settings.CAPTION_RANGES["seed"]
             seed = ValidatedNumber(
                 value=defaults.seed,
@@ -124,11 +128,15 @@ def build_decoding_controls(
             )
             reuse_seed = gr.Button("♻ Reuse last seed", size="sm", visible=show_reuse_seed)
         with gr.Row():
-            min_new_tokens = _slider("min_new_tokens", defaults.min_new_tokens, "Min tokens")
-            max_new_tokens = _slider("max_new_tokens", defaults.max_new_tokens, "Max tokens")
+            min_new_tokens = _slider("min_new_tokens", defaults.min_new_tokens, FIELD_LABELS["min_new_tokens"])
+            max_new_tokens = _slider("max_new_tokens", defaults.max_new_tokens, FIELD_LABELS["max_new_tokens"])
         with gr.Row():
-            repetition_penalty = _slider("repetition_penalty", defaults.repetition_penalty, "Repetition penalty")
-            no_repeat_ngram_size = _slider("no_repeat_ngram_size", defaults.no_repeat_ngram_size, "No-repeat n-gram")
+            repetition_penalty = _slider(
+                "repetition_penalty", defaults.repetition_penalty, FIELD_LABELS["repetition_penalty"]
+            )
+            no_repeat_ngram_size = _slider(
+                "no_repeat_ngram_size", defaults.no_repeat_ngram_size, FIELD_LABELS["no_repeat_ngram_size"]
+            )
     strategy.change(
         _visible_groups,
         inputs=strategy,

@@ -35,17 +35,7 @@ from pipelines.blip.seeded_sampling import SeededSampler, row_seeds
 from pipelines.settings import CaptionStrategy
 from pipelines.validation import as_float, as_int
 
-
-def _in_range(name: str, value, *, high: float | None = None):
-    """``value`` checked against ``settings.CAPTION_RANGES[name]`` (a whole number when its step is)."""
-    limits = settings.CAPTION_RANGES[name]
-    high = limits.high if high is None else high
-    if isinstance(limits.step, int):
-        return as_int(name, value, limits.low, high)
-    return as_float(name, value, limits.low, high, low_open=limits.low_open)
-
-
-# What the Caption and Batch tabs call the strategies and the caption-count controls; the sentences
+# What the Caption and Batch tabs call the strategies and every decoding control; the sentences
 # below name the controls as the user sees them (components/decoding builds its controls from these).
 STRATEGY_LABELS = {
     CaptionStrategy.GREEDY: "Greedy",
@@ -53,7 +43,31 @@ STRATEGY_LABELS = {
     CaptionStrategy.DIVERSE_BEAM: "Diverse beam search",
     CaptionStrategy.SAMPLING: "Sampling (top-k / top-p)",
 }
-FIELD_LABELS = {"num_captions": "Captions", "num_beams": "Beams", "num_beam_groups": "Beam groups"}
+FIELD_LABELS = {
+    "num_captions": "Captions",
+    "num_beams": "Beams",
+    "length_penalty": "Length penalty",
+    "num_beam_groups": "Beam groups",
+    "diversity_penalty": "Diversity penalty",
+    "top_k": "Top-k",
+    "top_p": "Top-p",
+    "temperature": "Temperature",
+    "seed": "Seed",
+    "min_new_tokens": "Min tokens",
+    "max_new_tokens": "Max tokens",
+    "repetition_penalty": "Repetition penalty",
+    "no_repeat_ngram_size": "No-repeat n-gram",
+}
+
+
+def _in_range(name: str, value, *, high: float | None = None):
+    """``value`` checked against ``settings.CAPTION_RANGES[name]`` (a whole number when its step is)."""
+    limits = settings.CAPTION_RANGES[name]
+    high = limits.high if high is None else high
+    shown = f"{FIELD_LABELS[name]} ({name})"  # the control's label for the page, the parameter for the API
+    if isinstance(limits.step, int):
+        return as_int(shown, value, limits.low, high)
+    return as_float(shown, value, limits.low, high, low_open=limits.low_open)
 
 
 @dataclass(frozen=True)
