@@ -66,6 +66,25 @@ CONTROLNET_KEYS = {
 CONTROLNET_BASE = "sd35-large"  # the one model every released SD3.5 ControlNet fits
 DEPTH_ESTIMATOR_KEY = "depth-anything-v2-small"  # makes depth maps for the depth ControlNet
 
+
+def _large_controlnet(control_type: str, shown: str, notes: str) -> ModelSpec:
+    """One of Stability's three SD3.5 Large ControlNets: same size, licence and base; trained on ``notes``."""
+    key = CONTROLNET_KEYS[control_type]
+    return ModelSpec(
+        key=key,
+        repo_id=f"stabilityai/stable-diffusion-3.5-large-controlnet-{control_type}",
+        kind="sd3-controlnet",
+        title=f"SD3.5 Large ControlNet ({shown})",
+        parameters=2_153_518_976,  # 19 blocks of Large's width; the Hub file (8.61 GB) stores them in fp32
+        licence="stabilityai-ai-community",
+        gated=True,  # the Stability Community License is accepted on the Hub first, as for the base model
+        tiny_dir=key,
+        config_dir=f"stabilityai__stable-diffusion-3.5-large-controlnet-{control_type}",
+        notes=notes,
+        requires=CONTROLNET_BASE,
+    )
+
+
 CATALOG: dict[str, ModelSpec] = {
     spec.key: spec
     for spec in (
@@ -145,44 +164,14 @@ CATALOG: dict[str, ModelSpec] = {
                 skip_layer_guidance_layers=(7, 8, 9),  # SLG helps Medium's anatomy; ruins Large
             ),
         ),
-        ModelSpec(
-            key="sd35-large-controlnet-canny",
-            repo_id="stabilityai/stable-diffusion-3.5-large-controlnet-canny",
-            kind="sd3-controlnet",
-            title="SD3.5 Large ControlNet (Canny)",
-            parameters=2_153_518_976,  # 19 blocks of Large's width; the Hub file (8.61 GB) stores them in fp32
-            licence="stabilityai-ai-community",
-            gated=True,  # the Stability Community License is accepted on the Hub first, as for the base model
-            tiny_dir="sd35-large-controlnet-canny",
-            config_dir="stabilityai__stable-diffusion-3.5-large-controlnet-canny",
-            notes="Trained on Canny edge maps (white edges on black).",
-            requires="sd35-large",
+        _large_controlnet("canny", "Canny", "Trained on Canny edge maps (white edges on black)."),
+        _large_controlnet(
+            "depth",
+            "Depth",
+            "Trained on DepthFM depth maps; the Studio makes depth maps with Depth Anything V2 Small instead.",
         ),
-        ModelSpec(
-            key="sd35-large-controlnet-depth",
-            repo_id="stabilityai/stable-diffusion-3.5-large-controlnet-depth",
-            kind="sd3-controlnet",
-            title="SD3.5 Large ControlNet (Depth)",
-            parameters=2_153_518_976,  # 19 blocks of Large's width; the Hub file (8.61 GB) stores them in fp32
-            licence="stabilityai-ai-community",
-            gated=True,  # the Stability Community License is accepted on the Hub first, as for the base model
-            tiny_dir="sd35-large-controlnet-depth",
-            config_dir="stabilityai__stable-diffusion-3.5-large-controlnet-depth",
-            notes="Trained on DepthFM depth maps; the Studio makes depth maps with Depth Anything V2 Small instead.",
-            requires="sd35-large",
-        ),
-        ModelSpec(
-            key="sd35-large-controlnet-blur",
-            repo_id="stabilityai/stable-diffusion-3.5-large-controlnet-blur",
-            kind="sd3-controlnet",
-            title="SD3.5 Large ControlNet (Blur)",
-            parameters=2_153_518_976,  # 19 blocks of Large's width; the Hub file (8.61 GB) stores them in fp32
-            licence="stabilityai-ai-community",
-            gated=True,  # the Stability Community License is accepted on the Hub first, as for the base model
-            tiny_dir="sd35-large-controlnet-blur",
-            config_dir="stabilityai__stable-diffusion-3.5-large-controlnet-blur",
-            notes="Trained on Gaussian-blurred images: for detail-preserving re-renders and tiled upscaling.",
-            requires="sd35-large",
+        _large_controlnet(
+            "blur", "Blur", "Trained on Gaussian-blurred images: for detail-preserving re-renders and tiled upscaling."
         ),
         ModelSpec(
             key="depth-anything-v2-small",
