@@ -248,6 +248,11 @@ class ValidatedSlider(gr.Slider):
     every number anyway and say what the range is.
     """
 
+    @classmethod
+    def over(cls, limits: settings.NumberRange, value, label: str, **kwargs) -> ValidatedSlider:
+        """A slider over the validation range ``limits`` (settings), so the two cannot drift apart."""
+        return cls(limits.slider_minimum, limits.high, value=value, step=limits.step, label=label, **kwargs)
+
     def get_block_name(self) -> str:
         return "slider"
 

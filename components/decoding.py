@@ -75,8 +75,7 @@ def _visible_groups(strategy: str) -> tuple[dict, dict, dict]:
 
 def _slider(name: str, value, label: str, **kwargs) -> ValidatedSlider:
     """A slider over CaptionRequest field ``name``'s validation range."""
-    limits = settings.CAPTION_RANGES[name]
-    return ValidatedSlider(limits.slider_minimum, limits.high, value=value, step=limits.step, label=label, **kwargs)
+    return ValidatedSlider.over(settings.CAPTION_RANGES[name], value, label, **kwargs)
 
 
 def build_decoding_controls(

@@ -495,30 +495,20 @@ def build_generate_tab(studio: Studio, outputs_dir: Path | None = None) -> dict:
                     choices=list(settings.CONTROL_TYPES), value=settings.DEFAULT_CONTROL_TYPE, label="Control type"
                 )
                 with gr.Row():
-                    control_scale = ValidatedSlider(
-                        settings.CONTROL_SCALE.low,
-                        settings.CONTROL_SCALE.high,
-                        value=settings.DEFAULT_CONTROL_SCALE,
-                        step=settings.CONTROL_SCALE.step,
-                        label="Control scale (0 = off, 1 = as trained)",
+                    control_scale = ValidatedSlider.over(
+                        settings.CONTROL_SCALE,
+                        settings.DEFAULT_CONTROL_SCALE,
+                        "Control scale (0 = off, 1 = as trained)",
                     )
                     preprocess = gr.Checkbox(
                         value=True, label="Preprocess (off: the image already is a canny, depth or blur map)"
                     )
                 with gr.Row():
-                    canny_low = ValidatedSlider(
-                        settings.CANNY_THRESHOLD.low,
-                        settings.CANNY_THRESHOLD.high,
-                        value=settings.DEFAULT_CANNY_LOW,
-                        step=settings.CANNY_THRESHOLD.step,
-                        label="Canny low threshold",
+                    canny_low = ValidatedSlider.over(
+                        settings.CANNY_THRESHOLD, settings.DEFAULT_CANNY_LOW, "Canny low threshold"
                     )
-                    canny_high = ValidatedSlider(
-                        settings.CANNY_THRESHOLD.low,
-                        settings.CANNY_THRESHOLD.high,
-                        value=settings.DEFAULT_CANNY_HIGH,
-                        step=settings.CANNY_THRESHOLD.step,
-                        label="Canny high threshold",
+                    canny_high = ValidatedSlider.over(
+                        settings.CANNY_THRESHOLD, settings.DEFAULT_CANNY_HIGH, "Canny high threshold"
                     )
     gr.Examples(examples=EXAMPLE_PROMPTS, inputs=[prompt, model], label="Example prompts")
 

@@ -187,8 +187,7 @@ def build_image_to_image_tab(studio: Studio) -> dict:
         prompt = gr.Textbox(label="Prompt (empty = BLIP's caption of the image)", lines=2, value="",
                             max_length=settings.MAX_PROMPT_CHARS)  # fmt: skip
         negative_prompt = gr.Textbox(label="Negative prompt", value="", max_length=settings.MAX_PROMPT_CHARS)
-        strength = ValidatedSlider(settings.STRENGTH.low, settings.STRENGTH.high, value=strength_value,
-                                   step=settings.STRENGTH.step, label="Strength (share of the schedule redrawn)")  # fmt: skip
+        strength = ValidatedSlider.over(settings.STRENGTH, strength_value, "Strength (share of the schedule redrawn)")
         model = gr.Radio(choices=_model_choices(), value="large", label="Model")
         with gr.Row():
             seed = ValidatedNumber(value=-1, precision=0, label="Seed (-1 = random)", minimum=-1,
@@ -261,10 +260,9 @@ def build_image_to_image_tab(studio: Studio) -> dict:
                     stop = gr.Button("Stop", variant="stop", scale=1)
                 with gr.Accordion("Variations: BLIP's caption, several seeds", open=False):
                     with gr.Row():
-                        variation_strength = ValidatedSlider(
-                            settings.STRENGTH.low, settings.STRENGTH.high, value=settings.DEFAULT_VARIATION_STRENGTH,
-                            step=settings.STRENGTH.step, label="Strength",
-                        )  # fmt: skip
+                        variation_strength = ValidatedSlider.over(
+                            settings.STRENGTH, settings.DEFAULT_VARIATION_STRENGTH, "Strength"
+                        )
                         variation_count = ValidatedSlider(1, settings.MAX_IMAGES_PER_REQUEST, value=4, step=1,
                                                           label="Variations (seed, seed+1, ...)")  # fmt: skip
                     run_variations = gr.Button("Make variations")
@@ -287,9 +285,7 @@ def build_image_to_image_tab(studio: Studio) -> dict:
                  inpaint_guidance, inpaint_lora, inpaint_lora_scale, inpaint_memory,
                  inpaint_preview) = settings_controls(settings.DEFAULT_STRENGTH)  # fmt: skip
                 with gr.Row():
-                    mask_blur = ValidatedSlider(settings.MASK_BLUR.low, settings.MASK_BLUR.high,
-                                                value=settings.DEFAULT_MASK_BLUR, step=settings.MASK_BLUR.step,
-                                                label="Mask blur (px)")  # fmt: skip
+                    mask_blur = ValidatedSlider.over(settings.MASK_BLUR, settings.DEFAULT_MASK_BLUR, "Mask blur (px)")
                     paste_back = gr.Checkbox(value=True, label="Paste back: keep every pixel outside the mask")
                 with gr.Row():
                     inpaint_run = gr.Button("Inpaint", variant="primary", scale=3)
