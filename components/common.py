@@ -14,7 +14,7 @@ from pathlib import Path
 import gradio as gr
 import torch
 
-from pipelines import settings
+from pipelines import ownership, settings
 from pipelines.errors import ModelLoadError
 from pipelines.sd3.generation import GenerationRequest
 
@@ -360,6 +360,25 @@ def visitor_id(request: gr.Request | None) -> str:
     """
     session = getattr(request, "session_hash", None) if request is not None else None
     return str(session) if session else "local"
+
+
+def client_identity(request: gr.Request | None) -> str:
+    """Who counts as one client for quotas (pending jobs, bytes kept); "local" without a request.
+
+    On a Space: the signed-in Hugging Face user, else the address its proxy forwards; elsewhere the
+    socket's peer address (pipelines.ownership.client_key). Never the session hash: a client picks
+    that itself, so a new one per call would escape every quota. Ownership is ``visitor_id``'s.
+    """
+    if request is None:
+        return "local"
+    headers = getattr(request, "headers", None) or {}
+    client = getattr(request, "client", None)
+    return ownership.client_key(
+        peer=getattr(client, "host", None),
+        forwarded_for=headers.get("x-forwarded-for"),
+        user_name=getattr(request, "username", None),
+        trusted_hops=settings.trusted_proxy_hops(),
+    )
 
 
 def generation_request(

@@ -18,6 +18,29 @@ import itertools
 from collections.abc import Iterable
 
 SHARED: str | None = None  # the owner of folder, registry and Hub entries
+MAX_CLIENT_KEY_CHARS = 128  # a forwarded address or user name longer than this is cut, never trusted whole
+
+
+def client_key(peer: str | None, forwarded_for: str | None, user_name: str | None, trusted_hops: int) -> str:
+    """Who counts as one client for quotas: a signed-in user, else an address; never a session hash.
+
+    ``peer`` is the socket's remote address; ``forwarded_for`` the X-Forwarded-For header;
+    ``trusted_hops`` how many proxies in front of the app append to it (settings.trusted_proxy_hops).
+    The address is the entry that many places from the right: the one the outermost trusted proxy
+    saw. Entries further left are the client's own word and are never read. With fewer entries than
+    hops (a request that did not come through the proxy), the peer address counts.
+    Ownership of files and runs is a separate matter (``components.common.visitor_id``).
+    """
+    if user_name:
+        return "user:" + str(user_name)[:MAX_CLIENT_KEY_CHARS]
+    if trusted_hops > 0 and forwarded_for:
+        # Split at most as far as needed from the right: a huge header costs no more than its last entries.
+        entries = forwarded_for[-(trusted_hops * (MAX_CLIENT_KEY_CHARS + 2)) :].rsplit(",", trusted_hops)
+        if len(entries) > trusted_hops:
+            address = entries[-trusted_hops].strip()
+            if address:
+                return "addr:" + address[:MAX_CLIENT_KEY_CHARS]
+    return "addr:" + str(peer or "unknown")[:MAX_CLIENT_KEY_CHARS]
 
 
 def may_see(owner: str | None, visitor: str | None) -> bool:

@@ -402,6 +402,20 @@ PUBLIC_TRAINING_ENV = "STUDIO_PUBLIC_TRAINING"
 # Past it the visitor unloads one of their own; when all slots (MAX_LOADED_LORAS, MAX_BLIP_ADAPTERS)
 # are full, the least recently used upload of anyone makes room (pipelines/ownership).
 MAX_UPLOADS_PER_SESSION = _env_int("STUDIO_MAX_UPLOADS_PER_SESSION", 4, ceiling=16)
+# Who counts as one client for quotas (pending jobs, bytes kept): never the session hash, which the
+# client picks. Behind a proxy (a Space) the address is read from X-Forwarded-For, this many entries
+# from its right end: each trusted proxy appends the address it saw, and what stands left of them is the
+# client's own word. 1 on a Space (its one front proxy), 0 elsewhere (the socket's peer address).
+TRUSTED_PROXY_HOPS_ENV = "STUDIO_TRUSTED_PROXY_HOPS"
+
+
+def trusted_proxy_hops(environ: dict[str, str] | None = None) -> int:
+    """How many proxies in front of the app append to X-Forwarded-For ($STUDIO_TRUSTED_PROXY_HOPS)."""
+    environ = os.environ if environ is None else environ
+    raw = str(environ.get(TRUSTED_PROXY_HOPS_ENV, "")).strip()
+    if raw.isdigit():
+        return min(int(raw), 8)
+    return 1 if environ.get("SPACE_ID") else 0
 
 
 def public_mode(flag: bool = False, environ: dict[str, str] | None = None) -> bool:

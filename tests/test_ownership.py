@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from pipelines.ownership import SHARED, UploadSlots, may_see
+from pipelines import settings
+from pipelines.ownership import SHARED, UploadSlots, client_key, may_see
 
 
 def slots_with(*entries: tuple[str, str | None]) -> UploadSlots:
@@ -50,3 +51,27 @@ def test_slots_full_of_shared_entries_are_refused_with_a_sentence():
     slots = slots_with(("one", SHARED), ("two", SHARED))
     with pytest.raises(ValueError, match="All 2 LoRA slots hold shared LoRAs, which are never evicted"):
         slots.victim(capacity=2)
+
+
+def test_a_client_is_its_signed_in_user_else_the_address_the_trusted_proxy_saw():
+    # Local: the socket's peer; a forged header is never read.
+    assert client_key("10.0.0.5", "6.6.6.6", None, trusted_hops=0) == "addr:10.0.0.5"
+    # One trusted proxy: the last entry is what it saw; the entries left of it are the client's word.
+    assert client_key("10.0.0.1", "6.6.6.6, 7.7.7.7, 203.0.113.9", None, trusted_hops=1) == "addr:203.0.113.9"
+    assert client_key("10.0.0.1", "6.6.6.6, 203.0.113.9, 10.1.1.1", None, trusted_hops=2) == "addr:203.0.113.9"
+    # Fewer entries than trusted hops: the request did not come through the proxies, so the peer counts.
+    assert client_key("10.0.0.1", "203.0.113.9", None, trusted_hops=2) == "addr:10.0.0.1"
+    # A signed-in user counts as one client whatever the address.
+    assert client_key("10.0.0.1", "1.2.3.4", "alice", trusted_hops=1) == "user:alice"
+    # A 1 MB header costs no more than its last entries, and the key stays short.
+    huge = "9" * 1_000_000 + ", 198.51.100.7"
+    assert client_key("10.0.0.1", huge, None, trusted_hops=1) == "addr:198.51.100.7"
+    assert len(client_key("10.0.0.1", "x" * 10_000, None, trusted_hops=1)) <= 5 + 128
+
+
+def test_the_trusted_proxy_hops_are_one_on_a_space_zero_elsewhere_and_bounded():
+    assert settings.trusted_proxy_hops({}) == 0
+    assert settings.trusted_proxy_hops({"SPACE_ID": "a/b"}) == 1
+    assert settings.trusted_proxy_hops({"STUDIO_TRUSTED_PROXY_HOPS": "3"}) == 3
+    assert settings.trusted_proxy_hops({"STUDIO_TRUSTED_PROXY_HOPS": "999"}) == 8
+    assert settings.trusted_proxy_hops({"SPACE_ID": "a/b", "STUDIO_TRUSTED_PROXY_HOPS": "0"}) == 0
