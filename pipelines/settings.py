@@ -224,6 +224,7 @@ MAX_MASK_LAYERS = 4
 # Edits the Inpaint editor's page has sent (its image, composite and layers, held until the Inpaint
 # event reads them): per client, and their bytes for everyone. Past either, the oldest are dropped.
 MAX_PENDING_EDITS_PER_CLIENT = 4
+MAX_PENDING_EDITS = 256
 MAX_PENDING_EDIT_BYTES = _env_int("STUDIO_MAX_PENDING_EDIT_MB", 512, ceiling=4096) * 1024 * 1024
 
 # --- results (bench/, the Round trip tab, the Scoreboard) ---------------------------
