@@ -25,6 +25,7 @@ from components.common import (
     client_identity,
     generation_request,
     launch_alone,
+    markdown_text,
     named_endpoint,
     on_gpu,
     parameter,
@@ -177,9 +178,11 @@ def image_to_image_summary(details: dict) -> str:
         + f", {details['timings']['generate_seconds']:.1f} s"
     )
     if details["loras"]:
-        summary += " · LoRA " + ", ".join(f"{item['name']}:{item['weight']:g}" for item in details["loras"])
+        summary += " · LoRA " + ", ".join(
+            f"{markdown_text(item['name'])}:{item['weight']:g}" for item in details["loras"]
+        )
     if details["caption"]:
-        summary += f" · prompt = BLIP's caption: **{details['caption']}**"
+        summary += f" · prompt = BLIP's caption: **{markdown_text(details['caption'])}**"
     if details["resized"]:
         summary += f" · drawn at {details['size']} (the input is {details['input_size']}, not a multiple of 16)"
     if details["stopped"]:
