@@ -9,6 +9,7 @@ from components.common import (
     ValidatedSlider,
     example_photos,
     launch_alone,
+    markdown_text,
     named_endpoint,
     parameter,
     visitor_id,
@@ -78,7 +79,7 @@ def make_attention_function(studio: Studio):
             head_text = "mean of heads" if request.head == 0 else f"head {request.head}"
             source = "BLIP's own caption" if result.caption_generated else "your caption"
             summary = (
-                f"{len(result.words)} word(s) of {source}: **{result.request.caption}** · {layer_text}, {head_text} · "
+                f"{len(result.words)} word(s) of {source}: **{markdown_text(result.request.caption)}** · {layer_text}, {head_text} · "
                 f"{result.maps.grid}×{result.maps.grid} patches · {result.seconds:.2f} s"
             )
             if studio.tiny:

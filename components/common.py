@@ -417,3 +417,13 @@ def t5_tokens_slider() -> ValidatedSlider:
         step=1,
         label="T5 tokens (max_sequence_length)",
     )
+
+
+_MARKDOWN_ESCAPES = str.maketrans({char: "\\" + char for char in "\\`*_{}[]()<>#+-.!|~&:\"'="})
+
+
+def markdown_text(text) -> str:
+    """``text`` (a visitor's words: a prompt, caption, trigger word or LoRA name) to put inside Markdown
+    literally: Markdown and HTML punctuation is backslash-escaped and line breaks become spaces, so it
+    never turns into a link, an image, HTML, a heading or emphasis on anyone's page."""
+    return " ".join(str(text).splitlines()).translate(_MARKDOWN_ESCAPES)

@@ -19,6 +19,7 @@ from components.common import (
     ValidatedSlider,
     generation_request,
     launch_alone,
+    markdown_text,
     named_endpoint,
     on_gpu,
     parameter,
@@ -74,9 +75,10 @@ def generation_summary(details: dict) -> str:
     summary += f" · memory mode {memory_mode_label(details['memory_mode'])} ({details['memory_mode']['reason']})"
     if details["loras"]:
         fused = " (fused)" if details["lora_fused"] else ""
-        summary += " · LoRA " + ", ".join(f"{item['name']}:{item['weight']:g}" for item in details["loras"]) + fused
+        loras = ", ".join(f"{markdown_text(item['name'])}:{item['weight']:g}" for item in details["loras"])
+        summary += " · LoRA " + loras + fused
     if details["trigger_words_added"]:
-        summary += f" · trigger words added: {', '.join(details['trigger_words_added'])}"
+        summary += f" · trigger words added: {', '.join(map(markdown_text, details['trigger_words_added']))}"
     if details.get("controlnet"):
         summary += f" · ControlNet {details['controlnet']['type']} {details['controlnet']['scale']:g}"
     if details["stopped"]:

@@ -3,12 +3,18 @@
 
 from __future__ import annotations
 
+import base64
 import contextvars
 import queue
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 
 import gradio as gr
+from fastapi import HTTPException
+from gradio.components.base import server
+from gradio.data_classes import FileData
 
 from components.common import (
     StopRequests,
@@ -16,8 +22,10 @@ from components.common import (
     ValidatedNumber,
     ValidatedSlider,
     blank_to_none,
+    client_identity,
     generation_request,
     launch_alone,
+    markdown_text,
     named_endpoint,
     on_gpu,
     parameter,
@@ -27,11 +35,136 @@ from pipelines import settings, workspace
 from pipelines.catalog import CATALOG
 from pipelines.images import load_image
 from pipelines.memory import SD3_MODES
-from pipelines.sd3.image_to_image import ImageToImageRequest, image_to_image, load_brush_layer, mask_from_layers
+from pipelines.sd3.image_to_image import ImageToImageRequest, editor_images, image_to_image
 from pipelines.sd3.text_to_image import MODEL_CHOICES
 from pipelines.studio import Studio
 
 OUTPUT_COUNT = 5  # gallery, summary, prompt used, preview, details
+EDIT_PARTS = ("background", "composite", "layer")  # what the editor's page sends ahead of an event
+
+
+@dataclass
+class PendingEdit:
+    """The files of one edit that the editor's page sent ahead of the event that reads them."""
+
+    client: str
+    background: bytes | None = None
+    composite: bytes | None = None
+    layers: dict[int, bytes] = field(default_factory=dict)
+
+    @property
+    def size(self) -> int:
+        return sum(len(data) for data in (self.background or b"", self.composite or b"", *self.layers.values()))
+
+
+class PendingEdits:
+    """Edits by the id the page chose, bounded: at most ``per_client`` a client (its oldest dropped), at
+    most ``max_edits`` and ``max_bytes`` for everyone (the oldest dropped), layers only below ``max_layers``.
+
+    Gradio's own store keeps every edit a client sends until an event reads it, and grows a layer list
+    to whatever index the client names; these bounds are known before anything is stored.
+    """
+
+    def __init__(self, *, per_client: int, max_edits: int, max_bytes: int, max_layers: int) -> None:
+        self.per_client, self.max_edits, self.max_bytes, self.max_layers = per_client, max_edits, max_bytes, max_layers
+        self._edits: OrderedDict[str, PendingEdit] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def put(self, edit_id: str, client: str, part: str, index: int | None, data: bytes) -> None:
+        if part not in EDIT_PARTS or (part == "layer" and not (index is not None and 0 <= index < self.max_layers)):
+            raise ValueError(f"The editor sent an unknown part ({part} {index}); reload the page and draw again.")
+        if len(data) > min(self.max_bytes, settings.MAX_UPLOAD_BYTES):
+            raise ValueError("The editor's image is over the upload limit; downscale it and upload again.")
+        with self._lock:
+            edit = self._edits.get(edit_id)
+            if edit is None or edit.client != client:
+                if edit is not None:  # another client's id: never written into
+                    raise ValueError("That edit is not yours; reload the page and draw again.")
+                edit = self._edits[edit_id] = PendingEdit(client)
+                own = [key for key, pending in self._edits.items() if pending.client == client]
+                for key in own[: max(0, len(own) - self.per_client)]:
+                    del self._edits[key]
+            if part == "layer":
+                edit.layers[index] = data
+            else:
+                setattr(edit, part, data)
+            self._edits.move_to_end(edit_id)
+            # At most max_edits to add up: the newest stays, whatever the others are.
+            while len(self._edits) > 1 and (
+                len(self._edits) > self.max_edits
+                or sum(pending.size for pending in self._edits.values()) > self.max_bytes
+            ):
+                self._edits.popitem(last=False)
+
+    def take(self, edit_id: str) -> PendingEdit | None:
+        with self._lock:
+            return self._edits.pop(edit_id, None)
+
+    def __len__(self) -> int:
+        return len(self._edits)
+
+
+def _file_source(file: FileData | None):
+    """An uploaded file as the safe decoder takes it: its path (or a data URL's bytes); never opened here."""
+    if file is None:
+        return None
+    if file.url and file.url.startswith("data:"):
+        return base64.b64decode(file.url.split(",", 1)[-1])
+    return file.path
+
+
+class EditorFiles(gr.ImageEditor):
+    """An image editor that hands the Studio its files undecoded: ``{"background", "layers", "composite"}``
+    as paths or bytes, decoded later by ``pipelines.sd3.image_to_image.editor_images``.
+
+    ``gr.ImageEditor`` opens the image, the composite and every layer with PIL before the event runs, in
+    any format Pillow knows (EPS through Ghostscript, PSD, ...), with its bomb warning silenced and no
+    cap on layers. What the page sends ahead of the event (``accept_blobs``) is kept in ``PendingEdits``.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.pending = PendingEdits(
+            per_client=settings.MAX_PENDING_EDITS_PER_CLIENT,
+            max_edits=settings.MAX_PENDING_EDITS,
+            max_bytes=settings.MAX_PENDING_EDIT_BYTES,
+            max_layers=settings.MAX_MASK_LAYERS,
+        )
+
+    def get_block_name(self) -> str:
+        return "imageeditor"  # render with the stock editor front end
+
+    def get_config(self, cls=None):
+        return super().get_config(cls or gr.ImageEditor)  # the front end's props are ImageEditor's
+
+    def preprocess(self, payload):
+        if payload is None:
+            return None
+        if payload.id is not None:
+            edit = self.pending.take(payload.id)
+            if edit is None:
+                return {"background": None, "layers": [], "composite": None}
+            layers = [edit.layers[index] for index in sorted(edit.layers)]
+            return {"background": edit.background, "layers": layers, "composite": edit.composite}
+        return {
+            "background": _file_source(payload.background),
+            "layers": [_file_source(layer) for layer in payload.layers],
+            "composite": _file_source(payload.composite),
+        }
+
+    @server
+    def accept_blobs(self, data, request: gr.Request = None):
+        """The page's files of one edit (its image, composite or a layer), kept until the event reads them."""
+        fields = data.data
+        index = fields.get("index")
+        index = int(index) if index not in (None, "", "null") and str(index).isdigit() else None
+        try:
+            if not data.files:
+                raise ValueError("The editor sent no file; draw again.")
+            self.pending.put(str(fields.get("id")), client_identity(request), str(fields.get("type")), index,
+                             data.files[0][1])  # fmt: skip
+        except ValueError as error:  # the page's call answers 400 with the sentence, not a logged 500
+            raise HTTPException(status_code=400, detail=str(error)) from None
 
 
 def image_to_image_summary(details: dict) -> str:
@@ -45,9 +178,11 @@ def image_to_image_summary(details: dict) -> str:
         + f", {details['timings']['generate_seconds']:.1f} s"
     )
     if details["loras"]:
-        summary += " · LoRA " + ", ".join(f"{item['name']}:{item['weight']:g}" for item in details["loras"])
+        summary += " · LoRA " + ", ".join(
+            f"{markdown_text(item['name'])}:{item['weight']:g}" for item in details["loras"]
+        )
     if details["caption"]:
-        summary += f" · prompt = BLIP's caption: **{details['caption']}**"
+        summary += f" · prompt = BLIP's caption: **{markdown_text(details['caption'])}**"
     if details["resized"]:
         summary += f" · drawn at {details['size']} (the input is {details['input_size']}, not a multiple of 16)"
     if details["stopped"]:
@@ -156,12 +291,9 @@ def build_image_to_image_tab(studio: Studio) -> dict:
                       guidance, lora, lora_scale, memory_mode, preview_every, progress, request):  # fmt: skip
         """The Inpaint button: the image and the brush mask from the editor (an uploaded mask wins)."""
         editor = editor or {}
-        picture = uploaded(editor.get("background"), "an image into the editor")
-        if mask is not None:
-            mask_image = uploaded(mask, "a mask")
-        else:
-            layers = [load_brush_layer(path) for path in (editor.get("layers") or [])[: settings.MAX_MASK_LAYERS]]
-            mask_image = mask_from_layers(layers, picture.size)
+        # With an uploaded mask the layers are not read at all (not even counted).
+        picture, brushed = editor_images(editor.get("background"), [] if mask is not None else editor.get("layers"))
+        mask_image = uploaded(mask, "a mask") if mask is not None else brushed
         yield from redraw(picture, mask_image, prompt, negative_prompt, strength, model, seed, steps, guidance, lora,
                           lora_scale, memory_mode, preview_every, progress, request, inpaint=True,
                           mask_blur=mask_blur, paste_back=paste_back)  # fmt: skip
@@ -270,7 +402,7 @@ def build_image_to_image_tab(studio: Studio) -> dict:
                 img2img_outputs = output_controls()
         with gr.Tab("Inpaint", id="inpaint"), gr.Row():
             with gr.Column(scale=1):
-                editor = gr.ImageEditor(
+                editor = EditorFiles(
                     label="Image: brush over what to repaint",
                     type="filepath",
                     format="png",  # lossless: paste-back keeps the input's pixels exactly

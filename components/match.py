@@ -6,7 +6,7 @@ import os
 
 import gradio as gr
 
-from components.common import UploadedImage, example_photos, launch_alone, named_endpoint, parameter
+from components.common import UploadedImage, example_photos, launch_alone, markdown_text, named_endpoint, parameter
 from pipelines import settings
 from pipelines.blip.matching import RANKING_LABELS, MatchRequest, MatchResult, TextScore
 from pipelines.images import describe_image, load_image
@@ -135,7 +135,7 @@ def make_match_function(studio: Studio):
         best = result.ranked_texts(0)[0][1]
         summary = (
             f"{len(result.texts)} text(s) × {len(pictures)} image(s) in {result.seconds:.2f} s, ranked by "
-            f"{RANKING_LABELS[result.rank_by]}. Best text for the main image: **{best.text}**"
+            f"{RANKING_LABELS[result.rank_by]}. Best text for the main image: **{markdown_text(best.text)}**"
         )
         if result.second_opinion_note:
             summary += f"\n\nSecond opinion unavailable, ranked by the captioner alone: {result.second_opinion_note}"

@@ -15,6 +15,7 @@ from components.common import (
     blank_to_none,
     generation_request,
     launch_alone,
+    markdown_text,
     named_endpoint,
     parameter,
     t5_tokens_slider,
@@ -129,8 +130,8 @@ def build_roundtrip_tab(studio: Studio) -> dict:
             ]
             summary = (
                 f"Seed {details['seed']}, {details['steps']} steps, {details['timings']['generate_seconds']:.1f} s"
-                + "".join(f", LoRA {item['name']}:{item['weight']:g}" for item in details["loras"])
-                + f". BLIP wrote: **{trip.caption}**"
+                + "".join(f", LoRA {markdown_text(item['name'])}:{item['weight']:g}" for item in details["loras"])
+                + f". BLIP wrote: **{markdown_text(trip.caption)}**"
             )
             if trip.second_opinion_note:
                 summary += f"\n\nNo second opinion: {trip.second_opinion_note}"

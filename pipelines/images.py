@@ -11,6 +11,7 @@ to the user as it is.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import os
 import re
@@ -21,10 +22,22 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps
 
-from pipelines.settings import MAX_DECODE_PIXELS, MAX_IMAGE_SIDE, MAX_UPLOAD_BYTES, UPLOAD_IMAGE_FORMATS
+from pipelines.settings import (
+    MAX_DECODE_BYTES,
+    MAX_DECODE_PIXELS,
+    MAX_IMAGE_SIDE,
+    MAX_UPLOAD_BYTES,
+    UPLOAD_IMAGE_FORMATS,
+)
 
 _MB = 1024 * 1024
 _HIGH_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+# Memory a decode takes per pixel beyond the decoded image and its oriented copy (``_finish``): what
+# turning a mode into RGB (or RGBA) holds at its peak. Pillow stores 1, 2 or 4 bytes a pixel
+# (``_stored_bytes``); high-bit modes go through numpy (a copy, then float64 work arrays for "I" and "F").
+_CONVERSION_BYTES_PER_PIXEL = {"RGB": 0, "I;16": 16, "I": 28, "F": 32}
+_OTHER_CONVERSION_BYTES_PER_PIXEL = 4  # L, P, 1, CMYK, YCbCr, ...: one RGB copy
+_ALPHA_CONVERSION_BYTES_PER_PIXEL = 8  # a white backdrop, then the composite (+4: an RGBA copy unless RGBA)
 
 
 class ImageDecodeError(ValueError):
@@ -37,14 +50,18 @@ def load_image(
     max_bytes: int = MAX_UPLOAD_BYTES,
     max_pixels: int = MAX_DECODE_PIXELS,
     max_side: int = MAX_IMAGE_SIDE,
+    max_decode_bytes: int = MAX_DECODE_BYTES,
     name: str | None = None,
+    keep_alpha: bool = False,
 ) -> Image.Image:
-    """Decode ``source`` into a new, fully loaded RGB image.
+    """Decode ``source`` into a new, fully loaded RGB image (RGBA with ``keep_alpha``).
 
     ``source`` may be a path (str or os.PathLike), bytes, a binary file object,
     a PIL image (never modified) or a numpy array (HxW, HxWx3, HxWx4; uint8,
     uint16, float in [0, 1] or bool). EXIF orientation is applied, transparency
-    is composited onto white, and the longest side is at most ``max_side``.
+    is composited onto white (kept as it is with ``keep_alpha``), and the longest side is at most
+    ``max_side``. A file whose decode would take more than ``max_decode_bytes`` of memory (width x
+    height x the bytes its mode and the conversion hold, from the header) is refused before decoding.
     ``name`` is used in error messages and defaults to the file's name.
     Raises ImageDecodeError for anything that is not a usable image.
     """
@@ -53,11 +70,11 @@ def load_image(
     if isinstance(source, Image.Image):
         label = _label(name or _basename(getattr(source, "filename", None)))
         with _decoding(label, max_pixels):
-            return _finish(source, label, max_pixels, max_side)
+            return _finish(source, label, max_pixels, max_side, keep_alpha)
     if isinstance(source, np.ndarray):
         label = _label(name) if name else "The image array"
         with _decoding(label, max_pixels):
-            return _finish(_from_array(source, label, max_pixels), label, max_pixels, max_side)
+            return _finish(_from_array(source, label, max_pixels), label, max_pixels, max_side, keep_alpha)
     if isinstance(source, (str, os.PathLike)):
         label = _label(name or _basename(source))
         data = _read_path(source, label, max_bytes)
@@ -71,7 +88,34 @@ def load_image(
             f"Got a {type(source).__name__}, not an image; pass a file path, bytes, a file object, "
             "a PIL image or a numpy array."
         )
-    return _decode_bytes(data, label, max_bytes, max_pixels, max_side)
+    limits = _Limits(max_bytes, max_pixels, max_side, max_decode_bytes)
+    return _decode_bytes(data, label, limits, keep_alpha)
+
+
+def decode_bytes_needed(mode: str, size: tuple[int, int], *, transparent: bool = False) -> int:
+    """The most memory (bytes) decoding an image of ``mode`` and ``size`` and turning it into RGB takes:
+    the decoded image, its oriented copy and the conversion's intermediates. ``transparent``: the image
+    has a transparency key (``info["transparency"]``), so it is composited like an alpha channel."""
+    pixels = size[0] * size[1]
+    stored = _stored_bytes(mode)
+    if mode in _HIGH_BIT_MODES:
+        conversion = _CONVERSION_BYTES_PER_PIXEL["I;16" if mode.startswith("I;16") else mode]
+    elif mode == "RGB":
+        conversion = 0
+    elif transparent or "A" in mode or "a" in mode:
+        conversion = _ALPHA_CONVERSION_BYTES_PER_PIXEL + (0 if mode == "RGBA" else 4)
+    else:
+        conversion = _OTHER_CONVERSION_BYTES_PER_PIXEL
+    return pixels * (2 * stored + conversion)
+
+
+def _stored_bytes(mode: str) -> int:
+    """Bytes Pillow keeps a pixel of ``mode`` in (multi-band modes take 4, RGB included)."""
+    if mode in ("1", "L", "P"):
+        return 1
+    if mode.startswith("I;16"):
+        return 2
+    return 4
 
 
 def describe_image(image: Image.Image) -> str:
@@ -161,10 +205,29 @@ def _decoding(label: str, max_pixels: int) -> Iterator[None]:
             ) from error
 
 
-def _decode_bytes(data: bytes, label: str, max_bytes: int, max_pixels: int, max_side: int) -> Image.Image:
+@dataclasses.dataclass(frozen=True)
+class _Limits:
+    max_bytes: int
+    max_pixels: int
+    max_side: int
+    max_decode_bytes: int
+
+
+def _check_decode_bytes(image: Image.Image, label: str, max_decode_bytes: int) -> None:
+    needed = decode_bytes_needed(image.mode, image.size, transparent="transparency" in image.info)
+    if needed > max_decode_bytes:
+        raise ImageDecodeError(
+            f"{label} would take {needed / _MB:,.0f} MB of memory to decode ({image.width}x{image.height} "
+            f"{image.mode} pixels), over the {max_decode_bytes / _MB:g} MB limit; save it as 8-bit RGB or "
+            "downscale it and upload again."
+        )
+
+
+def _decode_bytes(data: bytes, label: str, limits: _Limits, keep_alpha: bool) -> Image.Image:
+    max_pixels, max_side = limits.max_pixels, limits.max_side
     if not data:
         raise ImageDecodeError(f"{label} is empty (0 bytes); upload the file again.")
-    _check_bytes(len(data), label, max_bytes)
+    _check_bytes(len(data), label, limits.max_bytes)
     if data[:256].lstrip(b"\xef\xbb\xbf \t\r\n").lower().startswith((b"<?xml", b"<svg")):
         raise ImageDecodeError(f"{label} is an SVG vector drawing, which is not supported; export it as PNG.")
     with _decoding(label, max_pixels), Image.open(io.BytesIO(data), formats=UPLOAD_IMAGE_FORMATS) as image:
@@ -174,21 +237,28 @@ def _decode_bytes(data: bytes, label: str, max_bytes: int, max_pixels: int, max_
             # JPEG decodes straight at 1/2, 1/4 or 1/8 scale here; other formats ignore draft().
             scale = max_side / max(image.size)
             image.draft(None, (max(1, round(image.width * scale)), max(1, round(image.height * scale))))
+        _check_decode_bytes(image, label, limits.max_decode_bytes)  # after draft(): the size it will decode at
         image.load()  # inside the try: truncated files must fail here, not come back grey
-        return _finish(image, label, max_pixels, max_side)
+        return _finish(image, label, max_pixels, max_side, keep_alpha)
 
 
-def _finish(image: Image.Image, label: str, max_pixels: int, max_side: int) -> Image.Image:
-    """Orient, flatten to RGB and downscale; always returns a new image (the input is left alone)."""
+def _finish(image: Image.Image, label: str, max_pixels: int, max_side: int, keep_alpha: bool = False) -> Image.Image:
+    """Orient, flatten to RGB (or RGBA) and downscale; always returns a new image (the input is left alone)."""
     _check_pixels(image.size, label, max_pixels)
     try:
         oriented = ImageOps.exif_transpose(image)  # a copy even when there is nothing to rotate
     except Exception:  # noqa: BLE001 - any EXIF parsing failure means "leave it as stored"
         oriented = image.copy()  # a broken EXIF block should not make a readable picture unusable
-    rgb = _to_rgb(oriented)
+    rgb = _to_rgba(oriented) if keep_alpha else _to_rgb(oriented)
     if max(rgb.size) > max_side:
         rgb.thumbnail((max_side, max_side), Image.Resampling.LANCZOS, reducing_gap=3.0)
     return rgb
+
+
+def _to_rgba(image: Image.Image) -> Image.Image:
+    if image.mode in _HIGH_BIT_MODES:
+        return _to_rgb(image).convert("RGBA")  # no alpha channel in these modes
+    return image if image.mode == "RGBA" else image.convert("RGBA")
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -201,9 +271,9 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         return image
     if {"A", "a"} & set(image.getbands()) or "transparency" in image.info:
         # Transparent pixels usually hide black RGB; on white they look as in a browser.
-        rgba = image.convert("RGBA")
-        white = Image.new("RGBA", image.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
+        rgba = image if image.mode == "RGBA" else image.convert("RGBA")  # ``image`` is already a copy
+        # The white backdrop is a temporary, freed before the RGB copy is made (decode_bytes_needed counts on it).
+        return Image.alpha_composite(Image.new("RGBA", image.size, (255, 255, 255, 255)), rgba).convert("RGB")
     return image.convert("RGB")
 
 

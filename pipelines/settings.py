@@ -46,6 +46,10 @@ MAX_UPLOAD_BYTES = _env_int("STUDIO_MAX_UPLOAD_MB", 50, ceiling=200) * 1024 * 10
 # (~89 MP, which we treat as an error) caps it; 64 MP by default because a decoded 64 MP RGB image
 # already takes 190 MB.
 MAX_DECODE_PIXELS = _env_int("STUDIO_MAX_DECODE_MEGAPIXELS", 64, ceiling=89) * 1_000_000
+# Memory one image's decode may take: width x height x the bytes its mode and the conversion to RGB
+# hold (pipelines.images.decode_bytes_needed), from the header. A 64 MP 8-bit RGB or RGBA image fits;
+# a small compressed float32 TIFF can claim 40 bytes a pixel (2.5 GB at 64 MP), and is refused.
+MAX_DECODE_BYTES = _env_int("STUDIO_MAX_DECODE_MB", 1024, ceiling=4096) * 1024 * 1024
 # Longest side kept after decoding. BLIP looks at 384 px and SD3.5 at most ~1.4k,
 # so anything larger is downscaled (aspect kept) right after decoding.
 MAX_IMAGE_SIDE = 2048
@@ -214,7 +218,14 @@ DEFAULT_STRENGTH = 0.75  # A1111's default denoising strength: new detail, same 
 DEFAULT_VARIATION_STRENGTH = 0.5  # variations keep the layout and colours, and redraw the detail
 MASK_BLUR = NumberRange(0, 64, 1)  # pixels: how far the paste-back blends around the mask's edge
 DEFAULT_MASK_BLUR = 4  # A1111's default: enough to hide the seam at SD3.5's sizes
-MAX_MASK_LAYERS = 8  # brush layers of the image editor read into one mask
+# Brush layers of the image editor read into one mask. The Inpaint editor has layers off (it sends one);
+# more are refused before any file is opened, since each is decoded at the image's size.
+MAX_MASK_LAYERS = 4
+# Edits the Inpaint editor's page has sent (its image, composite and layers, held until the Inpaint
+# event reads them): per client, and their bytes for everyone. Past either, the oldest are dropped.
+MAX_PENDING_EDITS_PER_CLIENT = 4
+MAX_PENDING_EDITS = 256
+MAX_PENDING_EDIT_BYTES = _env_int("STUDIO_MAX_PENDING_EDIT_MB", 512, ceiling=4096) * 1024 * 1024
 
 # --- results (bench/, the Round trip tab, the Scoreboard) ---------------------------
 # Benchmarks write bench/results (the repository's measured figures). The Round trip tab writes

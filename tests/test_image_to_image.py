@@ -234,3 +234,18 @@ def test_steps_report_the_denoising_total_and_stop_ends_the_run(studio):
     assert seen == [(step, 6) for step in range(1, 7)]  # 10 steps at 0.55: diffusers runs 6
     stopped = image_to_image(studio.generation, request, should_stop=lambda: True, save=False).details
     assert stopped["stopped"] is True and stopped["steps_done"] == 1
+
+
+def test_the_editors_pending_edits_are_bounded_per_client_in_bytes_and_by_layer():
+    from components.image_to_image import PendingEdits
+
+    edits = PendingEdits(per_client=2, max_edits=8, max_bytes=100, max_layers=2)
+    for number in range(3):  # a client's third edit drops its first
+        edits.put(f"a{number}", "client-a", "background", None, b"x" * 10)
+    assert edits.take("a0") is None and edits.take("a1").background == b"x" * 10 and len(edits) == 1
+    with pytest.raises(ValueError, match="unknown part"):
+        edits.put("b", "client-b", "layer", 2, b"x")  # index past max_layers: refused before anything is kept
+    with pytest.raises(ValueError, match="not yours"):
+        edits.put("a2", "client-b", "layer", 0, b"x")  # another client's edit is never written into
+    edits.put("b", "client-b", "layer", 1, b"y" * 95)  # 10 + 95 bytes: the oldest edit (a2) goes
+    assert edits.take("a2") is None and edits.take("b").layers == {1: b"y" * 95} and len(edits) == 0

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from PIL import GifImagePlugin, Image, ImageFile, JpegImagePlugin, PngImagePlugin, TiffImagePlugin
 
-from pipelines.images import ImageDecodeError, describe_image, load_image
+from pipelines import settings
+from pipelines.images import ImageDecodeError, decode_bytes_needed, describe_image, load_image
 
 RED, GREEN, BLUE, WHITE = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255)
 
@@ -190,6 +191,46 @@ def test_lazy_pil_image_is_checked_before_decoding(tmp_path):
     path.write_bytes(_png_claiming(10_000, 8_000))
     with Image.open(path) as lazy, pytest.raises(ImageDecodeError, match="megapixels"):
         load_image(lazy)
+
+
+def test_a_float32_tiff_over_the_decode_byte_cap_is_refused_before_decoding(tmp_path, monkeypatch):
+    # 36 MP is under the pixel limit, but float32 decodes through float64 work arrays: ~1.4 GB from a 200 kB file.
+    path = tmp_path / "float.tif"
+    Image.new("F", (6000, 6000), 0.5).save(path, compression="tiff_adobe_deflate")
+    assert path.stat().st_size < 1024 * 1024
+    loads = []
+    original = ImageFile.ImageFile.load
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: loads.append(self.size) or original(self))
+    with pytest.raises(ImageDecodeError) as caught:
+        load_image(path)
+    assert loads == []  # refused from the header: not one pixel decoded
+    message = str(caught.value)
+    assert "'float.tif' would take 1,373 MB of memory to decode (6000x6000 F pixels)" in message
+    assert "over the 1024 MB limit" in message
+
+
+def test_the_decode_byte_cap_keeps_64_megapixel_8_bit_images_and_refuses_float_ones():
+    size = (8000, 8000)
+    for mode in ("RGB", "RGBA", "L", "P", "CMYK"):
+        assert decode_bytes_needed(mode, size) <= settings.MAX_DECODE_BYTES, mode
+    assert decode_bytes_needed("P", size, transparent=True) <= settings.MAX_DECODE_BYTES
+    assert decode_bytes_needed("F", size) > settings.MAX_DECODE_BYTES
+    assert decode_bytes_needed("F", size) == 64_000_000 * 40  # decoded 4 + oriented copy 4 + float64 work 32
+
+
+def test_max_decode_bytes_argument_is_honoured():
+    data = _png_bytes(Image.new("RGB", (1024, 1024)))  # 8 bytes a pixel: decoded, and its oriented copy
+    assert load_image(data, max_decode_bytes=8 * 1024 * 1024).size == (1024, 1024)
+    with pytest.raises(ImageDecodeError, match=r"would take 8 MB of memory .* over the 7\.5 MB limit"):
+        load_image(data, max_decode_bytes=int(7.5 * 1024 * 1024))
+
+
+def test_keep_alpha_keeps_the_transparency():
+    image = Image.new("RGBA", (2, 1))
+    image.putdata([(255, 0, 0, 0), (0, 0, 255, 200)])
+    out = load_image(_png_bytes(image), keep_alpha=True)
+    assert out.mode == "RGBA" and list(out.getdata()) == [(255, 0, 0, 0), (0, 0, 255, 200)]
+    assert load_image(_png_bytes(Image.new("L", (2, 2), 9)), keep_alpha=True).getpixel((0, 0)) == (9, 9, 9, 255)
 
 
 def test_max_pixels_argument_is_honoured():

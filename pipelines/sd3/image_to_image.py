@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,7 @@ from PIL import Image
 
 from pipelines import settings
 from pipelines.catalog import CATALOG
+from pipelines.images import load_image
 from pipelines.sd3.generation import (
     GenerationOutcome,
     GenerationRequest,
@@ -160,18 +162,33 @@ def mask_from_layers(layers: Sequence[Image.Image], size: tuple[int, int]) -> Im
     return Image.fromarray(union.astype(np.uint8) * 255, mode="L")
 
 
-def load_brush_layer(path: str | Path) -> Image.Image:
-    """An image editor's brush layer (a PNG, transparent where nothing was painted) as RGBA, decoded
-    within the upload limits; ValueError with a sentence for anything else."""
-    try:
-        if Path(path).stat().st_size > settings.MAX_UPLOAD_BYTES:
-            raise ValueError("too large")
-        with Image.open(path) as layer:
-            if layer.width * layer.height > settings.MAX_DECODE_PIXELS:
-                raise ValueError("too many pixels")
-            return layer.convert("RGBA")
-    except (OSError, ValueError, Image.DecompressionBombError) as error:
-        raise ValueError("A brush layer of the mask could not be read; paint the mask again.") from error
+def load_brush_layer(source: Any, index: int = 1) -> Image.Image:
+    """An image editor's brush layer (a path or bytes: a PNG, transparent where nothing was painted) as
+    RGBA, through the safe decoder (formats, bytes, pixels, memory); ValueError with a sentence otherwise."""
+    named = isinstance(source, (str, os.PathLike))
+    return load_image(source, keep_alpha=True, name=None if named else f"brush layer {index}")
+
+
+def editor_images(
+    background: Any, layers: Sequence[Any], *, max_layers: int = settings.MAX_MASK_LAYERS
+) -> tuple[Image.Image, Image.Image | None]:
+    """The picture and the brush mask from an image editor's files, as the page sent them (paths or
+    bytes, never decoded before): (RGB picture, "L" mask or None when nothing was painted).
+
+    The number of layers is checked before any file is opened; then the image and each layer go
+    through the safe decoder, so no format, size or count the Studio does not accept reaches Pillow.
+    """
+    layers = [layer for layer in layers if layer is not None]
+    if len(layers) > max_layers:
+        raise ValueError(
+            f"The editor sent {len(layers)} brush layers, more than the {max_layers} read into one mask; "
+            "paint the mask on one layer, or upload a mask image."
+        )
+    if background is None:
+        raise ValueError("Upload an image into the editor (PNG, JPEG, WebP, GIF, BMP or TIFF) first.")
+    picture = load_image(background)
+    brushed = [load_brush_layer(layer, index) for index, layer in enumerate(layers, start=1)]
+    return picture, mask_from_layers(brushed, picture.size)
 
 
 # ----------------------------------------------------------------------------- masks
