@@ -152,7 +152,8 @@ class LastErrors:
         session = getattr(request, "session_hash", None) or "api"
         with self._lock:
             sentence = self._sentences.pop(session, "")
-        return f"⚠️ {sentence}" if sentence else ""
+        # The sentence can name what the visitor sent (a file, a LoRA name): shown as text, never as Markdown.
+        return f"⚠️ {markdown_text(sentence)}" if sentence else ""
 
     def watch(self, function: Callable) -> Callable:
         """``function`` (a Gradio event function with a ``gr.Request`` parameter) that records its errors."""

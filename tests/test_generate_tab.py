@@ -7,9 +7,10 @@ from types import SimpleNamespace
 
 import gradio as gr
 import pytest
+from markdown_it import MarkdownIt
 from PIL import Image
 
-from components.common import LastErrors, named_endpoint, parameter, user_errors
+from components.common import LastErrors, markdown_text, named_endpoint, parameter, user_errors
 from components.generate import fitted_size, memory_mode_label, seed_of_image, settings_for_model
 from pipelines import settings
 from pipelines.catalog import CATALOG
@@ -101,8 +102,17 @@ def test_the_last_error_is_kept_per_session_and_shown_once():
         list(endpoint("", alice))
     assert list(endpoint("a cat", bob)) == ["a cat"]
     assert errors.take(bob) == ""  # Bob's run went well: nothing to show him
-    assert errors.take(alice) == "⚠️ Write a prompt first: describe the image you want."
+    assert errors.take(alice) == "⚠️ " + markdown_text("Write a prompt first: describe the image you want.")
     assert errors.take(alice) == ""  # shown once
+
+
+def test_a_last_error_naming_a_link_is_shown_as_text():
+    errors = LastErrors()
+    visitor = SimpleNamespace(session_hash="mallory")
+    errors.record(visitor, "No LoRA named '[x](http://evil)' is loaded.")
+    shown = errors.take(visitor)
+    tokens = [token for block in MarkdownIt().parse(shown) for token in (block.children or [])]
+    assert not any(token.type == "link_open" for token in tokens) and "[x](http://evil)" in shown.replace("\\", "")
 
 
 def test_the_last_errors_are_bounded():
