@@ -107,7 +107,9 @@ def converted_markdown(converted: dict[str, str]) -> str:
     """A paragraph naming the BMP, TIFF and GIF images stored as PNG in the zip; empty if none."""
     if not converted:
         return ""
-    listed = ", ".join(f"`{old}` → `{new}`" for old, new in sorted(converted.items())[:10])
+    listed = ", ".join(
+        f"`{old}` → `{new}`" if old != new else f"`{old}`" for old, new in sorted(converted.items())[:10]
+    )
     more = ", ..." if len(converted) > 10 else ""
     return f"\n\n**{len(converted)} image(s) stored as PNG in the zip** (with their captions): {listed}{more}."
 

@@ -300,7 +300,7 @@ def captions_csv(results: Iterable[CaptionedImage | FailedImage]) -> str:
 class DatasetZip:
     path: Path
     renamed: dict[str, str]  # file_name -> its name in the zip, for images that would have shared a sidecar
-    converted: dict[str, str] = dataclasses.field(default_factory=dict)  # file_name -> its .png (BMP, TIFF, GIF)
+    converted: dict[str, str] = dataclasses.field(default_factory=dict)  # file_name -> its PNG (was BMP, TIFF, GIF)
     names: dict[str, str] = dataclasses.field(default_factory=dict)  # each captioned file_name -> its name in the zip
 
 
@@ -342,6 +342,7 @@ def dataset_zip(
     names = {item.file_name: names.get(item.file_name, item.file_name) for item in captioned}
     images = images or {}
     final: dict[str, str] = {}  # file_name -> its name in the zip, once its image is in
+    converted: dict[str, str] = {}  # file_name -> its name in the zip, for images re-encoded as PNG
     # 2. Images and sidecars, then the files that list them; checked against max_bytes as it grows.
     zip_path = Path(zip_path)
     try:
@@ -353,7 +354,9 @@ def dataset_zip(
             for item in captioned:
                 name = names[item.file_name]
                 if item.file_name in images:
-                    name = _write_image(archive, budget, Path(images[item.file_name]), name)
+                    name, reencoded = _write_image(archive, budget, Path(images[item.file_name]), name)
+                    if reencoded:
+                        converted[item.file_name] = name
                 elif name in earlier_names:
                     _copy_member(earlier, archive, budget, name)
                 final[item.file_name] = name
@@ -372,7 +375,6 @@ def dataset_zip(
         zip_path.unlink(missing_ok=True)
         raise
     renamed = {name: final[name] for name, zipped in names.items() if zipped != name} if images_zip is None else {}
-    converted = {name: zipped for name, zipped in final.items() if zipped != names[name]}
     return DatasetZip(zip_path, renamed, converted, final)
 
 
@@ -417,8 +419,8 @@ def _image_format(path: Path) -> str | None:
         return None
 
 
-def _write_image(archive: zipfile.ZipFile, budget: _ZipBudget, path: Path, name: str) -> str:
-    """Put the image at ``path`` in ``archive`` as ``name``; returns its name there (``.png`` if re-encoded).
+def _write_image(archive: zipfile.ZipFile, budget: _ZipBudget, path: Path, name: str) -> tuple[str, bool]:
+    """Put the image at ``path`` in ``archive`` as ``name``; returns (its name there, whether it was re-encoded).
 
     PNG, JPEG and WebP keep their bytes (deflated only when that saves a tenth: an uncompressed PNG);
     other formats are decoded by ``load_image`` at full size and stored as PNG.
@@ -430,13 +432,13 @@ def _write_image(archive: zipfile.ZipFile, budget: _ZipBudget, path: Path, name:
             head = handle.read(64 * 1024)
         deflates = bool(head) and len(zlib.compress(head, 1)) < 0.9 * len(head)
         archive.write(path, name, compress_type=zipfile.ZIP_DEFLATED if deflates else zipfile.ZIP_STORED)
-        return name
+        return name, False
     png_name = Path(name).with_suffix(".png").as_posix()
     buffer = io.BytesIO()
     load_image(path, name=name, max_side=settings.MAX_DECODE_PIXELS).save(buffer, "PNG")  # never downscaled
     budget.make_room(png_name, buffer.tell())
     archive.writestr(png_name, buffer.getvalue(), compress_type=zipfile.ZIP_STORED)
-    return png_name
+    return png_name, True
 
 
 def _copy_member(earlier: zipfile.ZipFile, archive: zipfile.ZipFile, budget: _ZipBudget, name: str) -> None:
