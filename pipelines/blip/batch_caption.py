@@ -13,8 +13,12 @@ root, with forward slashes):
   ``datasets.load_dataset("imagefolder")``);
 - ``captions.csv`` with the score, the LoRA adapter that wrote each caption
   (empty: the base model) and any failure, for people who read them;
-- in the Batch tab's zip, ``captioning.json``: the model, the adapter and the
-  decoding settings of the run.
+- in the Batch tab's zip, ``captioning.json``: the model, the adapter, the
+  decoding settings and the counts of the run (names only, never a server path).
+
+The Batch tab's zip keeps PNG, JPEG and WebP images as they were uploaded and
+stores BMP, TIFF and GIF as PNG, so it takes about what the upload took;
+``KeptZips`` caps the bytes of zips each client and everyone keep.
 """
 
 from __future__ import annotations
