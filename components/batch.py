@@ -19,6 +19,7 @@ from components.common import (
     OUT_OF_MEMORY_MESSAGE,
     StopRequests,
     ValidatedSlider,
+    client_identity,
     download_folder,
     launch_alone,
     named_endpoint,
@@ -30,11 +31,14 @@ from pipelines import settings
 from pipelines.blip.batch_caption import (
     CaptionedImage,
     FailedImage,
+    KeptZips,
     caption_decoration,
     caption_files,
     collect_uploads,
     dataset_zip,
     edited_results,
+    least_zip_bytes,
+    shown_source,
     sidecar_name,
 )
 from pipelines.images import load_image
@@ -99,12 +103,32 @@ def renamed_markdown(renamed: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
+def converted_markdown(converted: dict[str, str]) -> str:
+    """A paragraph naming the BMP, TIFF and GIF images stored as PNG in the zip; empty if none."""
+    if not converted:
+        return ""
+    listed = ", ".join(
+        f"`{old}` → `{new}`" if old != new else f"`{old}`" for old, new in sorted(converted.items())[:10]
+    )
+    more = ", ..." if len(converted) > 10 else ""
+    return f"\n\n**{len(converted)} image(s) stored as PNG in the zip** (with their captions): {listed}{more}."
+
+
+def kept_zips() -> KeptZips:
+    """The book of Batch zips kept in Gradio's cache, with the caps and the cache's lifetime from settings."""
+    return KeptZips(settings.MAX_BATCH_KEPT_BYTES_PER_CLIENT, settings.MAX_BATCH_KEPT_BYTES, settings.CACHE_SECONDS)
+
+
 def adapter_words(adapter: str | None) -> str:
     return f"the adapter {adapter}" if adapter else f"the {BASE_MODEL_LABEL}"
 
 
-def make_caption_batch_function(studio: Studio, stop_requests: StopRequests):
-    """The `/caption_batch` endpoint: uploads are laid out in a work folder that is deleted when the call ends."""
+def make_caption_batch_function(studio: Studio, stop_requests: StopRequests, kept: KeptZips | None = None):
+    """The `/caption_batch` endpoint: uploads are laid out in a work folder that is deleted when the call ends.
+
+    The zip stays in Gradio's cache, counted in ``kept`` for the caller's client identity.
+    """
+    kept = kept_zips() if kept is None else kept
 
     def caption_batch(files, batch_size, trigger, suffix, include_images, progress, request, adapter="", **decoding):
         # 1. Check every input before any upload is unpacked.
@@ -116,6 +140,8 @@ def make_caption_batch_function(studio: Studio, stop_requests: StopRequests):
         captioner = studio.captioner()
         # A wrong name, or another visitor's upload, fails before any upload work.
         adapter = captioner.check_adapter(studio.blip_adapters.use(requested_adapter(adapter), visitor_id(request)))
+        client = client_identity(request)
+        kept.check_room(client)  # a client whose zips fill its share unpacks nothing
         stop = stop_requests.start(request)
 
         # 2. Unpack, caption and zip inside a work folder that never outlives the request.
@@ -129,37 +155,40 @@ def make_caption_batch_function(studio: Studio, stop_requests: StopRequests):
             )
             if not uploads.files and not uploads.failures:
                 raise ValueError("No images were found in the upload; use PNG, JPEG, WebP, GIF, BMP or TIFF files.")
+            kept.check_room(client, least_zip_bytes(uploads.files) if include_images else 0)  # before captioning
             results, seconds, error_note = _caption_uploads(
                 captioner, uploads, caption_request, batch_size, trigger, suffix, adapter, stop, progress
             )
             captioned = [item for item in results if isinstance(item, CaptionedImage)]
+            failures = [item for item in results if isinstance(item, FailedImage)] + uploads.failures
             images = {item.file_name: uploads.root / item.file_name for item in captioned} if include_images else None
-            manifest = {
-                "model": studio.manager.source_for("blip-caption"),
+            manifest = {  # names and settings only: no server path (a local folder shows its name)
+                "model": shown_source(studio.manager.source_for("blip-caption")),
                 "adapter": adapter,  # null: the base model
-                "adapter_source": next(
-                    (info.source for info in studio.blip_adapters.loaded() if info.name == adapter), None
+                "adapter_source": shown_source(
+                    next((info.source for info in studio.blip_adapters.loaded() if info.name == adapter), None)
                 ),
                 "request": dataclasses.asdict(caption_request),
                 "trigger": trigger,
                 "suffix": suffix,
+                "images": len(uploads.files),
+                "captioned": len(captioned),
+                "failed": len(failures),
+                "images_in_zip": bool(include_images),
             }
-            download = download_folder("studio-batch-")
-            try:
-                archive = dataset_zip(
-                    results + uploads.failures, download / "captions.zip", images=images, manifest=manifest
-                )
-            except BaseException:
-                shutil.rmtree(download, ignore_errors=True)
-                raise
+            archive = _write_zip(kept, client, results + uploads.failures, images=images, manifest=manifest)
             rows = result_rows(results + uploads.failures, uploads.root)  # thumbnails before the folder goes
         # What "Save edited captions" rewrites: held by the server, one entry per table row, in order.
-        batch = {"results": results + uploads.failures, "zip": str(archive.path), "manifest": manifest}
+        batch = {
+            "results": results + uploads.failures,
+            "zip": str(archive.path),
+            "names": archive.names,
+            "manifest": manifest,
+        }
 
         # 3. Say what happened.
-        failures = [item for item in results if isinstance(item, FailedImage)] + uploads.failures
         summary = summary_markdown(len(captioned), failures, len(uploads.files), seconds, stop.is_set(), adapter)
-        summary += renamed_markdown(archive.renamed)
+        summary += renamed_markdown(archive.renamed) + converted_markdown(archive.converted)
         if caption_request.strategy == CaptionStrategy.SAMPLING:
             summary += f"\n\nSampling seed {caption_request.seed} (in the zip's captioning.json)."
         if studio.tiny:
@@ -184,18 +213,20 @@ def make_caption_batch_function(studio: Studio, stop_requests: StopRequests):
     )
 
 
-def make_export_function():
+def make_export_function(kept: KeptZips | None = None):
     """The `/caption_batch_export` endpoint: the last batch's zip again, with the captions as edited in ``table``.
 
     Only the caption cells come from the page; the files, the images and the settings are the
-    server's own record of this session's last batch (``batch``, a ``gr.State``).
+    server's own record of this session's last batch (``batch``, a ``gr.State``). The new zip
+    replaces the batch's previous one (deleted), so saving again never adds another copy.
     """
+    kept = kept_zips() if kept is None else kept
 
-    def caption_batch_export(table, batch):
+    def caption_batch_export(table, batch, request):
         if not isinstance(batch, dict) or not batch.get("results"):
             raise ValueError("Caption a batch first; then edit its captions and save them.")
         source = Path(batch["zip"])
-        if not source.is_file():
+        if not kept.holds(source) or not source.is_file():
             raise ValueError("This batch's files have expired; caption the images again.")
         rows = table.get("data", []) if isinstance(table, dict) else table  # the API may send {"headers", "data"}
         results, edited = edited_results(
@@ -203,21 +234,36 @@ def make_export_function():
             caption_column=CAPTION_COLUMN,
         )  # fmt: skip
         manifest = {**batch["manifest"], "edited_captions": edited}
-        download = download_folder("studio-batch-")
-        try:
-            archive = dataset_zip(results, download / "captions.zip", images_zip=source, manifest=manifest)
-        except BaseException:
-            shutil.rmtree(download, ignore_errors=True)
-            raise
+        archive = _write_zip(
+            kept, client_identity(request), results, images_zip=source, names=batch["names"], manifest=manifest
+        )
         listed = ", ".join(f"`{name}`" for name in edited[:10]) + (", ..." if len(edited) > 10 else "")
         summary = (
             f"**Saved {len(edited)} edited caption(s)** in a new zip: {listed}."
             if edited
             else "No caption differs from BLIP's; the new zip holds the same captions."
         )
-        return str(archive.path), summary, {"edited": edited}
+        return str(archive.path), summary, {"edited": edited}, {**batch, "zip": str(archive.path)}
 
-    return named_endpoint(caption_batch_export, [parameter("table", None), parameter("batch", None)])
+    return named_endpoint(
+        caption_batch_export,
+        [parameter("table", None), parameter("batch", None), parameter("request", None, gr.Request)],
+    )
+
+
+def _write_zip(kept: KeptZips, client: str, results, *, images_zip: Path | None = None, **options):
+    """``dataset_zip`` into a fresh download folder, within ``client``'s room in ``kept``; it replaces ``images_zip``."""
+    with kept.writing(client, replacing=images_zip) as room:
+        if images_zip is not None and not images_zip.is_file():  # expired while waiting for the writer's turn
+            raise ValueError("This batch's files have expired; caption the images again.")
+        download = download_folder("studio-batch-")
+        try:
+            archive = dataset_zip(results, download / "captions.zip", images_zip=images_zip, max_bytes=room, **options)
+        except BaseException:
+            shutil.rmtree(download, ignore_errors=True)
+            raise
+        kept.keep(client, archive.path, replacing=images_zip)
+    return archive
 
 
 def _caption_uploads(captioner, uploads, caption_request, batch_size, trigger, suffix, adapter, stop, progress):
@@ -259,6 +305,7 @@ def _caption_uploads(captioner, uploads, caption_request, batch_size, trigger, s
 def build_batch_tab(studio: Studio) -> dict:
     """Build the Batch tab inside the current Blocks; returns its main components."""
     stop_requests = StopRequests()
+    kept = kept_zips()  # both events count the zips they leave in Gradio's cache
 
     def stop_batch(request: gr.Request):
         stop_requests.stop(request)
@@ -308,18 +355,18 @@ def build_batch_tab(studio: Studio) -> dict:
             export_details = gr.JSON(visible=False)  # the API's third output: which captions were edited
     batch = gr.State(None)  # this session's last batch: its rows, zip and settings (never sent to the page)
     run.click(
-        make_caption_batch_function(studio, stop_requests),
+        make_caption_batch_function(studio, stop_requests, kept),
         inputs=[files, batch_size, trigger, suffix, include_images, *controls.inputs(skip=("num_captions",)), adapter],
         outputs=[table, archive, summary, batch],
         api_name="caption_batch",
         concurrency_id=settings.GPU_CONCURRENCY_ID,
     )
     save_edits.click(
-        make_export_function(),
+        make_export_function(kept),
         inputs=[table, batch],
-        outputs=[archive, summary, export_details],
+        outputs=[archive, summary, export_details, batch],
         api_name="caption_batch_export",
-        concurrency_limit=1,  # writes a zip (images copied): one at a time, outside the GPU queue
+        concurrency_limit=1,  # writes a zip (images copied, the old zip deleted): one at a time, outside the GPU queue
         concurrency_id="caption_batch_export",
     )
     stop.click(stop_batch, inputs=None, outputs=None, queue=False, api_name="caption_batch_stop")

@@ -162,6 +162,13 @@ MAX_BATCH_FILES = 2000  # images per Batch-tab run (the command line has no limi
 MAX_EDITED_CAPTION_CHARS = 2000  # one caption typed into the Batch tab's table (T5 reads about 512 tokens)
 MAX_ZIP_UNCOMPRESSED_BYTES = 2 * 1024**3  # a zip that would unpack past this is refused (zip bombs)
 MAX_ZIP_RATIO = 200  # a member that compresses more than this is a bomb, not a photo
+# Bytes of Batch-tab zips kept in Gradio's cache (each until CACHE_SECONDS expire it), per client
+# (components.common.client_identity) and for everyone: one full-size run (MAX_ZIP_UNCOMPRESSED_BYTES,
+# images stored as uploaded) fits a client's share; past it the next batch or export is refused.
+MAX_BATCH_KEPT_BYTES_PER_CLIENT = _env_int("STUDIO_MAX_BATCH_KEPT_MB_PER_CLIENT", 2560, ceiling=8192) * 1024**2
+MAX_BATCH_KEPT_BYTES = _env_int("STUDIO_MAX_BATCH_KEPT_MB", 10240, ceiling=65536) * 1024**2
+# Formats the Batch zip keeps byte for byte (already compressed); BMP, TIFF and GIF become PNG there.
+BATCH_ZIP_KEPT_FORMATS = ("PNG", "JPEG", "WEBP")
 
 # --- SD3.5 generation (pipelines/sd3/, components/generate) -------------------------
 # Per-model presets (steps, guidance, size range) live in pipelines/catalog.py.

@@ -13,8 +13,12 @@ root, with forward slashes):
   ``datasets.load_dataset("imagefolder")``);
 - ``captions.csv`` with the score, the LoRA adapter that wrote each caption
   (empty: the base model) and any failure, for people who read them;
-- in the Batch tab's zip, ``captioning.json``: the model, the adapter and the
-  decoding settings of the run.
+- in the Batch tab's zip, ``captioning.json``: the model, the adapter, the
+  decoding settings and the counts of the run (names only, never a server path).
+
+The Batch tab's zip keeps PNG, JPEG and WebP images as they were uploaded and
+stores BMP, TIFF and GIF as PNG, so it takes about what the upload took;
+``KeptZips`` caps the bytes of zips each client and everyone keep.
 """
 
 from __future__ import annotations
@@ -27,11 +31,17 @@ import json
 import os
 import posixpath
 import shutil
+import threading
+import time
+import warnings
+import zipfile
+import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from pipelines import settings
@@ -294,6 +304,12 @@ def captions_csv(results: Iterable[CaptionedImage | FailedImage]) -> str:
 class DatasetZip:
     path: Path
     renamed: dict[str, str]  # file_name -> its name in the zip, for images that would have shared a sidecar
+    converted: dict[str, str] = dataclasses.field(default_factory=dict)  # file_name -> its PNG (was BMP, TIFF, GIF)
+    names: dict[str, str] = dataclasses.field(default_factory=dict)  # each captioned file_name -> its name in the zip
+
+
+class ZipOverLimit(ValueError):
+    """A zip would have grown past the bytes it was given; it was deleted unfinished."""
 
 
 def dataset_zip(
@@ -302,48 +318,291 @@ def dataset_zip(
     *,
     images: dict[str, Path] | None = None,
     images_zip: Path | None = None,
+    names: dict[str, str] | None = None,
     manifest: dict | None = None,
+    max_bytes: int | None = None,
 ) -> DatasetZip:
     """Write a training-ready zip: sidecars, metadata.jsonl, captions.csv (and the images, if given).
 
-    With ``images`` (file_name -> path) the zip is a complete imagefolder
-    dataset: unzip it and ``load_dataset("imagefolder", data_dir=...)`` or point
-    kohya-ss at it. ``manifest`` (how the captions were made: model, adapter,
-    settings) is written as captioning.json. Two images that would share a sidecar
-    (``photo.jpg``, ``photo.png``) never do: the later one is renamed in the zip
-    (``photo_2.png`` + ``photo_2.txt``, see ``dataset_names``), everywhere in it, and
-    the renaming is returned so the caller can say so. ``images_zip``: an earlier zip of the same
-    results, whose images are copied as they are (new captions for the same dataset).
-    """
-    import zipfile
+    With ``images`` (file_name -> path of a captioned image, which the safe decoder has accepted)
+    the zip is a complete imagefolder dataset: unzip it and ``load_dataset("imagefolder",
+    data_dir=...)`` or point kohya-ss at it. PNG, JPEG and WebP files go in byte for byte; BMP, TIFF
+    and GIF (uncompressed, or barely) are re-encoded as PNG at full size, so ``x.bmp`` is ``x.png`` in
+    the zip, its sidecar ``x.txt`` and its metadata line say so, and ``converted`` lists it.
+    ``manifest`` (how the captions were made: model, adapter, settings) is written as
+    captioning.json. Two images that would share a sidecar (``photo.jpg``, ``photo.png``) never do:
+    the later one is renamed in the zip (``photo_2.png`` + ``photo_2.txt``, see ``dataset_names``),
+    everywhere in it, and the renaming is returned so the caller can say so.
 
+    ``images_zip`` and ``names``: an earlier zip of the same results and its ``names``; its images
+    are copied as they are (new captions for the same dataset). ``max_bytes``: the zip is checked
+    before each member is written and never grows past it; ZipOverLimit instead, with no file left.
+    """
+    # 1. Names in the zip: one sidecar per image (or the earlier zip's names).
     results = sorted(results, key=lambda item: item.file_name)
-    names = dataset_names(item.file_name for item in results if isinstance(item, CaptionedImage))
-    renamed = {name: new for name, new in names.items() if name != new}
-    results = [
-        dataclasses.replace(item, file_name=names[item.file_name]) if isinstance(item, CaptionedImage) else item
-        for item in results
-    ]
-    images = {names.get(name, name): path for name, path in (images or {}).items()}
-    captioned = sorted((item for item in results if isinstance(item, CaptionedImage)), key=lambda item: item.file_name)
-    with contextlib.ExitStack() as stack:
-        archive = stack.enter_context(zipfile.ZipFile(zip_path, "w", compression=zipfile.ZIP_DEFLATED))
-        earlier = stack.enter_context(zipfile.ZipFile(images_zip)) if images_zip is not None else None
-        earlier_names = set(earlier.namelist()) if earlier is not None else set()
-        for item in captioned:
-            archive.writestr(sidecar_name(item.file_name), item.text + "\n")
-            if item.file_name in images:
-                archive.write(images[item.file_name], item.file_name, compress_type=zipfile.ZIP_STORED)
-            elif item.file_name in earlier_names:
-                member = zipfile.ZipInfo(item.file_name, date_time=earlier.getinfo(item.file_name).date_time)
-                member.compress_type = zipfile.ZIP_STORED
-                with earlier.open(item.file_name) as source, archive.open(member, "w") as target:
-                    shutil.copyfileobj(source, target)
-        archive.writestr(METADATA_FILE, "".join(metadata_line(item) + "\n" for item in captioned))
-        archive.writestr(CSV_FILE, captions_csv(results))
-        if manifest is not None:
-            archive.writestr(MANIFEST_FILE, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
-    return DatasetZip(Path(zip_path), renamed)
+    captioned = [item for item in results if isinstance(item, CaptionedImage)]
+    if names is None:
+        names = dataset_names(item.file_name for item in captioned)
+    names = {item.file_name: names.get(item.file_name, item.file_name) for item in captioned}
+    images = images or {}
+    final: dict[str, str] = {}  # file_name -> its name in the zip, once its image is in
+    converted: dict[str, str] = {}  # file_name -> its name in the zip, for images re-encoded as PNG
+    # 2. Images and sidecars, then the files that list them; checked against max_bytes as it grows.
+    zip_path = Path(zip_path)
+    try:
+        with open(zip_path, "wb") as sink, contextlib.ExitStack() as stack:
+            archive = stack.enter_context(zipfile.ZipFile(sink, "w", compression=zipfile.ZIP_DEFLATED))
+            budget = _ZipBudget(sink, max_bytes)
+            earlier = stack.enter_context(zipfile.ZipFile(images_zip)) if images_zip is not None else None
+            earlier_names = set(earlier.namelist()) if earlier is not None else set()
+            for item in captioned:
+                name = names[item.file_name]
+                if item.file_name in images:
+                    name, reencoded = _write_image(archive, budget, Path(images[item.file_name]), name)
+                    if reencoded:
+                        converted[item.file_name] = name
+                elif name in earlier_names:
+                    _copy_member(earlier, archive, budget, name)
+                final[item.file_name] = name
+                budget.write_text(archive, sidecar_name(name), item.text + "\n")
+            listed = [
+                dataclasses.replace(item, file_name=final[item.file_name]) if isinstance(item, CaptionedImage) else item
+                for item in results
+            ]
+            in_zip = [item for item in listed if isinstance(item, CaptionedImage)]
+            budget.write_text(archive, METADATA_FILE, "".join(metadata_line(item) + "\n" for item in in_zip))
+            budget.write_text(archive, CSV_FILE, captions_csv(listed))
+            if manifest is not None:
+                budget.write_text(archive, MANIFEST_FILE, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+        budget.check_file(zip_path)
+    except BaseException:
+        zip_path.unlink(missing_ok=True)
+        raise
+    renamed = {name: final[name] for name, zipped in names.items() if zipped != name} if images_zip is None else {}
+    return DatasetZip(zip_path, renamed, converted, final)
+
+
+class _ZipBudget:
+    """Keeps a zip being written under ``max_bytes`` (None: no limit), checked before each member."""
+
+    # Per member: a local header + data descriptor, and its central-directory entry (zip64 extras
+    # included), each with the name; and the end records. Generous: the check must never come short.
+    MEMBER_BYTES = 2 * 128
+    END_BYTES = 256
+
+    def __init__(self, sink, max_bytes: int | None) -> None:
+        self.sink = sink
+        self.max_bytes = max_bytes
+        self.owed = self.END_BYTES  # central-directory entries of the members written so far
+
+    def make_room(self, name: str, data_bytes: int) -> None:
+        """ZipOverLimit unless a member ``name`` of at most ``data_bytes`` (stored or deflated) still fits."""
+        entry = self.MEMBER_BYTES + 2 * len(name.encode())
+        if self.max_bytes is not None and self.sink.tell() + data_bytes + entry + self.owed > self.max_bytes:
+            raise ZipOverLimit(f"The zip would take more than {self.max_bytes} bytes.")
+        self.owed += entry // 2
+
+    def write_text(self, archive: zipfile.ZipFile, name: str, text: str) -> None:
+        data = text.encode("utf-8")
+        self.make_room(name, len(data) + len(data) // 100 + 64)  # deflate never grows data past this
+        archive.writestr(name, data)
+
+    def check_file(self, path: Path) -> None:
+        if self.max_bytes is not None and path.stat().st_size > self.max_bytes:
+            raise ZipOverLimit(f"The zip would take more than {self.max_bytes} bytes.")
+
+
+def _image_format(path: Path) -> str | None:
+    """The format named by ``path``'s header among the upload formats (no pixel decoded); None if unreadable."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the safe decoder has checked its size already
+            with Image.open(path, formats=settings.UPLOAD_IMAGE_FORMATS) as image:
+                return image.format
+    except Exception:  # noqa: BLE001 - unreadable here: load_image below says why
+        return None
+
+
+def _write_image(archive: zipfile.ZipFile, budget: _ZipBudget, path: Path, name: str) -> tuple[str, bool]:
+    """Put the image at ``path`` in ``archive`` as ``name``; returns (its name there, whether it was re-encoded).
+
+    PNG, JPEG and WebP keep their bytes (deflated only when that saves a tenth: an uncompressed PNG);
+    other formats are decoded by ``load_image`` at full size and stored as PNG.
+    """
+    if _image_format(path) in settings.BATCH_ZIP_KEPT_FORMATS:
+        size = path.stat().st_size
+        budget.make_room(name, size + size // 100 + 64)
+        with open(path, "rb") as handle:
+            head = handle.read(64 * 1024)
+        deflates = bool(head) and len(zlib.compress(head, 1)) < 0.9 * len(head)
+        archive.write(path, name, compress_type=zipfile.ZIP_DEFLATED if deflates else zipfile.ZIP_STORED)
+        return name, False
+    png_name = Path(name).with_suffix(".png").as_posix()
+    buffer = io.BytesIO()
+    load_image(path, name=name, max_side=settings.MAX_DECODE_PIXELS).save(buffer, "PNG")  # never downscaled
+    budget.make_room(png_name, buffer.tell())
+    archive.writestr(png_name, buffer.getvalue(), compress_type=zipfile.ZIP_STORED)
+    return png_name, True
+
+
+def _copy_member(earlier: zipfile.ZipFile, archive: zipfile.ZipFile, budget: _ZipBudget, name: str) -> None:
+    """Copy member ``name`` of ``earlier`` into ``archive``, stored or deflated as it was."""
+    info = earlier.getinfo(name)
+    budget.make_room(name, info.compress_size + info.compress_size // 100 + 64)
+    member = zipfile.ZipInfo(name, date_time=info.date_time)
+    member.compress_type = info.compress_type
+    with earlier.open(info) as source, archive.open(member, "w") as target:
+        shutil.copyfileobj(source, target)
+
+
+def shown_source(source: str | None) -> str | None:
+    """A model or adapter source as an exported file may show it: a Hub id or a name, never a server path.
+
+    A folder (absolute, ``~``, or one that exists here) shows only its own name.
+    """
+    if source is None:
+        return None
+    text = str(source)
+    if os.path.isabs(os.path.expanduser(text)) or "\\" in text or Path(text).exists():
+        return Path(text.replace("\\", "/")).name
+    return text
+
+
+def least_zip_bytes(files: Iterable[Path]) -> int:
+    """Bytes a zip of ``files`` will take at least: the PNG, JPEG and WebP files, which go in as they are."""
+    return sum(Path(path).stat().st_size for path in files if Path(path).suffix.lower() in _KEPT_SUFFIXES)
+
+
+_KEPT_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+
+@dataclass(frozen=True)
+class _KeptZip:
+    client: str
+    size: int
+    since: float  # when it was written (clock seconds)
+
+
+class KeptZips:
+    """The Batch tab's zips in Gradio's cache: whose they are, and the bytes each client and everyone keep.
+
+    A client (``components.common.client_identity``, a plain string here) may keep ``per_client``
+    bytes of zips, and all clients together ``total``. A zip counts from when it is written until it
+    is ``max_age`` seconds old, when this book deletes it (Gradio's cache would too), or until it is
+    replaced (an export of edited captions replaces its batch's zip). One zip is written at a time
+    (``writing``), and it may take exactly the room that is left, so two writers never pass a cap
+    together. Refusals are one sentence saying what to do.
+    """
+
+    def __init__(self, per_client: int, total: int, max_age: float, *, clock: Callable[[], float] = time.time) -> None:
+        self.per_client = per_client
+        self.total = total
+        self.max_age = max_age
+        self._clock = clock
+        self._zips: dict[Path, _KeptZip] = {}
+        self._book = threading.Lock()  # guards _zips
+        self._writer = threading.Lock()  # one zip written at a time
+
+    def kept(self, client: str | None = None) -> int:
+        """Bytes kept now by ``client`` (None: everyone)."""
+        with self._book:
+            self._expire()
+            return sum(entry.size for entry in self._zips.values() if client is None or entry.client == client)
+
+    def check_room(self, client: str, needed: int = 0) -> None:
+        """ValueError (the sentence) unless ``client`` may keep ``needed`` more bytes now (0: any at all)."""
+        with self._book:
+            self._expire()
+            if self._room(client, None) <= needed:
+                raise ValueError(self._refusal(client, None, needed))
+
+    @contextlib.contextmanager
+    def writing(self, client: str, replacing: Path | None = None) -> Iterator[int]:
+        """Room for one zip of ``client``: yields the bytes it may take. Zips are written one at a time.
+
+        ``replacing``: a zip of this book that the new one replaces (its bytes count as free; ``keep``
+        deletes it). A ``ZipOverLimit`` raised in the block becomes the sentence, as a ValueError.
+        """
+        replacing = Path(replacing) if replacing is not None else None
+        with self._writer:
+            with self._book:
+                self._expire()
+                room = self._room(client, replacing)
+                if room <= 0:
+                    raise ValueError(self._refusal(client, replacing, 0))
+            try:
+                yield room
+            except ZipOverLimit:
+                with self._book:
+                    raise ValueError(self._refusal(client, replacing, room)) from None
+
+    def keep(self, client: str, path: Path, replacing: Path | None = None) -> None:
+        """Count ``path`` for ``client`` from now; ``replacing``, if this book keeps it, is deleted."""
+        path = Path(path)
+        with self._book:
+            self._zips[path] = _KeptZip(client, path.stat().st_size, self._clock())
+            if replacing is not None and Path(replacing) != path and Path(replacing) in self._zips:
+                self._delete(Path(replacing))
+
+    def holds(self, path: Path) -> bool:
+        """Whether ``path`` is a zip this book keeps (written here and neither expired nor replaced)."""
+        with self._book:
+            self._expire()
+            return Path(path) in self._zips
+
+    # -- the book, under self._book
+
+    def _expire(self) -> None:
+        cutoff = self._clock() - self.max_age
+        for path in [path for path, entry in self._zips.items() if entry.since <= cutoff]:
+            self._delete(path)
+
+    def _delete(self, path: Path) -> None:
+        self._zips.pop(path, None)
+        path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            path.parent.rmdir()  # its own download folder, when nothing else is in it
+
+    def _sizes(self, client: str, replacing: Path | None) -> tuple[int, int]:
+        """(bytes ``client`` keeps, bytes everyone keeps), not counting the zip being replaced."""
+        mine = everyone = 0
+        for path, entry in self._zips.items():
+            if path != replacing:
+                everyone += entry.size
+                mine += entry.size if entry.client == client else 0
+        return mine, everyone
+
+    def _room(self, client: str, replacing: Path | None) -> int:
+        mine, everyone = self._sizes(client, replacing)
+        return min(self.per_client - mine, self.total - everyone)
+
+    def _minutes_left(self, client: str | None) -> int:
+        """Minutes until the oldest zip of ``client`` (None: of anyone) expires; at least 1."""
+        times = [entry.since for entry in self._zips.values() if client is None or entry.client == client]
+        return max(1, -(-int(min(times, default=self._clock()) + self.max_age - self._clock()) // 60))
+
+    def _refusal(self, client: str, replacing: Path | None, needed: int) -> str:
+        mine, everyone = self._sizes(client, replacing)
+        if self.per_client - mine <= self.total - everyone:  # the client's own share is what ran out
+            if mine == 0:
+                return (
+                    f"This batch's zip would take more than the {_size_words(self.per_client)} one visitor may "
+                    'keep; caption fewer images at a time, or untick "Put the images in the zip".'
+                )
+            where = "already take" if needed <= 0 else "take"
+            return (
+                f"Your Batch zips {where} {_size_words(mine)} of the {_size_words(self.per_client)} one visitor "
+                f"may keep; download what you need from them and try again in {self._minutes_left(client)} "
+                'min, when the oldest expires, or untick "Put the images in the zip".'
+            )
+        return (
+            f"The Batch zips of all visitors take {_size_words(everyone)} of the {_size_words(self.total)} this "
+            f"server keeps; try again in {self._minutes_left(None)} min, when the oldest expires."
+        )
+
+
+def _size_words(size: int) -> str:
+    return f"{size / 1024**3:.1f} GB" if size >= 1024**3 else f"{size / 1024**2:.1f} MB"
 
 
 def edited_results(
@@ -453,6 +712,10 @@ def collect_uploads(
     return UploadedDataset(root=work_dir, files=files, failures=failures)
 
 
+# What zipfile can unpack here; anything else (AES, PPMd, ...) is refused by name before unpacking.
+_READABLE_COMPRESSION = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA)
+
+
 @dataclass(frozen=True)
 class _PlannedImage:
     name: str  # the claimed file_name under the work folder
@@ -526,6 +789,18 @@ def _plan_uploads(paths: list[Path], max_unpacked_bytes: int, max_ratio: int) ->
                 continue
             if relative.startswith(".") or "/." in relative:
                 continue  # hidden files (macOS's ._a.png) are not images of the dataset
+            if member.flag_bits & 0x1:  # zipfile would raise RuntimeError while unpacking
+                failures.append(
+                    FailedImage(label, f"{label} is encrypted; unpack it and zip it again without a password.")
+                )
+                continue
+            if member.compress_type not in _READABLE_COMPRESSION:  # NotImplementedError while unpacking
+                failures.append(
+                    FailedImage(
+                        label, f"{label} uses a compression this app cannot read; re-create the zip with deflate."
+                    )
+                )
+                continue
             if member.compress_size and member.file_size / member.compress_size > max_ratio:
                 failures.append(
                     FailedImage(
@@ -567,15 +842,21 @@ def _write_planned(entries: list[_PlannedImage], work_dir: Path, written: list[P
                 target.parent.mkdir(parents=True, exist_ok=True)
                 written.append(target)
                 _copy_at_most(archive, entry.member, target)
-            except (zipfile.BadZipFile, OSError, ValueError) as error:
+            except (zipfile.BadZipFile, OSError, ValueError, EOFError, zlib.error) as error:
                 target.unlink(missing_ok=True)
-                failures.append(
-                    FailedImage(entry.label, f"{entry.label} could not be unpacked ({error}); re-create the zip.")
-                )
+                failures.append(FailedImage(entry.label, _unpack_failure(entry.label, error)))
     finally:
         for archive in archives.values():
             archive.close()
     return failures
+
+
+def _unpack_failure(label: str, error: Exception) -> str:
+    """The sentence for a member that could not be unpacked; never a server path (an OSError names one)."""
+    if isinstance(error, EOFError):  # a deflate stream cut short: the zip was truncated or damaged
+        return f"{label} ends before its data does (a truncated or damaged zip); re-create the zip."
+    reason = (error.strerror or type(error).__name__) if isinstance(error, OSError) else str(error)
+    return f"{label} could not be unpacked ({reason}); re-create the zip."
 
 
 def member_path(member) -> str | None:
