@@ -3,11 +3,6 @@
 
 from __future__ import annotations
 
-import contextvars
-import queue
-import threading
-from collections.abc import Callable, Iterator
-
 import gradio as gr
 
 from components.common import (
@@ -23,11 +18,13 @@ from components.common import (
     parameter,
     visitor_id,
 )
+from components.job_stream import stream_job
 from pipelines import settings, workspace
 from pipelines.catalog import CATALOG
 from pipelines.images import load_image
 from pipelines.memory import SD3_MODES
-from pipelines.sd3.image_to_image import ImageToImageRequest, image_to_image, load_brush_layer, mask_from_layers
+from pipelines.sd3.image_to_image import load_brush_layer, mask_from_layers
+from pipelines.sd3.jobs import ImageToImageRequest
 from pipelines.sd3.text_to_image import MODEL_CHOICES
 from pipelines.studio import Studio
 
@@ -62,31 +59,6 @@ def estimated_gpu_seconds(*args, **named) -> int:
     return 120
 
 
-def stream_outcome(job: Callable, progress) -> Iterator[tuple[str, object]]:
-    """Run ``job(on_step)`` in a worker thread (in this request's context, so its notes reach the page);
-    yields ("preview", image) for each step preview, then ("done", outcome)."""
-    events: queue.Queue = queue.Queue()
-
-    def work():
-        try:
-            events.put(("done", job(lambda step, total, previews: events.put(("step", step, total, previews)))))
-        except BaseException as error:  # re-raised below, in the request's thread
-            events.put(("error", error))
-
-    threading.Thread(target=contextvars.copy_context().run, args=(work,), name="sd3-img2img", daemon=True).start()
-    while True:
-        event = events.get()
-        if event[0] == "error":
-            raise event[1]
-        if event[0] == "done":
-            yield "done", event[1]
-            return
-        _, step, total, previews = event
-        progress((step, total), desc="denoising", unit="steps")
-        if previews:
-            yield "preview", previews[0]
-
-
 def _model_choices():
     return [(CATALOG[key].title.removeprefix("Stable Diffusion "), name) for name, key in MODEL_CHOICES.items()]
 
@@ -113,12 +85,11 @@ def build_image_to_image_tab(studio: Studio) -> dict:
         with workspace.request_folder(visitor) as folder:
 
             def run(on_step):
-                return image_to_image(
-                    studio.generation, task, describe=studio.caption_for_prompt, visitor=visitor, notify=gr.Info,
-                    on_step=on_step, should_stop=stop.is_set, folder=folder,
-                )  # fmt: skip
+                return studio.generation(
+                    task, owner=visitor, notify=gr.Info, on_step=on_step, should_stop=stop.is_set, folder=folder
+                )
 
-            for kind, value in stream_outcome(run, progress):
+            for kind, value in stream_job(run, progress, name="sd3-img2img"):
                 if kind == "preview":
                     yield (gr.skip(),) * 3 + (gr.update(value=value, visible=True), gr.skip())
                 else:
