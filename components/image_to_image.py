@@ -69,7 +69,7 @@ def build_image_to_image_tab(studio: Studio) -> dict:
 
     def redraw(picture, mask, prompt, negative_prompt, strength, model, seed, steps, guidance, lora, lora_scale,
                memory_mode, preview_every, progress, request, *, inpaint=False, mask_blur=None, paste_back=True,
-               num_images=1):  # fmt: skip
+               num_images=1, variations=False):  # fmt: skip
         """Stream previews, then yield (PNGs, summary, the prompt used, hidden preview, details)."""
         job = generation_request(
             prompt, model, negative_prompt=negative_prompt, seed=seed, steps=steps, guidance=guidance,
@@ -78,7 +78,7 @@ def build_image_to_image_tab(studio: Studio) -> dict:
         )  # fmt: skip
         task = ImageToImageRequest(
             picture, job, strength=blank_to_none(strength), inpaint=inpaint, mask=mask,
-            mask_blur=blank_to_none(mask_blur), paste_back=bool(paste_back),
+            mask_blur=blank_to_none(mask_blur), paste_back=bool(paste_back), variations=variations,
         )  # fmt: skip
         visitor = visitor_id(request)
         stop = stop_requests.start(request)
@@ -141,7 +141,7 @@ def build_image_to_image_tab(studio: Studio) -> dict:
                    request):  # fmt: skip
         """``count`` img2img redraws of ``image`` with BLIP's caption as the prompt, seeds seed, seed+1, ..."""
         yield from redraw(uploaded(image), None, "", "", strength, model, seed, steps, guidance, lora, lora_scale,
-                          memory_mode, 0, progress, request, num_images=count)  # fmt: skip
+                          memory_mode, 0, progress, request, num_images=count, variations=True)  # fmt: skip
 
     def stop_run(request: gr.Request):
         stop_requests.stop(request)

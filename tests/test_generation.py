@@ -14,7 +14,7 @@ from pipelines.manager import ModelManager
 from pipelines.roundtrip.loop import image_round_trip, prompt_round_trip
 from pipelines.runtime import choose_runtime
 from pipelines.sd3.generation import GenerationService
-from pipelines.sd3.jobs import GenerationRequest
+from pipelines.sd3.jobs import GenerationRequest, image_fingerprint
 from pipelines.sd3.lora_tags import LoraChoice, merge_lora_choices, parse_lora_text, split_lora_tags
 from pipelines.sd3.png_metadata import parse_a1111_parameters, read_png_settings
 from pipelines.studio import Studio
@@ -272,3 +272,17 @@ def test_a_bare_manager_gets_a_service_of_its_own(manager):
     assert outcome.details["memory_mode"]["mode"] == "bf16" and outcome.paths == []
     with pytest.raises(ValueError, match="No LoRA is loaded, so 'style' cannot be used"):
         service.check(GenerationRequest(prompt="a cat", lora="style"))
+
+
+def test_every_png_records_its_job_mode_place_and_pixels(studio):
+    outcome = studio.generation(GenerationRequest(prompt="two owls", num_images=2, **DRAW))
+    details = outcome.details
+    assert details["mode"] == "txt2img" and len(details["job_id"]) == 12 and details["source"] is None
+    jobs = [read_png_settings(path)[1]["job"] for path in outcome.paths]
+    assert [job["index"] for job in jobs] == [0, 1] and {job["id"] for job in jobs} == {details["job_id"]}
+    assert {job["mode"] for job in jobs} == {"txt2img"}
+    for job, image in zip(jobs, outcome.images, strict=True):
+        assert job["image"] == image_fingerprint(image)  # the record names its own pixels
+    assert jobs[0]["image"] != jobs[1]["image"]
+    again = studio.generation(GenerationRequest(prompt="two owls", **DRAW), save=False)
+    assert again.details["job_id"] != details["job_id"]  # a new job, a new id

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -18,7 +20,7 @@ from pipelines.sd3.image_to_image import (
     drawing_size,
     mask_from_layers,
 )
-from pipelines.sd3.jobs import GenerationRequest, ImageToImageRequest
+from pipelines.sd3.jobs import GenerationRequest, ImageToImageRequest, image_fingerprint
 from pipelines.sd3.png_metadata import parse_a1111_parameters, read_png_settings
 from pipelines.sd3.text_to_image import size_limits
 from pipelines.studio import Studio
@@ -221,6 +223,9 @@ def test_variations_are_consecutive_seeds_each_reproducible_alone(studio):
     request = ImageToImageRequest(photo(), GenerationRequest(prompt="", seed=20, num_images=2, **DRAW), strength=0.5)
     both = studio.generation(request, save=False)
     assert both.details["seeds"] == [20, 21] and both.details["caption"]
+    assert both.details["mode"] == "img2img" and both.details["source"] == image_fingerprint(photo())
+    varied = studio.generation(dataclasses.replace(request, variations=True), save=False)
+    assert varied.details["mode"] == "variations" and varied.result.settings[1]["job"]["mode"] == "variations"
     second = run(studio, prompt="", seed=21, strength=0.5)
     assert_close_pixels(pixels(both.images[1]), pixels(second.images[0]))
 

@@ -52,6 +52,7 @@ from pipelines.sd3.jobs import (
     Notify,
     PreparedGeneration,
     StepCallback,
+    image_fingerprint,
 )
 from pipelines.sd3.lora_tags import LoraChoice, merge_lora_choices, parse_lora_text, split_lora_tags
 from pipelines.sd3.text_to_image import (
@@ -249,6 +250,7 @@ class GenerationService:
             tiny=self.tiny,
             timings=timings,
             control=checked.control,
+            mode="controlnet" if checked.control is not None else "txt2img",
         )
 
     def check(self, request: GenerationRequest, *, visitor: str | None = None) -> ResolvedRequest:
@@ -338,6 +340,15 @@ class GenerationService:
         """Write the PNGs (into ``folder``, default: the visitor's session folder; a copy in --outputs)
         and build the details dict."""
         before = time.perf_counter()
+        # Each image's record: its job, its place in it, its source, its own pixels (pipelines/sd3/records).
+        for index, (image, image_settings) in enumerate(zip(result.images, result.settings, strict=True)):
+            image_settings["job"] = {
+                "id": prepared.job_id,
+                "mode": prepared.mode,
+                "index": index,
+                "source": prepared.source,
+                "image": image_fingerprint(image),
+            }
         paths: list[Path] = []
         if save:
             if folder is None:
@@ -424,4 +435,7 @@ def generation_details(
         "warnings": list(result.warnings),
         "tiny": prepared.tiny,  # a tiny random stand-in drew it: noise by design
         "controlnet": prepared.control.details() if prepared.control is not None else None,
+        "mode": prepared.mode,
+        "job_id": prepared.job_id,
+        "source": prepared.source,  # the input image of an image-to-image job: size and pixel hash
     }

@@ -40,6 +40,7 @@ from pipelines.sd3.jobs import (
     Notify,
     PreparedGeneration,
     StepCallback,
+    image_fingerprint,
 )
 from pipelines.sd3.lora_tags import split_lora_tags
 from pipelines.sd3.text_to_image import (
@@ -310,6 +311,7 @@ def run(
 
     # 3. Memory mode, pipeline and LoRAs, as for text to image.
     prepared = service.prepare(job, visitor=visitor, notify=notify)
+    prepared.mode, prepared.source = request.mode, image_fingerprint(image)
     for note in notes:
         prepared.notes.append(note)
         say(note)

@@ -15,6 +15,8 @@ service, which all import it; it imports none of them but the request and result
 
 from __future__ import annotations
 
+import hashlib
+import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +27,20 @@ from PIL import Image
 from pipelines import settings
 from pipelines.sd3.control_maps import CheckedControl, ControlSettings
 from pipelines.sd3.text_to_image import GenerateRequest, GenerateResult, ResolvedRequest
+
+# The kinds of work an SD3.5 job does; each image record names its job's.
+JOB_MODES = ("txt2img", "controlnet", "img2img", "inpaint", "variations")
+
+
+def image_fingerprint(image: Image.Image) -> dict:
+    """What a record says of an image: its size and the SHA-256 of its RGB pixels (16 hex digits).
+
+    The pixels, not the file: the same image saved again, or uploaded, has the same fingerprint,
+    so a record's ``source`` finds the record that drew it.
+    """
+    rgb = image.convert("RGB")
+    return {"size": f"{rgb.width}x{rgb.height}", "sha256": hashlib.sha256(rgb.tobytes()).hexdigest()[:16]}
+
 
 Notify = Callable[[str], None]
 StepCallback = Callable[[int, int, list[Image.Image] | None], None]
@@ -90,9 +106,11 @@ class ImageToImageRequest:
     mask_blur: int | None = None  # None: settings.DEFAULT_MASK_BLUR
     paste_back: bool = True
 
+    variations: bool = False  # the Variations button: BLIP's caption as the prompt, consecutive seeds
+
     @property
     def mode(self) -> str:
-        return "inpaint" if self.inpaint else "img2img"
+        return "inpaint" if self.inpaint else "variations" if self.variations else "img2img"
 
 
 @dataclass
@@ -113,6 +131,9 @@ class PreparedGeneration:
     tiny: bool = False
     timings: dict[str, float] = field(default_factory=dict)
     control: CheckedControl | None = None  # the checked ControlNet request, if any
+    mode: str = "txt2img"  # one of JOB_MODES: what kind of work drew the images
+    source: dict | None = None  # the input image of an image-to-image job (image_fingerprint)
+    job_id: str = field(default_factory=lambda: secrets.token_hex(6))  # names the job in every record it makes
 
 
 @dataclass
