@@ -37,8 +37,8 @@ from PIL import Image
 from bench.common import interleaved_medians, machine_description, write_results
 from pipelines.catalog import MODEL_CONFIGS_DIR
 from pipelines.runtime import choose_runtime
-from pipelines.sd3.generation import GenerationRequest, GenerationService
-from pipelines.sd3.image_to_image import ImageToImageRequest, image_to_image
+from pipelines.sd3.generation import GenerationService
+from pipelines.sd3.jobs import GenerationRequest, ImageToImageRequest
 from pipelines.sd3.text_to_image import LatentPreviewer
 from pipelines.tiny import TINY_SD3_DIRS, ensure_tiny_models
 
@@ -146,7 +146,7 @@ def time_img2img(pipeline, service, request, side: int, folder: Path, repeats: i
         ).images
 
     def studio():
-        return image_to_image(service, job, folder=folder)
+        return service(job, folder=folder)
 
     medians = interleaved_medians({"bare": bare, "studio": studio}, repeats)
     return {
@@ -235,7 +235,6 @@ def controlnet_rows(tiny_root: Path, cases: dict, repeats: int) -> list[dict]:
     from diffusers.image_processor import VaeImageProcessor
     from PIL import Image
 
-    from pipelines.sd3 import controlnet as sd3_controlnet
     from pipelines.sd3.control_maps import ControlSettings
     from pipelines.tiny import TINY_CONTROLNET_DIRS
 
@@ -299,7 +298,7 @@ def controlnet_rows(tiny_root: Path, cases: dict, repeats: int) -> list[dict]:
                 ).images
 
             def studio(service=service, request=request):
-                return sd3_controlnet.run(service, request, folder=Path(scratch))
+                return service(request, folder=Path(scratch))
 
             medians = interleaved_medians({"bare": bare, "studio": studio}, repeats)
             ratio = medians["studio"] / medians["bare"]
@@ -335,7 +334,7 @@ def time_generate(pipeline, service, request, side: int, folder: Path, repeats: 
         ).images
 
     def studio(preview_every=0):
-        return service.run(dataclasses.replace(request, preview_every=preview_every), folder=folder)
+        return service(dataclasses.replace(request, preview_every=preview_every), folder=folder)
 
     medians = interleaved_medians(
         {"bare": bare, "studio": studio, "previews": lambda: studio(preview_every=1)}, repeats

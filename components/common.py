@@ -16,7 +16,7 @@ import torch
 
 from pipelines import ownership, settings
 from pipelines.errors import ModelLoadError
-from pipelines.sd3.generation import GenerationRequest
+from pipelines.sd3.jobs import GenerationRequest
 
 logger = logging.getLogger(__name__)
 

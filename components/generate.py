@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import contextvars
 import dataclasses
 import math
-import queue
-import threading
 from pathlib import Path
 
 import gradio as gr
@@ -26,11 +23,11 @@ from components.common import (
     t5_tokens_slider,
     visitor_id,
 )
+from components.job_stream import stream_job
 from components.lora_panel import build_lora_panel
 from pipelines import settings, workspace
 from pipelines.catalog import CATALOG
 from pipelines.memory import SD3_MODES
-from pipelines.sd3 import controlnet as sd3_controlnet
 from pipelines.sd3.control_maps import DEPTH_TRAINING_NOTE, ControlSettings
 from pipelines.sd3.png_metadata import read_png_settings
 from pipelines.sd3.text_to_image import (
@@ -285,39 +282,16 @@ def build_generate_tab(studio: Studio, outputs_dir: Path | None = None) -> dict:
         visitor = visitor_id(request)  # another visitor's uploaded LoRA is "not loaded" for this one
         stop = stop_requests.start(request)
 
-        # The service runs in a worker thread (in this request's context, so its notes reach the page);
-        # this generator relays its steps to the progress bar and its previews to the page.
-        events: queue.Queue = queue.Queue()
+        # The service draws in a worker thread; its steps move the progress bar and its previews reach the page.
+        def run(on_step):
+            return studio.generation(job, owner=visitor, notify=gr.Info, on_step=on_step, should_stop=stop.is_set)
 
-        def run():
-            try:
-                arguments = {
-                    "visitor": visitor,
-                    "notify": gr.Info,
-                    "on_step": lambda step, total, previews: events.put(("step", step, total, previews)),
-                    "should_stop": stop.is_set,
-                }
-                if job.control is not None:
-                    outcome, control_map = sd3_controlnet.run(studio.generation, job, **arguments)
-                else:
-                    outcome, control_map = studio.generation.run(job, **arguments), None
-                events.put(("done", outcome, control_map))
-            except BaseException as error:  # re-raised below, in the request's thread
-                events.put(("error", error))
-
-        context = contextvars.copy_context()
-        threading.Thread(target=context.run, args=(run,), name="sd3-generate", daemon=True).start()
-        while True:
-            event = events.get()
-            if event[0] == "error":
-                raise event[1]
-            if event[0] == "done":
-                _, outcome, control_map = event
-                break
-            _, step, total, previews = event
-            progress((step, total), desc="denoising", unit="steps")
-            if previews:
-                yield (gr.skip(),) * 7 + (gr.update(value=previews[0], visible=True),) + (gr.skip(),) * 3
+        for kind, value in stream_job(run, progress, name="sd3-generate"):
+            if kind == "preview":
+                yield (gr.skip(),) * 7 + (gr.update(value=value, visible=True),) + (gr.skip(),) * 3
+            else:
+                outcome = value
+        control_map = outcome.control_map
 
         details = outcome.details
         for warning in details["warnings"]:

@@ -4,11 +4,8 @@
 from __future__ import annotations
 
 import base64
-import contextvars
-import queue
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import gradio as gr
@@ -31,11 +28,13 @@ from components.common import (
     parameter,
     visitor_id,
 )
+from components.job_stream import stream_job
 from pipelines import settings, workspace
 from pipelines.catalog import CATALOG
 from pipelines.images import load_image
 from pipelines.memory import SD3_MODES
-from pipelines.sd3.image_to_image import ImageToImageRequest, editor_images, image_to_image
+from pipelines.sd3.image_to_image import editor_images
+from pipelines.sd3.jobs import ImageToImageRequest
 from pipelines.sd3.text_to_image import MODEL_CHOICES
 from pipelines.studio import Studio
 
@@ -197,31 +196,6 @@ def estimated_gpu_seconds(*args, **named) -> int:
     return 120
 
 
-def stream_outcome(job: Callable, progress) -> Iterator[tuple[str, object]]:
-    """Run ``job(on_step)`` in a worker thread (in this request's context, so its notes reach the page);
-    yields ("preview", image) for each step preview, then ("done", outcome)."""
-    events: queue.Queue = queue.Queue()
-
-    def work():
-        try:
-            events.put(("done", job(lambda step, total, previews: events.put(("step", step, total, previews)))))
-        except BaseException as error:  # re-raised below, in the request's thread
-            events.put(("error", error))
-
-    threading.Thread(target=contextvars.copy_context().run, args=(work,), name="sd3-img2img", daemon=True).start()
-    while True:
-        event = events.get()
-        if event[0] == "error":
-            raise event[1]
-        if event[0] == "done":
-            yield "done", event[1]
-            return
-        _, step, total, previews = event
-        progress((step, total), desc="denoising", unit="steps")
-        if previews:
-            yield "preview", previews[0]
-
-
 def _model_choices():
     return [(CATALOG[key].title.removeprefix("Stable Diffusion "), name) for name, key in MODEL_CHOICES.items()]
 
@@ -232,7 +206,7 @@ def build_image_to_image_tab(studio: Studio) -> dict:
 
     def redraw(picture, mask, prompt, negative_prompt, strength, model, seed, steps, guidance, lora, lora_scale,
                memory_mode, preview_every, progress, request, *, inpaint=False, mask_blur=None, paste_back=True,
-               num_images=1):  # fmt: skip
+               num_images=1, variations=False):  # fmt: skip
         """Stream previews, then yield (PNGs, summary, the prompt used, hidden preview, details)."""
         job = generation_request(
             prompt, model, negative_prompt=negative_prompt, seed=seed, steps=steps, guidance=guidance,
@@ -241,19 +215,18 @@ def build_image_to_image_tab(studio: Studio) -> dict:
         )  # fmt: skip
         task = ImageToImageRequest(
             picture, job, strength=blank_to_none(strength), inpaint=inpaint, mask=mask,
-            mask_blur=blank_to_none(mask_blur), paste_back=bool(paste_back),
+            mask_blur=blank_to_none(mask_blur), paste_back=bool(paste_back), variations=variations,
         )  # fmt: skip
         visitor = visitor_id(request)
         stop = stop_requests.start(request)
         with workspace.request_folder(visitor) as folder:
 
             def run(on_step):
-                return image_to_image(
-                    studio.generation, task, describe=studio.caption_for_prompt, visitor=visitor, notify=gr.Info,
-                    on_step=on_step, should_stop=stop.is_set, folder=folder,
-                )  # fmt: skip
+                return studio.generation(
+                    task, owner=visitor, notify=gr.Info, on_step=on_step, should_stop=stop.is_set, folder=folder
+                )
 
-            for kind, value in stream_outcome(run, progress):
+            for kind, value in stream_job(run, progress, name="sd3-img2img"):
                 if kind == "preview":
                     yield (gr.skip(),) * 3 + (gr.update(value=value, visible=True), gr.skip())
                 else:
@@ -302,7 +275,7 @@ def build_image_to_image_tab(studio: Studio) -> dict:
                    request):  # fmt: skip
         """``count`` img2img redraws of ``image`` with BLIP's caption as the prompt, seeds seed, seed+1, ..."""
         yield from redraw(uploaded(image), None, "", "", strength, model, seed, steps, guidance, lora, lora_scale,
-                          memory_mode, 0, progress, request, num_images=count)  # fmt: skip
+                          memory_mode, 0, progress, request, num_images=count, variations=True)  # fmt: skip
 
     def stop_run(request: gr.Request):
         stop_requests.stop(request)

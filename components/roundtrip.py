@@ -34,8 +34,8 @@ from pipelines.roundtrip.loop import (
     prompt_round_trip,
     run_evaluation,
 )
-from pipelines.sd3.generation import GenerationRequest
 from pipelines.sd3.image_to_image import check_strength
+from pipelines.sd3.jobs import GenerationRequest
 from pipelines.sd3.text_to_image import MODEL_CHOICES, model_key
 from pipelines.studio import Studio
 from pipelines.validation import as_int

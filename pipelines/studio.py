@@ -73,6 +73,7 @@ class Studio:
             memory_mode=self.memory_mode,
             memory_mode_for=self.memory_mode_for,
             outputs_dir=self.outputs_dir,
+            describe=self.caption_for_prompt,
         )
 
     def _init_sd3_loras(self) -> None:

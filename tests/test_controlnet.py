@@ -22,7 +22,8 @@ from pipelines.sd3.control_maps import (
     controlnet_refusal,
     depth_map,
 )
-from pipelines.sd3.generation import GenerationRequest, GenerationService
+from pipelines.sd3.generation import GenerationService
+from pipelines.sd3.jobs import GenerationRequest
 from pipelines.sd3.png_metadata import parse_a1111_parameters
 from tests.tolerances import assert_close_pixels
 
@@ -114,9 +115,10 @@ def test_bad_control_settings_are_refused_with_a_sentence():
 
 
 def test_canny_at_scale_one_changes_the_image_and_at_zero_equals_no_controlnet(service):
-    plain = service.run(REQUEST, save=False).images[0]
-    full, control_map = sd3_controlnet.run(service, controlled(scale=1.0), save=False)
-    off, _ = sd3_controlnet.run(service, controlled(scale=0.0), save=False)
+    plain = service(REQUEST, save=False).images[0]
+    full = service(controlled(scale=1.0), save=False)
+    control_map = full.control_map
+    off = service(controlled(scale=0.0), save=False)
     assert np.abs(pixels(full.images[0]) - pixels(plain)).max() > 20
     # Scale 0 multiplies every ControlNet residual by 0: the MMDiT adds zeros, so the same image.
     assert_close_pixels(off.images[0], plain)
@@ -125,14 +127,14 @@ def test_canny_at_scale_one_changes_the_image_and_at_zero_equals_no_controlnet(s
 
 @pytest.mark.parametrize("control_type", ["depth", "blur"])
 def test_depth_and_blur_controlnets_change_the_image(service, control_type):
-    plain = service.run(REQUEST, save=False).images[0]
-    outcome, _ = sd3_controlnet.run(service, controlled(control_type), save=False)
+    plain = service(REQUEST, save=False).images[0]
+    outcome = service(controlled(control_type), save=False)
     assert np.abs(pixels(outcome.images[0]) - pixels(plain)).max() > 20
     assert outcome.details["controlnet"]["model"] == CATALOG[CONTROLNET_KEYS[control_type]].repo_id
 
 
 def test_the_controlnet_pipeline_shares_large_s_loaded_components(service):
-    outcome, _ = sd3_controlnet.run(service, controlled(), save=False)
+    outcome = service(controlled(), save=False)
     base = service.manager.get("sd35-large", variant=outcome.details["memory_mode"]["mode"])
     controlnet = service.manager.get(CONTROLNET_KEYS["canny"], variant=outcome.details["memory_mode"]["mode"])
     pipeline = sd3_controlnet.controlnet_pipeline(base, controlnet)
@@ -148,20 +150,20 @@ def test_the_controlnet_pipeline_shares_large_s_loaded_components(service):
 
 
 def test_details_and_png_text_record_the_controlnet(service):
-    outcome, _ = sd3_controlnet.run(service, controlled(scale=0.5), save=False)
+    outcome = service(controlled(scale=0.5), save=False)
     details = outcome.details
     assert details["controlnet"]["type"] == "canny" and details["controlnet"]["scale"] == 0.5
     assert details["controlnet"]["preprocess"] is True and details["controlnet"]["canny_low"] == 100
     _, _, pairs = parse_a1111_parameters(outcome.result.parameters[0])
     assert pairs["ControlNet"] == "canny, weight 0.5"
     assert outcome.result.settings[0]["controlnet"]["type"] == "canny"
-    assert service.run(REQUEST, save=False).details["controlnet"] is None
+    assert service(REQUEST, save=False).details["controlnet"] is None
 
 
 def test_same_seed_same_image_and_each_image_redraws_alone(service):
-    first, _ = sd3_controlnet.run(service, controlled(num_images=2), save=False)
-    again, _ = sd3_controlnet.run(service, controlled(num_images=2), save=False)
-    alone, _ = sd3_controlnet.run(service, controlled(seed=REQUEST.seed + 1), save=False)
+    first = service(controlled(num_images=2), save=False)
+    again = service(controlled(num_images=2), save=False)
+    alone = service(controlled(seed=REQUEST.seed + 1), save=False)
     assert first.result.seeds == [REQUEST.seed, REQUEST.seed + 1]
     for a, b in zip(first.images, again.images, strict=True):
         assert np.array_equal(np.asarray(a), np.asarray(b))  # the very same computation twice
@@ -170,13 +172,14 @@ def test_same_seed_same_image_and_each_image_redraws_alone(service):
 
 def test_preprocess_off_uses_the_upload_as_the_map(service):
     request = dataclasses.replace(controlled(), control=ControlSettings(Image.open(PHOTO), "canny", preprocess=False))
-    outcome, control_map = sd3_controlnet.run(service, request, save=False)
+    outcome = service(request, save=False)
+    control_map = outcome.control_map
     assert np.array_equal(np.asarray(control_map), np.asarray(Image.open(PHOTO).convert("RGB")))
     assert outcome.details["controlnet"]["preprocess"] is False and outcome.details["controlnet"]["canny_low"] is None
 
 
 def test_unloading_large_unloads_its_controlnets(service):
-    sd3_controlnet.run(service, controlled(), save=False)
+    service(controlled(), save=False)
     assert service.manager.is_loaded(CONTROLNET_KEYS["canny"])
     service.manager.unload("sd35-large")
     assert not service.manager.is_loaded(CONTROLNET_KEYS["canny"])

@@ -13,14 +13,9 @@ from pipelines.blip.matching import ImageTextMatcher
 from pipelines.manager import ModelManager
 from pipelines.roundtrip.loop import image_round_trip, prompt_round_trip
 from pipelines.runtime import choose_runtime
-from pipelines.sd3.generation import (
-    GenerationRequest,
-    GenerationService,
-    LoraChoice,
-    merge_lora_choices,
-    parse_lora_text,
-    split_lora_tags,
-)
+from pipelines.sd3.generation import GenerationService
+from pipelines.sd3.jobs import GenerationRequest, image_fingerprint
+from pipelines.sd3.lora_tags import LoraChoice, merge_lora_choices, parse_lora_text, split_lora_tags
 from pipelines.sd3.png_metadata import parse_a1111_parameters, read_png_settings
 from pipelines.studio import Studio
 
@@ -76,11 +71,12 @@ def test_lora_tags_leave_the_prompt_and_name_their_weights():
             split_lora_tags(prompt)
 
 
-def test_a_lora_in_the_prompt_and_in_lora_must_agree():
+def test_a_lora_tag_in_the_prompt_sets_the_weight_over_the_lora_panel():
     tag = [LoraChoice("style", 0.5, "prompt")]
-    assert merge_lora_choices(tag, [LoraChoice("style", 0.5, "lora")]) == tag  # a redraw with the box filled too
-    with pytest.raises(ValueError, match="in the prompt at weight 0.5 and in lora at 1; give it once"):
-        merge_lora_choices(tag, [LoraChoice("style", 1.0, "lora")])
+    assert merge_lora_choices(tag, [LoraChoice("style", 0.5, "lora")]) == (tag, [])  # a redraw with the box filled too
+    choices, notes = merge_lora_choices(tag, [LoraChoice("style", 1.0, "lora"), LoraChoice("other", None, "lora")])
+    assert [(choice.name, choice.weight) for choice in choices] == [("style", 0.5), ("other", None)]
+    assert notes == ["The prompt's <lora:style:0.5> sets its weight for this image; the LoRA panel's 1 does not apply."]
     with pytest.raises(ValueError, match="named twice"):
         merge_lora_choices([], [LoraChoice("style", 1.0, "lora"), LoraChoice("style", 0.5, "lora")])
 
@@ -91,9 +87,9 @@ def test_a_lora_in_the_prompt_and_in_lora_must_agree():
 def test_a_lora_by_name_loads_on_demand_and_a_tag_draws_the_same_pixels(studio):
     service = studio.generation
     assert studio.sd3_loras["sd35-large"].names() == []
-    base = service.run(GenerationRequest(prompt="a red fox", **DRAW), save=False)
+    base = service(GenerationRequest(prompt="a red fox", **DRAW), save=False)
 
-    named = service.run(GenerationRequest(prompt="a red fox", lora="tiny_large_style:0.7", **DRAW))
+    named = service(GenerationRequest(prompt="a red fox", lora="tiny_large_style:0.7", **DRAW))
     details = named.details
     (lora,) = details["loras"]
     assert lora["name"] == "tiny_large_style" and lora["weight"] == 0.7 and lora["loaded_now"] is True
@@ -101,22 +97,36 @@ def test_a_lora_by_name_loads_on_demand_and_a_tag_draws_the_same_pixels(studio):
     assert details["trigger_words_added"] == ["tinystyle"] and details["prompt"] == "a red fox, tinystyle"
     assert np.abs(pixels(named) - pixels(base)).max() > 0
 
-    tagged = service.run(GenerationRequest(prompt="a red fox <lora:tiny_large_style:0.7>", **DRAW), save=False)
+    tagged = service(GenerationRequest(prompt="a red fox <lora:tiny_large_style:0.7>", **DRAW), save=False)
     assert np.array_equal(pixels(tagged), pixels(named))
     assert tagged.details["loras"][0]["loaded_now"] is False and tagged.details["prompt"] == "a red fox, tinystyle"
 
     # Without the LoRA the base model draws again, pixel for pixel.
-    assert np.array_equal(pixels(service.run(GenerationRequest(prompt="a red fox", **DRAW), save=False)), pixels(base))
+    assert np.array_equal(pixels(service(GenerationRequest(prompt="a red fox", **DRAW), save=False)), pixels(base))
+
+
+def test_the_prompts_lora_tag_wins_over_the_panels_weight(studio):
+    service = studio.generation
+    panel = service(GenerationRequest(prompt="a red fox", lora="tiny_large_style:0.8", **DRAW), save=False)
+    both = service(
+        GenerationRequest(prompt="a red fox <lora:tiny_large_style:0.8>", lora="tiny_large_style:1", **DRAW),
+        save=False,
+    )
+    assert [(lora["name"], lora["weight"]) for lora in both.details["loras"]] == [("tiny_large_style", 0.8)]
+    assert np.array_equal(pixels(both), pixels(panel))  # drawn at 0.8, exactly as the panel's 0.8 draws
+    at_one = service(GenerationRequest(prompt="a red fox", lora="tiny_large_style:1", **DRAW), save=False)
+    assert np.abs(pixels(at_one) - pixels(both)).max() > 0  # and not at the panel's 1
+    assert any("sets its weight for this image" in note for note in both.details["notes"])
 
 
 def test_a_studio_png_prompt_redraws_the_same_pixels_without_doubling_tags(studio):
     service = studio.generation
-    first = service.run(GenerationRequest(prompt="a red fox", lora="tiny_large_style:0.7", seed=11, steps=2))
+    first = service(GenerationRequest(prompt="a red fox", lora="tiny_large_style:0.7", seed=11, steps=2))
     text, _ = read_png_settings(first.paths[0])
     prompt, negative, pairs = parse_a1111_parameters(text)
     assert prompt == "a red fox, tinystyle <lora:tiny_large_style:0.7>"
     width, height = (int(side) for side in pairs["Size"].split("x"))
-    again = service.run(
+    again = service(
         GenerationRequest(
             prompt=prompt,
             negative_prompt=negative,
@@ -146,7 +156,7 @@ def test_a_file_in_the_lora_folder_loads_by_its_stem(manager, tiny_root, tmp_pat
     try:
         # As the Studio names the adapter (what its PNGs write), and as the file is named in the folder.
         for name in ("ink_wash", "styles/Ink-Wash.safetensors"):
-            outcome = studio.generation.run(GenerationRequest(prompt="a fox", lora=f"{name}:0.5", **DRAW), save=False)
+            outcome = studio.generation(GenerationRequest(prompt="a fox", lora=f"{name}:0.5", **DRAW), save=False)
             (lora,) = outcome.details["loras"]
             assert lora["name"] == "ink_wash" and lora["source"] == "loras/styles/Ink-Wash.safetensors"
     finally:
@@ -157,7 +167,7 @@ def test_a_name_found_nowhere_gets_a_sentence_before_any_model_loads(tiny_root):
     manager = ModelManager(choose_runtime("cpu"), tiny_root=tiny_root)
     studio = Studio(manager=manager)
     with pytest.raises(ValueError, match="no LoRA of that name in the LoRA folder or the registry"):
-        studio.generation.run(GenerationRequest(prompt="a fox", lora="no_such_style", **DRAW))
+        studio.generation(GenerationRequest(prompt="a fox", lora="no_such_style", **DRAW))
     with pytest.raises(ValueError, match="steps must be"):
         studio.generation.check(GenerationRequest(prompt="a fox", steps=0))
     assert manager.loaded_models() == []  # refused before anything loaded
@@ -168,7 +178,7 @@ def test_too_many_lora_tags_in_a_prompt_are_refused_before_any_model_loads(tiny_
     studio = Studio(manager=manager)
     tags = " ".join(f"<lora:style{index}:0.5>" for index in range(settings.MAX_ACTIVE_LORAS + 1))
     with pytest.raises(ValueError, match=f"use at most {settings.MAX_ACTIVE_LORAS} at once"):
-        studio.generation.run(GenerationRequest(prompt=f"a fox {tags}", **DRAW))
+        studio.generation(GenerationRequest(prompt=f"a fox {tags}", **DRAW))
     assert manager.loaded_models() == []
 
 
@@ -182,8 +192,8 @@ def test_another_visitors_upload_is_not_found_by_name(studio, tiny_root, tmp_pat
     shutil.copyfile(tiny_lora_dir(tiny_root) / "tiny-large-style.safetensors", upload)
     studio.generation.load_lora("sd35-large", resolve_lora_source(upload=upload), visitor="alice")
     with pytest.raises(ValueError, match="'alice_style' cannot be used"):
-        studio.generation.run(GenerationRequest(prompt="a fox", lora="alice_style", **DRAW), visitor="bob")
-    drawn = studio.generation.run(GenerationRequest(prompt="a fox", lora="alice_style", **DRAW), visitor="alice")
+        studio.generation(GenerationRequest(prompt="a fox", lora="alice_style", **DRAW), owner="bob")
+    drawn = studio.generation(GenerationRequest(prompt="a fox", lora="alice_style", **DRAW), owner="alice")
     assert drawn.details["loras"][0]["name"] == "alice_style"
 
 
@@ -192,9 +202,9 @@ def test_another_visitors_upload_is_not_found_by_name(studio, tiny_root, tmp_pat
 
 def test_the_details_dict_and_the_files(studio):
     steps = []
-    outcome = studio.generation.run(
+    outcome = studio.generation(
         GenerationRequest(prompt="two cats", num_images=2, negative_prompt="dogs", **DRAW),
-        visitor="someone",
+        owner="someone",
         on_step=lambda step, total, previews: steps.append((step, total)),
     )
     details = outcome.details
@@ -217,7 +227,7 @@ def test_the_details_dict_and_the_files(studio):
 
 
 def test_stop_is_reported_in_the_details(studio):
-    outcome = studio.generation.run(
+    outcome = studio.generation(
         GenerationRequest(prompt="a slow one", **{**DRAW, "steps": 6}), should_stop=lambda: True, save=False
     )
     assert outcome.details["stopped"] is True and outcome.details["steps_done"] == 1
@@ -233,7 +243,7 @@ def test_a_public_instance_refuses_a_visitors_memory_mode(manager):
 def test_the_round_trip_uses_the_loaded_mode_and_the_loras(studio, manager):
     """The bug of issue 16: the Round trip fetched the model with no mode (a reload) and ignored LoRAs."""
     service = studio.generation
-    service.run(GenerationRequest(prompt="warm up", **DRAW), save=False)
+    service(GenerationRequest(prompt="warm up", **DRAW), save=False)
     pipeline = manager.get("sd35-large", variant="bf16")
     matcher = ImageTextMatcher(manager.get("blip-caption"))
     plain = prompt_round_trip(service, GenerationRequest(prompt="a red cube", **DRAW), matcher, save=False)
@@ -258,7 +268,21 @@ def test_the_round_trip_uses_the_loaded_mode_and_the_loras(studio, manager):
 
 def test_a_bare_manager_gets_a_service_of_its_own(manager):
     service = GenerationService(manager)
-    outcome = service.run(GenerationRequest(prompt="a cat", **DRAW), save=False)
+    outcome = service(GenerationRequest(prompt="a cat", **DRAW), save=False)
     assert outcome.details["memory_mode"]["mode"] == "bf16" and outcome.paths == []
     with pytest.raises(ValueError, match="No LoRA is loaded, so 'style' cannot be used"):
         service.check(GenerationRequest(prompt="a cat", lora="style"))
+
+
+def test_every_png_records_its_job_mode_place_and_pixels(studio):
+    outcome = studio.generation(GenerationRequest(prompt="two owls", num_images=2, **DRAW))
+    details = outcome.details
+    assert details["mode"] == "txt2img" and len(details["job_id"]) == 12 and details["source"] is None
+    jobs = [read_png_settings(path)[1]["job"] for path in outcome.paths]
+    assert [job["index"] for job in jobs] == [0, 1] and {job["id"] for job in jobs} == {details["job_id"]}
+    assert {job["mode"] for job in jobs} == {"txt2img"}
+    for job, image in zip(jobs, outcome.images, strict=True):
+        assert job["image"] == image_fingerprint(image)  # the record names its own pixels
+    assert jobs[0]["image"] != jobs[1]["image"]
+    again = studio.generation(GenerationRequest(prompt="two owls", **DRAW), save=False)
+    assert again.details["job_id"] != details["job_id"]  # a new job, a new id

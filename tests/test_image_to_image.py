@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -10,17 +12,15 @@ from pipelines.catalog import CATALOG
 from pipelines.manager import ModelManager
 from pipelines.roundtrip.loop import image_round_trip
 from pipelines.runtime import choose_runtime
-from pipelines.sd3.generation import GenerationRequest
 from pipelines.sd3.image_to_image import (
-    ImageToImageRequest,
     blurred_mask,
     check_mask,
     denoising_steps,
     derived_pipeline,
     drawing_size,
-    image_to_image,
     mask_from_layers,
 )
+from pipelines.sd3.jobs import GenerationRequest, ImageToImageRequest, image_fingerprint
 from pipelines.sd3.png_metadata import parse_a1111_parameters, read_png_settings
 from pipelines.sd3.text_to_image import size_limits
 from pipelines.studio import Studio
@@ -63,7 +63,7 @@ def run(studio, image=None, prompt="a red fox", seed=7, strength=0.6, save=False
         strength=strength,
         **fields,
     )
-    return image_to_image(studio.generation, request, describe=studio.caption_for_prompt, save=save)
+    return studio.generation(request, save=save)
 
 
 def test_from_pipe_shares_the_loaded_weights(studio):
@@ -193,7 +193,7 @@ def test_turbo_and_medium_run_with_their_presets(studio):
         request = ImageToImageRequest(
             image=photo(), generation=GenerationRequest(prompt="a fox", model=model, seed=1), strength=0.5
         )
-        details = image_to_image(studio.generation, request, save=False).details
+        details = studio.generation(request, save=False).details
         assert details["steps"] == steps and details["denoising_steps"] == denoising_steps(steps, 0.5)
         assert details["skip_layer_guidance_layers"] == []
         if model == "medium":
@@ -202,9 +202,9 @@ def test_turbo_and_medium_run_with_their_presets(studio):
 
 def test_text_to_image_after_img2img_still_reproduces(studio):
     request = GenerationRequest(prompt="a fox", seed=11, width=64, height=64, **DRAW)
-    before = studio.generation.run(request, save=False)
+    before = studio.generation(request, save=False)
     run(studio, strength=0.3)  # the twin shares the scheduler and moves its begin index
-    after = studio.generation.run(request, save=False)
+    after = studio.generation(request, save=False)
     assert np.array_equal(pixels(before.images[0]), pixels(after.images[0]))
 
 
@@ -221,8 +221,11 @@ def test_the_image_round_trip_redraws_the_image_itself_at_a_strength(studio):
 
 def test_variations_are_consecutive_seeds_each_reproducible_alone(studio):
     request = ImageToImageRequest(photo(), GenerationRequest(prompt="", seed=20, num_images=2, **DRAW), strength=0.5)
-    both = image_to_image(studio.generation, request, describe=studio.caption_for_prompt, save=False)
+    both = studio.generation(request, save=False)
     assert both.details["seeds"] == [20, 21] and both.details["caption"]
+    assert both.details["mode"] == "img2img" and both.details["source"] == image_fingerprint(photo())
+    varied = studio.generation(dataclasses.replace(request, variations=True), save=False)
+    assert varied.details["mode"] == "variations" and varied.result.settings[1]["job"]["mode"] == "variations"
     second = run(studio, prompt="", seed=21, strength=0.5)
     assert_close_pixels(pixels(both.images[1]), pixels(second.images[0]))
 
@@ -230,9 +233,9 @@ def test_variations_are_consecutive_seeds_each_reproducible_alone(studio):
 def test_steps_report_the_denoising_total_and_stop_ends_the_run(studio):
     seen = []
     request = ImageToImageRequest(photo(), GenerationRequest(prompt="a fox", seed=1, model="large", steps=10), 0.55)
-    image_to_image(studio.generation, request, on_step=lambda step, total, _: seen.append((step, total)), save=False)
+    studio.generation(request, on_step=lambda step, total, _: seen.append((step, total)), save=False)
     assert seen == [(step, 6) for step in range(1, 7)]  # 10 steps at 0.55: diffusers runs 6
-    stopped = image_to_image(studio.generation, request, should_stop=lambda: True, save=False).details
+    stopped = studio.generation(request, should_stop=lambda: True, save=False).details
     assert stopped["stopped"] is True and stopped["steps_done"] == 1
 
 

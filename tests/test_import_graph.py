@@ -254,3 +254,80 @@ def test_pipelines_never_import_gradio():
                 continue
             offenders += [f"{name} (line {node.lineno})" for target in targets if target.split(".")[0] == "gradio"]
     assert not offenders, f"pipelines/ modules that import gradio: {offenders}"
+
+
+# ----------------------------------------------------------------------------- one entry point draws
+
+# The drawing functions behind GenerationService.__call__: only the service (pipelines.sd3.generation)
+# calls them. The UI, the round trip and the benchmarks hand the service a request instead.
+DRAWING_FUNCTIONS = {
+    "pipelines.sd3.text_to_image": {"generate"},
+    "pipelines.sd3.controlnet": {"run", "draw", "make_control_map", "controlnet_pipeline"},
+    "pipelines.sd3.image_to_image": {"run", "draw", "derived_pipeline"},
+}
+# The service's own steps, which only it chains (a caller that runs them one by one draws around it).
+SERVICE_STEPS = {"prepare", "draw", "finish"}
+
+
+def drawing_calls(path: Path) -> list[str]:
+    """Where ``path`` reaches past the entry point: a drawing function imported (or its module imported
+    whole, as ``from pipelines.sd3 import controlnet``), or a service step called as an attribute."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
+        if isinstance(node, ast.ImportFrom) and node.module in DRAWING_FUNCTIONS:
+            found += [
+                f"line {node.lineno}: imports {node.module}.{alias.name}"
+                for alias in node.names
+                if alias.name in DRAWING_FUNCTIONS[node.module]
+            ]
+        elif isinstance(node, ast.ImportFrom) and node.module == "pipelines.sd3":
+            found += [
+                f"line {node.lineno}: imports pipelines.sd3.{alias.name}"
+                for alias in node.names
+                if f"pipelines.sd3.{alias.name}" in DRAWING_FUNCTIONS
+            ]
+        elif isinstance(node, ast.Import):
+            found += [
+                f"line {node.lineno}: imports {alias.name}" for alias in node.names if alias.name in DRAWING_FUNCTIONS
+            ]
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in SERVICE_STEPS:
+            found.append(f"line {node.lineno}: calls .{node.func.attr}()")
+    return found
+
+
+def callers_of_the_service(root: Path = ROOT) -> list[Path]:
+    """Every file that must draw through the entry point: app.py, components/, pipelines/roundtrip/, bench/."""
+    return [
+        root / "app.py",
+        *sorted((root / "components").rglob("*.py")),
+        *sorted((root / "pipelines" / "roundtrip").rglob("*.py")),
+        *sorted((root / "bench").rglob("*.py")),
+    ]
+
+
+def test_only_the_generation_service_draws_sd35():
+    offenders = {
+        str(path.relative_to(ROOT)): found for path in callers_of_the_service() if (found := drawing_calls(path))
+    }
+    assert not offenders, f"Draw through GenerationService.__call__ (pipelines/sd3/generation.py): {offenders}"
+
+
+def test_the_entry_point_check_sees_each_way_round(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text(
+        "from pipelines.sd3 import controlnet\n"
+        "from pipelines.sd3.image_to_image import run as redraw\n"
+        "from pipelines.sd3.text_to_image import generate, snap\n"
+        "def f(service, job):\n"
+        "    prepared = service.prepare(job)\n"
+        "    return service.finish(prepared, service.draw(prepared))\n"
+    )
+    found = drawing_calls(bad)
+    assert {line.split(": ")[1] for line in found} == {
+        "imports pipelines.sd3.controlnet",
+        "imports pipelines.sd3.image_to_image.run",
+        "imports pipelines.sd3.text_to_image.generate",
+        "calls .prepare()",
+        "calls .finish()",
+        "calls .draw()",
+    }

@@ -10,7 +10,8 @@ from PIL import Image, PngImagePlugin
 from pipelines import settings
 from pipelines.catalog import CATALOG
 from pipelines.images import ImageDecodeError
-from pipelines.sd3.generation import GenerationRequest, GenerationService
+from pipelines.sd3.generation import GenerationService
+from pipelines.sd3.jobs import GenerationRequest
 from pipelines.sd3.png_info import (
     decode_user_comment,
     fitted_size,
@@ -66,7 +67,7 @@ def studio_png(tiny_manager, tmp_path_factory):
         height=64,
         max_sequence_length=100,
     )
-    outcome = service.run(request, folder=tmp_path_factory.mktemp("studio-png"))
+    outcome = service(request, folder=tmp_path_factory.mktemp("studio-png"))
     return outcome.paths[0], outcome.details
 
 

@@ -20,7 +20,8 @@ from pipelines.roundtrip.loop import (
     run_evaluation,
     word_diff,
 )
-from pipelines.sd3.generation import GenerationRequest, GenerationService
+from pipelines.sd3.generation import GenerationService
+from pipelines.sd3.jobs import GenerationRequest
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "assets" / "examples"
 

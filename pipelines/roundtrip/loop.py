@@ -29,8 +29,8 @@ from PIL import Image
 from pipelines.blip.captioner import CaptionRequest
 from pipelines.blip.matching import ImageTextMatcher, MatchRequest, TextScore
 from pipelines.catalog import CATALOG
-from pipelines.sd3.generation import GenerationOutcome, GenerationRequest, GenerationService
-from pipelines.sd3.image_to_image import ImageToImageRequest, image_to_image
+from pipelines.sd3.generation import GenerationService
+from pipelines.sd3.jobs import GenerationOutcome, GenerationRequest, ImageToImageRequest
 from pipelines.sd3.text_to_image import GenerateRequest, GenerateResult, model_key, size_limits
 
 PROMPTS_DIR = Path(__file__).resolve().parents[2] / "assets" / "prompts"
@@ -132,8 +132,8 @@ def prompt_round_trip(
     prompt and caption against it. ``save``/``folder``: where the PNG goes (see ``GenerationService.finish``)."""
     generation = _generation_service(generation)
     request = dataclasses.replace(_as_generation_request(request), num_images=1)
-    outcome = generation.run(
-        request, visitor=visitor, notify=notify, on_step=on_step, should_stop=should_stop, folder=folder, save=save
+    outcome = generation(
+        request, owner=visitor, notify=notify, on_step=on_step, should_stop=should_stop, folder=folder, save=save
     )
     image = outcome.images[0]
     prompt = outcome.result.request.prompt  # what the encoders read: LoRA tags out, trigger words in
@@ -173,18 +173,17 @@ def image_round_trip(
     generation = _generation_service(generation)
     request = request or GenerationRequest(prompt="")
     caption = matcher.captioner.caption(image, caption_request).captions[0].text
-    if strength is not None:
-        job = ImageToImageRequest(image, dataclasses.replace(request, prompt=caption, num_images=1), strength)
-        outcome = image_to_image(generation, job, visitor=visitor, notify=notify, folder=folder, save=save)
-        fit = matcher.match([outcome.images[0]], MatchRequest(texts=(caption,))).scores[0][0]
-        return ImageRoundTrip(caption=caption, generation=outcome, fit=fit)
-    if request.width is None or request.height is None:
-        side = size_limits(CATALOG[model_key(request.model)], generation.tiny)["default_size"]
-        width, height = image.size
-        scale = (side * side / (width * height)) ** 0.5  # the model's usual area, the image's shape
-        request = dataclasses.replace(request, width=width * scale, height=height * scale)
     request = dataclasses.replace(request, prompt=caption, num_images=1)
-    outcome = generation.run(request, visitor=visitor, notify=notify, folder=folder, save=save)
+    if strength is not None:
+        job = ImageToImageRequest(image, request, strength)
+    else:
+        if request.width is None or request.height is None:
+            side = size_limits(CATALOG[model_key(request.model)], generation.tiny)["default_size"]
+            width, height = image.size
+            scale = (side * side / (width * height)) ** 0.5  # the model's usual area, the image's shape
+            request = dataclasses.replace(request, width=width * scale, height=height * scale)
+        job = request
+    outcome = generation(job, owner=visitor, notify=notify, folder=folder, save=save)
     fit = matcher.match([outcome.images[0]], MatchRequest(texts=(caption,))).scores[0][0]
     return ImageRoundTrip(caption=caption, generation=outcome, fit=fit)
 

@@ -1,6 +1,7 @@
 """ControlNet for SD3.5 Large: the generation service's prepare and finish, with its own draw.
 
-    outcome, control_map = run(studio.generation, GenerationRequest(prompt="a house", control=ControlSettings(image)))
+    outcome = studio.generation(GenerationRequest(prompt="a house", control=ControlSettings(image)))
+    outcome.control_map  # the map the ControlNet followed (the service calls ``run`` below)
 
 1. ``GenerationService.prepare`` checks the request (a ControlNet fits SD3.5 Large only; Medium
    and Turbo get one sentence before any model loads), plans the memory mode with the ControlNet,
@@ -30,14 +31,7 @@ from PIL import Image
 from pipelines.catalog import DEPTH_ESTIMATOR_KEY
 from pipelines.memory.modes import get_mode
 from pipelines.sd3.control_maps import DEPTH_TRAINING_NOTE, CheckedControl, control_map
-from pipelines.sd3.generation import (
-    GenerationOutcome,
-    GenerationRequest,
-    GenerationService,
-    Notify,
-    PreparedGeneration,
-    StepCallback,
-)
+from pipelines.sd3.jobs import GenerationOutcome, GenerationRequest, Notify, PreparedGeneration, StepCallback
 from pipelines.sd3.text_to_image import GenerateResult, LatentPreviewer, generate
 
 
@@ -64,7 +58,7 @@ def controlnet_pipeline(base, controlnet):
     return pipeline
 
 
-def make_control_map(service: GenerationService, control: CheckedControl, notify: Notify | None = None):
+def make_control_map(service, control: CheckedControl, notify: Notify | None = None):
     """The map the ControlNet follows: the upload itself, or its canny/depth/blur map."""
     if not control.preprocess:
         return control.image
@@ -96,7 +90,7 @@ def control_tensor(pipeline, control: CheckedControl, image: Image.Image, height
 
 
 def draw(
-    service: GenerationService,
+    service,
     prepared: PreparedGeneration,
     control_image: Image.Image,
     *,
@@ -168,7 +162,7 @@ def _joined(parts: list[GenerateResult], request) -> GenerateResult:
 
 
 def run(
-    service: GenerationService,
+    service,
     request: GenerationRequest,
     *,
     visitor: str | None = None,
@@ -177,8 +171,9 @@ def run(
     should_stop: Callable[[], bool] | None = None,
     folder=None,
     save: bool = True,
-) -> tuple[GenerationOutcome, Image.Image]:
-    """Prepare, draw with the ControlNet, finish: (the outcome, the control map it followed)."""
+) -> GenerationOutcome:
+    """Prepare, draw with the ControlNet, finish (``service`` is the GenerationService, whose ``__call__``
+    hands requests with ``control`` here); the outcome's ``control_map`` is the map it followed."""
     if request.control is None:
         raise ValueError("No control image was given; upload one, or draw without ControlNet.")
     prepared = service.prepare(request, visitor=visitor, notify=notify)
@@ -194,4 +189,5 @@ def run(
     prepared.timings["prepare_seconds"] += prepared.timings["control_map_seconds"]
     prepared.timings["prepare_seconds"] += prepared.timings["controlnet_load_seconds"]
     outcome = service.finish(prepared, result, folder=folder, save=save)
-    return outcome, control_image
+    outcome.control_map = control_image
+    return outcome

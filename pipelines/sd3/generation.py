@@ -1,27 +1,27 @@
-"""The one way to draw with SD3.5: request in; images, PNG files and a details dict out.
+"""The one way to draw with SD3.5: a request in; images, PNG files, a details dict (and a control map) out.
 
-Every tab that draws (Generate, Round trip both ways, the evaluation run, the LoRA
-panel's model) goes through ``GenerationService``; so will image-to-image. In three
-named steps, which a caller may also run one by one (an img2img call swaps ``draw``):
+Every tab, the round trip, the evaluation run and the benchmarks call the service; nothing else
+draws (the trainer's validation renders, which run inside the training process, are the one
+exception). The request picks the pipeline (pipelines/sd3/jobs.py):
 
     service = studio.generation                     # or GenerationService(manager) without a Studio
-    outcome = service.run(GenerationRequest(prompt="a red fox <lora:style:0.8>", seed=7, steps=2))
-    outcome.images, outcome.paths, outcome.details  # PIL images, PNGs with their settings, plain data
+    outcome = service(GenerationRequest(prompt="a red fox <lora:style:0.8>", seed=7, steps=2))
+    outcome = service(GenerationRequest(prompt="a house", control=ControlSettings(edges)))  # ControlNet
+    outcome = service(ImageToImageRequest(photo, GenerationRequest(prompt=""), strength=0.6))  # img2img
+    outcome.images, outcome.paths, outcome.details, outcome.control_map
 
-1. ``prepare``: LoRA tags are taken out of the prompt and merged with ``lora``; presets fill
-   what was left empty and every value is checked (``sd3.resolve_request``); the memory mode is
-   chosen (``Studio.memory_mode_for`` refuses a visitor's change on a public instance); each
+Every job runs three named steps:
+
+1. ``prepare``: LoRA tags are taken out of the prompt and merged with ``lora`` (pipelines/sd3/lora_tags);
+   presets fill what was left empty and every value is checked (``sd3.resolve_request``); the memory
+   mode is chosen (``Studio.memory_mode_for`` refuses a visitor's change on a public instance); each
    LoRA name is found (loaded already, else in the LoRA folder or the registry) before any
    model loads; then the pipeline is fetched in that mode, LoRAs named but not loaded are
    loaded, their trigger words join the prompt, and the selection is applied or fused.
-2. ``draw``: ``sd3.generate`` with the step callback, previews and stop.
+2. draw: text to image here (``sd3.generate``); ControlNet and image to image bring their own
+   (``pipelines.sd3.controlnet``, ``pipelines.sd3.image_to_image``), each on a pipeline made with
+   ``from_pipe`` from the prepared one, which shares its weights and LoRAs.
 3. ``finish``: the PNGs are written (``sd3.save_images``) and the details dict is built.
-
-Image-to-image, inpainting and ControlNet reuse 1 and 3 as they are and bring their own
-``draw`` (e.g. ``StableDiffusion3Img2ImgPipeline.from_pipe(prepared.pipeline)``, which shares
-the loaded weights, LoRAs included) returning a ``GenerateResult``. ControlNet is
-``pipelines.sd3.controlnet.run``: a request with ``control`` set is checked here (SD3.5 Large
-only, memory planned with the ControlNet), drawn there.
 
 ``pipelines`` never imports gradio: notes go to a ``notify`` callable, the step stream to
 ``on_step``, and a stop request is polled through ``should_stop``.
@@ -30,24 +30,32 @@ only, memory planned with the ControlNet), drawn there.
 from __future__ import annotations
 
 import dataclasses
-import re
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
-from typing import Any
+from dataclasses import dataclass
+from pathlib import Path
 
 from PIL import Image
 
 from pipelines import settings, workspace
 from pipelines.catalog import CATALOG
 from pipelines.lora.library import LoadedLora, LoraLibrary, prompt_with_triggers
-from pipelines.lora.sources import LoraSource, sanitize_lora_name
+from pipelines.lora.sources import LoraSource
 from pipelines.memory import resolve_mode
-from pipelines.sd3.control_maps import CheckedControl, ControlSettings, check_control
+from pipelines.sd3 import controlnet, image_to_image
+from pipelines.sd3.control_maps import CheckedControl, check_control
 from pipelines.sd3.fast import prepare_for_lora
+from pipelines.sd3.jobs import (
+    GenerationOutcome,
+    GenerationRequest,
+    ImageToImageRequest,
+    Notify,
+    PreparedGeneration,
+    StepCallback,
+    image_fingerprint,
+)
+from pipelines.sd3.lora_tags import LoraChoice, merge_lora_choices, parse_lora_text, split_lora_tags
 from pipelines.sd3.text_to_image import (
-    GenerateRequest,
     GenerateResult,
     LatentPreviewer,
     ResolvedRequest,
@@ -55,105 +63,7 @@ from pipelines.sd3.text_to_image import (
     resolve_request,
     save_images,
 )
-from pipelines.validation import as_float, as_int
-
-Notify = Callable[[str], None]
-StepCallback = Callable[[int, int, list[Image.Image] | None], None]
-
-# A1111's extra-network syntax: <lora:name> or <lora:name:weight> anywhere in the prompt.
-LORA_TAG = re.compile(r"<lora:([^<>]*)>", flags=re.IGNORECASE)
-
-
-@dataclass(frozen=True)
-class GenerationRequest:
-    """Everything ``/generate`` takes. ``None`` means "the model's preset" (or the instance's mode).
-
-    ``lora`` is "name", "name:0.8, other:0.5" or A1111 tags; names load on demand from the LoRA
-    folder or the registry. ``lora_scale`` multiplies the weights of ``lora`` (not the prompt's
-    own ``<lora:name:w>`` tags, which are the exact weights a Studio PNG records).
-    """
-
-    prompt: str
-    model: str = "large"
-    negative_prompt: str = ""
-    seed: int = -1
-    steps: int | None = None
-    guidance: float | None = None
-    width: int | float | None = None
-    height: int | float | None = None
-    max_sequence_length: int = settings.DEFAULT_T5_TOKENS
-    skip_layer_guidance: bool | None = None
-    num_images: int = 1
-    memory_mode: str | None = None  # None or "": the instance's --memory
-    lora: str = ""
-    lora_scale: float | None = None  # None: 1
-    lora_fuse: bool = False
-    preview_every: int = 0  # 0: no previews
-    control: ControlSettings | None = None  # a ControlNet (SD3.5 Large only): drawn by pipelines.sd3.controlnet
-
-    def drawing(self, prompt: str) -> GenerateRequest:
-        """The model-level request for ``prompt`` (the prompt with its LoRA tags taken out)."""
-        return GenerateRequest(
-            prompt=prompt,
-            model=self.model,
-            negative_prompt=self.negative_prompt or "",
-            seed=-1 if self.seed is None else self.seed,
-            steps=self.steps,
-            guidance=self.guidance,
-            width=self.width,
-            height=self.height,
-            max_sequence_length=self.max_sequence_length,
-            skip_layer_guidance=self.skip_layer_guidance,
-            num_images=self.num_images,
-        )
-
-
-@dataclass(frozen=True)
-class LoraChoice:
-    """One LoRA a request names: its (sanitized) name, its weight (None: its default), where it was named."""
-
-    name: str  # the adapter name: sanitized, a file's stem without folders or .safetensors
-    weight: float | None
-    origin: str  # "prompt" | "lora"
-    text: str = field(default="", compare=False)  # as written: what the LoRA folder is searched for
-    scale: float = 1.0  # lora_scale, for a LoRA drawn at its default weight (weight None)
-
-    def weight_for(self, entry: LoadedLora) -> float:
-        """The weight to draw with: the one given, else ``entry``'s default times ``scale``."""
-        if self.weight is not None:
-            return self.weight
-        return _weight(f"the weight of {self.name} times lora_scale", entry.default_scale * self.scale)
-
-
-@dataclass
-class PreparedGeneration:
-    """A request made ready to draw: checked settings, the pipeline in its mode, the LoRAs applied."""
-
-    request: ResolvedRequest  # its prompt is what the encoders read: tags out, trigger words in
-    pipeline: Any
-    repo_id: str
-    memory_mode: str
-    memory_mode_reason: str
-    loras: list[dict]  # LoadedLora.png_entry(weight) of each active LoRA (+ "loaded_now")
-    lora_fused: bool
-    trigger_words: list[str]
-    notes: list[str]
-    preview_every: int
-    visitor: str | None
-    tiny: bool = False
-    timings: dict[str, float] = field(default_factory=dict)
-    control: CheckedControl | None = None  # the checked ControlNet request, if any
-
-
-@dataclass
-class GenerationOutcome:
-    result: GenerateResult
-    paths: list[Path]  # the PNGs written (empty when not saved)
-    details: dict
-
-    @property
-    def images(self) -> list[Image.Image]:
-        return self.result.images
+from pipelines.validation import as_int
 
 
 @dataclass(frozen=True)
@@ -166,83 +76,7 @@ class _Checked:
     library: LoraLibrary
     sources: dict[str, LoraSource]
     control: CheckedControl | None = None
-
-
-# ----------------------------------------------------------------------------- LoRA names
-
-
-def split_lora_tags(prompt: str) -> tuple[str, list[LoraChoice]]:
-    """(the prompt without its ``<lora:name:w>`` tags, the LoRAs they name).
-
-    A tag and the spaces before it are removed, so ``"a fox <lora:x:1>"`` becomes ``"a fox"``,
-    exactly the text the Studio drew before it appended the tag to the PNG's prompt.
-    """
-    if not isinstance(prompt, str):
-        return prompt, []
-    choices = [_choice(match.group(1), "prompt", f"<lora:{match.group(1)}>") for match in LORA_TAG.finditer(prompt)]
-    if not choices:
-        return prompt, []
-    return re.sub(r"[ \t]*" + LORA_TAG.pattern, "", prompt, flags=re.IGNORECASE).strip(), choices
-
-
-def parse_lora_text(text: str | None, lora_scale: float | None = None) -> list[LoraChoice]:
-    """The ``lora`` parameter ("name", "name:0.8, other:0.5", or A1111 tags) -> choices; weights times ``lora_scale``."""
-    if text is None or text == "":
-        return []
-    if not isinstance(text, str):
-        raise ValueError(f"lora must be text such as 'name:0.8, other:0.5', not {type(text).__name__}.")
-    multiplier = 1.0 if lora_scale is None else _weight("lora_scale", lora_scale)
-    choices = []
-    for raw in re.split(r"[,\n]", text):
-        item = raw.strip()
-        if item.lower().startswith("<lora:") and item.endswith(">"):
-            item = item[len("<lora:") : -1]
-        if item:
-            choices.append(_choice(item, "lora", item, multiplier))
-    return choices
-
-
-def _choice(item: str, origin: str, shown: str, multiplier: float = 1.0) -> LoraChoice:
-    name, _, weight_text = item.partition(":")
-    if ":" in weight_text:
-        raise ValueError(f"{shown} gives several weights; give one: <lora:name:0.8>.")
-    if not name.strip():
-        raise ValueError(f"{shown} names no LoRA; write <lora:name:0.8>.")
-    text = name.strip()
-    key = sanitize_lora_name(PurePosixPath(text).stem if text.lower().endswith(".safetensors") else text)
-    if not weight_text.strip():
-        return LoraChoice(key, None, origin, text, multiplier)
-    weight = _weight(f"the weight of {key}", weight_text)
-    if multiplier != 1.0:
-        weight = _weight(f"the weight of {key} times lora_scale", weight * multiplier)
-    return LoraChoice(key, weight, origin, text)
-
-
-def _weight(name: str, value) -> float:
-    return as_float(name, value, -settings.MAX_LORA_WEIGHT, settings.MAX_LORA_WEIGHT)
-
-
-def merge_lora_choices(from_prompt: list[LoraChoice], from_lora: list[LoraChoice]) -> list[LoraChoice]:
-    """The prompt's tags, then the ``lora`` parameter's names; a LoRA named in both must agree on its weight."""
-    merged: dict[str, LoraChoice] = {}
-    for choice in [*from_prompt, *from_lora]:
-        earlier = merged.get(choice.name)
-        if earlier is None:
-            merged[choice.name] = choice
-        elif earlier.origin == choice.origin:
-            raise ValueError(f"The LoRA {choice.name!r} is named twice; give each LoRA once.")
-        elif earlier.weight != choice.weight:
-            raise ValueError(
-                f"The LoRA {choice.name!r} is in the prompt at weight {_shown(earlier.weight)} and in lora at "
-                f"{_shown(choice.weight)}; give it once."
-            )
-    if len(merged) > settings.MAX_ACTIVE_LORAS:
-        raise ValueError(f"{len(merged)} LoRAs were named; use at most {settings.MAX_ACTIVE_LORAS} at once.")
-    return list(merged.values())
-
-
-def _shown(weight: float | None) -> str:
-    return "default" if weight is None else f"{weight:g}"
+    notes: tuple[str, ...] = ()  # what the user should know about the request as given (e.g. a LoRA tag won)
 
 
 # ----------------------------------------------------------------------------- the service
@@ -267,8 +101,10 @@ class GenerationService:
         memory_mode: str = "auto",
         memory_mode_for: Callable[[str | None, str, int, int], str] | None = None,
         outputs_dir: Path | None = None,
+        describe: Callable[[Image.Image], str] | None = None,
     ) -> None:
         self.manager = manager
+        self.describe = describe
         self.libraries = (
             dict(libraries)
             if libraries is not None
@@ -349,7 +185,7 @@ class GenerationService:
         checked = self._check(request, visitor)
         resolved, choices, library, sources = checked.request, checked.choices, checked.library, checked.sources
         mode, mode_reason, key = checked.memory_mode, checked.memory_mode_reason, resolved.model_key
-        notes = list(resolved.notes)
+        notes = [*checked.notes, *resolved.notes]
         for note in notes:
             say(note)
 
@@ -414,6 +250,7 @@ class GenerationService:
             tiny=self.tiny,
             timings=timings,
             control=checked.control,
+            mode="controlnet" if checked.control is not None else "txt2img",
         )
 
     def check(self, request: GenerationRequest, *, visitor: str | None = None) -> ResolvedRequest:
@@ -424,7 +261,7 @@ class GenerationService:
     def _check(self, request: GenerationRequest, visitor: str | None) -> _Checked:
         # 1. Settings: the prompt's LoRA tags out, presets in, every value checked.
         prompt, tagged = split_lora_tags(request.prompt)
-        choices = merge_lora_choices(tagged, parse_lora_text(request.lora, request.lora_scale))
+        choices, lora_notes = merge_lora_choices(tagged, parse_lora_text(request.lora, request.lora_scale))
         resolved = resolve_request(request.drawing(prompt), tiny=self.tiny)
         preview_every = 0 if request.preview_every is None else request.preview_every
         preview_every = as_int("preview_every", preview_every, 0, settings.MAX_PREVIEW_EVERY)
@@ -441,7 +278,7 @@ class GenerationService:
         )
         library = self.libraries[key]
         sources = self._lora_sources(library, choices, visitor)
-        return _Checked(resolved, choices, preview_every, mode, reason, library, sources, control)
+        return _Checked(resolved, choices, preview_every, mode, reason, library, sources, control, tuple(lora_notes))
 
     def _lora_sources(
         self, library: LoraLibrary, choices: list[LoraChoice], visitor: str | None
@@ -503,6 +340,15 @@ class GenerationService:
         """Write the PNGs (into ``folder``, default: the visitor's session folder; a copy in --outputs)
         and build the details dict."""
         before = time.perf_counter()
+        # Each image's record: its job, its place in it, its source, its own pixels (pipelines/sd3/records).
+        for index, (image, image_settings) in enumerate(zip(result.images, result.settings, strict=True)):
+            image_settings["job"] = {
+                "id": prepared.job_id,
+                "mode": prepared.mode,
+                "index": index,
+                "source": prepared.source,
+                "image": image_fingerprint(image),
+            }
         paths: list[Path] = []
         if save:
             if folder is None:
@@ -519,21 +365,34 @@ class GenerationService:
             result=result, paths=paths, details=generation_details(prepared, result, paths, timings)
         )
 
-    def run(
+    def __call__(
         self,
-        request: GenerationRequest,
+        request: GenerationRequest | ImageToImageRequest,
         *,
-        visitor: str | None = None,
+        owner: str | None = None,
         notify: Notify | None = None,
         on_step: StepCallback | None = None,
         should_stop: Callable[[], bool] | None = None,
         folder: Path | None = None,
         save: bool = True,
     ) -> GenerationOutcome:
-        """``prepare``, ``draw`` and ``finish`` in one call (a request with ``control``: ``sd3.controlnet.run``)."""
+        """Draw ``request``: text to image, ControlNet (``control`` set) or image to image.
+
+        ``owner`` is whose LoRAs the job may use and whose folder receives the PNGs (None: the
+        operator, who sees every LoRA); ``notify`` receives the sentences a user should see;
+        ``on_step(step, total, previews)`` follows the denoising loop; ``should_stop()`` is polled
+        at every step (a stop keeps the steps done). ``folder`` (default: the owner's session folder)
+        receives the PNGs unless ``save`` is False. ValueError with one sentence for the first bad
+        value, before any model loads.
+        """
+        arguments = {"visitor": owner, "notify": notify, "on_step": on_step, "should_stop": should_stop}
+        if isinstance(request, ImageToImageRequest):
+            return image_to_image.run(self, request, describe=self.describe, folder=folder, save=save, **arguments)
+        if not isinstance(request, GenerationRequest):
+            raise TypeError(f"GenerationService draws a GenerationRequest or an ImageToImageRequest, not {request!r}.")
         if request.control is not None:
-            raise ValueError("A request with a control image is drawn by pipelines.sd3.controlnet.run.")
-        prepared = self.prepare(request, visitor=visitor, notify=notify)
+            return controlnet.run(self, request, folder=folder, save=save, **arguments)
+        prepared = self.prepare(request, visitor=owner, notify=notify)
         result = self.draw(prepared, on_step=on_step, should_stop=should_stop)
         return self.finish(prepared, result, folder=folder, save=save)
 
@@ -576,4 +435,7 @@ def generation_details(
         "warnings": list(result.warnings),
         "tiny": prepared.tiny,  # a tiny random stand-in drew it: noise by design
         "controlnet": prepared.control.details() if prepared.control is not None else None,
+        "mode": prepared.mode,
+        "job_id": prepared.job_id,
+        "source": prepared.source,  # the input image of an image-to-image job: size and pixel hash
     }

@@ -1,7 +1,7 @@
 """Image to image and inpainting with SD3.5, on the generation service's ``prepare`` and ``finish``.
 
     request = ImageToImageRequest(image, GenerationRequest(prompt="", seed=7), strength=0.6)
-    outcome = image_to_image(studio.generation, request, describe=studio.caption_for_prompt)
+    outcome = studio.generation(request)  # the service calls ``run`` below
     outcome.images, outcome.paths, outcome.details  # as /generate's, plus strength, denoising steps, caption
 
 Only ``draw`` is this module's own: ``StableDiffusion3Img2ImgPipeline`` (or ``...InpaintPipeline``)
@@ -35,14 +35,16 @@ from PIL import Image
 from pipelines import settings
 from pipelines.catalog import CATALOG
 from pipelines.images import load_image
-from pipelines.sd3.generation import (
+from pipelines.sd3.jobs import (
     GenerationOutcome,
     GenerationRequest,
-    GenerationService,
+    ImageToImageRequest,
+    Notify,
     PreparedGeneration,
     StepCallback,
-    split_lora_tags,
+    image_fingerprint,
 )
+from pipelines.sd3.lora_tags import split_lora_tags
 from pipelines.sd3.text_to_image import (
     SIZE_MULTIPLE,
     GenerateResult,
@@ -53,30 +55,6 @@ from pipelines.sd3.text_to_image import (
     snap,
 )
 from pipelines.validation import as_float, as_int
-
-Notify = Callable[[str], None]
-
-
-@dataclass(frozen=True)
-class ImageToImageRequest:
-    """An image to redraw, and how. ``generation.width``/``height`` are ignored: the image sets the size.
-
-    ``generation.prompt`` empty (or only LoRA tags) means BLIP's caption of ``image``. ``inpaint``
-    repaints only where ``mask`` is white; ``paste_back`` then keeps every other pixel as it was.
-    """
-
-    image: Image.Image  # RGB, decoded and checked (pipelines.images.load_image)
-    generation: GenerationRequest
-    strength: float | None = None  # None: settings.DEFAULT_STRENGTH
-    inpaint: bool = False
-    mask: Image.Image | None = None  # inpaint: white (or any painted pixel) = repaint
-    mask_blur: int | None = None  # None: settings.DEFAULT_MASK_BLUR
-    paste_back: bool = True
-
-    @property
-    def mode(self) -> str:
-        return "inpaint" if self.inpaint else "img2img"
-
 
 # ----------------------------------------------------------------------------- checks
 
@@ -278,7 +256,7 @@ class CheckedRequest:
 
 
 def check_request(
-    service: GenerationService, request: ImageToImageRequest, image: Image.Image, visitor: str | None = None
+    service, request: ImageToImageRequest, image: Image.Image, visitor: str | None = None
 ) -> CheckedRequest:
     """Every check that needs no model (strength, mask, size, the generation settings); ValueError otherwise.
     An empty prompt is checked as if BLIP's caption were in it already."""
@@ -315,8 +293,8 @@ def check_request(
     return CheckedRequest(job, strength, tuple(notes), mask, blur, weights)
 
 
-def image_to_image(
-    service: GenerationService,
+def run(
+    service,
     request: ImageToImageRequest,
     *,
     describe: Callable[[Image.Image], str] | None = None,
@@ -327,7 +305,8 @@ def image_to_image(
     folder: Path | None = None,
     save: bool = True,
 ) -> GenerationOutcome:
-    """Redraw ``request.image`` (see the module docstring). ``describe(image)`` gives BLIP's caption
+    """Redraw ``request.image`` (see the module docstring) with ``service``, the GenerationService whose
+    ``__call__`` hands image-to-image jobs here. ``describe(image)`` gives BLIP's caption
     (``Studio.caption_for_prompt``), needed only for an empty prompt. ValueError with one sentence for the first bad input."""
     say = notify or (lambda _sentence: None)
     image = request.image.convert("RGB")
@@ -349,6 +328,7 @@ def image_to_image(
 
     # 3. Memory mode, pipeline and LoRAs, as for text to image.
     prepared = service.prepare(job, visitor=visitor, notify=notify)
+    prepared.mode, prepared.source = request.mode, image_fingerprint(image)
     for note in notes:
         prepared.notes.append(note)
         say(note)

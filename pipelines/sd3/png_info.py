@@ -30,7 +30,7 @@ from PIL import Image
 from pipelines import settings
 from pipelines.catalog import CATALOG, SD3_SHORT_NAMES
 from pipelines.images import ImageDecodeError
-from pipelines.sd3.generation import LORA_TAG
+from pipelines.sd3.lora_tags import LORA_TAG
 from pipelines.sd3.png_metadata import PARAMETERS_KEY, STUDIO_KEY, parse_a1111_parameters
 from pipelines.sd3.text_to_image import SIZE_MULTIPLE, lora_weight_text, size_limits, snap
 
