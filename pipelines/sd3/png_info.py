@@ -132,7 +132,7 @@ def _png_texts(data: bytes, label: str) -> tuple[dict[str, str], Image.Exif]:
         metadata = read_png_metadata(data)
     except PngTooLargeError as error:
         raise ImageDecodeError(
-            f"{label} was not read: {error}, far more than any settings take; upload the image as its tool saved it."
+            f"{label} was not read: {error}, more than an image with settings ever has; upload the image as its tool saved it."
         ) from None
     except PngChunkError as error:
         raise ImageDecodeError(
