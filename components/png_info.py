@@ -12,6 +12,7 @@ import re
 import gradio as gr
 
 from components.common import UploadedImage, launch_alone, named_endpoint, parameter
+from pipelines import settings
 from pipelines.sd3.png_info import generate_form_values, read_generation_settings
 from pipelines.studio import Studio
 
@@ -144,7 +145,11 @@ def build_png_info_tab(studio: Studio) -> dict:
         inputs=image,
         outputs=[summary, raw, details, settings_read],
         api_name="png_info",
-        queue=False,
+        # Queued like every event that reads an upload, on the CPU's own id and limit (it runs no model,
+        # so it never waits for a generation); unqueued, a burst of uploads would bypass every limit.
+        concurrency_id=settings.CPU_CONCURRENCY_ID,
+        concurrency_limit=settings.CPU_CONCURRENCY_LIMIT,
+        show_progress="minimal",
     )
     return {
         "image": image,

@@ -57,6 +57,20 @@ MAX_IMAGE_SIDE = 2048
 # this is still accepted, because only frame 0 is ever decoded.
 
 
+# --- metadata in uploads (pipelines/png_chunks, pipelines/sd3/png_info) --------------
+# Read from the file's chunks without decoding a pixel. Chunks walked in one PNG: a 50 MB
+# upload in libpng's 8 kB IDAT chunks has about 6,400; 65,536 headers are walked in ~0.1 s.
+PNG_MAX_CHUNKS = 65_536
+# One text chunk (tEXt, zTXt, iTXt), unpacked. ComfyUI's prompt/workflow JSON runs to a few
+# hundred kB; a bigger chunk is skipped unread, and a zTXt stops inflating at this size.
+PNG_MAX_TEXT_CHUNK_BYTES = 2 * 1024 * 1024
+# All the text chunks of one file together, unpacked: a file past it is refused.
+PNG_MAX_TEXT_BYTES = 8 * 1024 * 1024
+# The A1111 ``parameters`` text that is parsed (from a PNG chunk or an EXIF UserComment). A1111's own
+# runs to a few kB (a long prompt, ~20 settings, LoRA hashes); 64 kB leaves room for any real one.
+MAX_PARAMETERS_CHARS = 65_536
+
+
 # --- BLIP captioning (pipelines/blip/captioner) -------------------------------------
 class CaptionStrategy(StrEnum):
     """How BLIP decodes: the one list that requests, controls and every check read."""
@@ -250,6 +264,10 @@ EVALUATION_RESULTS_DIR = Path(os.environ.get("STUDIO_RESULTS_DIR") or _CACHE_HOM
 # QUEUE_MAX_SIZE a request is refused with Gradio's "queue is full" message.
 CONCURRENCY_LIMIT = _env_int("STUDIO_CONCURRENCY", 1, ceiling=8)
 QUEUE_MAX_SIZE = _env_int("STUDIO_QUEUE_SIZE", 32, ceiling=512)
+# Events that decode or parse an upload on the CPU and run no model (PNG Info) share this id and
+# limit: queued like the rest, apart from the GPU's queue, so they never wait for a generation.
+CPU_CONCURRENCY_ID = "cpu"
+CPU_CONCURRENCY_LIMIT = _env_int("STUDIO_CPU_CONCURRENCY", 2, ceiling=8)
 
 # --- the Hugging Face Hub (pipelines/hub_access) ------------------------------------------
 # Before a model loads from the Hub, one request checks that the Hub answers; without it a machine

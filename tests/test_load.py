@@ -60,6 +60,7 @@ OUTSIDE_GPU_QUEUE = (
     "scoreboard",  # reads files and meta-device architectures
     "train_start",  # checks a dataset (one at a time, its own concurrency id) and starts a subprocess
     "caption_batch_export",  # rewrites the last batch's zip with edited captions: file copying, no model
+    "png_info",  # reads an upload's metadata chunks (no pixel decoded) on the CPU queue
 )
 
 

@@ -332,3 +332,16 @@ def test_send_to_generate_waits_for_the_preset_only_when_the_model_changes():
     assert pending_form_values(None, after_preset=True) == skipped  # a model switched by hand: no change
     with pytest.raises(ValueError, match="no settings to send"):
         generate_form_update({"found": False}, "large", tiny=False)
+
+
+def test_png_info_is_queued_on_the_cpu_concurrency_id():
+    """Queued like every event that reads an upload, apart from the GPU's queue (it runs no model)."""
+    import gradio as gr
+
+    from components.png_info import build_png_info_tab
+
+    with gr.Blocks() as demo:
+        build_png_info_tab(None)  # the tab reads no Studio state
+    (event,) = [fn for fn in demo.fns.values() if fn.api_name == "png_info"]
+    assert event.queue and event.concurrency_id == settings.CPU_CONCURRENCY_ID != settings.GPU_CONCURRENCY_ID
+    assert event.concurrency_limit == settings.CPU_CONCURRENCY_LIMIT

@@ -11,7 +11,7 @@ Three places hold them, tried in this order:
 ``read_generation_settings`` returns one dict whatever the source (``found`` says whether
 anything was there; ``message`` is the sentence when not). ``generate_form_values`` turns
 it into values the Generate tab accepts for a model, clamping what is out of range with a
-note. No pixels are decoded, except for a PNG whose text sits after its image data.
+note. No pixel is decoded, and the text that is parsed is bounded (settings.MAX_PARAMETERS_CHARS).
 """
 
 from __future__ import annotations
@@ -30,11 +30,12 @@ from PIL import Image
 from pipelines import settings
 from pipelines.catalog import CATALOG, SD3_SHORT_NAMES
 from pipelines.images import ImageDecodeError
+from pipelines.png_chunks import PngChunkError, PngTooLargeError, is_png, read_png_metadata
 from pipelines.sd3.lora_tags import LORA_TAG
 from pipelines.sd3.png_metadata import PARAMETERS_KEY, STUDIO_KEY, parse_a1111_parameters
 from pipelines.sd3.text_to_image import SIZE_MULTIPLE, lora_weight_text, size_limits, snap
 
-SETTINGS_FORMATS = ("PNG", "JPEG", "WEBP")  # the formats A1111, Forge and the Studio write settings into
+_EXIF_FORMATS = ("JPEG", "WEBP")  # the ones Pillow opens here (a PNG is read by pipelines.png_chunks)
 EXIF_IFD_TAG = 0x8769  # the Exif sub-IFD, which holds UserComment
 USER_COMMENT_TAG = 0x9286
 _SIZE = re.compile(r"^\s*(\d+)\s*x\s*(\d+)\s*$")
@@ -65,7 +66,7 @@ def read_generation_settings(source: str | os.PathLike | bytes, *, name: str | N
     if studio_text:
         try:
             studio = json.loads(studio_text)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: arrays nested thousands deep
             notes.append("The Studio's JSON chunk is damaged; the settings come from the parameters text.")
         if not isinstance(studio, dict):
             studio = None
@@ -103,19 +104,63 @@ def _read_bytes(source, label: str) -> bytes:
 
 
 def _settings_texts(data: bytes, label: str) -> tuple[str | None, str | None, str]:
-    """(parameters text, studio JSON text, where they came from) of an image file's bytes."""
+    """(parameters text, studio JSON text, where they came from) of an image file's bytes.
+
+    No pixel is decoded: a PNG's chunks are read by ``pipelines.png_chunks`` (text before and
+    after the image data alike), a JPEG's or WebP's EXIF by Pillow's lazy open.
+    """
+    if is_png(data):
+        kind, chunks, exif = "PNG", *_png_texts(data, label)
+    else:
+        kind, chunks, exif = _exif_of_other_image(data, label)
+    comment = _user_comment(exif)
+    parameters = chunks.get(PARAMETERS_KEY)
+    if parameters:
+        return _bounded(parameters, label), chunks.get(STUDIO_KEY), f"{kind.lower()}-parameters"
+    if comment:
+        return _bounded(comment, label), None, f"{kind.lower()}-exif"
+    return (
+        None,
+        chunks.get(STUDIO_KEY),
+        kind.lower() + ("-comfyui" if "workflow" in chunks or "prompt" in chunks else ""),
+    )
+
+
+def _png_texts(data: bytes, label: str) -> tuple[dict[str, str], Image.Exif]:
+    """(text chunks, EXIF) of a PNG file's bytes, read from its chunks within the limits of png_chunks."""
+    try:
+        metadata = read_png_metadata(data)
+    except PngTooLargeError as error:
+        raise ImageDecodeError(
+            f"{label} was not read: {error}, more than an image with settings ever has; upload the image as its tool saved it."
+        ) from None
+    except PngChunkError as error:
+        raise ImageDecodeError(
+            f"{label} could not be read ({error}); the file looks damaged or incomplete, so upload the original again."
+        ) from None
+    if PARAMETERS_KEY in metadata.oversized:  # over the per-chunk limit, so far over the parameters limit
+        raise _parameters_too_long(label)
+    exif = Image.Exif()
+    if metadata.exif:
+        try:
+            exif.load(metadata.exif)
+        except Exception:  # noqa: BLE001 - a broken EXIF block means "no comment", not a broken image
+            exif = Image.Exif()
+    return metadata.texts, exif
+
+
+def _exif_of_other_image(data: bytes, label: str) -> tuple[str, dict[str, str], Image.Exif]:
+    """(format, text entries, EXIF) of a JPEG or WebP. Pillow's open reads headers only; nothing here calls load()."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data), formats=SETTINGS_FORMATS) as image:
-                kind = image.format
-                # Text chunks before the image data are parsed by open(); ones after it need the pixels
-                # decoded, which is done only within the decode limit.
+            with Image.open(io.BytesIO(data), formats=_EXIF_FORMATS) as image:
                 chunks = {key: value for key, value in image.info.items() if isinstance(value, str)}
-                after_pixels = kind == "PNG" and PARAMETERS_KEY not in chunks and STUDIO_KEY not in chunks
-                if after_pixels and image.width * image.height <= settings.MAX_DECODE_PIXELS:
-                    chunks = {key: value for key, value in image.text.items() if isinstance(value, str)}
-                comment = _user_comment(image)
+                try:
+                    exif = image.getexif()
+                except Exception:  # noqa: BLE001 - a broken EXIF block means "no comment", not a broken image
+                    exif = Image.Exif()
+                return image.format, chunks, exif
     except Image.UnidentifiedImageError:
         raise ImageDecodeError(
             f"{label} is not a PNG, JPEG or WebP image, the formats that carry generation settings; "
@@ -128,22 +173,26 @@ def _settings_texts(data: bytes, label: str) -> tuple[str | None, str | None, st
         raise ImageDecodeError(
             f"{label} could not be read ({reason}); the file looks damaged or incomplete, so upload the original again."
         ) from error
-    parameters = chunks.get(PARAMETERS_KEY)
-    if parameters:
-        return parameters, chunks.get(STUDIO_KEY), f"{kind.lower()}-parameters"
-    if comment:
-        return comment, None, f"{kind.lower()}-exif"
-    return (
-        None,
-        chunks.get(STUDIO_KEY),
-        kind.lower() + ("-comfyui" if "workflow" in chunks or "prompt" in chunks else ""),
+
+
+def _bounded(text: str, label: str) -> str:
+    """``text`` when it is short enough to parse (settings.MAX_PARAMETERS_CHARS), else the sentence why not."""
+    if len(text) > settings.MAX_PARAMETERS_CHARS:
+        raise _parameters_too_long(label)
+    return text
+
+
+def _parameters_too_long(label: str) -> ImageDecodeError:
+    return ImageDecodeError(
+        f"{label} carries a parameters text over {settings.MAX_PARAMETERS_CHARS // 1024} kB, far more than "
+        "settings take (A1111's run to a few kB), so it was not read; upload the image as its tool saved it."
     )
 
 
-def _user_comment(image: Image.Image) -> str | None:
+def _user_comment(exif: Image.Exif) -> str | None:
     """The EXIF UserComment text (A1111's place for settings in JPEG and WebP), or None."""
     try:
-        raw = image.getexif().get_ifd(EXIF_IFD_TAG).get(USER_COMMENT_TAG)
+        raw = exif.get_ifd(EXIF_IFD_TAG).get(USER_COMMENT_TAG)
     except Exception:  # noqa: BLE001 - a broken EXIF block means "no comment", not a broken image
         return None
     text = decode_user_comment(raw) if raw is not None else ""

@@ -16,19 +16,24 @@ Two text chunks:
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
 from pathlib import Path
 
 from PIL import Image, PngImagePlugin
 
 from pipelines import settings
+from pipelines.png_chunks import is_png, read_png_metadata
 
 PARAMETERS_KEY = "parameters"
 STUDIO_KEY = "studio"
 _NEGATIVE_PREFIX = "Negative prompt: "
-# One "Key: value" pair: a JSON-quoted value, or anything up to the next comma.
-_PAIR = re.compile(r'\s*([\w .\-/()]+):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
+# Runs of one character class from a given position, for the settings-line scanner: a single class
+# with nothing after it cannot backtrack, so each run costs its length.
+_WHITESPACE_RUN = re.compile(r"\s*")
+_KEY_RUN = re.compile(r"[\w .\-/()]*")  # the characters of a key: "CFG scale", "Lora hashes", "Model (v2)"
 
 
 def _quote(value) -> str:
@@ -46,10 +51,17 @@ def a1111_parameters(prompt: str, negative_prompt: str, settings: dict) -> str:
 
 
 def parse_a1111_parameters(text: str) -> tuple[str, str, dict[str, str]]:
-    """(prompt, negative prompt, settings) from a ``parameters`` text; values stay strings."""
+    """(prompt, negative prompt, settings) from a ``parameters`` text; values stay strings.
+
+    Time linear in the text's length (see ``settings_pairs``); the caller bounds the length.
+    """
     lines = text.strip("\n").split("\n")
     # As A1111: the last line holds the settings when it has at least 3 "Key: value" pairs.
-    settings_line = lines.pop() if len(lines) > 1 and len(_PAIR.findall(lines[-1])) >= 3 else ""
+    pairs = settings_pairs(lines[-1]) if len(lines) > 1 else []
+    if len(pairs) >= 3:
+        lines.pop()
+    else:
+        pairs = []
     negative_lines: list[str] = []
     prompt_lines: list[str] = []
     for line in lines:
@@ -61,14 +73,66 @@ def parse_a1111_parameters(text: str) -> tuple[str, str, dict[str, str]]:
         else:
             prompt_lines.append(line)
     settings: dict[str, str] = {}
-    for match in _PAIR.finditer(settings_line):
-        key, value = match.group(1).strip(), match.group(2).strip()
+    for key, value in pairs:
+        key, value = key.strip(), value.strip()
         if not key:
             continue
         if value.startswith('"'):
-            value = json.loads(value)
+            # A quote that is not JSON (`"a" b`, an unknown escape) is kept as written.
+            with contextlib.suppress(ValueError):
+                value = json.loads(value)
         settings[key] = value
     return "\n".join(prompt_lines), "\n".join(negative_lines), settings
+
+
+def settings_pairs(line: str) -> list[tuple[str, str]]:
+    """The ``(key, value)`` pairs of an A1111 settings line, as written (not stripped, quotes kept).
+
+    ``Key: value, Key: "JSON-quoted, value", ...``: a key is a run of letters, digits and
+    `` _.-/()`` before a colon; a value is a JSON-quoted string followed by a comma or the end of
+    the line, else everything up to the next comma. Text that is no pair is skipped. One pass: a
+    failed key is never rescanned from a later character of the same run, and a quoted value
+    stops at the next unescaped quote, so the time is linear in ``len(line)``.
+    """
+    pairs: list[tuple[str, str]] = []
+    position, end = 0, len(line)
+    while position < end:
+        key_start = _WHITESPACE_RUN.match(line, position).end()
+        key_end = _KEY_RUN.match(line, key_start).end()
+        if key_end == end or line[key_end] != ":":
+            # Every start from here to key_end reaches the same key_end and fails the same way.
+            position = max(key_end, position + 1)
+            continue
+        if key_end == key_start:  # ": value" with no key: a space before the colon counts as one
+            if key_start == position or line[key_start - 1] != " ":
+                position = key_start + 1  # every start up to the colon fails the same way
+                continue
+            key_start -= 1
+        value_start = _WHITESPACE_RUN.match(line, key_end + 1).end()
+        value_end = _quoted_end(line, value_start) if line.startswith('"', value_start) else -1
+        if value_end < 0 or (value_end < end and line[value_end] != ","):
+            comma = line.find(",", value_start)
+            value_end = end if comma < 0 else comma
+        pairs.append((line[key_start:key_end], line[value_start:value_end]))
+        position = value_end + 1  # past the comma
+    return pairs
+
+
+def _quoted_end(line: str, start: int) -> int:
+    """The index after the quote that closes the string opening at ``line[start]``, or -1 if none does.
+
+    A backslash escapes the next character. Each character is looked at a bounded number of times.
+    """
+    position = start + 1
+    quote = line.find('"', position)
+    while quote >= 0:
+        backslash = line.find("\\", position, quote)
+        if backslash < 0:
+            return quote + 1
+        position = backslash + 2  # the escaped character, whatever it is
+        if position > quote:
+            quote = line.find('"', position)
+    return -1
 
 
 def save_png(image: Image.Image, path: Path, parameters: str, studio_settings: dict) -> Path:
@@ -81,8 +145,21 @@ def save_png(image: Image.Image, path: Path, parameters: str, studio_settings: d
 
 
 def read_png_settings(path: Path) -> tuple[str | None, dict | None]:
-    """(parameters text, studio JSON) from a PNG written by ``save_png``; None where absent."""
-    with Image.open(path) as image:
-        text_chunks = getattr(image, "text", {}) or {}
-        studio = text_chunks.get(STUDIO_KEY)
-        return text_chunks.get(PARAMETERS_KEY), json.loads(studio) if studio else None
+    """(parameters text, studio JSON) from a PNG written by ``save_png``; None where absent (or not a PNG).
+
+    Read from the file's chunks by ``pipelines.png_chunks``: no pixel is decoded and every chunk is
+    bounded. Raises OSError when the file cannot be read, ValueError when it is damaged or too large.
+    """
+    if os.path.getsize(path) > settings.MAX_UPLOAD_BYTES:
+        raise ValueError(
+            f"{Path(path).name} is over {settings.MAX_UPLOAD_BYTES // 2**20} MB, more than any PNG read here."
+        )
+    data = Path(path).read_bytes()
+    if not is_png(data):
+        return None, None
+    texts = read_png_metadata(data).texts
+    studio = texts.get(STUDIO_KEY)
+    try:
+        return texts.get(PARAMETERS_KEY), json.loads(studio) if studio else None
+    except RecursionError:  # JSON nested thousands deep: no settings JSON the Studio writes
+        raise ValueError(f"The settings JSON in {Path(path).name} is nested too deeply to read.") from None
