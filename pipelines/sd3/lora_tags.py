@@ -47,10 +47,18 @@ def split_lora_tags(prompt: str) -> tuple[str, list[LoraChoice]]:
     """
     if not isinstance(prompt, str):
         return prompt, []
-    choices = [_choice(match.group(1), "prompt", f"<lora:{match.group(1)}>") for match in LORA_TAG.finditer(prompt)]
-    if not choices:
+    matches = list(LORA_TAG.finditer(prompt))
+    if not matches:
         return prompt, []
-    return re.sub(r"[ \t]*" + LORA_TAG.pattern, "", prompt, flags=re.IGNORECASE).strip(), choices
+    choices = [_choice(match.group(1), "prompt", f"<lora:{match.group(1)}>") for match in matches]
+    # One pass: the text between tags, each piece without the spaces that stood before the next tag.
+    # (A pattern with a leading [ \t]* would retry at every space of a long run: quadratic.)
+    pieces, start = [], 0
+    for match in matches:
+        pieces.append(prompt[start : match.start()].rstrip(" \t"))
+        start = match.end()
+    pieces.append(prompt[start:])
+    return "".join(pieces).strip(), choices
 
 
 def parse_lora_text(text: str | None, lora_scale: float | None = None) -> list[LoraChoice]:
