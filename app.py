@@ -19,6 +19,7 @@ from components.generate import build_generate_tab, selected_image
 from components.image_to_image import build_image_to_image_tab
 from components.match import build_match_tab
 from components.png_info import GENERATE_FIELDS, build_png_info_tab, pending_form_values, send_to_generate
+from components.queue_limits import install_client_limits
 from components.roundtrip import build_roundtrip_tab
 from components.scoreboard import build_scoreboard_tab
 from components.system import build_system_tab
@@ -227,6 +228,7 @@ def main(argv: list[str] | None = None) -> None:
         studio.manager.preload("blip-caption")  # BLIP is small; the first click should not wait for it
     demo = build_app(studio)
     demo.queue(max_size=settings.QUEUE_MAX_SIZE, default_concurrency_limit=settings.CONCURRENCY_LIMIT)
+    install_client_limits(demo, settings.MAX_PENDING_PER_CLIENT)  # one client cannot fill the queue
     demo.launch(
         server_name=args.host,
         server_port=args.port,

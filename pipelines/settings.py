@@ -268,6 +268,10 @@ QUEUE_MAX_SIZE = _env_int("STUDIO_QUEUE_SIZE", 32, ceiling=512)
 # limit: queued like the rest, apart from the GPU's queue, so they never wait for a generation.
 CPU_CONCURRENCY_ID = "cpu"
 CPU_CONCURRENCY_LIMIT = _env_int("STUDIO_CPU_CONCURRENCY", 2, ceiling=8)
+# Queued events one client (components.common.client_identity) may have waiting; its running one does not
+# count. Past it the next is refused with a sentence, so one client cannot fill the queue (32 jobs of 4
+# images x 100 steps made a caption wait 176 s). Waiting jobs also take turns by client (pipelines/quotas).
+MAX_PENDING_PER_CLIENT = _env_int("STUDIO_MAX_PENDING_PER_CLIENT", 4, ceiling=64)
 
 # --- the Hugging Face Hub (pipelines/hub_access) ------------------------------------------
 # Before a model loads from the Hub, one request checks that the Hub answers; without it a machine
@@ -356,6 +360,12 @@ SD3_TRAIN_EVAL_SIGMAS = (0.25, 0.5, 0.75)  # fixed noise levels of the held-out 
 GPU_CONCURRENCY_ID = "gpu"
 # Suggested after an out-of-memory error when the planner cannot name a smaller mode for the request.
 OOM_FALLBACK_MEMORY_MODE = "nf4-t5nf4-offload"
+# What one visitor's SD3.5 job may cost on a public instance, in image-steps at the model's default size
+# (steps x images x pixels / 1024², pipelines/quotas.job_cost; the tiny models' 128² under --tiny). 160 lets
+# every model's preset run 4 images at 1024² (Medium's 40 steps is the most; Large's 28 costs 112, about
+# 26 s on an H100 at the 11.6 s per 50 steps of DESIGN's anchor); 160 on Large is about 37 s. The most the
+# other limits allow, 100 steps x 4 images at Medium's 2 MP, costs 800: minutes of GPU. Local runs: no bound.
+MAX_PUBLIC_JOB_COST = _env_int("STUDIO_MAX_JOB_COST", 160, ceiling=800)
 MAX_EVALUATION_SEEDS = 10  # seeds in one Round trip evaluation run; each seed draws every prompt once
 # Images one Round trip evaluation run may draw (models x seeds x prompts), all inside the GPU slot:
 # 60 is two models over the 30 built-in prompts: at the published 11.6 s per SD3.5 Large image

@@ -74,6 +74,8 @@ class Studio:
             memory_mode_for=self.memory_mode_for,
             outputs_dir=self.outputs_dir,
             describe=self.caption_for_prompt,
+            # A public visitor's job cannot hold the GPU for minutes; the person at the machine has no bound.
+            max_job_cost=settings.MAX_PUBLIC_JOB_COST if self.public else None,
         )
 
     def _init_sd3_loras(self) -> None:

@@ -1,9 +1,10 @@
 """Many users at once: 30 concurrent gradio_client requests, and one GPU queue for every model.
 
-The load test fires a mix of /caption, /match and /generate at the shared `--tiny` app from
-30 threads. Every request must either come back with a correct result (the same result a
-single request gives: concurrent requests must not leak into each other) or be refused with
-Gradio's queue-full message. ``python -m bench.bench_load`` runs the same mix against an app
+The load test fires a mix of /caption, /match and /generate at a `--tiny` app from 30 threads:
+ten clients (ten X-Forwarded-For addresses behind one trusted proxy hop), three requests each,
+so no client passes its pending-job limit (STUDIO_MAX_PENDING_PER_CLIENT, 4). Every request must
+either come back with a correct result (the same result a single request gives: concurrent
+requests must not leak into each other) or be refused with Gradio's queue-full message. ``python -m bench.bench_load`` runs the same mix against an app
 with a small queue, where refusals really happen.
 """
 
@@ -27,6 +28,7 @@ from pipelines import settings
 ROOT = Path(__file__).resolve().parent.parent
 PHOTO = ROOT / "assets" / "examples" / "chelsea.png"
 REQUESTS = 30
+CLIENTS = 10  # each sends REQUESTS / CLIENTS, under the per-client limit of waiting jobs
 KINDS = ("caption", "match", "generate")
 REQUEST_TIMEOUT = 120  # seconds one request may take, queue included
 OVERALL_TIMEOUT = 180  # seconds for all of them: a hang fails the test instead of stalling the suite
@@ -110,16 +112,31 @@ def percentile(values: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
 
 
+@pytest.fixture(scope="module")
+def proxied_app_url(tiny_root, tmp_path_factory):
+    """`python app.py --tiny` behind one trusted proxy hop: clients are told apart by X-Forwarded-For."""
+    from tests.app_server import tiny_app
+
+    log_path = tmp_path_factory.mktemp("load-app") / "app.log"
+    with tiny_app(tiny_root, log_path, environment={"STUDIO_TRUSTED_PROXY_HOPS": "1"}) as (_, url):
+        yield url
+
+
 @pytest.mark.api
 @pytest.mark.slow
-def test_thirty_concurrent_requests_complete_correctly_or_are_refused_as_queue_full(tiny_app_url):
-    # Its own session, so Stop requests of other tests never reach it; files are fetched only where checked.
-    client = Client(tiny_app_url, verbose=False, download_files=False)
-    expected = {kind: run_one(client, kind)[2] for kind in KINDS}  # one at a time: the reference answers
+def test_thirty_concurrent_requests_complete_correctly_or_are_refused_as_queue_full(proxied_app_url):
+    # Sessions of their own, so Stop requests of other tests never reach them; files are fetched only where checked.
+    clients = [
+        Client(proxied_app_url, verbose=False, download_files=False, headers={"X-Forwarded-For": f"192.0.2.{number}"})
+        for number in range(1, CLIENTS + 1)
+    ]
+    expected = {kind: run_one(clients[0], kind)[2] for kind in KINDS}  # one at a time: the reference answers
 
     started = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(max_workers=REQUESTS) as pool:
-        futures = [pool.submit(run_one, client, KINDS[index % len(KINDS)]) for index in range(REQUESTS)]
+        futures = [
+            pool.submit(run_one, clients[index % CLIENTS], KINDS[index % len(KINDS)]) for index in range(REQUESTS)
+        ]
         done, not_done = concurrent.futures.wait(futures, timeout=OVERALL_TIMEOUT)
         assert not not_done, f"{len(not_done)} of {REQUESTS} requests hung past {OVERALL_TIMEOUT} s"
     wall = time.perf_counter() - started

@@ -115,3 +115,23 @@ def operator_controls(url: str) -> dict[str, bool]:
 def test_the_page_hides_the_operators_controls_only_in_public_mode(public_app_url, tiny_app_url):
     assert operator_controls(public_app_url) == {"memory mode": False, "unload": False, "evaluation": False}
     assert operator_controls(tiny_app_url) == {"memory mode": True, "unload": True, "evaluation": True}
+
+
+# 100 steps x 2 images at the tiny default size (128²) cost 200 image-steps: over the public bound (160).
+OVER_COST = {"prompt": "a fox", "steps": 100, "num_images": 2, "width": 128, "height": 128, "preview_every": 0}
+
+
+def test_an_over_cost_generation_is_refused_with_a_sentence_in_public_mode_and_drawn_locally(
+    public_client, tiny_app_url
+):
+    with pytest.raises(AppError) as refused:
+        public_client.predict(**OVER_COST, api_name="/generate")
+    assert str(refused.value) == (
+        "100 steps x 2 images at 128x128 cost 200 image-steps at 128x128, and this public instance runs at most "
+        "160 a job; use at most 80 steps, or fewer images or a smaller size."
+    )
+    gallery, *_ = public_client.predict(**{**OVER_COST, "steps": 80}, api_name="/generate")  # at the bound
+    assert len(gallery) == 2
+    local = Client(tiny_app_url, verbose=False, download_files=False)
+    gallery, *_ = local.predict(**OVER_COST, api_name="/generate")
+    assert len(gallery) == 2

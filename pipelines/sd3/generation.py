@@ -42,6 +42,7 @@ from pipelines.catalog import CATALOG
 from pipelines.lora.library import LoadedLora, LoraLibrary, prompt_with_triggers
 from pipelines.lora.sources import LoraSource
 from pipelines.memory import resolve_mode
+from pipelines.quotas import check_job_cost
 from pipelines.sd3 import controlnet, image_to_image
 from pipelines.sd3.control_maps import CheckedControl, check_control
 from pipelines.sd3.fast import prepare_for_lora
@@ -62,6 +63,7 @@ from pipelines.sd3.text_to_image import (
     generate,
     resolve_request,
     save_images,
+    size_limits,
 )
 from pipelines.validation import as_int
 
@@ -89,7 +91,8 @@ class GenerationService:
     set if None); ``find_lora(name)`` returns the LoraSource a LoRA name stands for in the LoRA
     folder or the registry, or None (None: names must be loaded already); ``memory_mode_for``
     is ``Studio.memory_mode_for`` (None: any mode, default ``memory_mode``); ``outputs_dir``
-    receives a copy of every PNG saved (--outputs).
+    receives a copy of every PNG saved (--outputs); ``max_job_cost`` bounds what one request may cost
+    (image-steps at the model's default size, ``pipelines.quotas``; None: no bound, the local default).
     """
 
     def __init__(
@@ -102,9 +105,11 @@ class GenerationService:
         memory_mode_for: Callable[[str | None, str, int, int], str] | None = None,
         outputs_dir: Path | None = None,
         describe: Callable[[Image.Image], str] | None = None,
+        max_job_cost: int | None = None,
     ) -> None:
         self.manager = manager
         self.describe = describe
+        self.max_job_cost = max_job_cost
         self.libraries = (
             dict(libraries)
             if libraries is not None
@@ -263,6 +268,7 @@ class GenerationService:
         prompt, tagged = split_lora_tags(request.prompt)
         choices, lora_notes = merge_lora_choices(tagged, parse_lora_text(request.lora, request.lora_scale))
         resolved = resolve_request(request.drawing(prompt), tiny=self.tiny)
+        self.check_cost(resolved)
         preview_every = 0 if request.preview_every is None else request.preview_every
         preview_every = as_int("preview_every", preview_every, 0, settings.MAX_PREVIEW_EVERY)
         # 2. A ControlNet fits SD3.5 Large only; its settings and upload are checked before any model loads.
@@ -279,6 +285,13 @@ class GenerationService:
         library = self.libraries[key]
         sources = self._lora_sources(library, choices, visitor)
         return _Checked(resolved, choices, preview_every, mode, reason, library, sources, control, tuple(lora_notes))
+
+    def check_cost(self, resolved: ResolvedRequest) -> None:
+        """ValueError with a sentence when ``resolved`` costs more than ``max_job_cost`` (a public instance)."""
+        default_side = size_limits(CATALOG[resolved.model_key], self.tiny)["default_size"]
+        check_job_cost(
+            resolved.steps, resolved.num_images, resolved.width, resolved.height, default_side, self.max_job_cost
+        )
 
     def _lora_sources(
         self, library: LoraLibrary, choices: list[LoraChoice], visitor: str | None
