@@ -6,6 +6,7 @@ python app.py --tiny          # tiny offline models: no network, no GPU, seconds
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from components.batch import build_batch_tab
 from components.caption import build_caption_tab
 from components.common import user_errors, visitor_id
 from components.generate import build_generate_tab, selected_image
-from components.image_to_image import build_image_to_image_tab
+from components.image_to_image import build_image_to_image_tab, sent_image
 from components.match import build_match_tab
 from components.png_info import GENERATE_FIELDS, build_png_info_tab, pending_form_values, send_to_generate
 from components.queue_limits import install_client_limits
@@ -129,6 +130,20 @@ def forget_visitor(request: gr.Request) -> None:
     workspace.forget_session(visitor_id(request))
 
 
+def send_selected_image(shown, index, current_model, *, form, target, note, tabs, modes, mode, tiny) -> dict:
+    """The selected generated image (by index in the session's own list) into img2img or inpaint, with its
+    settings in ``form``'s fields and a ``note`` of what they could not carry; the tab opens on it."""
+    path = selected_image(shown, index)
+    values, sentence = sent_image(path, current_model, tiny)
+    return {
+        target: path,
+        **{form[name]: value for name, value in values.items()},
+        note: sentence,
+        tabs: gr.Tabs(selected="image_to_image"),
+        modes: gr.Tabs(selected=mode),
+    }
+
+
 def build_app(studio: Studio) -> gr.Blocks:
     """Assemble one tab per module."""
     with gr.Blocks(title=TITLE, delete_cache=settings.DELETE_CACHE) as demo:
@@ -200,20 +215,21 @@ def build_app(studio: Studio) -> gr.Blocks:
         # Train's "Load the result" switches Generate to the run's model with its LoRA active.
         if studio.training_enabled:
             send_results_to_generate(train, generate["lora_panel"], tabs)
-        # The same selected file (server state, by index) goes to img2img or to the inpainting editor.
+        # The same selected file (server state, by index) goes to img2img or to the inpainting editor, with
+        # the settings its PNG carries in the fields that mode has, and a note of what it could not carry.
         for mode, target in (("img2img", image_to_image["image"]), ("inpaint", image_to_image["editor"])):
+            form = image_to_image[f"{mode}_form"]
             generate[f"send_to_{mode}"].click(
-                lambda shown, index, mode=mode: (
-                    selected_image(shown, index),
-                    gr.Tabs(selected="image_to_image"),
-                    gr.Tabs(selected=mode),
+                functools.partial(
+                    send_selected_image, form=form, target=target, note=image_to_image[f"{mode}_note"],
+                    tabs=tabs, modes=image_to_image["modes"], mode=mode, tiny=studio.tiny,
                 ),
-                inputs=[generate["shown_images"], generate["selected_index"]],
-                outputs=[target, tabs, image_to_image["modes"]],
+                inputs=[generate["shown_images"], generate["selected_index"], form["model"]],
+                outputs=[target, *form.values(), image_to_image[f"{mode}_note"], tabs, image_to_image["modes"]],
                 queue=False,
                 api_name=f"send_to_{mode}",
                 api_visibility="private",
-            )
+            )  # fmt: skip
         # A closed page's files go at once; sessions that never close are swept by age (see generate).
         demo.unload(forget_visitor)
     return demo

@@ -33,8 +33,10 @@ from pipelines import settings, workspace
 from pipelines.catalog import CATALOG
 from pipelines.images import load_image
 from pipelines.memory import SD3_MODES
+from pipelines.sd3.handoff import image_to_image_form_values
 from pipelines.sd3.image_to_image import editor_images
 from pipelines.sd3.jobs import ImageToImageRequest
+from pipelines.sd3.png_info import read_generation_settings
 from pipelines.sd3.text_to_image import MODEL_CHOICES
 from pipelines.studio import Studio
 
@@ -360,6 +362,7 @@ def build_image_to_image_tab(studio: Studio) -> dict:
                 image = UploadedImage(label="Image", height=300)
                 (prompt, negative_prompt, strength, model, seed, steps, guidance, lora, lora_scale, memory_mode,
                  preview_every) = settings_controls(settings.DEFAULT_STRENGTH)  # fmt: skip
+                img2img_note = gr.Markdown(elem_classes=["sent-note"])  # what a hand-off could not carry
                 with gr.Row():
                     run = gr.Button("Redraw", variant="primary", scale=3)
                     stop = gr.Button("Stop", variant="stop", scale=1)
@@ -392,6 +395,7 @@ def build_image_to_image_tab(studio: Studio) -> dict:
                 with gr.Row():
                     mask_blur = ValidatedSlider.over(settings.MASK_BLUR, settings.DEFAULT_MASK_BLUR, "Mask blur (px)")
                     paste_back = gr.Checkbox(value=True, label="Paste back: keep every pixel outside the mask")
+                inpaint_note = gr.Markdown(elem_classes=["sent-note"])
                 with gr.Row():
                     inpaint_run = gr.Button("Inpaint", variant="primary", scale=3)
                     inpaint_stop = gr.Button("Stop", variant="stop", scale=1)
@@ -482,7 +486,54 @@ def build_image_to_image_tab(studio: Studio) -> dict:
     )
     stop.click(stop_run, queue=False, api_name="img2img_stop")
     inpaint_stop.click(stop_run, queue=False, api_name="inpaint_stop")
-    return {"image": image, "editor": editor, "modes": modes, "gallery": img2img_outputs[0], "run": run}
+    # A hand-off's note describes the form as it was sent: editing any of its fields clears it.
+    for note, fields in ((img2img_note, (prompt, negative_prompt, strength, model, seed, steps, guidance)),
+                         (inpaint_note, (inpaint_prompt, inpaint_negative, inpaint_strength, inpaint_model,
+                                         inpaint_seed, inpaint_steps, inpaint_guidance))):  # fmt: skip
+        gr.on([field.input for field in fields], lambda: "", outputs=note, queue=False, api_visibility="private")
+    return {
+        "image": image,
+        "editor": editor,
+        "modes": modes,
+        "gallery": img2img_outputs[0],
+        "run": run,
+        # The fields a sent image fills (pipelines/sd3/handoff.IMAGE_TO_IMAGE_FIELDS), and the note beside them.
+        "img2img_form": {
+            "model": model,
+            "prompt": prompt,
+            "negative_prompt": negative_prompt,
+            "seed": seed,
+            "steps": steps,
+            "guidance": guidance,
+            "strength": strength,
+        },  # fmt: skip
+        "inpaint_form": {
+            "model": inpaint_model,
+            "prompt": inpaint_prompt,
+            "negative_prompt": inpaint_negative,
+            "seed": inpaint_seed,
+            "steps": inpaint_steps,
+            "guidance": inpaint_guidance,
+            "strength": inpaint_strength,
+        },  # fmt: skip
+        "img2img_note": img2img_note,
+        "inpaint_note": inpaint_note,
+    }
+
+
+def sent_image(path: str | None, current_model: str, tiny: bool) -> tuple[dict, str]:
+    """(the form values ``path``'s own settings give, the note to show) for an image sent to img2img or
+    inpaint: prompt, negative prompt, seed, steps, guidance and model, as A1111 carries them."""
+    if path is None:
+        return {}, ""
+    try:
+        info = read_generation_settings(path)
+    except ValueError:  # a damaged record: the pixels still go, with the sentence why nothing else did
+        info = None
+    values, notes = image_to_image_form_values(info, current_model, tiny=tiny)
+    carried = ", ".join(name.replace("_", " ") for name in values)
+    note = (f"Sent with its {carried}." if values else "Sent.") + "".join(f" {note}" for note in notes)
+    return values, markdown_text(note)
 
 
 if __name__ == "__main__":

@@ -119,8 +119,28 @@ def test_send_to_img2img_and_inpaint_hand_over_the_selected_image_only(tiny_app_
 
     gallery, *_ = tiny_client.predict("a lighthouse", seed=5, steps=2, num_images=2, api_name="/generate")
     run_private(tiny_app_url, tiny_client, "generate_select", {"index": 1, "value": str(Path(__file__))})
-    image, _tabs, _modes = run_private(tiny_app_url, tiny_client, "send_to_img2img")["data"]
+    image, *_form, _note, _tabs, _modes = run_private(tiny_app_url, tiny_client, "send_to_img2img")["data"]
     assert Path(image["path"]).name == Path(gallery[1]["image"]).name  # by index, from the session's own list
-    editor, _tabs, _modes = run_private(tiny_app_url, tiny_client, "send_to_inpaint")["data"]
+    editor, *_form, _note, _tabs, _modes = run_private(tiny_app_url, tiny_client, "send_to_inpaint")["data"]
     assert Path(editor["background"]["path"]).name == Path(gallery[1]["image"]).name
     assert editor["layers"] == []
+
+
+def test_a_sent_image_carries_its_settings_into_both_modes(tiny_app_url, tiny_client):
+    from tests.test_visitor_files_api import run_private
+
+    tiny_client.predict(
+        "a red lighthouse", model="large-turbo", negative_prompt="fog", seed=1234, steps="6", guidance="1.5",
+        api_name="/generate",
+    )  # fmt: skip
+    for mode in ("img2img", "inpaint"):
+        sent, model, prompt, negative, seed, steps, guidance, strength, note, _tabs, _modes = run_private(
+            tiny_app_url, tiny_client, f"send_to_{mode}"
+        )["data"]
+        assert sent is not None
+        assert (model, prompt, negative, seed, steps, guidance) == (
+            "large-turbo", "a red lighthouse", "fog", 1234, "6", "1.5"
+        )  # fmt: skip
+        assert strength is None or isinstance(strength, dict)  # a text-to-image record gives no strength
+        assert "Sent with its model, prompt, negative prompt, seed, steps, guidance" in note.replace("\\", "")
+        assert "size follows the image" in note

@@ -77,8 +77,8 @@ def test_an_uploaded_lora_is_invisible_unusable_and_unremovable_for_another_visi
         _, note, _ = bob.predict(name="", model="large", active="", api_name="/lora_unload")
         assert "bob_style" in note and "alice_style" not in note
         assert "alice_style" in names(alice.predict(api_name="/lora_list"))
-        _, _, summary, *_ = alice.predict("a fox", lora="alice_style", **DRAW, api_name="/generate")
-        assert "LoRA alice_style:1" in summary
+        *_, details = alice.predict("a fox", lora="alice_style", **DRAW, api_name="/generate")
+        assert [(lora["name"], lora["weight"]) for lora in details["loras"]] == [("alice_style", 1.0)]
     finally:
         alice.predict(name="", model="large", active="", api_name="/lora_unload")
 
