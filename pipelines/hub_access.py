@@ -188,7 +188,7 @@ class VisitorDownloads:
                 )
             if everyone + size > self.total:
                 raise ValueError(
-                    f"Visitors' Hub LoRAs already take {everyone / 2**20:,.0f} of the {self.total / 2**20:,.0f} MB "
+                    f"Visitors' Hub LoRAs already take {everyone / 2**20:,.1f} of the {self.total / 2**20:,.0f} MB "
                     f"this instance keeps for them (STUDIO_MAX_HUB_MB_TOTAL), so {label} was not downloaded; "
                     "try again later or upload the file."
                 )
