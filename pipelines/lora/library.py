@@ -397,6 +397,10 @@ class LoraLibrary:
             shown = sanitize_lora_name(name)
             if shown in taken:
                 raise ValueError(f"A LoRA named {shown!r} is already loaded; unload it first or pick another name.")
+        elif visitor is not None and owner is SHARED:
+            # Everyone will see it: its name comes from the shared ones, never from the loader's own
+            # (a visitor's own entry of the same name still wins for them, as in ``_known_name``).
+            shown = _unique_name(source.name, {entry.name for entry in self._entries.values() if entry.owner is SHARED})
         else:
             shown = _unique_name(source.name, taken)
         adapter = _unique_name(shown, set(self._entries))
