@@ -33,6 +33,7 @@ from components.common import (
 )
 from pipelines import settings
 from pipelines.catalog import SD3_LABELS
+from pipelines.lora.formats import PICKLED_SUFFIXES
 from pipelines.lora.library import LIST_HEADERS, LoadedLora
 from pipelines.lora.sources import list_lora_files, resolve_lora_source, sanitize_lora_name
 from pipelines.sd3.text_to_image import MODEL_CHOICES, model_key
@@ -109,7 +110,7 @@ def show_training_result(studio: Studio, details, active: str, visitor: str | No
 def names_a_hub_repo(studio: Studio, source: str) -> bool:
     """Whether ``Studio.lora_source`` would read ``source`` as a Hub repo id (owner/name)."""
     source = str(source or "").strip()
-    if not HUB_REPO_ID.match(source) or Path(source).suffix.lower() == ".safetensors":
+    if not HUB_REPO_ID.match(source) or Path(source).suffix.lower() in (".safetensors", *PICKLED_SUFFIXES):
         return False
     try:
         if source in studio.lora_registry():

@@ -266,3 +266,39 @@ def test_a_missing_file_names_no_server_path_and_lists_nothing(tiny_root, tmp_pa
         with pytest.raises(ValueError) as refused:
             resolve_lora_source(file=name, lora_dir=folder)
         assert str(tmp_path) not in str(refused.value)
+
+
+# ----------------------------------------------------------------------------- the LoRA panel's Hub path
+
+
+def test_the_panel_checks_a_visitors_repo_against_the_model_before_downloading(
+    tiny_manager, tiny_root, tmp_path, monkeypatch
+):
+    from components.lora_panel import load_hub_lora, names_a_hub_repo
+    from pipelines import hub_access
+    from pipelines.studio import Studio
+
+    ledger = VisitorDownloads(tmp_path / "visitor-hub", per_client=10 * MB, total=20 * MB)
+    monkeypatch.setattr(hub_access, "_visitor_downloads", ledger)  # the process's ledger, for this test
+    studio = Studio(tiny_manager, lora_dir=tmp_path / "loras", runs_dir=tmp_path / "runs", public=True)
+    studio.sd3_loras["sd35-large"].public = True  # as build_lora_panel sets it
+    assert names_a_hub_repo(studio, "someone/style") and not names_a_hub_repo(studio, "tiny_large_style")
+    assert not names_a_hub_repo(studio, "someone/x.bin")  # a pickle by name: the folder's refusal
+    repos = {
+        "someone/medium-lora": HubRepo({"lora.safetensors": variant(tiny_root, 1, MEDIUM)}),
+        "someone/style": HubRepo({"style.safetensors": variant(tiny_root, 4)}),
+    }
+    with FakeHub(repos) as hub:
+        hub.point_huggingface_hub_here(monkeypatch)
+        with pytest.raises(ValueError, match="was made for a 48-wide"):
+            load_hub_lora(studio, "sd35-large", "someone/medium-lora", client="addr:5.5.5.5", visitor="eve")
+        assert hub.full_downloads() == []
+        loaded = load_hub_lora(studio, "sd35-large", "someone/style", client="addr:5.5.5.5", visitor="eve")
+        library = studio.sd3_loras["sd35-large"]
+        try:
+            assert (loaded.owner, loaded.kind) == ("eve", "hub") and library.names("mallory") == []
+            assert ledger.held("addr:5.5.5.5") == len(variant(tiny_root, 4))
+            assert not any(item.authorized for item in hub.requests)
+        finally:
+            library.unload(studio.generation.pipeline("sd35-large"), visitor="eve")
+    assert ledger.held() == 0 and files_under(tmp_path / "visitor-hub") == []
