@@ -8,24 +8,36 @@ yet loads on demand from the LoRA folder or the registry (``pipelines.sd3.genera
 loading here first only checks it early. Models come from the generation service too.
 
 An uploaded LoRA belongs to the visitor who sent it (``visitor_id``): nobody else
-lists, uses or unloads it. Folder, registry and Hub LoRAs are shared; on a public
-instance visitors cannot unload those.
+lists, uses or unloads it. On a public instance so does a LoRA a visitor names from
+the Hub or the registry; the operator's folder LoRAs are shared, and visitors cannot
+unload those. A Hub repo a visitor names is fetched by ``load_hub_lora``: public repos
+only, checked by its header against the model before the download, charged to the
+client (``client_identity``), never through the operator's Hugging Face cache.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import gradio as gr
 
-from components.common import ValidatedSlider, blank_to_none, named_endpoint, parameter, visitor_id
+from components.common import (
+    ValidatedSlider,
+    blank_to_none,
+    client_identity,
+    named_endpoint,
+    parameter,
+    visitor_id,
+)
 from pipelines import settings
 from pipelines.catalog import SD3_LABELS
-from pipelines.lora.library import LIST_HEADERS
-from pipelines.lora.sources import list_lora_files, sanitize_lora_name
+from pipelines.lora.formats import PICKLED_SUFFIXES
+from pipelines.lora.library import LIST_HEADERS, LoadedLora
+from pipelines.lora.sources import list_lora_files, resolve_lora_source, sanitize_lora_name
 from pipelines.sd3.text_to_image import MODEL_CHOICES, model_key
-from pipelines.studio import Studio
+from pipelines.studio import HUB_REPO_ID, Studio
 from pipelines.validation import as_float
 
 TABLE_HEADERS = ["model", *LIST_HEADERS]
@@ -95,6 +107,49 @@ def show_training_result(studio: Studio, details, active: str, visitor: str | No
     return details["model"], lora_text, lora_rows(studio, visitor=visitor), note, choices, shown
 
 
+def names_a_hub_repo(studio: Studio, source: str) -> bool:
+    """Whether ``Studio.lora_source`` would read ``source`` as a Hub repo id (owner/name)."""
+    source = str(source or "").strip()
+    if not HUB_REPO_ID.match(source) or Path(source).suffix.lower() in (".safetensors", *PICKLED_SUFFIXES):
+        return False
+    try:
+        if source in studio.lora_registry():
+            return False
+    except (OSError, ValueError):
+        pass
+    return not (Path(studio.lora_dir) / source).exists()
+
+
+def load_hub_lora(
+    studio: Studio,
+    key: str,
+    repo: str,
+    *,
+    weight_name: str = "",
+    name: str | None = None,
+    scale: float | None = None,
+    memory_mode: str | None = None,
+    notify=None,
+    visitor: str | None = None,
+    client: str = "local",
+) -> LoadedLora:
+    """``Studio.load_sd3_lora`` for a Hub repo a visitor names: the model first, so that the file's header
+    is checked against it before a byte of weights is downloaded, charged to ``client``."""
+    if studio.public and memory_mode:
+        side = settings.PLAN_DEFAULT_SIDE
+        studio.memory_mode_for(memory_mode, key, side, side)
+        memory_mode = None  # as loaded, else the operator's mode
+    pipeline = studio.generation.pipeline(key, memory_mode, notify)
+    library = studio.sd3_loras[key]
+    source = resolve_lora_source(
+        repo=repo,
+        weight_name=weight_name or None,
+        client=client,
+        check_header=lambda header, label: library.check_header(pipeline, header, label),
+    )
+    return library.load(pipeline, source, name=name, scale=scale, visitor=visitor)
+
+
 def _registry_choices(studio: Studio) -> list[tuple[str, str]]:
     try:
         registry = studio.lora_registry()
@@ -110,6 +165,8 @@ def _registry_choices(studio: Studio) -> list[tuple[str, str]]:
 
 def build_lora_panel(studio: Studio, model: gr.Radio, memory_mode: gr.Dropdown) -> LoraPanel:
     """The LoRA accordion, inside the current Blocks; ``model`` and ``memory_mode`` are the tab's own inputs."""
+    for library in studio.sd3_loras.values():
+        library.public = studio.public  # a public instance's visitors own what they name (LoraLibrary)
 
     def load_lora(source, weight_name, upload, model, name, scale, memory_mode, active, progress, request):
         """Load a LoRA onto the chosen SD3.5 model and add it to the active set at its default weight.
@@ -119,17 +176,25 @@ def build_lora_panel(studio: Studio, model: gr.Radio, memory_mode: gr.Dropdown) 
         key = model_key(model)
         visitor = visitor_id(request)
         progress(0, desc=f"loading {key} and the LoRA")
-        loaded = studio.load_sd3_lora(
-            key,
-            source or "",
-            weight_name=weight_name or "",
-            upload=getattr(upload, "name", upload) or None,
+        upload = getattr(upload, "name", upload) or None
+        options = dict(
             name=(name or "").strip() or None,
             scale=None if blank_to_none(scale) is None else as_float("scale", scale, 0, settings.MAX_LORA_WEIGHT),
             memory_mode=None if memory_mode in (None, "", "auto") else memory_mode,
             notify=gr.Info,
             visitor=visitor,
         )
+        if upload is None and names_a_hub_repo(studio, source):
+            loaded = load_hub_lora(
+                studio,
+                key,
+                str(source).strip(),
+                weight_name=weight_name or "",
+                client=client_identity(request),
+                **options,
+            )
+        else:
+            loaded = studio.load_sd3_lora(key, source or "", weight_name=weight_name or "", upload=upload, **options)
         for warning in loaded.warnings:
             gr.Warning(warning)
         triggers = f" Trigger words, added to the prompt when it is active: {', '.join(loaded.trigger_words)}." * bool(

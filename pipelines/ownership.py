@@ -1,12 +1,14 @@
-"""Who owns an uploaded LoRA or adapter, and which upload makes room when every slot is taken.
+"""Who owns an uploaded LoRA or adapter, and which entry makes room when every slot is taken.
 
 A public instance keeps one set of loaded LoRAs per SD3.5 model and one set of
-BLIP adapters for every visitor. What comes from the operator's folders, the
-curated registry or the Hub is *shared*: everyone sees and uses it, nobody owns
-it. An *upload* belongs to the visitor (``components.common.visitor_id``) who
-sent it: only they see, use or unload it. Uploads are capped per visitor, and
-when all slots are full the least recently used upload (of anyone) is evicted
-to make room; a shared entry is never evicted.
+BLIP adapters for every visitor. What the operator provides (their folders, their
+own actions) is *shared*: everyone sees and uses it, nobody owns it. An *upload*
+belongs to the visitor (``components.common.visitor_id``) who sent it: only they
+see, use or unload it; on a public instance a LoRA a visitor names from the Hub
+or the registry is theirs the same way (``pipelines.lora.library``). A visitor's
+own entries are capped per visitor, and when all slots are full the least
+recently used one (of anyone) is evicted to make room; a shared entry is evicted
+only when nobody used it for ``idle_seconds`` (the caller's choice; never by default).
 
 ``UploadSlots`` keeps that book for one collection. It holds no lock: its owner
 (``LoraLibrary``, ``BlipAdapterSet``) calls it under its own.
@@ -15,7 +17,8 @@ to make room; a shared entry is never evicted.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 
 SHARED: str | None = None  # the owner of folder, registry and Hub entries
 MAX_CLIENT_KEY_CHARS = 128  # a forwarded address or user name longer than this is cut, never trusted whole
@@ -55,12 +58,14 @@ class UploadSlots:
     whose slots these are ("on SD3.5 Large", "") for the per-visitor cap.
     """
 
-    def __init__(self, what: str, where: str = "") -> None:
+    def __init__(self, what: str, where: str = "", *, clock: Callable[[], float] = time.monotonic) -> None:
         self.what = what
         self.where = where
         self._owners: dict[str, str | None] = {}
-        self._last_use: dict[str, int] = {}
-        self._clock = itertools.count()
+        self._last_use: dict[str, int] = {}  # order of use (a counter: two uses never tie)
+        self._used_at: dict[str, float] = {}  # when, by ``clock`` (seconds), for the idle test
+        self._counter = itertools.count()
+        self._clock = clock
 
     # -- the book
 
@@ -71,15 +76,22 @@ class UploadSlots:
     def remove(self, name: str) -> None:
         self._owners.pop(name, None)
         self._last_use.pop(name, None)
+        self._used_at.pop(name, None)
 
     def clear(self) -> None:
         self._owners.clear()
         self._last_use.clear()
+        self._used_at.clear()
 
     def touch(self, name: str) -> None:
         """Mark ``name`` as used now (loaded, chosen for an image or a caption)."""
         if name in self._owners:
-            self._last_use[name] = next(self._clock)
+            self._last_use[name] = next(self._counter)
+            self._used_at[name] = self._clock()
+
+    def idle_seconds(self, name: str) -> float:
+        """Seconds since ``name`` was last used (0 for an unknown name)."""
+        return max(0.0, self._clock() - self._used_at[name]) if name in self._used_at else 0.0
 
     def owner(self, name: str) -> str | None:
         return self._owners.get(name)
@@ -98,32 +110,45 @@ class UploadSlots:
 
     # -- making room
 
-    def check_visitor_cap(self, visitor: str | None, cap: int) -> None:
-        """ValueError when ``visitor`` already keeps ``cap`` uploads here (``visitor=None``: no cap)."""
+    def check_visitor_cap(
+        self, visitor: str | None, cap: int, *, shown: Callable[[str], str] = str, uploads_only: bool = True
+    ) -> None:
+        """ValueError when ``visitor`` already keeps ``cap`` entries of their own here (``visitor=None``: no cap).
+
+        ``shown(name)`` is how the visitor knows an entry (its name as they gave it); ``uploads_only``
+        False says "of your own" rather than "uploaded" (Hub and registry loads count too).
+        """
         if visitor is None:
             return
         mine = self.uploads_of(visitor)
         if len(mine) >= cap:
             where = f" {self.where}" if self.where else ""
+            whose = f"uploaded {self.what}s" if uploads_only else f"{self.what}s of your own"
             raise ValueError(
-                f"You have {len(mine)} uploaded {self.what}s loaded{where} ({', '.join(mine)}), the most one visitor "
+                f"You have {len(mine)} {whose} loaded{where} ({', '.join(map(shown, mine))}), the most one visitor "
                 f"may keep (STUDIO_MAX_UPLOADS_PER_SESSION={cap}); unload one of them first."
             )
 
-    def victim(self, capacity: int, keep: Iterable[str] = ()) -> str | None:
-        """The upload to evict so one more entry fits in ``capacity`` slots; None when there is room.
+    def victim(self, capacity: int, keep: Iterable[str] = (), *, idle_seconds: float | None = None) -> str | None:
+        """The entry to evict so one more fits in ``capacity`` slots; None when there is room.
 
-        The least recently used upload goes first, preferring any outside ``keep`` (what the
-        current image is drawn with). ValueError when every slot holds a shared entry.
+        Candidates are the uploads (a visitor's own entries) and, with ``idle_seconds``, the shared
+        entries nobody used for that long. The least recently used candidate goes first, preferring
+        any outside ``keep`` (what the current image is drawn with). ValueError when there is none.
         """
         if len(self._owners) < capacity:
             return None
-        uploads = [name for name in self._owners if self.is_upload(name)]
-        if not uploads:
+        candidates = [
+            name
+            for name in self._owners
+            if self.is_upload(name) or (idle_seconds is not None and self.idle_seconds(name) >= idle_seconds)
+        ]
+        if not candidates:
+            evicted = "which are never evicted" if idle_seconds is None else "all of them in use recently"
             raise ValueError(
-                f"All {len(self._owners)} {self.what} slots hold shared {self.what}s, which are never evicted; "
+                f"All {len(self._owners)} {self.what} slots hold shared {self.what}s, {evicted}; "
                 "ask the operator to unload one, or try again later."
             )
         kept = set(keep)
-        candidates = [name for name in uploads if name not in kept] or uploads
-        return min(candidates, key=lambda name: self._last_use.get(name, -1))
+        preferred = [name for name in candidates if name not in kept] or candidates
+        return min(preferred, key=lambda name: self._last_use.get(name, -1))

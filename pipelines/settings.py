@@ -431,6 +431,16 @@ MAX_LOADED_LORAS = _env_int("STUDIO_MAX_LOADED_LORAS", 8, ceiling=32)
 MAX_LORA_WEIGHT = 3.0
 DEFAULT_LORA_SCALE = 1.0  # a LoRA's weight when neither the registry nor the request gives one
 MAX_LORA_NAME_CHARS = 48  # adapter names are [a-z0-9_], derived from the file or registry name
+# A shared LoRA (the operator's folder) nobody drew with for this long may make room for a visitor's
+# when every slot is full, so a burst of loads cannot keep the slots forever; 30 minutes of quiet.
+SHARED_LORA_IDLE_SECONDS = _env_int("STUDIO_SHARED_LORA_IDLE_SECONDS", 1800, ceiling=7 * 24 * 3600)
+# Hub LoRAs a visitor names are downloaded into <work root>/VISITOR_HUB_DIR (never the operator's Hugging
+# Face cache), one folder per download, deleted once loaded or refused. Bytes one client (and all clients
+# together) may have charged for the Hub LoRAs they keep loaded: one maximum-size LoRA per client by
+# default, four in all; past it they unload one of theirs (or wait for the LRU to evict one).
+VISITOR_HUB_DIR = "hub-visitors"
+MAX_HUB_BYTES_PER_CLIENT = _env_int("STUDIO_MAX_HUB_MB_PER_CLIENT", 2048, ceiling=4096) * 1024 * 1024
+MAX_HUB_BYTES_TOTAL = _env_int("STUDIO_MAX_HUB_MB_TOTAL", 8192, ceiling=32768) * 1024 * 1024
 TRAIN_TAB_DEFAULT_STEPS = 500  # a DreamBooth-style LoRA on 10-30 images converges in a few hundred steps
 TRAIN_TAB_DEFAULT_RESOLUTION = 1024  # SD3.5's native size; lower (512, 768) trains faster
 TRAIN_TAB_POLL_SECONDS = 2.0  # how often the Train tab reads a running run's log

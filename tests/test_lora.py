@@ -264,14 +264,17 @@ def test_names_are_sanitised_unique_and_loading_twice_is_one_load(pipeline, libr
     shutil.copy(lora_dir / KOHYA, lora_dir / "sub" / STYLE)  # another file with the same stem
     second = load(library, pipeline, lora_dir, f"sub/{STYLE}", scale=0.6)
     assert (second.name, second.default_scale, second.style) == ("tiny_large_style_2", 0.6, "kohya")
-    with pytest.raises(ValueError, match="'tiny_large_style' is already loaded; unload it first"):
-        load(library, pipeline, lora_dir, KOHYA, name="Tiny Large Style")
+    # The same file under another name is the entry already there, answered with its own name.
+    assert load(library, pipeline, lora_dir, KOHYA, name="Tiny Large Style") is second
     generator = torch.Generator().manual_seed(5)
     small = {
         "transformer.transformer_blocks.0.attn.to_k.lora_A.weight": torch.randn(2, 32, generator=generator),
         "transformer.transformer_blocks.0.attn.to_k.lora_B.weight": torch.randn(32, 2, generator=generator),
     }
-    third = load(library, pipeline, lora_dir, _write(lora_dir / "small.safetensors", small), name="My Style!")
+    small_file = _write(lora_dir / "small.safetensors", small)
+    with pytest.raises(ValueError, match="'tiny_large_style' is already loaded; unload it first"):
+        load(library, pipeline, lora_dir, small_file, name="Tiny Large Style")
+    third = load(library, pipeline, lora_dir, small_file, name="My Style!")
     assert third.name == "my_style" and third.modules_changed == 1
     monkeypatch.setattr(settings, "MAX_LOADED_LORAS", 3)
     with pytest.raises(ValueError, match="3 LoRAs are loaded.*unload one first"):
@@ -511,10 +514,14 @@ def test_an_upload_is_its_visitors_alone_and_shared_loras_are_everyones(pipeline
     ):
         with pytest.raises(ValueError, match=f"No LoRA named '{alices.name}' is loaded; loaded: {shared.name}"):
             use()
-    # The same file uploaded by bob is bob's own entry, not a handle on alice's.
+    # The same file uploaded by bob is bob's own entry, not a handle on alice's; its name is the one bob
+    # asked for (alice's use of it is not revealed), its adapter another.
     bobs = library.load(pipeline, upload_variant(lora_dir, tmp_path, 1), visitor="bob")
-    assert bobs.name != alices.name and bobs.owner == "bob" and bobs.sha256 == alices.sha256
+    assert bobs.name == alices.name and bobs.owner == "bob" and bobs.sha256 == alices.sha256
+    assert bobs.adapter != alices.adapter and library.names("bob") == [shared.name, bobs.name]
+    assert library.get(bobs.name, "bob") is bobs and library.get(alices.name, "alice") is alices
     library.apply(pipeline, [(alices.name, 1.0)], visitor="alice")
+    assert library.selection == [(alices.adapter, 1.0)]
 
 
 def test_unloading_everything_takes_only_what_the_visitor_may_unload(pipeline, library, lora_dir, tmp_path):
@@ -554,7 +561,7 @@ def test_uploads_are_capped_per_visitor_and_the_least_recently_used_makes_room(
     library.unload(pipeline)
     monkeypatch.setattr(settings, "MAX_LOADED_LORAS", 1)
     load(library, pipeline, lora_dir, KOHYA)
-    with pytest.raises(ValueError, match="none is an upload that could make room; unload one first"):
+    with pytest.raises(ValueError, match="none is a visitor's own or a shared one idle long enough to make room"):
         library.load(pipeline, upload_variant(lora_dir, tmp_path, 6), visitor="alice")
     library.unload(pipeline)
     assert torch.equal(draw(pipeline), base_image)

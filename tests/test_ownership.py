@@ -75,3 +75,20 @@ def test_the_trusted_proxy_hops_are_one_on_a_space_zero_elsewhere_and_bounded():
     assert settings.trusted_proxy_hops({"STUDIO_TRUSTED_PROXY_HOPS": "3"}) == 3
     assert settings.trusted_proxy_hops({"STUDIO_TRUSTED_PROXY_HOPS": "999"}) == 8
     assert settings.trusted_proxy_hops({"SPACE_ID": "a/b", "STUDIO_TRUSTED_PROXY_HOPS": "0"}) == 0
+
+
+def test_a_shared_entry_idle_long_enough_makes_room_and_a_recent_one_does_not():
+    now = [100.0]
+    slots = UploadSlots("LoRA", clock=lambda: now[0])
+    slots.add("old", SHARED)
+    now[0] += 10
+    slots.add("recent", SHARED)
+    with pytest.raises(ValueError, match="All 2 LoRA slots hold shared LoRAs, all of them in use recently"):
+        slots.victim(capacity=2, idle_seconds=60)
+    now[0] += 55  # "old" idle 65 s, "recent" 55 s
+    assert slots.victim(capacity=2, idle_seconds=60) == "old"
+    with pytest.raises(ValueError, match="which are never evicted"):
+        slots.victim(capacity=2)
+    slots.touch("old")  # drawn with just now: no longer idle
+    with pytest.raises(ValueError, match="in use recently"):
+        slots.victim(capacity=2, idle_seconds=60)

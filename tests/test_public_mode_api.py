@@ -66,7 +66,8 @@ def test_a_memory_mode_change_is_refused_and_the_operators_mode_is_accepted(publ
 
 def test_shared_loras_are_read_only_for_visitors(public_app_url, public_client):
     other = Client(public_app_url, verbose=False)
-    public_client.predict(source="tiny_large_style", model="large", api_name="/lora_load")
+    # A file of the operator's LoRA folder: shared (a visitor's registry or Hub load is their own).
+    public_client.predict(source="tiny-large-style.safetensors", model="large", api_name="/lora_load")
     with pytest.raises(AppError, match="'tiny_large_style' is shared by every visitor of this public instance"):
         other.predict(name="tiny_large_style", model="large", active="", api_name="/lora_unload")
     _, note, _ = other.predict(name="", model="large", active="", api_name="/lora_unload")

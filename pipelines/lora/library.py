@@ -14,6 +14,14 @@ the next ``apply``. Every load is checked before the pipeline is touched (file
 header, key style, the model it was made for) and after (the number of layers
 peft really changed); any failure leaves the pipeline as it was.
 
+Ownership: an upload is its visitor's; on a public instance (``LoraLibrary(public=True)``) so is
+a LoRA a visitor names from the Hub or the registry (it fills their slots, not the shared ones).
+The operator's folder and the operator's own calls (``visitor=None``) make shared entries; one
+nobody drew with for ``settings.SHARED_LORA_IDLE_SECONDS`` may make room when all slots are full.
+The same file is one entry for whoever sees it (by its SHA-256): a second load, under any name,
+answers with the entry already there. A visitor's names are their own: a name another visitor
+uses privately looks free (the adapter gets a distinct internal name), so names reveal nothing.
+
 Hashes: ``sha256`` is the whole file's (its first 10 hex digits are Civitai's
 "AutoV2"); ``a1111_hash`` is what AUTOMATIC1111 writes in "Lora hashes": the
 first 12 hex digits of the SHA-256 of the tensor data after the safetensors
@@ -40,6 +48,7 @@ from pipelines import settings
 from pipelines.catalog import CATALOG
 from pipelines.lora.formats import (
     ConvertedLora,
+    SafetensorsHeader,
     convert_to_diffusers,
     inspect_lora_keys,
     lora_shape,
@@ -159,6 +168,9 @@ class LoadedLora:
     url: str = ""
     owner: str | None = SHARED  # an upload's visitor (pipelines.ownership); None: shared, read-only for visitors
     state_dict: dict[str, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
+    adapter: str = ""  # the internal (peft) adapter name; "" = ``name``. Visitors only ever see ``name``.
+    # Gives back what loading it charged (a visitor's Hub download); called when the entry goes.
+    release: Callable[[], None] | None = field(default=None, repr=False, compare=False)
 
     def png_entry(self, weight: float) -> dict:
         """What a generated image records about this LoRA (the ``loras`` list of ``text_to_image.generate``)."""
@@ -226,18 +238,21 @@ class LoraLibrary:
         model_title: str | None = None,
         known_bases: Mapping[int, tuple[str, int]] | None = None,
         before_attach: Callable[[Any], None] | None = None,
+        public: bool = False,
     ) -> None:
         """``before_attach(pipeline)`` runs before an adapter attaches: the SD3.5 fast path passes its
         ``prepare_for_lora`` (unfuse QKV, refuse an ahead-of-time compiled transformer); this package
-        never imports the drawing code."""
+        never imports the drawing code. ``public``: visitors are strangers (see the module docstring)."""
         if model_key not in CATALOG or CATALOG[model_key].kind != "sd3":
             raise ValueError(f"LoRAs are for the SD3.5 models; {model_key!r} is not one.")
         self.model_key = model_key
         self.model_title = model_title or CATALOG[model_key].title
         self.known_bases = dict(KNOWN_MMDIT_BASES if known_bases is None else known_bases)
         self.before_attach = before_attach
-        self._entries: dict[str, LoadedLora] = {}
-        self._selection: tuple[tuple[str, float], ...] = ()
+        self.public = public
+        self._entries: dict[str, LoadedLora] = {}  # internal adapter name -> entry
+        self._selection: tuple[tuple[str, float], ...] = ()  # (internal adapter name, weight)
+        self._selected_by: str | None = None  # the visitor whose selection that is (None: the operator)
         self._fused: _Fused | None = None
         self._slots = UploadSlots("LoRA", f"on {self.model_title}")
         self._lock = threading.RLock()
@@ -245,8 +260,9 @@ class LoraLibrary:
     # -- reading
 
     def names(self, visitor: str | None = None) -> list[str]:
+        """The names ``visitor`` knows the LoRAs they may use by (the operator: the internal names)."""
         with self._lock:
-            return self._slots.visible_names(self._entries, visitor)
+            return [self._shown(key, visitor) for key in self._visible_keys(visitor)]
 
     def get(self, name: str, visitor: str | None = None) -> LoadedLora:
         with self._lock:
@@ -254,11 +270,17 @@ class LoraLibrary:
 
     def loaded(self, visitor: str | None = None) -> list[LoadedLora]:
         with self._lock:
-            return [self._entries[name] for name in self.names(visitor)]
+            return [self._entries[key] for key in self._visible_keys(visitor)]
+
+    def _visible_keys(self, visitor: str | None) -> list[str]:
+        return self._slots.visible_names(self._entries, visitor)
+
+    def _shown(self, key: str, visitor: str | None) -> str:
+        return key if visitor is None else self._entries[key].name
 
     @property
     def selection(self) -> list[tuple[str, float]]:
-        """The (name, weight) pairs the last ``apply``/``fuse`` set."""
+        """The (internal name, weight) pairs the last ``apply``/``fuse`` set (the operator's view)."""
         with self._lock:
             return list(self._selection)
 
@@ -273,13 +295,17 @@ class LoraLibrary:
             return [(self._entries[name], weight) for name, weight in self._selection if name in self._entries]
 
     def list(self, visitor: str | None = None) -> list[list]:
-        """One row per loaded LoRA ``visitor`` may see, columns ``LIST_HEADERS``, for a UI table."""
+        """One row per loaded LoRA ``visitor`` may see, columns ``LIST_HEADERS``, for a UI table.
+
+        The weight column shows ``visitor``'s own last selection only: what another visitor drew
+        with last is theirs.
+        """
         with self._lock:
-            weights = dict(self._selection)
+            weights = dict(self._selection) if visitor is None or visitor == self._selected_by else {}
             return [
                 [
-                    entry.name,
-                    weights.get(entry.name, ""),
+                    self._shown(key, visitor),
+                    weights.get(key, ""),
                     entry.source,
                     entry.style,
                     entry.modules_changed,
@@ -288,7 +314,7 @@ class LoraLibrary:
                     entry.a1111_hash,
                     entry.base,
                 ]
-                for entry in self.loaded(visitor)
+                for key, entry in ((key, self._entries[key]) for key in self._visible_keys(visitor))
             ]
 
     def parse_selection(
@@ -296,7 +322,10 @@ class LoraLibrary:
     ) -> list[tuple[str, float]]:
         """``parse_lora_selection`` against the LoRAs of this library that ``visitor`` may use."""
         with self._lock:
-            return parse_lora_selection(text, lora_scale, loaded=self.loaded(visitor))
+            # A visitor's own entry wins over a shared one of the same name (as in ``_key_for``).
+            keys = sorted(self._visible_keys(visitor), key=lambda key: self._entries[key].owner is not SHARED)
+            loaded = {self._shown(key, visitor): self._entries[key] for key in keys}
+            return parse_lora_selection(text, lora_scale, loaded=loaded)
 
     # -- loading
 
@@ -316,106 +345,167 @@ class LoraLibrary:
         Loading never changes what is drawn: the new LoRA is used once ``apply`` selects it.
         Any failure raises ValueError in one sentence and leaves the pipeline as it was.
 
-        An upload belongs to ``visitor`` (at most ``settings.MAX_UPLOADS_PER_SESSION`` each); every
-        other source is shared. When all ``settings.MAX_LOADED_LORAS`` slots are taken, the least
-        recently used upload is unloaded to make room; shared LoRAs are never evicted.
+        Who owns it: see the module docstring (``_owner_for``). A visitor keeps at most
+        ``settings.MAX_UPLOADS_PER_SESSION`` entries of their own. When all ``settings.MAX_LOADED_LORAS``
+        slots are taken, the least recently used of the visitors' entries, and of the shared ones idle
+        for ``settings.SHARED_LORA_IDLE_SECONDS``, is unloaded to make room.
+
+        The same file (by SHA-256) already loaded where ``visitor`` sees it, as theirs or shared, is
+        that entry, under whatever name was asked: its name is the answer.
         """
-        with self._lock:
-            label = source.description
-            owner = visitor if source.kind == "upload" else SHARED
-            # 1. The file, before the pipeline is touched.
-            header = read_safetensors_header(source.path, label=label)
-            if header.file_bytes > settings.MAX_LORA_BYTES:
-                raise ValueError(f"{label} is over the {settings.MAX_LORA_BYTES / 2**20:,.0f} MB limit for a LoRA.")
-            inspect_lora_keys(header.shapes, label=label)
-            sha256, a1111_hash = _file_hashes(source.path, header.header_bytes)
-            for entry in self.loaded(visitor):
-                if entry.sha256 == sha256 and (name is None or sanitize_lora_name(name) == entry.name):
-                    self._slots.touch(entry.name)
-                    return entry
-            if name is not None:
-                adapter = sanitize_lora_name(name)
-                if adapter in self._entries:
-                    raise ValueError(
-                        f"A LoRA named {adapter!r} is already loaded; unload it first or pick another name."
-                    )
-            else:
-                adapter = self._unique_name(source.name)
-            if owner is not SHARED:
-                self._slots.check_visitor_cap(owner, settings.MAX_UPLOADS_PER_SESSION)
-            try:
-                victim = self._slots.victim(settings.MAX_LOADED_LORAS, keep=dict(self._selection))
-            except ValueError:
-                raise ValueError(
-                    f"{len(self._entries)} LoRAs are loaded, the most this Studio keeps (STUDIO_MAX_LOADED_LORAS), "
-                    "and none is an upload that could make room; unload one first."
-                ) from None
-            default_scale = source.default_scale if scale is None else _check_weight("scale", scale)
+        try:
+            with self._lock:
+                entry = self._load_locked(pipeline, source, name=name, scale=scale, visitor=visitor)
+        except BaseException:
+            if source.download is not None:
+                source.download.release()  # a refused Hub file leaves nothing behind, and costs nothing
+            raise
+        if source.download is not None:
+            source.download.delete_files()  # the weights are in memory now
+            if entry.release != source.download.release:
+                source.download.release()  # the same file was loaded already: nothing new is kept
+        return entry
 
-            # 2. Convert to the canonical diffusers form.
-            from safetensors.torch import load_file
+    def _owner_for(self, source: LoraSource, visitor: str | None) -> str | None:
+        """An upload is its visitor's; on a public instance so is what a visitor names from the Hub or the
+        registry. The operator's folder, and anything the operator (``visitor=None``) loads, is shared."""
+        if visitor is None:
+            return SHARED
+        if source.kind == "upload" or (self.public and source.kind in ("hub", "registry")):
+            return visitor
+        return SHARED
 
-            tensors = load_file(str(source.path), device="cpu")
+    def _load_locked(
+        self, pipeline, source: LoraSource, *, name: str | None, scale: float | None, visitor: str | None
+    ) -> LoadedLora:
+        label = source.description
+        owner = self._owner_for(source, visitor)
+        # 1. The file, before the pipeline is touched.
+        header = read_safetensors_header(source.path, label=label)
+        if header.file_bytes > settings.MAX_LORA_BYTES:
+            raise ValueError(f"{label} is over the {settings.MAX_LORA_BYTES / 2**20:,.0f} MB limit for a LoRA.")
+        inspect_lora_keys(header.shapes, label=label)
+        sha256, a1111_hash = _file_hashes(source.path, header.header_bytes)
+        for key in self._visible_keys(visitor):
+            entry = self._entries[key]
+            if entry.sha256 == sha256 and entry.owner in (SHARED, owner):
+                self._slots.touch(key)
+                return entry
+        # 2. Its name, as the caller will know it, and a distinct internal one.
+        taken = self._names_in_view(visitor)
+        if name is not None:
+            shown = sanitize_lora_name(name)
+            if shown in taken:
+                raise ValueError(f"A LoRA named {shown!r} is already loaded; unload it first or pick another name.")
+        elif visitor is not None and owner is SHARED:
+            # Everyone will see it: its name comes from the shared ones, never from the loader's own
+            # (a visitor's own entry of the same name still wins for them, as in ``_known_name``).
+            shown = _unique_name(source.name, {entry.name for entry in self._entries.values() if entry.owner is SHARED})
+        else:
+            shown = _unique_name(source.name, taken)
+        adapter = _unique_name(shown, set(self._entries))
+        if owner is not SHARED:
+            self._slots.check_visitor_cap(
+                owner,
+                settings.MAX_UPLOADS_PER_SESSION,
+                shown=lambda key: self._entries[key].name,
+                uploads_only=all(self._entries[key].kind == "upload" for key in self._slots.uploads_of(owner)),
+            )
+        try:
+            victim = self._slots.victim(
+                settings.MAX_LOADED_LORAS, keep=dict(self._selection), idle_seconds=settings.SHARED_LORA_IDLE_SECONDS
+            )
+        except ValueError:
+            raise ValueError(
+                f"{len(self._entries)} LoRAs are loaded, the most this Studio keeps (STUDIO_MAX_LOADED_LORAS), "
+                "and none is a visitor's own or a shared one idle long enough to make room; unload one first, "
+                "or try again later."
+            ) from None
+        default_scale = source.default_scale if scale is None else _check_weight("scale", scale)
+
+        # 3. Convert to the canonical diffusers form.
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(source.path), device="cpu")
+        converted = convert_to_diffusers(tensors, header.metadata, label=label)
+        del tensors
+        changing = [module for module in converted.modules if all(factor.any() for factor in converted.factors(module))]
+        if not changing:
+            raise ValueError(f"{label} changes nothing: every one of its LoRA matrices is zero.")
+
+        # 4. Does it fit this model?
+        check_lora_fits(
+            pipeline.transformer,
+            converted,
+            model_title=self.model_title,
+            label=label,
+            known_bases=self.known_bases,
+        )
+        notes = list(converted.warnings)
+        if source.bases and self.model_key not in source.bases:
+            made_for = ", ".join(CATALOG[key].title for key in source.bases)
+            notes.append(f"{label} was made for {made_for}; on {self.model_title} it may look different.")
+
+        # 5. Attach it, count what changed, and undo everything on any surprise; then make room.
+        self._drop_fused(pipeline)
+        modules = self._attach(pipeline, adapter, converted.state_dict, label)
+        if victim is not None:  # the least recently used candidate goes, once the new one is in
+            self._remove(pipeline, victim)
+            self._set_adapters(pipeline, self._selection)
+            logger.info("unloaded the LoRA %s from %s to make room for %s", victim, self.model_key, label)
+        entry = LoadedLora(
+            name=shown,
+            source=label,
+            kind=source.kind,
+            style=converted.style,
+            trigger_words=tuple(source.trigger_words),
+            default_scale=default_scale,
+            modules_changed=modules,
+            sha256=sha256,
+            a1111_hash=a1111_hash,
+            base=self.model_title,
+            file_bytes=header.file_bytes,
+            warnings=tuple(notes),
+            licence=source.licence,
+            url=source.url,
+            owner=owner,
+            state_dict=converted.state_dict,
+            adapter=adapter,
+            release=source.download.release if source.download is not None else None,
+        )
+        self._entries[adapter] = entry
+        self._slots.add(adapter, owner)
+        for note in notes:
+            logger.warning(note)
+        return entry
+
+    def _names_in_view(self, visitor: str | None) -> set[str]:
+        """The names ``visitor`` could confuse a new one with: those they see (the operator: all, both kinds)."""
+        if visitor is None:
+            return set(self._entries) | {entry.name for entry in self._entries.values()}
+        return {self._entries[key].name for key in self._visible_keys(visitor)}
+
+    def check_header(self, pipeline, header: SafetensorsHeader, label: str) -> None:
+        """ValueError when a file with this header (e.g. one the Hub serves) is no LoRA for this model.
+
+        Reads shapes only: the factors become meta tensors (scalars, such as kohya's alphas, real
+        ones), are converted as a loaded file would be, and checked against the transformer.
+        """
+        inspect_lora_keys(header.shapes, label=label)
+        tensors = {
+            key: torch.ones(shape) if torch.Size(shape).numel() <= 1 else torch.empty(shape, device="meta")
+            for key, shape in header.shapes.items()
+        }
+        try:
             converted = convert_to_diffusers(tensors, header.metadata, label=label)
-            del tensors
-            changing = [
-                module for module in converted.modules if all(factor.any() for factor in converted.factors(module))
-            ]
-            if not changing:
-                raise ValueError(f"{label} changes nothing: every one of its LoRA matrices is zero.")
-
-            # 3. Does it fit this model?
-            check_lora_fits(
-                pipeline.transformer,
-                converted,
-                model_title=self.model_title,
-                label=label,
-                known_bases=self.known_bases,
-            )
-            notes = list(converted.warnings)
-            if source.bases and self.model_key not in source.bases:
-                made_for = ", ".join(CATALOG[key].title for key in source.bases)
-                notes.append(f"{label} was made for {made_for}; on {self.model_title} it may look different.")
-
-            # 4. Attach it, count what changed, and undo everything on any surprise; then make room.
-            self._drop_fused(pipeline)
-            modules = self._attach(pipeline, adapter, converted.state_dict, label)
-            if victim is not None:  # the least recently used upload goes, once the new one is in
-                self._remove(pipeline, victim)
-                self._set_adapters(pipeline, self._selection)
-                logger.info("unloaded the upload %s from %s to make room for %s", victim, self.model_key, label)
-            entry = LoadedLora(
-                name=adapter,
-                source=label,
-                kind=source.kind,
-                style=converted.style,
-                trigger_words=tuple(source.trigger_words),
-                default_scale=default_scale,
-                modules_changed=modules,
-                sha256=sha256,
-                a1111_hash=a1111_hash,
-                base=self.model_title,
-                file_bytes=header.file_bytes,
-                warnings=tuple(notes),
-                licence=source.licence,
-                url=source.url,
-                owner=owner,
-                state_dict=converted.state_dict,
-            )
-            self._entries[adapter] = entry
-            self._slots.add(adapter, owner)
-            for note in notes:
-                logger.warning(note)
-            return entry
-
-    def _unique_name(self, base: str) -> str:
-        base = sanitize_lora_name(base)
-        name, counter = base, 2
-        while name in self._entries:
-            suffix = f"_{counter}"
-            name = base[: settings.MAX_LORA_NAME_CHARS - len(suffix)] + suffix
-            counter += 1
-        return name
+        except ValueError:
+            raise
+        except Exception as error:  # a conversion that needs values: the full check after download decides
+            logger.info("%s: shapes alone could not be converted (%s)", label, error)
+            return
+        check_lora_fits(
+            pipeline.transformer, converted, model_title=self.model_title, label=label, known_bases=self.known_bases
+        )
 
     def _attach(self, pipeline, adapter: str, state_dict: dict[str, torch.Tensor], label: str) -> int:
         """Load ``state_dict`` as adapter ``adapter``; the number of layers it changed. Undone on failure."""
@@ -465,10 +555,16 @@ class LoraLibrary:
             transformer.unload_lora()  # no adapter left: put the plain layers back
 
     def _known_name(self, name: str, visitor: str | None = None) -> str:
-        key = sanitize_lora_name(name)
-        if not self._slots.visible(key, visitor):
+        """The internal name of the entry ``visitor`` calls ``name``: their own first, else a shared one
+        (the operator: an internal name, else a shown one). ValueError naming what they may use."""
+        wanted = sanitize_lora_name(name)
+        if visitor is None and wanted in self._entries:
+            return wanted
+        matches = [key for key in self._visible_keys(visitor) if self._entries[key].name == wanted]
+        if not matches:
             raise ValueError(_unknown_lora_sentence(name, self.names(visitor)))
-        return key
+        own = [key for key in matches if self._entries[key].owner is not SHARED]
+        return (own or matches)[0]
 
     # -- choosing what is drawn
 
@@ -484,6 +580,7 @@ class LoraLibrary:
             for name, _ in selection:
                 self._slots.touch(name)
             self._restore_missing(pipeline, selection)
+            self._selected_by = visitor
             fused = self._fused
             if fused is not None and fused.pipeline() is pipeline and fused.selection == selection:
                 self._selection = selection
@@ -499,9 +596,10 @@ class LoraLibrary:
         for item in selection:
             name, weight = item
             key = self._known_name(name, visitor)
+            shown = self._shown(key, visitor)
             if key in dict(checked):
-                raise ValueError(f"The LoRA {key!r} is chosen twice; give each LoRA once.")
-            checked.append((key, _check_weight(f"the weight of {key}", weight)))
+                raise ValueError(f"The LoRA {shown!r} is chosen twice; give each LoRA once.")
+            checked.append((key, _check_weight(f"the weight of {shown}", weight)))
         if len(checked) > settings.MAX_ACTIVE_LORAS:
             raise ValueError(f"{len(checked)} LoRAs were chosen; use at most {settings.MAX_ACTIVE_LORAS} at once.")
         return tuple(checked)
@@ -611,42 +709,61 @@ class LoraLibrary:
     ) -> list[str]:
         """Remove one LoRA (or all, with ``name=None``) from the pipeline and the library; the names removed.
 
-        ``visitor`` removes only what they may see: their own uploads, and the shared LoRAs
+        ``visitor`` removes only what they may see: their own entries, and the shared LoRAs
         unless ``shared`` is False (a public instance's visitors, for whom those are read-only).
         After unloading everything, the pipeline draws exactly what the base model draws.
+        What an entry charged (a visitor's Hub download) is given back.
         """
         with self._lock:
             if name is not None:
                 key = self._known_name(name, visitor)
                 if not shared and not self._slots.is_upload(key):
                     raise ValueError(
-                        f"The LoRA {key!r} is shared by every visitor of this public instance; only the operator "
-                        "can unload it (leave it out of the lora text to draw without it)."
+                        f"The LoRA {self._shown(key, visitor)!r} is shared by every visitor of this public instance; "
+                        "only the operator can unload it (leave it out of the lora text to draw without it)."
                     )
                 keys = [key]
             else:
-                keys = [key for key in self.names(visitor) if shared or self._slots.is_upload(key)]
+                keys = [key for key in self._visible_keys(visitor) if shared or self._slots.is_upload(key)]
+            removed = [self._shown(key, visitor) for key in keys]
             self._unfuse_locked(pipeline)
             if keys and len(keys) == len(self._entries) and _adapter_names(pipeline.transformer):
                 pipeline.unload_lora_weights()  # everything: put the plain layers back in one go
+                for entry in self._entries.values():
+                    if entry.release is not None:
+                        entry.release()
                 self._entries.clear()
                 self._slots.clear()
                 self._selection = ()
-                return keys
+                return removed
             for key in keys:
                 self._remove(pipeline, key)
             self._set_adapters(pipeline, self._selection)
-            return keys
+            return removed
 
     def _remove(self, pipeline, key: str) -> None:
-        """Detach ``key`` and forget it (the lock is held)."""
+        """Detach ``key`` and forget it, giving back what it charged (the lock is held)."""
         self._detach(pipeline, key)
-        del self._entries[key]
+        entry = self._entries.pop(key)
+        if entry.release is not None:
+            entry.release()
         self._slots.remove(key)
         self._selection = tuple((item, weight) for item, weight in self._selection if item != key)
 
 
 # ----------------------------------------------------------------------------- selections and prompts
+
+
+def _unique_name(base: str, taken: set[str]) -> str:
+    """``base`` (sanitised), or ``base_2``, ``base_3``, ... : the first not in ``taken``."""
+    base = sanitize_lora_name(base)
+    name = base
+    for counter in range(2, len(taken) + 3):  # len(taken) + 1 candidates: one of them is free
+        if name not in taken:
+            return name
+        suffix = f"_{counter}"
+        name = base[: settings.MAX_LORA_NAME_CHARS - len(suffix)] + suffix
+    return name
 
 
 def _check_weight(name: str, value) -> float:
@@ -671,7 +788,7 @@ def parse_lora_selection(
     weight. Names are checked against ``loaded``, weights against ``settings.MAX_LORA_WEIGHT``,
     the count against ``settings.MAX_ACTIVE_LORAS``. Empty text -> ``[]`` (the base model).
     """
-    entries = {entry.name: entry for entry in (loaded.values() if isinstance(loaded, Mapping) else loaded)}
+    entries = dict(loaded) if isinstance(loaded, Mapping) else {entry.name: entry for entry in loaded}
     if text is None:
         return []
     if not isinstance(text, str):

@@ -6,6 +6,12 @@ escaping symlinks), an upload, a Hub file, or an entry of the curated registry
 (``assets/loras.json``, checked by ``load_registry``). Pickled formats are
 refused by name and by content; every file is size-checked. ``pipelines.lora.library``
 loads what comes out of here.
+
+A Hub repo a visitor names is a stranger's: it must be public (asked anonymously, never
+with HF_TOKEN, never read from the operator's Hugging Face cache), its file's header must
+be a LoRA (and fit the model, when the caller says which) before a byte of weights is
+downloaded, and the download goes to a folder of its own under the work root, charged to
+the client (``pipelines.hub_access.VisitorDownloads``) and deleted once loaded.
 """
 
 from __future__ import annotations
@@ -15,15 +21,18 @@ import logging
 import math
 import os
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from pipelines import settings
 from pipelines.catalog import CATALOG
+from pipelines.hub_access import VisitorDownload, VisitorDownloads, visitor_downloads
 from pipelines.lora.formats import (
     PICKLED_SENTENCE,
     PICKLED_SUFFIXES,
+    SafetensorsHeader,
+    inspect_lora_keys,
     read_safetensors_header,
 )
 
@@ -66,6 +75,9 @@ class LoraSource:
     bases: tuple[str, ...] = ()  # catalog keys it was made for (registry entries); () = unknown
     licence: str = ""
     url: str = ""
+    # A visitor's Hub file: its folder and the bytes charged to its client (the library deletes the
+    # folder once the weights are in memory, and gives the charge back when the LoRA goes).
+    download: VisitorDownload | None = field(default=None, compare=False, repr=False)
 
 
 def _check_suffix(name: str, label: str) -> None:
@@ -116,24 +128,21 @@ def _resolve_in_folder(name: str, folder: Path, what: str) -> Path:
         raise ValueError(f"Give the name of a .safetensors file in the {what}.")
     if "\x00" in name or "\\" in name:
         raise ValueError(f"{name!r} is not a valid file name; use / between folders.")
+    # The sentences name the folder by what it is, never by its path on the server, and never list it.
     relative = PurePosixPath(name.strip())
     if relative.is_absolute() or name.strip().startswith("~"):
-        raise ValueError(
-            f"{name!r} is an absolute path; give a name inside the {what} ({folder}), or upload the file instead."
-        )
+        raise ValueError(f"{name!r} is an absolute path; give a name inside the {what}, or upload the file instead.")
     if ".." in relative.parts:
-        raise ValueError(f"{name!r} goes up with '..'; give a name inside the {what} ({folder}).")
+        raise ValueError(f"{name!r} goes up with '..'; give a name inside the {what}.")
     _check_suffix(name, repr(name))
     root = folder.expanduser().resolve()
     candidate = (root / relative).resolve()
     if not candidate.is_relative_to(root):
-        raise ValueError(
-            f"{name!r} leads outside the {what} ({root}) through a symlink; put the file itself in the folder."
-        )
+        raise ValueError(f"{name!r} leads outside the {what} through a symlink; put the file itself in the folder.")
     if not candidate.is_file():
-        available = list_lora_files(folder)
-        hint = f" It has: {', '.join(available[:8])}{', ...' if len(available) > 8 else ''}." if available else ""
-        raise ValueError(f"There is no {name!r} in the {what} ({root}); put the file there or upload it.{hint}")
+        raise ValueError(
+            f"There is no {name!r} in the {what}; choose one of the files the LoRA panel lists, or upload it."
+        )
     return candidate
 
 
@@ -235,6 +244,124 @@ def check_hub_file_size(label: str, size: int | None, limit: int, what: str) -> 
         raise ValueError(f"{label} is {size / 2**20:,.0f} MB, over the {limit / 2**20:,.0f} MB limit for {what}.")
 
 
+HeaderCheck = Callable[[SafetensorsHeader, str], None]  # (the header the Hub served, label) -> ValueError if unfit
+
+
+def _public_file(repo: str, weight_name: str) -> tuple[str, str, int | None]:
+    """(commit, weight_name, size) of a file of a *public* repo, asked anonymously (``token=False``).
+
+    A private repo answers "not found" to an anonymous call; a gated one is refused too (its files
+    need a token). Without ``weight_name``, the repo's single .safetensors file.
+    """
+    from huggingface_hub import HfApi
+
+    info = HfApi().model_info(repo, files_metadata=True, token=False)
+    if getattr(info, "private", False):
+        raise ValueError(
+            f"There is no public LoRA repo {repo!r} on the Hub; check the repo id (private repos cannot be named)."
+        )
+    if getattr(info, "gated", False):
+        raise ValueError(f"{repo} is gated, and only public repos can be named here; download the file and upload it.")
+    siblings = {item.rfilename: getattr(item, "size", None) for item in (info.siblings or [])}
+    if weight_name:
+        if weight_name not in siblings:
+            raise ValueError(f"{repo} has no file {weight_name!r}; check the file name in the repo's Files tab.")
+    else:
+        candidates = [name for name in siblings if name.lower().endswith(".safetensors")]
+        if not candidates:
+            raise ValueError(f"{repo} holds no .safetensors file; LoRAs are loaded from .safetensors files only.")
+        if len(candidates) > 1:
+            raise ValueError(
+                f"{repo} holds several .safetensors files ({', '.join(candidates[:6])}); give weight_name to pick one."
+            )
+        weight_name = candidates[0]
+    return getattr(info, "sha", None) or "main", weight_name, siblings[weight_name]
+
+
+def _hub_header(repo: str, weight_name: str, commit: str, size: int, label: str) -> SafetensorsHeader:
+    """The file's safetensors header, read with two ranged requests (``parse_safetensors_file_metadata``)."""
+    from huggingface_hub import HfApi
+
+    parsed = HfApi().parse_safetensors_file_metadata(repo, weight_name, revision=commit, token=False)
+    shapes = {name: tuple(int(side) for side in info.shape) for name, info in parsed.tensors.items()}
+    dtypes = {name: str(info.dtype) for name, info in parsed.tensors.items()}
+    data_end = max((int(info.data_offsets[1]) for info in parsed.tensors.values()), default=0)
+    if data_end > size:
+        raise ValueError(
+            f"{label} declares {data_end:,} bytes of tensors but is {size:,} bytes long; it is not loaded."
+        )
+    return SafetensorsHeader(shapes, dtypes, dict(parsed.metadata or {}), 0, size)
+
+
+def _resolve_visitor_hub(
+    repo: str,
+    weight_name: str | None,
+    *,
+    client: str,
+    downloads: VisitorDownloads,
+    check_header: HeaderCheck | None = None,
+) -> tuple[Path, str, VisitorDownload]:
+    """Fetch one .safetensors LoRA of a public repo a visitor named; (path, weight_name, its download).
+
+    In order, each step before any byte of weights is written: 1. the repo is public and holds the
+    file (anonymous metadata call); 2. its size is within ``settings.MAX_LORA_BYTES``; 3. its header
+    (ranged reads) is a LoRA, and ``check_header`` accepts it (e.g. it fits the model); 4. the bytes
+    fit the client's and the instance's caps. 5. The download, at the checked commit, into a folder of
+    its own; a failure deletes it and gives the bytes back.
+    """
+    repo = (repo or "").strip()
+    weight_name = (weight_name or "").strip()
+    try:
+        from huggingface_hub.utils import validate_repo_id
+
+        validate_repo_id(repo)
+        if weight_name:
+            _check_suffix(weight_name, repr(weight_name))
+            if PurePosixPath(weight_name).is_absolute() or ".." in PurePosixPath(weight_name).parts:
+                raise ValueError(f"{weight_name!r} must be a file name inside the repo {repo}.")
+        # 1-2. Public, there, and small enough.
+        commit, weight_name, size = _public_file(repo, weight_name)
+        _check_suffix(weight_name, repr(weight_name))
+        label = f"hub:{repo}/{weight_name}"
+        check_hub_file_size(f"{repo}/{weight_name}", size, settings.MAX_LORA_BYTES, "a LoRA (STUDIO_MAX_LORA_MB)")
+        # 3. A LoRA, for this model, by its header.
+        header = _hub_header(repo, weight_name, commit, size, label)
+        inspect_lora_keys(header.shapes, label=label)
+        if check_header is not None:
+            check_header(header, label)
+    except Exception as error:
+        raise _visitor_hub_error(repo, weight_name, error) from error
+    # 4. The bytes, charged before they are written.
+    download = downloads.reserve(client, size, label)
+    try:
+        from huggingface_hub import hf_hub_download
+
+        path = Path(hf_hub_download(repo, weight_name, revision=commit, cache_dir=download.folder, token=False))
+        if path.stat().st_size != size:
+            raise ValueError(f"{label} is not the {size:,} bytes the Hub listed; it was not loaded.")
+        return path, weight_name, download
+    except Exception as error:
+        download.release()
+        raise _visitor_hub_error(repo, weight_name, error) from error
+
+
+def _visitor_hub_error(repo: str, weight_name: str, error: BaseException) -> ValueError:
+    if isinstance(error, ValueError) and not _is_hub_error(error):
+        return error
+    sentence = _hub_error_sentence(repo, weight_name, error, public_only=True)
+    if sentence is None:
+        sentence = f"{repo}: the LoRA could not be fetched ({type(error).__name__})."
+    return ValueError(sentence)
+
+
+def _is_hub_error(error: BaseException) -> bool:
+    from huggingface_hub import errors as hub_errors
+
+    return isinstance(
+        error, (hub_errors.HfHubHTTPError, hub_errors.HFValidationError, hub_errors.LocalEntryNotFoundError)
+    )
+
+
 def resolve_lora_source(
     *,
     file: str | None = None,
@@ -245,15 +372,22 @@ def resolve_lora_source(
     lora_dir: str | Path = settings.DEFAULT_LORA_DIR,
     registry: Mapping[str, RegistryEntry] | None = None,
     cache_dir: str | Path | None = None,
+    client: str = "local",
+    downloads: VisitorDownloads | None = None,
+    check_header: HeaderCheck | None = None,
 ) -> LoraSource:
     """Find and check one LoRA file; give exactly one of ``file``, ``upload``, ``repo`` or ``registry_name``.
 
     - ``file``: a name relative to ``lora_dir`` (absolute paths, ``..`` and symlinks that lead
       out of the folder are refused);
     - ``upload``: a path the caller vouches is an upload (e.g. Gradio's temp file);
-    - ``repo`` (+ optional ``weight_name``): a Hub repo; without ``weight_name`` its single
-      .safetensors file; ``cache_dir`` is the Hugging Face cache (default: the usual one);
-    - ``registry_name``: an entry of ``registry`` (default: ``load_registry()`` of assets/loras.json).
+    - ``repo`` (+ optional ``weight_name``): a public Hub repo (a stranger's: see the module's
+      docstring); without ``weight_name`` its single .safetensors file. ``client``
+      (``components.common.client_identity``) is charged for it in ``downloads`` (default: the
+      process's ``visitor_downloads()``); ``check_header(header, label)`` may refuse the file from its
+      header, before the download (``LoraLibrary.check_header``);
+    - ``registry_name``: an entry of ``registry`` (default: ``load_registry()`` of assets/loras.json);
+      its repos are the operator's choice, read through ``cache_dir`` (the Hugging Face cache).
 
     Every kind must be a .safetensors file within ``settings.MAX_LORA_BYTES`` whose header is
     valid; pickled formats are refused by name and by content. ValueError in one sentence otherwise.
@@ -283,15 +417,26 @@ def resolve_lora_source(
             path=path, kind="upload", description=f"upload:{path.name}", name=sanitize_lora_name(path.stem)
         )
     if repo:
-        path, weight_name = _resolve_hub(str(repo), weight_name, cache_dir, token=False)  # never the operator's token
+        path, weight_name, download = _resolve_visitor_hub(
+            str(repo),
+            weight_name,
+            client=client,
+            downloads=visitor_downloads() if downloads is None else downloads,
+            check_header=check_header,
+        )
         label = f"hub:{str(repo).strip()}/{weight_name}"
-        _check_file(path, label)
+        try:
+            _check_file(path, label)
+        except Exception:
+            download.release()
+            raise
         return LoraSource(
             path=path,
             kind="hub",
             description=label,
             name=sanitize_lora_name(str(repo).strip().rsplit("/", 1)[-1]),
             url=f"https://huggingface.co/{str(repo).strip()}",
+            download=download,
         )
     entries = load_registry() if registry is None else registry
     entry = entries.get(str(registry_name).strip())
