@@ -165,8 +165,6 @@ def _registry_choices(studio: Studio) -> list[tuple[str, str]]:
 
 def build_lora_panel(studio: Studio, model: gr.Radio, memory_mode: gr.Dropdown) -> LoraPanel:
     """The LoRA accordion, inside the current Blocks; ``model`` and ``memory_mode`` are the tab's own inputs."""
-    for library in studio.sd3_loras.values():
-        library.public = studio.public  # a public instance's visitors own what they name (LoraLibrary)
 
     def load_lora(source, weight_name, upload, model, name, scale, memory_mode, active, progress, request):
         """Load a LoRA onto the chosen SD3.5 model and add it to the active set at its default weight.

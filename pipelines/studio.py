@@ -92,6 +92,7 @@ class Studio:
                 model_title=f"{spec.title} (tiny)" if self.tiny else None,
                 known_bases=tiny_base_names() if self.tiny else None,
                 before_attach=prepare_for_lora,
+                public=self.public,  # a public instance's visitors own the LoRAs they name
             )
             for key, spec in CATALOG.items()
             if spec.kind == "sd3"
