@@ -240,6 +240,38 @@ def _number_or(text, default: float) -> float:
         return default
 
 
+def guidance_note(model, guidance_text) -> str:
+    """The sentence beside the negative prompt for ``model`` at ``guidance_text`` (empty: the preset):
+    it does not apply without classifier-free guidance; "" when it does."""
+    preset = CATALOG[model_key(model or "large")].image_preset
+    if str(guidance_text or "").strip() == "":
+        uses_cfg = preset.guidance > 1.0
+    else:
+        uses_cfg = _number_or(guidance_text, preset.guidance) > 1.0
+    if uses_cfg:
+        return ""
+    if str(guidance_text or "").strip() == "":
+        return "Large Turbo runs 4 steps without classifier-free guidance: the negative prompt does not apply."
+    return "Without classifier-free guidance (guidance ≤ 1) the negative prompt does not apply."
+
+
+def active_inputs(control_image, control_type, control_scale, lora) -> tuple[str, dict, dict]:
+    """(the line beside Generate naming what else the next image uses, the control image's Clear button,
+    the LoRAs' Clear button): a control image or LoRAs left in their fields are never applied unseen."""
+    parts = []
+    if control_image is not None:
+        kind = control_type or settings.DEFAULT_CONTROL_TYPE
+        scale = settings.DEFAULT_CONTROL_SCALE if control_scale is None else control_scale
+        parts.append(
+            f"ControlNet {kind} at {_number_or(scale, settings.DEFAULT_CONTROL_SCALE):g} (a control image is set)"
+        )
+    loras = str(lora or "").strip()
+    if loras:
+        parts.append(f"LoRAs {markdown_text(loras)}")
+    line = ("**Also applied:** " + " · ".join(parts)) if parts else ""
+    return line, gr.update(visible=control_image is not None), gr.update(visible=bool(loras))
+
+
 def build_generate_tab(studio: Studio, outputs_dir: Path | None = None) -> dict:
     """Build the Generate tab inside the current Blocks; returns its main components."""
     stop_requests = StopRequests()
@@ -329,14 +361,10 @@ def build_generate_tab(studio: Studio, outputs_dir: Path | None = None) -> dict:
         for note in notes:
             gr.Info(note)
         low, high = _slider_ranges(studio, key)
-        uses_cfg = (preset.guidance if guidance_text == "" else _number_or(guidance_text, preset.guidance)) > 1.0
-        if not uses_cfg:
-            notes.insert(
-                0,
-                "Large Turbo runs 4 steps without classifier-free guidance: the negative prompt does not apply."
-                if guidance_text == ""
-                else "Without classifier-free guidance (guidance ≤ 1) the negative prompt does not apply.",
-            )
+        cfg_sentence = guidance_note(model, guidance_text)
+        uses_cfg = not cfg_sentence
+        if cfg_sentence:
+            notes.insert(0, cfg_sentence)
         return (
             gr.update(value=steps_text, placeholder=f"preset: {preset.steps}"),
             gr.update(value=guidance_text, placeholder=f"preset: {preset.guidance:g}"),
@@ -385,6 +413,10 @@ def build_generate_tab(studio: Studio, outputs_dir: Path | None = None) -> dict:
                 run = gr.Button("Generate", variant="primary", scale=3, elem_classes=["ctrl-enter-runs"])
                 stop = gr.Button("Stop", variant="stop", scale=1)
             gr.Markdown("Ctrl+Enter (⌘+Enter on a Mac) generates.", elem_classes=["shortcut-hint"])
+            with gr.Row():
+                active_note = gr.Markdown(elem_id="generate-active")
+                clear_control = gr.Button("Clear the control image", size="sm", visible=False, scale=0)
+                clear_loras = gr.Button("Clear the LoRAs", size="sm", visible=False, scale=0)
             # The last error's sentence stays here after its toast is closed.
             error_status = gr.Markdown(elem_id="generate-error")
         with gr.Column(scale=1, elem_id="generate-result"):
@@ -596,6 +628,27 @@ def build_generate_tab(studio: Studio, outputs_dir: Path | None = None) -> dict:
         api_visibility="private",
     )
     aspect.input(apply_aspect, inputs=[aspect, model], outputs=[width, height], queue=False, api_visibility="private")
+    # A note describes the form as it is: an edited steps or guidance box rewrites it from the new values.
+    gr.on(
+        [steps.input, guidance.input],
+        guidance_note,
+        inputs=[model, guidance],
+        outputs=cfg_note,
+        queue=False,
+        api_visibility="private",
+    )
+    # What else the next image uses stands beside the button, each with its one-click clear.
+    control_inputs = [control_image, control_type, control_scale, lora_panel.lora]
+    gr.on(
+        [control_image.change, control_type.change, control_scale.change, lora_panel.lora.change],
+        active_inputs,
+        inputs=control_inputs,
+        outputs=[active_note, clear_control, clear_loras],
+        queue=False,
+        api_visibility="private",
+    )
+    clear_control.click(lambda: None, outputs=control_image, queue=False, api_visibility="private")
+    clear_loras.click(lambda: "", outputs=lora_panel.lora, queue=False, api_visibility="private")
 
     def remember_selection(images, evt: gr.SelectData):
         # Only the position is taken from the page; the file is looked up in this session's own list,

@@ -11,7 +11,14 @@ from markdown_it import MarkdownIt
 from PIL import Image
 
 from components.common import LastErrors, markdown_text, named_endpoint, parameter, user_errors
-from components.generate import fitted_size, memory_mode_label, seed_of_image, settings_for_model
+from components.generate import (
+    active_inputs,
+    fitted_size,
+    guidance_note,
+    memory_mode_label,
+    seed_of_image,
+    settings_for_model,
+)
 from pipelines import settings
 from pipelines.catalog import CATALOG
 from pipelines.sd3.png_metadata import save_png
@@ -121,3 +128,19 @@ def test_the_last_errors_are_bounded():
         errors.record(SimpleNamespace(session_hash=f"visitor-{number}"), "Something failed.")
     assert len(errors._sentences) == errors.limit
     assert errors.take(SimpleNamespace(session_hash="visitor-0")) == ""  # the oldest went first
+
+
+def test_the_negative_prompt_note_follows_the_guidance_box():
+    assert guidance_note("large-turbo", "").startswith("Large Turbo runs 4 steps without classifier-free guidance")
+    assert guidance_note("large-turbo", "4.5") == ""  # with CFG the negative prompt applies: no note
+    assert guidance_note("large", "1").startswith("Without classifier-free guidance (guidance ≤ 1)")
+    assert guidance_note("large", "") == ""
+    assert guidance_note("medium", "not a number") == ""  # the preset's guidance until validation explains
+
+
+def test_a_control_image_or_loras_left_in_their_fields_are_named_beside_generate():
+    line, clear_control, clear_loras = active_inputs(None, "canny", 1.0, "")
+    assert line == "" and clear_control["visible"] is False and clear_loras["visible"] is False
+    line, clear_control, clear_loras = active_inputs("/tmp/edges.png", "depth", 0.7, "style:0.8, [x](http://e)")
+    assert "ControlNet depth at 0.7" in line and clear_control["visible"] is True and clear_loras["visible"] is True
+    assert "style:0.8" in line.replace("\\", "") and "[x](http" not in line  # a visitor's text, escaped
