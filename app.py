@@ -230,6 +230,9 @@ def build_app(studio: Studio) -> gr.Blocks:
                 api_name=f"send_to_{mode}",
                 api_visibility="private",
             )  # fmt: skip
+        # The saved history shows as the page opens (and after a reload): the newest page.
+        show_history, history_inputs, history_outputs = generate["show_history"]
+        demo.load(show_history, inputs=history_inputs, outputs=history_outputs, api_visibility="private")
         # A closed page's files go at once; sessions that never close are swept by age (see generate).
         demo.unload(forget_visitor)
     return demo

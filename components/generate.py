@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import shutil
 from pathlib import Path
 
 import gradio as gr
@@ -21,12 +23,14 @@ from components.common import (
     on_gpu,
     parameter,
     t5_tokens_slider,
+    user_errors,
     visitor_id,
 )
 from components.job_stream import stream_job
 from components.lora_panel import build_lora_panel
 from pipelines import settings, workspace
 from pipelines.catalog import CATALOG
+from pipelines.history import LOCAL_OWNER, History
 from pipelines.memory import SD3_MODES
 from pipelines.sd3.control_maps import DEPTH_TRAINING_NOTE, ControlSettings
 from pipelines.sd3.png_metadata import read_png_settings
@@ -41,6 +45,7 @@ from pipelines.sd3.text_to_image import (
     snap,
 )
 from pipelines.studio import Studio
+from pipelines.validation import as_int
 
 EXAMPLE_PROMPTS = [
     # text rendering
@@ -240,6 +245,33 @@ def _number_or(text, default: float) -> float:
         return default
 
 
+def saved_history_page(history: History | None, visitor: str, page=0) -> tuple[list[str], list[dict], int]:
+    """(the page's PNGs, their records, how many records in all) of the saved history, newest first.
+
+    The PNGs are links (else copies) in the visitor's session folder, byte for byte the saved files:
+    the page is served the app's own files from the work root, never a path into the outputs folder.
+    A record carries every setting and the job it came from, no path. No history: nothing.
+    """
+    if history is None:
+        return [], [], 0
+    found = history.page(LOCAL_OWNER, as_int("page", 0 if page in (None, "") else page, 0, 10**6))
+    folder = workspace.session_folder(visitor)
+    paths, records = [], []
+    for record in found.records:
+        source = history.path(record)
+        if not source.is_file():
+            continue  # deleted by hand since: the next rebuild drops it from the index
+        shown = folder / f"history-{record.id}.png"
+        if not shown.exists():
+            try:
+                os.link(source, shown)
+            except OSError:  # another file system
+                shutil.copyfile(source, shown)
+        paths.append(str(shown))
+        records.append(record.summary())
+    return paths, records, found.total
+
+
 def guidance_note(model, guidance_text) -> str:
     """The sentence beside the negative prompt for ``model`` at ``guidance_text`` (empty: the preset):
     it does not apply without classifier-free guidance; "" when it does."""
@@ -329,7 +361,10 @@ def build_generate_tab(studio: Studio, outputs_dir: Path | None = None) -> dict:
         for warning in details["warnings"]:
             gr.Warning(warning)
         paths = [str(path) for path in outcome.paths]
-        history = session_history(paths, history, workspace.session_folder(visitor))
+        if studio.history is not None:  # the saved history, newest first (every page of this machine's)
+            history, _records, _total = saved_history_page(studio.history, visitor)
+        else:
+            history = session_history(paths, history, workspace.session_folder(visitor))
         hidden = gr.update(value=None, visible=False)
         shown_map = control_map if control_map is not None else gr.skip()
         yield (
@@ -435,8 +470,15 @@ def build_generate_tab(studio: Studio, outputs_dir: Path | None = None) -> dict:
             gallery_images = gr.State([])
             shown_images = gr.State([])
             selected_index = gr.State(None)
-            with gr.Accordion("This session's images", open=False):
+            saved = studio.history is not None
+            with gr.Accordion(
+                f"History (saved in {studio.history.root.name}/)" if saved else "This session's images", open=saved
+            ):
                 history_gallery = gr.Gallery(label="History", format="png", columns=4, height=300)
+                with gr.Row(visible=saved):
+                    history_page = ValidatedNumber(value=0, precision=0, minimum=0, label="Page (0 = newest)")
+                    history_refresh = gr.Button("Refresh", size="sm")
+                history_records = gr.JSON(label="Records", visible=False)
             history = gr.State([])
         with gr.Column(scale=1, elem_id="generate-settings"):
             with gr.Row():
@@ -671,7 +713,24 @@ def build_generate_tab(studio: Studio, outputs_dir: Path | None = None) -> dict:
         api_name="generate_history_select",
         api_visibility="private",
     )
+
+    def show_history(page, request: gr.Request):
+        """Page ``page`` (0 = newest) of the saved history: the PNGs and each one's record (settings, job,
+        id; no path). Locally every page and API client sees the same history; a public instance keeps none."""
+        paths, records, total = saved_history_page(studio.history, visitor_id(request), page)
+        return paths, paths, {"page": page, "total": total, "records": records}
+
+    history_shown = gr.on(
+        [history_refresh.click, history_page.submit],
+        user_errors(show_history),
+        inputs=history_page,
+        outputs=[history_gallery, history, history_records],
+        queue=False,
+        api_name="history",
+    )
     return {
+        "show_history": (show_history, [history_page], [history_gallery, history, history_records]),
+        "history_shown": history_shown,
         "prompt": prompt,
         "gallery": gallery,
         "send_to_caption": send_to_caption,

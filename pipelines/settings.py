@@ -197,6 +197,9 @@ DEFAULT_PREVIEW_EVERY = 4  # steps between live previews (latent projection; 0 =
 MAX_PREVIEW_EVERY = 10  # the Generate tab's slider and /generate's check: rarer previews are barely previews
 VAE_TILING_ABOVE_PIXELS = 1536 * 1024  # larger images decode in tiles (the VAE is the peak there)
 MAX_HISTORY_IMAGES = 48  # images kept in a browser session's history gallery
+# Where a local Studio saves every SD3.5 image (beside app.py, as A1111's outputs/); --tiny's noise apart.
+DEFAULT_OUTPUTS_DIR = "outputs"
+DEFAULT_TINY_OUTPUTS_DIR = "outputs-tiny"
 HISTORY_PAGE_SIZE = 24  # records per page of the saved history (pipelines/history): a 4x6 gallery
 HISTORY_PAGE_SIZE_MAX = 100  # the most one /history call returns, whatever a client asks
 # zlib level of the PNGs the Studio writes. Measured on this project's CPU: a 1024x1024 image takes 137 ms

@@ -21,6 +21,8 @@ from pipelines.runtime import choose_runtime
 from pipelines.sd3.fast import choose_fast_path
 from pipelines.studio import Studio
 
+APP_ROOT = Path(__file__).resolve().parent.parent  # the folder app.py is in
+
 TITLE = "BLIP × SD3.5 Studio"
 
 
@@ -67,7 +69,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         f"blocks when its first block changed less than THRESHOLD (e.g. {settings.SUGGESTED_STEP_CACHE_THRESHOLD:g}; "
         "0 = off). Images differ from uncached ones",
     )
-    parser.add_argument("--outputs", type=Path, default=None, help="also save every generated PNG in this folder")
+    parser.add_argument(
+        "--outputs",
+        type=Path,
+        default=None,
+        help="where every SD3.5 image is saved with its settings, a folder per mode and day as in A1111, and "
+        f"indexed for the History (default: {settings.DEFAULT_OUTPUTS_DIR}/ beside the app, "
+        f"{settings.DEFAULT_TINY_OUTPUTS_DIR}/ with --tiny; a public instance saves nothing unless given)",
+    )
+    parser.add_argument("--no-outputs", action="store_true", help="save no image to disk beyond the page's own copy")
     parser.add_argument(
         "--no-preload",
         action="store_true",
@@ -182,6 +192,19 @@ def build_studio(argv: list[str] | None = None) -> Studio:
     return studio_from_args(args)
 
 
+def outputs_dir(args: argparse.Namespace, environ: dict[str, str] | None = None) -> Path | None:
+    """Where the saved images go: ``--outputs``, else (locally) ``outputs/`` beside the app, ``outputs-tiny/``
+    with ``--tiny`` so tiny noise never mixes with real work; None with ``--no-outputs`` or on a public
+    instance that names no folder (its visitors' images are theirs, not the operator's)."""
+    if args.no_outputs:
+        return None
+    if args.outputs is not None:
+        return args.outputs
+    if settings.public_mode(args.public, environ):
+        return None
+    return APP_ROOT / (settings.DEFAULT_TINY_OUTPUTS_DIR if args.tiny else settings.DEFAULT_OUTPUTS_DIR)
+
+
 def studio_from_args(args: argparse.Namespace) -> Studio:
     """The Studio for parsed flags; SystemExit with one sentence for a bad flag (unknown mode, device)."""
     silence_known_noise()
@@ -227,7 +250,7 @@ def studio_from_args(args: argparse.Namespace) -> Studio:
         raise SystemExit(str(error)) from None
     return Studio(
         manager=manager,
-        outputs_dir=args.outputs,
+        outputs_dir=outputs_dir(args),
         memory_mode=args.memory,
         lora_dir=args.lora_dir,
         blip_adapter_dir=args.adapter_dir,

@@ -14,6 +14,7 @@ from pipelines.blip.captioner import BlipCaptioner, CaptionRequest
 from pipelines.blip.matching import ImageTextMatcher
 from pipelines.blip.tiny_adapter import TINY_ADAPTER_DIR
 from pipelines.catalog import CATALOG
+from pipelines.history import History
 from pipelines.lora.formats import PICKLED_SUFFIXES
 from pipelines.lora.library import LoadedLora, LoraLibrary
 from pipelines.lora.sources import (
@@ -40,7 +41,7 @@ TINY_MODE_NOTICE = (
 @dataclass
 class Studio:
     manager: ModelManager
-    outputs_dir: Path | None = None  # --outputs: generated PNGs are also saved here
+    outputs_dir: Path | None = None  # --outputs: where generated PNGs are saved (and, locally, indexed)
     memory_mode: str = "auto"  # --memory: the default SD3.5 memory mode
     blip_adapter_dir: Path | None = None  # None: $STUDIO_BLIP_ADAPTER_DIR, <tiny root>/blip-adapters, or adapters/
     # The BLIP LoRA adapters the Caption and Batch tabs share (see pipelines/blip/adapters.py).
@@ -58,8 +59,11 @@ class Studio:
     training_runs: TrainingRuns = field(init=False, repr=False)
     # The one way to draw (pipelines/sd3/generation.py): every tab that makes an SD3.5 image calls it.
     generation: GenerationService = field(init=False, repr=False)
+    # The saved images of the person at the machine (pipelines/history); None on a public instance.
+    history: History | None = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
+        self.history = History(self.outputs_dir) if self.outputs_dir is not None and not self.public else None
         directory = self.blip_adapter_dir or default_adapter_dir(self.manager.tiny_root)
         # --tiny: the random tiny-demo adapter appears in the tiny root's adapters folder, built on first use.
         tiny_folder = self.tiny and Path(directory) == Path(self.manager.tiny_root) / TINY_ADAPTER_DIR
@@ -72,7 +76,10 @@ class Studio:
             find_lora=self.find_lora,
             memory_mode=self.memory_mode,
             memory_mode_for=self.memory_mode_for,
-            outputs_dir=self.outputs_dir,
+            # Locally the saved history files and indexes every image; a public instance given --outputs
+            # keeps the operator's flat copy (its visitors' histories are not the operator's).
+            outputs_dir=self.outputs_dir if self.public else None,
+            history=self.history,
             describe=self.caption_for_prompt,
             # A public visitor's job cannot hold the GPU for minutes; the person at the machine has no bound.
             max_job_cost=settings.MAX_PUBLIC_JOB_COST if self.public else None,

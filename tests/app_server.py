@@ -48,6 +48,8 @@ def app_process(
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False", **(environment or {})}
     for name in unset:
         env.pop(name, None)
+    if "--outputs" not in flags and "--no-outputs" not in flags:  # never the checkout's own outputs folder
+        flags = (*flags, "--outputs", str(Path(log_path).parent / f"outputs-{port}"))
     command = [sys.executable, "app.py", "--port", str(port), *flags]
     with open(log_path, "a") as log:
         process = subprocess.Popen(command, cwd=APP_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)

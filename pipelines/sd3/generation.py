@@ -30,6 +30,7 @@ Every job runs three named steps:
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ from PIL import Image
 
 from pipelines import settings, workspace
 from pipelines.catalog import CATALOG
+from pipelines.history import LOCAL_OWNER, History
 from pipelines.lora.library import LoadedLora, LoraLibrary, prompt_with_triggers
 from pipelines.lora.sources import LoraSource
 from pipelines.memory import resolve_mode
@@ -91,7 +93,8 @@ class GenerationService:
     set if None); ``find_lora(name)`` returns the LoraSource a LoRA name stands for in the LoRA
     folder or the registry, or None (None: names must be loaded already); ``memory_mode_for``
     is ``Studio.memory_mode_for`` (None: any mode, default ``memory_mode``); ``outputs_dir``
-    receives a copy of every PNG saved (--outputs); ``max_job_cost`` bounds what one request may cost
+    receives a copy of every PNG saved (--outputs; superseded by ``history``, which files each PNG it
+    saves by mode and day and indexes it for the person at the machine); ``max_job_cost`` bounds what one request may cost
     (image-steps at the model's default size, ``pipelines.quotas``; None: no bound, the local default).
     """
 
@@ -106,10 +109,12 @@ class GenerationService:
         outputs_dir: Path | None = None,
         describe: Callable[[Image.Image], str] | None = None,
         max_job_cost: int | None = None,
+        history: History | None = None,
     ) -> None:
         self.manager = manager
         self.describe = describe
         self.max_job_cost = max_job_cost
+        self.history = history
         self.libraries = (
             dict(libraries)
             if libraries is not None
@@ -363,20 +368,38 @@ class GenerationService:
                 "image": image_fingerprint(image),
             }
         paths: list[Path] = []
+        records: list[str] = []
         if save:
             if folder is None:
                 workspace.sweep(settings.CACHE_SECONDS)  # sessions that left without closing their page
                 folder = workspace.session_folder(prepared.visitor or "local")
             paths = save_images(result, folder, outputs_dir=self.outputs_dir)
+            records = self._keep(prepared, result, paths)
         timings = {
             **prepared.timings,
             "generate_seconds": result.seconds,
             "save_seconds": time.perf_counter() - before,
         }
         timings["total_seconds"] = timings.get("prepare_seconds", 0.0) + result.seconds + timings["save_seconds"]
-        return GenerationOutcome(
-            result=result, paths=paths, details=generation_details(prepared, result, paths, timings)
-        )
+        details = generation_details(prepared, result, paths, timings)
+        details["records"] = records  # the saved history's ids of these images ([] when it keeps none)
+        return GenerationOutcome(result=result, paths=paths, details=details)
+
+    def _keep(self, prepared: PreparedGeneration, result: GenerateResult, paths: list[Path]) -> list[str]:
+        """A copy of each PNG in the saved history (A1111's folder per mode and day), indexed; the ids.
+
+        The history is the local owner's (the person at the machine): a public instance keeps none yet.
+        The copy is the very file written for the page, byte for byte, settings chunks included.
+        """
+        if self.history is None:
+            return []
+        folder = self.history.folder_for(LOCAL_OWNER, prepared.mode)
+        records = []
+        for path, image_settings in zip(paths, result.settings, strict=True):
+            kept = workspace.exclusive_path(folder, path.name)
+            shutil.copyfile(path, kept)
+            records.append(self.history.add(LOCAL_OWNER, kept, image_settings).id)
+        return records
 
     def __call__(
         self,
