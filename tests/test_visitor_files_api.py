@@ -121,8 +121,11 @@ def test_two_visitors_same_seed_same_second_each_see_only_their_own_images(two_v
         for name, (gallery, seed, _summary, history, _preview, _control_map, details) in results.items():
             assert seed == 11 and len(gallery) == 1 and details["files"] == [Path(gallery[0]["image"]).name]
             assert read_png_settings(gallery[0]["image"])[1]["prompt"] == f"{name} {token}"  # its own image
-            # Locally the history is the machine's (the person at it): it holds both pages' images, each once.
+            # Locally the history is the machine's (the person at it): every image once, the other page's too
+            # once it is drawn (the two jobs take turns on the GPU).
             prompts = [read_png_settings(item["image"])[1]["prompt"] for item in history]
-            assert prompts.count(f"alpha {token}") == prompts.count(f"beta {token}") == round_number
+            other = "beta" if name == "alpha" else "alpha"
+            assert prompts.count(f"{name} {token}") == round_number
+            assert prompts.count(f"{other} {token}") in (round_number - 1, round_number)
             names[name] = Path(gallery[0]["image"]).name
         assert names["alpha"] != names["beta"]  # same stamp, model and seed: still two files
