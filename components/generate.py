@@ -753,6 +753,8 @@ def build_generate_tab(studio: Studio, outputs_dir: Path | None = None) -> dict:
         "max_sequence_length": max_sequence_length,
         "skip_layer_guidance": skip_layer_guidance,
         "lora": lora_panel.lora,
+        "num_images": num_images,
+        "control_image": control_image,
         "preset_loaded": preset_loaded,  # the model's preset is in the form: values sent from elsewhere go after it
         "lora_panel": lora_panel,  # its model, active set and table: the Train tab's "Load the result" fills them
     }

@@ -13,6 +13,7 @@ import gradio as gr
 
 from components.common import UploadedImage, launch_alone, named_endpoint, parameter
 from pipelines import settings
+from pipelines.sd3.handoff import generate_resets
 from pipelines.sd3.png_info import generate_form_values, read_generation_settings
 from pipelines.studio import Studio
 
@@ -28,6 +29,8 @@ GENERATE_FIELDS = (
     "max_sequence_length",
     "skip_layer_guidance",
     "lora",
+    "num_images",  # reset: the image was one (pipelines/sd3/handoff.generate_resets)
+    "control_image",  # reset: an earlier run's control image never applies unseen
 )
 _SHOWN = [  # (label, key) rows of the summary table
     ("Prompt", "prompt"),
@@ -81,6 +84,8 @@ def generate_form_update(info: dict | None, current_model: str, tiny: bool) -> t
     if not info or not info.get("found"):
         raise ValueError("There are no settings to send; upload an image that carries them first.")
     values, notes = generate_form_values(info, current_model, tiny=tiny)
+    resets, reset_notes = generate_resets(info)
+    values, notes = {**values, **resets}, [*notes, *reset_notes]
     pending = {
         "values": {name: values[name] for name in GENERATE_FIELDS},
         "after_preset": values["model"] != current_model,
@@ -140,6 +145,8 @@ def build_png_info_tab(studio: Studio) -> dict:
             settings_read = gr.State(None)  # server-side: what Send to Generate sends, never the page's copy
             form_pending = gr.State(None)  # the Generate form's values, between Send to Generate's two steps
 
+    # "Sent to Generate." describes the image that was sent: a new image clears it.
+    image.change(lambda: "", outputs=sent_note, queue=False, api_visibility="private")
     image.change(
         named_endpoint(png_info, [parameter("image")]),
         inputs=image,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 
 import pytest
 from PIL import Image, PngImagePlugin
@@ -321,7 +322,11 @@ def test_send_to_generate_waits_for_the_preset_only_when_the_model_changes():
 
     info = read_generation_settings(png_bytes({"parameters": A1111_TEXT}))  # Model: sd3.5_large
     model, pending, notes = generate_form_update(info, "medium", tiny=False)
-    assert model == "large" and pending["after_preset"] and notes == []
+    assert model == "large" and pending["after_preset"]
+    assert notes == [
+        "Images is 1: the image was drawn as one.",
+        "The control image is cleared: the image was drawn without ControlNet.",
+    ]
     skipped = pending_form_values(pending, after_preset=False)  # the preset has not loaded yet
     assert skipped == tuple(gr.skip() for _ in range(len(GENERATE_FIELDS) + 1))
     filled = pending_form_values(pending, after_preset=True)
@@ -345,3 +350,17 @@ def test_png_info_is_queued_on_the_cpu_concurrency_id():
     (event,) = [fn for fn in demo.fns.values() if fn.api_name == "png_info"]
     assert event.queue and event.concurrency_id == settings.CPU_CONCURRENCY_ID != settings.GPU_CONCURRENCY_ID
     assert event.concurrency_limit == settings.CPU_CONCURRENCY_LIMIT
+
+
+def test_send_to_generate_resets_the_image_count_and_an_earlier_control_image_and_says_so():
+    from components.png_info import GENERATE_FIELDS, generate_form_update, pending_form_values
+
+    studio = {"prompt": "a house", "seed": 3, "steps": 4, "guidance": 0.0, "width": 64, "height": 64,
+              "model_key": "sd35-large", "controlnet": {"type": "canny", "scale": 0.7}}  # fmt: skip
+    info = read_generation_settings(
+        png_bytes({"parameters": "a house\nSteps: 4, Seed: 3", "studio": json.dumps(studio)})
+    )
+    _, pending, notes = generate_form_update(info, "large", tiny=False)
+    values = pending_form_values(pending, after_preset=False)
+    assert values[GENERATE_FIELDS.index("num_images")] == 1 and values[GENERATE_FIELDS.index("control_image")] is None
+    assert any("ControlNet (canny, scale 0.7) is recorded, but its map is not in the PNG" in note for note in notes)

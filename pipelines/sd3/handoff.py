@@ -65,3 +65,19 @@ def _strength(studio: Mapping[str, Any]) -> float | None:
         )
     except (TypeError, ValueError):
         return None
+
+
+def generate_resets(info: Mapping[str, Any]) -> tuple[dict, list[str]]:
+    """What Send to Generate sets that an image's settings do not: one image, no control image, each with
+    its sentence (A1111 resets the batch too), so nothing an earlier run left in the form applies unseen."""
+    studio = info.get("studio") or {}
+    notes = ["Images is 1: the image was drawn as one."]
+    control = studio.get("controlnet") if isinstance(studio.get("controlnet"), Mapping) else None
+    if control:
+        notes.append(
+            f"The control image is cleared: its ControlNet ({control.get('type')}, scale {control.get('scale')}) "
+            "is recorded, but its map is not in the PNG; upload the control image again to use it."
+        )
+    else:
+        notes.append("The control image is cleared: the image was drawn without ControlNet.")
+    return {"num_images": 1, "control_image": None}, notes
