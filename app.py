@@ -14,7 +14,7 @@ import gradio as gr
 
 from components.attention import build_attention_tab
 from components.batch import build_batch_tab
-from components.caption import build_caption_tab
+from components.caption import build_caption_tab, caption_as_prompt
 from components.common import user_errors, visitor_id
 from components.generate import build_generate_tab, selected_image
 from components.image_to_image import build_image_to_image_tab, sent_image
@@ -26,6 +26,7 @@ from components.scoreboard import build_scoreboard_tab
 from components.system import build_system_tab
 from components.train import build_train_tab, send_results_to_generate
 from pipelines import settings, workspace
+from pipelines.images import load_image
 from pipelines.startup import TITLE, parse_args, studio_from_args
 from pipelines.studio import TINY_MODE_NOTICE, Studio
 
@@ -186,6 +187,29 @@ def build_app(studio: Studio) -> gr.Blocks:
             api_name="send_to_caption",
             api_visibility="private",
         ).success(None, inputs=caption["image"], js=CLICK_CAPTION_JS, queue=False, api_visibility="private")
+        # The best caption becomes a prompt (A1111's Interrogate): in Generate, or in img2img beside its image.
+        caption["use_in_generate"].click(
+            user_errors(lambda details: (caption_as_prompt(details), gr.Tabs(selected="generate"))),
+            inputs=caption["details"],
+            outputs=[generate["prompt"], tabs],
+            queue=False,
+            api_visibility="private",
+        )
+        img2img_form = image_to_image["img2img_form"]
+        caption["use_in_img2img"].click(
+            user_errors(
+                lambda details, image: (
+                    caption_as_prompt(details),
+                    None if image is None else load_image(image),  # decoded anew: never the client's file back
+                    gr.Tabs(selected="image_to_image"),
+                    gr.Tabs(selected="img2img"),
+                )
+            ),
+            inputs=[caption["details"], caption["image"]],
+            outputs=[img2img_form["prompt"], image_to_image["image"], tabs, image_to_image["modes"]],
+            queue=False,
+            api_visibility="private",
+        )
         # An image's settings go to the Generate form, values the model cannot take clamped with a note.
         # A new model first loads its preset into the form, so then the values land after the preset.
         form = [*(generate[name] for name in GENERATE_FIELDS), png_info["form_pending"]]

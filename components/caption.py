@@ -223,6 +223,9 @@ def build_caption_tab(studio: Studio) -> dict:
                 column_widths=["7%", "55%", "13%", "10%", "15%"],
             )
             summary = gr.Markdown()
+            with gr.Row():  # A1111's Interrogate: the caption becomes the prompt
+                use_in_generate = gr.Button("Use as prompt in Generate →", size="sm")
+                use_in_img2img = gr.Button("Use as prompt in img2img (with this image) →", size="sm")
             gr.Markdown(runtime_blip_precision(studio.manager.runtime).label)  # --precision, fixed at start
             with gr.Accordion("Raw result (JSON)", open=False):
                 details = gr.JSON(label="Result")
@@ -265,7 +268,23 @@ def build_caption_tab(studio: Studio) -> dict:
         api_name="blip_adapter_unload",
         concurrency_id=settings.GPU_CONCURRENCY_ID,  # it changes the model a running caption uses
     ).success(picked_adapter, inputs=None, outputs=adapter, queue=False, api_visibility="private")
-    return {"image": image, "controls": controls, "table": table, "details": details, "adapter": adapter}
+    return {
+        "image": image,
+        "controls": controls,
+        "table": table,
+        "details": details,
+        "adapter": adapter,
+        "use_in_generate": use_in_generate,
+        "use_in_img2img": use_in_img2img,
+    }
+
+
+def caption_as_prompt(details: dict | None) -> str:
+    """The best caption of the last run (its details), to use as a prompt; a sentence when there is none."""
+    captions = (details or {}).get("captions") if isinstance(details, dict) else None
+    if not captions or not isinstance(captions[0], dict) or not str(captions[0].get("text") or "").strip():
+        raise ValueError("Caption an image first: its best caption becomes the prompt.")
+    return str(captions[0]["text"]).strip()[: settings.MAX_PROMPT_CHARS]
 
 
 if __name__ == "__main__":

@@ -6,7 +6,10 @@ import gc
 import weakref
 from types import SimpleNamespace
 
+import pytest
+
 from components.common import StopRequests, blank_to_none
+from pipelines import settings
 from pipelines.sd3.text_to_image import LatentPreviewer
 
 
@@ -38,3 +41,14 @@ def test_the_previewer_lives_and_dies_with_its_pipeline(tiny_manager):
     del holder
     gc.collect()
     assert gone() is None
+
+
+def test_the_best_caption_becomes_the_prompt_and_no_caption_gets_a_sentence():
+    from components.caption import caption_as_prompt
+
+    details = {"captions": [{"text": " a dog on a beach ", "score": -0.3}, {"text": "a dog", "score": -0.9}]}
+    assert caption_as_prompt(details) == "a dog on a beach"
+    for empty in (None, {}, {"captions": []}, {"captions": [{"text": "  "}]}, {"captions": ["not a dict"]}):
+        with pytest.raises(ValueError, match="Caption an image first"):
+            caption_as_prompt(empty)
+    assert len(caption_as_prompt({"captions": [{"text": "x" * 10_000}]})) == settings.MAX_PROMPT_CHARS
