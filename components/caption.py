@@ -56,7 +56,8 @@ def caption_table(result: CaptionResult) -> list[list]:
 
 
 def caption_details(result: CaptionResult, studio: Studio, image_description: str) -> dict:
-    """Everything an API client may want to keep next to the captions."""
+    """Everything an API client may want to keep next to the captions; server paths are placeholders
+    (``model`` is ``<models>/blip-caption`` in tiny mode, a Hub id otherwise)."""
     request = result.request
     return {
         "captions": [
@@ -65,11 +66,11 @@ def caption_details(result: CaptionResult, studio: Studio, image_description: st
         "seconds": round(result.seconds, 4),
         "seed": request.seed if request.strategy == CaptionStrategy.SAMPLING else None,
         "request": {field.name: getattr(request, field.name) for field in fields(CaptionRequest)},
-        "model": studio.manager.source_for("blip-caption"),
+        "model": studio.shown(studio.manager.source_for("blip-caption")),
         "adapter": result.adapter,
         "image": image_description,
         "tiny_mode": studio.tiny,
-        "precision": runtime_blip_precision(studio.manager.runtime).as_dict(),  # --precision
+        "precision": studio.shown(runtime_blip_precision(studio.manager.runtime).as_dict()),  # --precision
     }
 
 
@@ -129,7 +130,7 @@ def make_adapter_load_function(studio: Studio):
             f"Loaded **{info.name}**{base}: LoRA rank {info.rank}, alpha {info.alpha:g}, on {info.lora_layers} "
             "text-decoder layers. Pick it above to caption with it."
         )
-        return info.name, status, studio.blip_adapters.describe(visitor)
+        return info.name, status, studio.shown(studio.blip_adapters.describe(visitor))
 
     return named_endpoint(
         blip_adapter_load, [parameter("source", ""), parameter("upload", None), parameter("request", None, gr.Request)]
@@ -137,10 +138,11 @@ def make_adapter_load_function(studio: Studio):
 
 
 def make_adapter_list_function(studio: Studio):
-    """The `/blip_adapter_list` endpoint: the adapters folder, the adapters the caller may use, the folders there."""
+    """The `/blip_adapter_list` endpoint: the adapters folder's name, the adapters the caller may use, the
+    folders there; no server path."""
 
     def blip_adapter_list(request=None):
-        return studio.blip_adapters.describe(visitor_id(request))
+        return studio.shown(studio.blip_adapters.describe(visitor_id(request)))
 
     return named_endpoint(blip_adapter_list, [parameter("request", None, gr.Request)])
 
@@ -158,7 +160,7 @@ def make_adapter_unload_function(studio: Studio):
             raise ValueError("Give the name of the adapter to remove (the Adapters list shows them).")
         visitor = visitor_id(request)
         studio.blip_adapters.remove(studio.captioner(), name, visitor=visitor, shared=not studio.public)
-        return f"Removed the adapter **{name}**.", studio.blip_adapters.describe(visitor)
+        return f"Removed the adapter **{name}**.", studio.shown(studio.blip_adapters.describe(visitor))
 
     return named_endpoint(blip_adapter_unload, [parameter("name", ""), parameter("request", None, gr.Request)])
 
@@ -194,7 +196,7 @@ def build_caption_tab(studio: Studio) -> dict:
                 adapter = build_adapter_picker(studio)
                 source = gr.Textbox(
                     label="Load: folder name or Hub id",
-                    placeholder=f"a folder in {studio.blip_adapters.adapter_dir}, or owner/name on the Hub",
+                    placeholder=f"a folder in {studio.blip_adapters.shown_dir}, or owner/name on the Hub",
                 )
                 upload = gr.File(
                     label="…or upload adapter_config.json + adapter_model.safetensors, or a .zip of the folder",

@@ -60,8 +60,9 @@ def device_markdown(report: dict) -> str:
 
 
 def loaded_rows(studio: Studio) -> list[list]:
+    """One row per loaded model; its source names no server path (``<models>/blip-caption``, a Hub id)."""
     return [
-        [item.key, round(item.footprint_bytes / GIB, 4), round(item.load_seconds, 2), item.source]
+        [item.key, round(item.footprint_bytes / GIB, 4), round(item.load_seconds, 2), studio.shown(item.source)]
         for item in studio.manager.loaded_models()
     ]
 
@@ -136,7 +137,8 @@ def make_system_function(studio: Studio):
         device = (
             f"{device_markdown(report)}  \n{details['blip_precision']['label']}  \n{details['sd3_fast_path']['label']}"
         )
-        return device, loaded_rows(studio), rows, "\n".join(summary), details
+        # Sources, cache folders and anything else that names a server folder: placeholders for visitors.
+        return studio.shown(device), loaded_rows(studio), rows, "\n".join(summary), studio.shown(details)
 
     return named_endpoint(
         system,

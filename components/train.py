@@ -2,9 +2,10 @@
 
 A run is a subprocess (``pipelines.training.runs``): it never holds the
 generation queue, keeps going if the browser tab closes, and is cancelled as a
-whole. The tab polls its log for the loss curve. A finished SD3.5 LoRA lands in
-the LoRA folder and a BLIP adapter in the adapter folder, so the Generate and
-Caption tabs load them by name.
+whole. The tab polls its log for the loss curve. A finished SD3.5 LoRA or BLIP
+adapter stays in the run's own folder (never the shared LoRA or adapter folders):
+"Load the result" loads it for the Generate or Caption tab as the run owner's own
+entry, which nobody else can list, use or unload.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pipelines import settings
 from pipelines.catalog import sd3_model_choices  # the labels Generate shows too
 from pipelines.sd3.text_to_image import MODEL_CHOICES
 from pipelines.studio import Studio
-from pipelines.training.runs import RunStatus, renaming_sentence, run_name, smoothed_losses
+from pipelines.training.runs import RunStatus, new_run_id, renaming_sentence, run_name, smoothed_losses
 from pipelines.validation import as_float, as_int
 
 TRAINERS = {"sd3": "SD3.5 LoRA (images → style or subject)", "blip": "BLIP caption LoRA (new language or style)"}
@@ -166,14 +167,16 @@ def status_markdown(status: RunStatus, renamed: str = "") -> str:
     if status.command:
         lines.append(
             f"Command (runs as printed in a terminal; `<app>` is the Studio's folder, `<dataset>` the copy of your "
-            f"upload kept in the run's folder, `<output>` the LoRA's folder): `{status.command}`"
+            f"upload kept in the run's folder, `<output>` the run's output folder): `{status.command}`"
         )
     if status.state == "finished":
-        lines.append(f"Output: `{status.output_dir.name}` — press **Load the result** to use it.")
+        lines.append(
+            "Finished: press **Load the result** to use it. It is kept with the run, and only you can load it."
+        )
     elif status.state == "failed":
         lines.append("The run failed; the log below says why. Checkpoints written so far are kept.")
     elif status.state == "cancelled":
-        lines.append("Cancelled. Checkpoints written so far are kept in the output folder.")
+        lines.append("Cancelled. Checkpoints written so far are kept in the run's output folder.")
     return "\n\n".join(lines)
 
 
@@ -192,12 +195,11 @@ def build_train_tab(studio: Studio) -> dict:
             studio.require_operator("Training")
         if kind not in TRAINERS:
             raise ValueError(f"Unknown trainer {kind!r}; choose one of: {', '.join(TRAINERS)}.")
-        # 2. Cheap checks: the name, the output folder; the numbers come with the arguments below.
+        # 2. Cheap checks: the name; the numbers come with the arguments below. The output goes into the
+        #    run's own folder (its owner's alone), so two runs of one name never meet.
         folder_name = run_name(name)
-        output_root = studio.lora_dir if kind == "sd3" else studio.adapter_dir
-        output_dir = Path(output_root) / folder_name
-        if output_dir.exists() and any(output_dir.iterdir()):
-            raise ValueError(f"{folder_name!r} already exists in {Path(output_root).name}/; choose another run name.")
+        run_id = new_run_id(kind, folder_name)
+        output_dir = runs.output_folder(run_id)
         numbers = {
             "steps": steps, "rank": rank, "learning_rate": learning_rate, "batch_size": batch_size,
             "gradient_accumulation": gradient_accumulation, "resolution": resolution,
@@ -216,7 +218,7 @@ def build_train_tab(studio: Studio) -> dict:
         placeholders = {studio.manager.tiny_root: "<models>"} if studio.tiny else {}
         renamed = renaming_sentence(str(name or ""), folder_name)
         run = runs.start_with_dataset(
-            kind, paths, output_dir, arguments_for, name=folder_name, owner=visitor_id(request),
+            kind, paths, output_dir, arguments_for, name=folder_name, owner=visitor_id(request), run_id=run_id,
             placeholders=placeholders,
             run_settings={"model": str(model), "trigger": str(trigger or "").strip(), "renamed": renamed},
         )  # fmt: skip
@@ -249,7 +251,8 @@ def build_train_tab(studio: Studio) -> dict:
         """Load your finished run's output into the Generate tab (SD3.5) or the Caption tab (BLIP).
 
         An SD3.5 LoRA loads on the model the run trained on (``model`` only for a run that did not say),
-        with the run's trigger word. Returns a sentence and the details: kind, name, model, trigger_words, weight.
+        with the run's trigger word. It is your own entry: nobody else sees, uses or unloads it.
+        Returns a sentence and the details: kind, name, model, trigger_words, weight.
         """
         if not run_id:
             raise ValueError("No run yet; start one and wait for it to finish.")
@@ -257,9 +260,7 @@ def build_train_tab(studio: Studio) -> dict:
         status = run.status()
         if status.state != "finished":
             raise ValueError(f"Run {run.run_id} is {status.state}; load its result once it has finished.")
-        loaded = studio.load_training_result(
-            run.kind, run.output_dir, model=run.options.get("model") or model, trigger=run.options.get("trigger", "")
-        )
+        loaded = studio.load_training_result(run, model=run.options.get("model") or model)
         return loaded.sentence, loaded.as_dict()
 
     gr.Markdown(

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipelines import settings
+from pipelines import settings, workspace
 from pipelines.blip.adapters import BlipAdapterInfo, BlipAdapterSet, default_adapter_dir
 from pipelines.blip.captioner import BlipCaptioner, CaptionRequest
 from pipelines.blip.matching import ImageTextMatcher
@@ -28,9 +30,12 @@ from pipelines.lora.sources import (
 from pipelines.manager import ModelManager
 from pipelines.sd3.fast import prepare_for_lora
 from pipelines.sd3.generation import GenerationService
-from pipelines.training.runs import LoadedTrainingResult, TrainingRuns, renaming_sentence
+from pipelines.training.runs import LoadedTrainingResult, TrainingRun, TrainingRuns, renaming_sentence
+
+logger = logging.getLogger(__name__)
 
 HUB_REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+APP_ROOT = Path(__file__).resolve().parent.parent
 
 TINY_MODE_NOTICE = (
     "Tiny mode: every model here is a miniature with random weights, built offline. Captions are "
@@ -108,6 +113,32 @@ class Studio:
             self.runs_dir or Path(self.lora_dir) / ".runs",
             environment={"HF_HUB_OFFLINE": "1"} if self.tiny else None,
         )
+        # The real folders for the operator; visitors see the placeholders of path_placeholders().
+        logger.info(
+            "LoRA folder %s, training runs (with their outputs) in %s", self.lora_dir, self.training_runs.runs_dir
+        )
+
+    def path_placeholders(self) -> dict[Path, str]:
+        """The server folders an answer could name, and what a visitor reads instead (the log has the real ones)."""
+        from huggingface_hub import constants
+
+        places = {
+            APP_ROOT: "<app>",
+            Path(tempfile.gettempdir()): "<tmp>",
+            workspace.work_root(): "<work>",
+            Path(constants.HF_HUB_CACHE): "<hub cache>",
+            Path(self.lora_dir): "<loras>",
+            self.adapter_dir: "<adapters>",
+            self.training_runs.runs_dir: "<runs>",
+        }
+        if self.manager.tiny_root is not None:
+            places[Path(self.manager.tiny_root)] = "<models>"
+        return places
+
+    def shown(self, value):
+        """``value`` (an endpoint's details: dicts, lists, strings) with every server path replaced by a
+        placeholder (``<models>/blip-caption``, ``<path>``), for a visitor's eyes."""
+        return workspace.hide_paths_in(value, self.path_placeholders())
 
     @property
     def adapter_dir(self) -> Path:
@@ -198,6 +229,12 @@ class Studio:
                 "Choose a LoRA: a registry name, a .safetensors file in the LoRA folder, an upload, "
                 "or a Hub repo id such as owner/name."
             )
+        hidden = [part for part in Path(source).parts if part.startswith(".") and part != ".."]
+        if hidden:  # .runs/ (the training runs: their owners' alone) and other hidden folders are not the folder's
+            raise ValueError(
+                f"{hidden[0]!r} is a hidden folder, not part of the LoRA folder; give a file the LoRA list shows, "
+                "or load a training run's result with its Load the result button."
+            )
         suffix = Path(source).suffix.lower()
         if suffix in (".safetensors", *PICKLED_SUFFIXES) or Path(source).is_absolute() or ".." in Path(source).parts:
             return resolve_lora_source(file=source, lora_dir=self.lora_dir)
@@ -262,39 +299,52 @@ class Studio:
             key, lora_source, memory_mode=memory_mode, name=name or None, scale=scale, notify=notify, visitor=visitor
         )
 
-    def load_training_result(
-        self, kind: str, output_dir: Path, *, model: str = "medium", trigger: str = ""
-    ) -> LoadedTrainingResult:
-        """Load what a finished training run wrote: an SD3.5 LoRA onto ``model`` (the run's base model), with
-        ``trigger`` (the run's trigger word) as its trigger word, or a BLIP adapter. Says where it is now."""
+    def load_training_result(self, run: TrainingRun, *, model: str = "medium") -> LoadedTrainingResult:
+        """Load what a finished training ``run`` wrote as its owner's own entry: an SD3.5 LoRA onto ``model``
+        (the run's base model) with the run's trigger word, or a BLIP adapter.
+
+        The output stays in the run's folder (never a shared folder); the entry is ``run.owner``'s, as
+        an upload is: nobody else lists, uses or unloads it. Says where it is now.
+        """
         from pipelines.sd3.text_to_image import MODEL_CHOICES, model_key
 
-        output_dir = Path(output_dir)
-        if kind == "blip":
-            info = self.load_blip_adapter(output_dir.name)
+        # 1. The output must be where this app's runs write, whatever the run object says.
+        output_dir = Path(run.output_dir)
+        runs_root = Path(self.training_runs.runs_dir).resolve()
+        if not output_dir.resolve().is_relative_to(runs_root) or not output_dir.is_dir():
+            raise ValueError(f"Run {run.run_id} left no output folder; start it again.")
+        name = run.name or run.kind
+        # 2. A BLIP adapter: attached as the owner's entry, named after the run.
+        if run.kind == "blip":
+            info = self.blip_adapters.load_owned_folder(
+                self.captioner(), output_dir, name=name, owner=run.owner, described=f"run:{name}"
+            )
             sentence = f"BLIP adapter **{info.name}** is loaded: choose it in the Caption tab."
-            return LoadedTrainingResult(kind, info.name, sentence)
+            return LoadedTrainingResult(run.kind, info.name, sentence)
+        # 3. An SD3.5 LoRA: the library's owned-entry path (an upload's), on the run's model.
         files = sorted(output_dir.glob("*.safetensors"))
         if not files:
-            raise ValueError(f"{output_dir.name} holds no .safetensors LoRA; the run may not have finished.")
-        try:  # the LoRA folder's own name for it, so it loads through the same checks as any other file there
-            relative = files[0].resolve().relative_to(Path(self.lora_dir).resolve()).as_posix()
-        except ValueError:
-            raise ValueError(f"{output_dir} is outside the LoRA folder {self.lora_dir}; move it there first.") from None
+            raise ValueError(f"Run {run.run_id} left no .safetensors LoRA; it may not have finished.")
         key = model_key(model)
-        source = self.lora_source(relative)
-        triggers = tuple(word for word in [" ".join(str(trigger or "").split())] if word)
-        source = dataclasses.replace(source, trigger_words=triggers, bases=(key,))
-        loaded = self.generation.load_lora(key, source, name=output_dir.name, notify=None)
+        trigger = " ".join(str(run.options.get("trigger", "") or "").split())
+        triggers = (trigger,) if trigger else ()
+        source = dataclasses.replace(
+            resolve_lora_source(upload=files[0]),  # kind "upload": the library makes it the visitor's own
+            description=f"run:{name}",
+            name=sanitize_lora_name(name),
+            trigger_words=triggers,
+            bases=(key,),
+        )
+        loaded = self.generation.load_lora(key, source, notify=None, visitor=run.owner)
         short = next(short for short, catalog_key in MODEL_CHOICES.items() if catalog_key == key)
         with_trigger = f", trigger word `{triggers[0]}` (added to the prompt)" if triggers else ""
         sentence = (
             f"LoRA **{loaded.name}** is loaded on {CATALOG[key].title} ({loaded.modules_changed} layers){with_trigger}: "
             f"the Generate tab now uses {CATALOG[key].title} with `{loaded.name}` active."
         )
-        renamed = renaming_sentence(output_dir.name, output_dir.name, loaded.name)
+        renamed = renaming_sentence(name, name, loaded.name)
         return LoadedTrainingResult(
-            kind,
+            run.kind,
             loaded.name,
             f"{sentence} {renamed}".strip(),
             model=short,

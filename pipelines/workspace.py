@@ -19,6 +19,10 @@ the client, so it is never used as a path itself. No function here takes a path 
         ...
     name = workspace.unique_name("20250101-120000", "sd35-large", 42, suffix=".png")
     path = workspace.exclusive_path(outputs_dir, name)  # never an existing file
+
+What a visitor reads names no server path: ``hide_paths`` (text) and ``hide_paths_in`` (a details
+dict) put a placeholder such as ``<models>`` for each known folder and ``<path>`` for any other
+absolute path; the operator finds the real folders in the server log.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import atexit
 import contextlib
 import hashlib
 import os
+import re
 import secrets
 import shutil
 import tempfile
@@ -38,6 +43,9 @@ from pathlib import Path
 WORK_DIR_ENV = "STUDIO_WORK_DIR"
 DEFAULT_BASE_NAME = "blip-sd3-studio-work"
 MAX_NAME_ATTEMPTS = 10_000  # exclusive_path's counter; past it something is wrong with the folder
+# An absolute POSIX path in a log line or message (after a space, quote, '=' or '(' and the like, not inside a word).
+# Two components at least, so an endpoint name such as /train_start stays as it is.
+ABSOLUTE_PATH = re.compile(r"(?<![\w.:/~<>-])/[^\s'\"(),;:/]+/[^\s'\"(),;:]*")
 
 _lock = threading.Lock()
 _root: Path | None = None
@@ -154,3 +162,35 @@ def exclusive_path(folder: Path, name: str) -> Path:
         except FileExistsError:
             continue
     raise ValueError(f"{folder} already holds {MAX_NAME_ATTEMPTS} files named like {name}; clear it out first.")
+
+
+def hide_paths(text: str, placeholders: dict[str | Path, str] | None = None) -> str:
+    """``text`` with server paths replaced: each of ``placeholders`` by its label, any other absolute path
+    by ``<path>`` (a Python file keeps its name, so a traceback stays readable)."""
+    variants: dict[str, str] = {}
+    for path, label in (placeholders or {}).items():
+        for variant in (str(path), os.path.abspath(path), str(Path(path).resolve())):
+            if len(variant) > 1 and "/" in variant:
+                variants.setdefault(variant.rstrip("/"), label)
+    for variant in sorted(variants, key=len, reverse=True):  # the longest first: a dataset inside its run folder
+        text = text.replace(variant, variants[variant])
+
+    def generic(match: re.Match) -> str:
+        name = match.group(0).rstrip("/").rsplit("/", 1)[-1]
+        return f"<path>/{name}" if name.endswith(".py") else "<path>"
+
+    return ABSOLUTE_PATH.sub(generic, text)
+
+
+def hide_paths_in(value, placeholders: dict[str | Path, str] | None = None):
+    """``value`` (what an endpoint returns: dicts, lists, tuples, strings, numbers) with ``hide_paths``
+    applied to every string in it, dict keys included; a ``Path`` becomes a string first."""
+    if isinstance(value, Path):
+        value = str(value)
+    if isinstance(value, str):
+        return hide_paths(value, placeholders)
+    if isinstance(value, dict):
+        return {hide_paths_in(key, placeholders): hide_paths_in(item, placeholders) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(hide_paths_in(item, placeholders) for item in value)
+    return value

@@ -188,32 +188,102 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
-def test_a_finished_sd3_run_loads_from_a_relative_lora_folder(tiny_manager, tiny_root, tmp_path, monkeypatch):
-    """``--lora-dir loras`` (relative, the default) holds run folders; their LoRA loads by its name in there."""
+def _finished_run(studio, kind: str, name: str, owner: str, options: dict | None = None):
+    """A run of ``studio`` that has finished (its process exited 0), with an empty output folder of its own."""
+    import subprocess
+
+    from pipelines.training.runs import TrainingRun, new_run_id
+
+    runs = studio.training_runs
+    run_id = new_run_id(kind, name)
+    output = runs.output_folder(run_id)
+    output.mkdir(parents=True)
+    process = subprocess.Popen([sys.executable, "-c", ""])
+    process.wait()
+    run = TrainingRun(
+        run_id, kind, [], output, runs.run_folder(run_id) / "trainer.log", process, owner=owner,
+        folder=runs.run_folder(run_id), name=name, options=dict(options or {}),
+    )  # fmt: skip
+    runs._runs[run_id] = run
+    return run
+
+
+def test_a_finished_sd3_run_loads_as_its_owners_own_lora(tiny_manager, tiny_root, tmp_path, monkeypatch):
+    """The LoRA stays in the run's folder (``--lora-dir loras``, relative, the default, gets nothing) and loads
+    as alice's own entry: bob neither lists, draws with nor unloads it, and cannot name its file."""
     import shutil
 
+    from pipelines.lora.sources import list_lora_files
     from pipelines.studio import Studio
     from pipelines.tiny import tiny_lora_dir
 
     monkeypatch.chdir(tmp_path)
-    run_folder = Path("loras") / "my-run"
-    run_folder.mkdir(parents=True)
-    shutil.copy(
-        tiny_lora_dir(tiny_root) / "tiny-large-style.safetensors", run_folder / "pytorch_lora_weights.safetensors"
-    )
     studio = Studio(manager=tiny_manager, lora_dir=Path("loras"))
-    loaded = studio.load_training_result("sd3", run_folder, model="large", trigger="sks")
+    run = _finished_run(studio, "sd3", "my-run", "alice", {"model": "large", "trigger": "sks"})
+    lora_file = run.output_dir / "pytorch_lora_weights.safetensors"
+    shutil.copy(tiny_lora_dir(tiny_root) / "tiny-large-style.safetensors", lora_file)
+
+    loaded = studio.load_training_result(run, model="large")
     assert "LoRA **my_run** is loaded on Stable Diffusion 3.5 Large" in loaded.sentence
     assert "trigger word `sks`" in loaded.sentence and "called 'my_run'" in loaded.sentence  # the renaming, aloud
     assert loaded.as_dict() == {
         "kind": "sd3", "name": "my_run", "model": "large", "trigger_words": ["sks"], "weight": 1.0,
     }  # fmt: skip
-    assert studio.sd3_loras["sd35-large"].get("my_run").trigger_words == ("sks",)
     library = studio.sd3_loras["sd35-large"]
-    assert library.get("my_run").source == "loras/my-run/pytorch_lora_weights.safetensors"
-    library.unload(studio.sd3_pipeline("sd35-large"))
-    with pytest.raises(ValueError, match="holds no .safetensors LoRA"):
-        studio.load_training_result("sd3", Path("loras") / "empty", model="large")
+    entry = library.get("my_run", visitor="alice")
+    assert (entry.owner, entry.source, entry.trigger_words) == ("alice", "run:my-run", ("sks",))
+    # Loading it again is the same entry, not a second one.
+    assert studio.load_training_result(run, model="large").name == "my_run" and library.names("alice") == ["my_run"]
+    # Bob: not listed, not usable, not removable; the shared folder holds nothing of it, by any name.
+    assert library.names("bob") == [] and library.list("bob") == []
+    with pytest.raises(ValueError, match="my_run"):
+        library.parse_selection("my_run", visitor="bob")
+    pipeline = studio.sd3_pipeline("sd35-large")
+    with pytest.raises(ValueError):
+        library.unload(pipeline, "my_run", visitor="bob", shared=False)
+    assert list_lora_files(studio.lora_dir) == [] and studio.find_lora("my-run") is None
+    relative = lora_file.relative_to(studio.lora_dir).as_posix()  # .runs/<run id>/output/...
+    with pytest.raises(ValueError, match="hidden folder"):
+        studio.lora_source(relative)
+    # Alice unloads her own entry; the file stays with the run.
+    library.unload(pipeline, "my_run", visitor="alice", shared=False)
+    assert library.names() == [] and lora_file.is_file()
+    empty = _finished_run(studio, "sd3", "empty", "alice", {"model": "large"})
+    with pytest.raises(ValueError, match="left no .safetensors LoRA"):
+        studio.load_training_result(empty, model="large")
+
+
+def test_a_finished_blip_run_loads_as_its_owners_own_adapter(tiny_manager, tiny_root, tmp_path):
+    import shutil
+
+    from pipelines.blip.tiny_adapter import ensure_tiny_demo_adapter
+    from pipelines.studio import Studio
+
+    studio = Studio(manager=tiny_manager, lora_dir=tmp_path / "loras", blip_adapter_dir=tmp_path / "adapters")
+    run = _finished_run(studio, "blip", "alices-words", "alice")
+    demo = ensure_tiny_demo_adapter(tmp_path / "made", tiny_root / "blip-caption")
+    for file in demo.iterdir():
+        shutil.copy(file, run.output_dir / file.name)
+
+    loaded = studio.load_training_result(run)
+    adapters = studio.blip_adapters
+    assert loaded.as_dict()["name"] == "alices-words" and adapters.names("alice") == ["alices-words"]
+    listed = adapters.describe("alice")["loaded"]
+    assert [(entry["kind"], entry["shared"], entry["source"]) for entry in listed] == [("run", False, "run:alices-words")]
+    assert studio.load_training_result(run).name == "alices-words" and len(adapters.names("alice")) == 1
+    # Bob: not listed, not usable, not removable, not loadable by a folder name.
+    assert adapters.names("bob") == [] and adapters.describe("bob")["loaded"] == []
+    assert adapters.available() == []
+    with pytest.raises(ValueError, match="No BLIP adapter named 'alices-words' is loaded"):
+        adapters.use("alices-words", "bob")
+    with pytest.raises(ValueError, match="No BLIP adapter named 'alices-words' is loaded"):
+        adapters.remove(studio.captioner(), "alices-words", visitor="bob", shared=False)
+    for name in ("alices-words", run.run_id, f"../loras/.runs/{run.run_id}/output"):
+        with pytest.raises(ValueError):
+            studio.load_blip_adapter(name, visitor="bob")
+    # Alice removes her own; the run keeps its files.
+    adapters.remove(studio.captioner(), "alices-words", visitor="alice", shared=False)
+    assert adapters.names() == [] and (run.output_dir / "adapter_model.safetensors").is_file()
 
 
 # -- safety: ownership, paths, survivors, one dataset check at a time (issue 15)

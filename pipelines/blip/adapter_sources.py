@@ -21,13 +21,14 @@ from pipelines.blip.adapter_files import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FI
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-def download_adapter(repo_id: str, adapter_dir: Path | None = None) -> Path:
+def download_adapter(repo_id: str, adapter_dir: str | Path | None = None) -> Path:
     """The Hub snapshot folder of ``repo_id``'s adapter_config.json and adapter_model.safetensors (nothing else).
 
     ``repo_id`` is whatever a visitor typed: it is fetched without the operator's HF_TOKEN
     (``token=False``), and both files' sizes are read from the Hub's file listing and checked
     against the adapter limits before anything is downloaded. Offline, only the cache is read.
-    Offline, gated, missing, oversized and other failures each become one sentence.
+    Offline, gated, missing, oversized and other failures each become one sentence, which names
+    ``adapter_dir`` as given (the Studio gives the folder's name, never its server path).
     """
     from huggingface_hub import HfApi, constants, errors, snapshot_download
 
@@ -190,4 +191,7 @@ def _copy_member(archive: zipfile.ZipFile, member: zipfile.ZipInfo, target: Path
                 sink.write(chunk)
                 remaining -= len(chunk)
     except (zipfile.BadZipFile, OSError, ValueError) as error:
-        raise ValueError(f"{label}: {member.filename} could not be unpacked ({error}); re-create the zip.") from None
+        # The error's type only: an OSError's text names the server path it was writing to.
+        raise ValueError(
+            f"{label}: {member.filename} could not be unpacked ({type(error).__name__}); re-create the zip."
+        ) from None

@@ -4,7 +4,12 @@
 (``pipelines.blip.adapter_sources``) or in an upload, reads and checks their files
 (``pipelines.blip.adapter_files``), attaches them to the captioner
 (``pipelines.blip.adapter_layers``) and attaches them again whenever BLIP is loaded
-again. Uploads belong to the visitor who made them (``pipelines.ownership``).
+again. Uploads belong to the visitor who made them (``pipelines.ownership``), and
+so does a training run's adapter loaded with ``load_owned_folder``. An upload is
+unpacked into its visitor's folder under the Studio's work root
+(``pipelines.workspace``), so it goes with the visitor's other files, and with
+the work root of a process that was killed. Nothing here answers a visitor with
+a server path: the adapters folder is named by its last component.
 
 Attached adapters rest inactive. A caption request activates its adapter for
 the duration of its decode (``BlipCaptioner.using_adapter``); matching and
@@ -16,13 +21,12 @@ from __future__ import annotations
 import logging
 import re
 import shutil
-import tempfile
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipelines import settings
+from pipelines import settings, workspace
 from pipelines.blip.adapter_files import (
     ADAPTER_CONFIG_FILE,
     AdapterFiles,
@@ -37,21 +41,25 @@ from pipelines.ownership import SHARED, UploadSlots, may_see
 
 logger = logging.getLogger(__name__)
 
+UPLOADS_FOLDER = "blip-adapters"  # in a visitor's session folder: their uploaded adapters, unpacked
+LOCAL_UPLOADER = "local"  # whose folder an upload without a visitor (Python, the CLI) unpacks into
+
 
 @dataclass(frozen=True)
 class BlipAdapterInfo:
     """One adapter as the Studio lists it."""
 
     name: str  # what requests and the UI call it
-    source: str  # a Hub id, a folder name in the adapters folder, a resolved path (CLI), or the uploaded file names
-    kind: str  # folder (in the adapters folder) | path (any folder; CLI) | hub | upload
+    source: str  # a Hub id, a folder name in the adapters folder, a resolved path (CLI), the uploaded file names,
+    # or run:<name> (a training run's output)
+    kind: str  # folder (in the adapters folder) | path (any folder; CLI) | hub | upload | run (a run's output)
     folder: Path  # where its two files are; it is attached again from here after BLIP reloads
     rank: int
     alpha: float
     target_modules: str  # as its config states them
     lora_layers: int  # text-decoder layers it changes
     base_model: str  # the base model its config names ("" if none)
-    owner: str | None = SHARED  # an upload's visitor (pipelines.ownership); None: shared, read-only for visitors
+    owner: str | None = SHARED  # an upload's (a run's) visitor (pipelines.ownership); None: shared, read-only
 
     def as_dict(self) -> dict:
         return {
@@ -82,8 +90,12 @@ class BlipAdapterSet:
     adapter appear there, built on first use.
 
     Ownership (``pipelines.ownership``): an uploaded adapter belongs to the ``visitor`` who
-    loaded it; others neither see nor use it. Folder and Hub adapters are shared.
-    ``visitor=None`` is the operator (Python, the CLI), who sees everything.
+    loaded it, a training run's adapter to the run's owner; others neither see nor use them.
+    Folder and Hub adapters are shared. ``visitor=None`` is the operator (Python, the CLI),
+    who sees everything.
+
+    Uploads unpack into ``work_dir`` when given (tests, the CLI), else into the uploading
+    visitor's folder under the work root (``pipelines.workspace.session_folder``).
     """
 
     def __init__(
@@ -96,6 +108,12 @@ class BlipAdapterSet:
         self._slots = UploadSlots("BLIP adapter")
         self._lock = threading.RLock()
         self._demo_ready = False
+        logger.info("BLIP adapters are read by name from %s", self.adapter_dir)  # the path for the operator only
+
+    @property
+    def shown_dir(self) -> str:
+        """The adapters folder as visitors see it: its name, never the server path."""
+        return f"{self.adapter_dir.name or 'adapters'}/"
 
     # -- what is there
 
@@ -143,9 +161,10 @@ class BlipAdapterSet:
         return found
 
     def describe(self, visitor: str | None = None) -> dict:
-        """What ``/blip_adapter_list`` answers: the adapters folder, the adapters ``visitor`` may use, the folders there."""
+        """What ``/blip_adapter_list`` answers: the adapters folder's name (never its server path), the adapters
+        ``visitor`` may use, the folders there."""
         return {
-            "adapter_dir": str(self.adapter_dir),
+            "adapter_dir": self.shown_dir,
             "loaded": [info.as_dict() for info in self.loaded(visitor)],
             "available": self.available(),
         }
@@ -187,7 +206,7 @@ class BlipAdapterSet:
 
         # 2. Its files in a local folder.
         if uploads:
-            folder, suggested = unpack_adapter_upload(uploads, self._uploads_dir())
+            folder, suggested = unpack_adapter_upload(uploads, self._uploads_dir(owner))
             kind, described = "upload", ", ".join(path.name for path in uploads)
         else:
             folder, kind, suggested, described = self._resolve(source, trusted_paths)
@@ -201,6 +220,21 @@ class BlipAdapterSet:
             if kind == "upload":
                 shutil.rmtree(folder, ignore_errors=True)  # a refused upload leaves nothing behind
             raise
+
+    def load_owned_folder(
+        self, captioner: BlipCaptioner, folder: Path, *, name: str, owner: str | None, described: str
+    ) -> BlipAdapterInfo:
+        """Load an adapter folder the server itself made (a training run's output) as ``owner``'s own entry.
+
+        ``folder`` is never a visitor's word: the caller found it (``TrainingRuns``). Like an upload,
+        the entry is listed, used and removed by ``owner`` only, counts against their upload cap,
+        and may be evicted to make room; unlike one, its files stay where they are. The same folder
+        loaded again by ``owner`` returns the entry already there.
+        """
+        folder = Path(folder).resolve()
+        files = read_adapter_folder(folder, label=described)
+        with self._lock:
+            return self._attach_new(captioner, files, folder, "run", described, name, owner)
 
     def _attach_new(
         self, captioner, files: AdapterFiles, folder: Path, kind: str, described: str, wanted: str, owner
@@ -278,7 +312,8 @@ class BlipAdapterSet:
         detach_adapter(captioner, name)
         info = self._adapters.pop(name)
         self._slots.remove(name)
-        if info.kind == "upload" and self._work_dir is not None and info.folder.is_relative_to(self._work_dir):
+        # An upload's folder is the one load() unpacked it into; a run's output (and anything else) stays.
+        if info.kind == "upload" and info.folder.is_relative_to(self._work_dir or workspace.work_root()):
             shutil.rmtree(info.folder, ignore_errors=True)
 
     # -- helpers
@@ -290,10 +325,13 @@ class BlipAdapterSet:
             candidate, counter = f"{wanted}-{counter}", counter + 1
         return candidate
 
-    def _uploads_dir(self) -> Path:
-        if self._work_dir is None:
-            self._work_dir = Path(tempfile.mkdtemp(prefix="studio-blip-adapters-"))
-        return self._work_dir
+    def _uploads_dir(self, owner: str | None) -> Path:
+        """Where ``owner``'s uploads unpack: ``work_dir``, else the visitor's folder under the work root
+        (deleted with the visitor's files, and by the next start if this process is killed)."""
+        if self._work_dir is not None:
+            return self._work_dir
+        visitor = LOCAL_UPLOADER if owner is SHARED else owner
+        return workspace.session_folder(visitor) / UPLOADS_FOLDER
 
     def _resolve(self, source: str, trusted_paths: bool) -> tuple[Path, str, str, str]:
         """(folder, kind, suggested name, normalised source) for a folder name, a path (trusted) or a Hub id."""
@@ -305,9 +343,9 @@ class BlipAdapterSet:
         if folder is not None:
             return folder, "folder", Path(source).name, source
         if HUB_ID.match(source):
-            return download_adapter(source, self.adapter_dir), "hub", source.split("/")[-1], source
+            return download_adapter(source, self.shown_dir), "hub", source.split("/")[-1], source
         raise ValueError(
-            f"There is no adapter folder {source!r} in {self.adapter_dir}, and it is not a Hub id (owner/name); "
+            f"There is no adapter folder {source!r} in {self.shown_dir}, and it is not a Hub id (owner/name); "
             f"pick one of: {', '.join(self.available()) or '(the folder is empty)'}, or upload the adapter."
         )
 
@@ -317,23 +355,23 @@ class BlipAdapterSet:
         text = name.strip()
         if Path(text).is_absolute() or text.startswith("~") or "\\" in text or ":" in text:
             raise ValueError(
-                f"Give the adapter folder's name inside {self.adapter_dir} (e.g. my-adapter), not a path: {text!r}."
+                f"Give the adapter folder's name inside {self.shown_dir} (e.g. my-adapter), not a path: {text!r}."
             )
         if ".." in Path(text).parts:
-            raise ValueError(
-                f"An adapter name may not contain '..' ({text!r}); give a folder inside {self.adapter_dir}."
-            )
+            raise ValueError(f"An adapter name may not contain '..' ({text!r}); give a folder inside {self.shown_dir}.")
+        if any(part.startswith(".") for part in Path(text).parts):  # available() lists no hidden folder either
+            raise ValueError(f"{text!r} is in a hidden folder; give a folder the adapter list shows.")
         candidate = self.adapter_dir / text
         if not candidate.exists():
             return None
         resolved = candidate.resolve()
         if not resolved.is_relative_to(self.adapter_dir.resolve()):
             raise ValueError(
-                f"{text!r} leads outside {self.adapter_dir} (through a symbolic link); copy the adapter into that "
+                f"{text!r} leads outside {self.shown_dir} (through a symbolic link); copy the adapter into that "
                 "folder instead."
             )
         if not resolved.is_dir():
-            raise ValueError(f"{text!r} in {self.adapter_dir} is a file; give the folder that holds the adapter.")
+            raise ValueError(f"{text!r} in {self.shown_dir} is a file; give the folder that holds the adapter.")
         return resolved
 
     def _ensure_demo(self) -> None:

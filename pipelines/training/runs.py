@@ -9,8 +9,11 @@ from the trainer's log lines (``step N/M ... loss X``).
 
 On an app that strangers share: a run id is random and a run answers only the
 visitor who started it; the log tail a visitor sees names no server path; each
-run's folder holds its log, its dataset and a PID file, so a restarted app stops
-trainers a crashed one left behind, and ``stop_on_exit`` stops them on SIGTERM.
+run's folder holds its log, its dataset, its output (``output/``: the LoRA or
+adapter, its checkpoints) and a PID file, so a restarted app stops trainers a
+crashed one left behind, and ``stop_on_exit`` stops them on SIGTERM. The output
+never lands in the shared LoRA or adapter folders: it is its owner's, loaded
+through "Load the result" (``pipelines.studio.Studio.load_training_result``).
 
 Datasets come in as uploads: a zip (the Batch tab's export, edited or not) or
 loose files, laid out by ``unpack_training_upload`` into an imagefolder with a
@@ -43,6 +46,7 @@ from pathlib import Path
 from pipelines import settings
 from pipelines.blip.batch_caption import collect_uploads, member_path, sidecar_clashes
 from pipelines.training.dataset import METADATA_FILE, read_dataset
+from pipelines.workspace import hide_paths
 
 logger = logging.getLogger(__name__)
 
@@ -211,32 +215,12 @@ PID_FILE = "trainer.pid"  # in each run's folder while its trainer may be runnin
 LOG_FILE = "trainer.log"
 COMMAND_PROMPT = "$ "  # the log's first line: the command, as a shell runs it
 DATASET_FOLDER = "dataset"
-# An absolute POSIX path in a log line or message (after a space, quote, '=' or '(' and the like, not inside a word).
-# Two components at least, so an endpoint name such as /train_start stays as it is.
-ABSOLUTE_PATH = re.compile(r"(?<![\w.:/~<>-])/[^\s'\"(),;:/]+/[^\s'\"(),;:]*")
+OUTPUT_FOLDER = "output"  # in each run's folder: what the trainer writes (its owner's, never a shared folder)
 
 
 def new_run_id(kind: str, name: str = "") -> str:
     """A run id nobody can guess: random hex from ``secrets``, then the kind and readable name."""
     return f"{secrets.token_hex(settings.TRAINING_RUN_ID_BYTES)}-{kind}-{run_name(name or kind)}"
-
-
-def hide_paths(text: str, placeholders: dict[str | Path, str] | None = None) -> str:
-    """``text`` with server paths replaced: each of ``placeholders`` by its label, any other absolute path
-    by ``<path>`` (a Python file keeps its name, so a traceback stays readable)."""
-    variants: dict[str, str] = {}
-    for path, label in (placeholders or {}).items():
-        for variant in (str(path), os.path.abspath(path), str(Path(path).resolve())):
-            if len(variant) > 1 and "/" in variant:
-                variants.setdefault(variant.rstrip("/"), label)
-    for variant in sorted(variants, key=len, reverse=True):  # the longest first: a dataset inside its run folder
-        text = text.replace(variant, variants[variant])
-
-    def generic(match: re.Match) -> str:
-        name = match.group(0).rstrip("/").rsplit("/", 1)[-1]
-        return f"<path>/{name}" if name.endswith(".py") else "<path>"
-
-    return ABSOLUTE_PATH.sub(generic, text)
 
 
 @dataclass
@@ -266,7 +250,8 @@ class TrainingRun:
     log_path: Path
     process: subprocess.Popen
     owner: str = OWNER_LOCAL  # the visitor who started it (components.common.visitor_id); only they see it
-    folder: Path | None = None  # the run's own folder: its log, PID file and dataset
+    folder: Path | None = None  # the run's own folder: its log, PID file, dataset and output
+    name: str = ""  # the readable name (run_name) the run id ends with; what its loaded result is called
     placeholders: dict[str, str] = field(default_factory=dict)  # server path -> what the log tail shows
     # What "Load the result" needs from the form it started with: {"model": "medium", "trigger": "sks", "name": ...}.
     options: dict[str, str] = field(default_factory=dict)
@@ -361,6 +346,10 @@ class TrainingRuns:
     def run_folder(self, run_id: str) -> Path:
         return self.runs_dir / run_id
 
+    def output_folder(self, run_id: str) -> Path:
+        """Where run ``run_id``'s trainer writes: inside the run's own folder, which Gradio never serves."""
+        return self.run_folder(run_id) / OUTPUT_FOLDER
+
     def check_room(self, owner: str = OWNER_LOCAL) -> None:
         """ValueError with a sentence when ``max_running`` runs are going; names only ``owner``'s own runs."""
         running = [run for run in self._runs.values() if run.process.poll() is None]
@@ -404,6 +393,7 @@ class TrainingRuns:
         *,
         name: str = "",
         owner: str = OWNER_LOCAL,
+        run_id: str | None = None,
         placeholders: dict[str | Path, str] | None = None,
         run_settings: dict[str, str] | None = None,
     ) -> TrainingRun:
@@ -412,10 +402,12 @@ class TrainingRuns:
         ``arguments_for(dataset)`` gives the trainer's arguments (and raises ValueError for bad
         settings); it is called once before the dataset check, so bad settings cost nothing. A run
         that does not start leaves no folder behind; one that starts keeps its dataset in its folder.
+        ``run_id`` is a fresh ``new_run_id`` unless given (a caller that writes into
+        ``output_folder(run_id)`` reserves it first).
         """
         if kind not in TRAINER_MODULES:
             raise ValueError(f"Unknown trainer {kind!r}; choose one of: {', '.join(TRAINER_MODULES)}.")
-        run_id = new_run_id(kind, name)
+        run_id = run_id or new_run_id(kind, name)
         folder = self.run_folder(run_id)
         arguments_for(folder / DATASET_FOLDER)  # settings first: cheap, and named before any upload is opened
         self.check_room(owner)
@@ -495,6 +487,7 @@ class TrainingRuns:
                 process,
                 owner=owner,
                 folder=folder,
+                name=run_name(name or kind),
                 placeholders={str(path): label for path, label in shown.items()},
                 options=dict(run_settings or {}),
             )
