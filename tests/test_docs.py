@@ -259,6 +259,19 @@ def test_command_flags_are_accepted(command):
                 pytest.fail(f"{command.source}: `{command.text}` does not parse: {errors.getvalue().strip()}")
 
 
+OWN_PROGRAMS = sorted({command.program for command in OWN_COMMANDS})
+
+
+@pytest.mark.parametrize("program", OWN_PROGRAMS)
+def test_help_prints(program):
+    """The docs send readers to each program's ``--help`` (a bare % in a help string once made
+    ``caption_folder --help`` crash): it formats and names every flag the docs use."""
+    parser = parser_of(program)
+    text = parser.format_help()
+    used = {word.split("=", 1)[0] for command in OWN_COMMANDS if command.program == program for word in command.args}
+    assert {flag for flag in used if flag.startswith("--")} <= set(re.findall(r"--[a-z0-9-]+", text))
+
+
 def test_every_app_flag_is_documented_in_the_flags_page():
     """docs/flags.md's table names every flag of ``python app.py``, and nothing else."""
     parser = parser_of("app.py")
