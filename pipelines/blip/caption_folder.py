@@ -91,7 +91,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=settings.DEFAULT_BLIP_PRECISION,
         choices=PRECISION_CHOICES,
         help="BLIP on the CPU, as app.py's --precision: auto (default) picks the fastest variant within "
-        f"{settings.MAX_BLIP_LOGIT_DEVIATION:.0%} logit deviation; fp32 is exact. GPUs keep bf16/fp16.",
+        f"{settings.MAX_BLIP_LOGIT_DEVIATION * 100:.0f}%% logit deviation; fp32 is exact. GPUs keep bf16/fp16.",
     )
     decoding = parser.add_argument_group("decoding (as in the Caption tab)")
     for field in dataclasses.fields(CaptionRequest):
