@@ -295,3 +295,18 @@ def test_lora_tags_come_out_in_linear_time_and_as_before():
     # 200,000 spaces before a tag: one pass over the text, not one per space (the old pattern took about a minute).
     prompt, choices = split_lora_tags("a fox" + " " * 200_000 + "<lora:x:0.5>" + " " * 200_000 + "end")
     assert prompt == "a fox" + " " * 200_000 + "end" and [choice.weight for choice in choices] == [0.5]
+
+
+def test_a_tag_for_a_lora_loaded_on_another_model_names_that_model(studio, tiny_root, tmp_path):
+    import shutil
+
+    from pipelines.lora.sources import resolve_lora_source
+    from pipelines.tiny import tiny_lora_dir
+
+    upload = tmp_path / "my_detail.safetensors"  # as a LoRA trained on Medium and loaded there
+    shutil.copyfile(tiny_lora_dir(tiny_root) / "tiny-medium-detail.safetensors", upload)
+    studio.generation.load_lora("sd35-medium", resolve_lora_source(upload=upload), visitor="carol")
+    with pytest.raises(ValueError, match=r"'my_detail' is loaded on Stable Diffusion 3\.5 Medium.*not on"):
+        studio.generation(GenerationRequest(prompt="a fox <lora:my_detail:0.8>", **DRAW), owner="carol")
+    with pytest.raises(ValueError, match="No LoRA"):  # another visitor's upload is no cause to name
+        studio.generation(GenerationRequest(prompt="a fox <lora:my_detail:0.8>", **DRAW), owner="dave")

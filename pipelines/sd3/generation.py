@@ -309,6 +309,18 @@ class GenerationService:
                 continue
             source = self.find_lora(choice.text or choice.name) if self.find_lora is not None else None
             if source is None:
+                # The real cause first: loaded, but on the model it was made for (a LoRA trained on Medium).
+                elsewhere = [
+                    other.model_title
+                    for other in self.libraries.values()
+                    if other is not library and choice.name in other.names(visitor)
+                ]
+                if elsewhere:
+                    raise ValueError(
+                        f"The LoRA {choice.name!r} is loaded on {' and '.join(elsewhere)}, not on "
+                        f"{library.model_title}: a LoRA fits the model it was made for. Choose that model, or a "
+                        f"LoRA made for {library.model_title}."
+                    )
                 loaded = library.names(visitor)
                 where = " in the LoRA folder or the registry" if self.find_lora is not None else ""
                 if not loaded:
