@@ -11,8 +11,9 @@ ComfyUI's canvas loads the workflow. Three calls:
   t5xxl_fp16: the SD3.5 checkpoints hold no text encoders), one ``LoraLoaderModelOnly`` per LoRA
   (the Studio loads the MMDiT part of a LoRA only), ``SkipLayerGuidanceSD3`` when the job used
   skip-layer guidance, ``ModelSamplingSD3`` with the scheduler's real shift, ``CLIPTextEncode``
-  positive and negative, ``EmptySD3LatentImage``, ``KSampler`` (``euler`` / ``simple``: diffusers'
-  FlowMatchEulerDiscreteScheduler), ``VAEDecode``, ``SaveImage``. Image to image adds ``LoadImage``
+  positive and negative, ``EmptySD3LatentImage``, ``KSampler`` (``euler`` / ``normal``: diffusers'
+  FlowMatchEulerDiscreteScheduler; ``normal`` spaces the timesteps exactly as diffusers does, while
+  ``simple``, which ComfyUI's templates use, differs most at few steps), ``VAEDecode``, ``SaveImage``. Image to image adds ``LoadImage``
   + ``ImageScale`` + ``VAEEncode`` and ``denoise`` = strength; inpainting adds ``LoadImageMask`` +
   ``SetLatentNoiseMask`` (diffusers' SD3 inpaint pipeline re-noises outside the mask, as
   ``SetLatentNoiseMask`` does; ``VAEEncodeForInpaint``/``InpaintModelConditioning`` are for
@@ -82,8 +83,10 @@ INIT_IMAGE_FILE = "studio_init_image.png"  # placeholders: the inputs are not in
 MASK_FILE = "studio_mask.png"
 CONTROL_IMAGE_FILE = "studio_control_image.png"
 CONTROL_MAP_FILE = "studio_control_map.png"  # a map made elsewhere (depth, or preprocess off)
-SAMPLER_NAME = "euler"  # diffusers' FlowMatchEulerDiscreteScheduler is Euler over ...
-SCHEDULER_NAME = "simple"  # ... evenly spaced flow-matching timesteps: ComfyUI's "simple"
+SAMPLER_NAME = "euler"  # diffusers' FlowMatchEulerDiscreteScheduler is an Euler step on the flow
+# ComfyUI's "normal" spaces timesteps linearly from sigma_max to sigma_min, as diffusers' set_timesteps
+# does: the same sigmas (tests check it); "simple" steps by 1/steps and differs (Turbo's 4: 0.5 vs 0.009 last).
+SCHEDULER_NAME = "normal"
 DEFAULT_SHIFT = 3.0  # every SD3.5 scheduler_config.json says 3.0; used when a model has none on disk
 # diffusers' StableDiffusion3Pipeline defaults, which the Studio leaves as they are.
 SLG_SCALE, SLG_START, SLG_END = 2.8, 0.01, 0.2
@@ -412,6 +415,8 @@ def comfyui_workflow(prompt: dict) -> dict:
     from the loaders.
     """
     definitions = node_definitions()["nodes"]
+    if not isinstance(prompt, dict) or len(prompt) > MAX_GRAPH_NODES:
+        raise ValueError(f"A workflow is made from a graph of at most {MAX_GRAPH_NODES:,} nodes.")
     ids = {node_id: index + 1 for index, node_id in enumerate(prompt)}  # UI ids are integers
     for node_id, node in prompt.items():
         if node.get("class_type") not in definitions:
@@ -449,15 +454,16 @@ def comfyui_workflow(prompt: dict) -> dict:
     for position, node_id in enumerate(order):  # 2. nodes
         node = prompt[node_id]
         definition = definitions[node["class_type"]]
-        widgets = []
+        widgets, upload = [], False
         for spec in definition["required"] + definition["optional"]:
             if spec["type"] not in _SOCKET_TYPES or spec["name"] not in node["inputs"]:
                 continue
             widgets.append(node["inputs"][spec["name"]])
             if spec.get("control_after_generate"):
                 widgets.append("fixed")  # keep the seed when the workflow is queued again
-            if spec.get("image_upload"):
-                widgets.append("image")  # the upload button's own widget value
+            upload = upload or bool(spec.get("image_upload"))
+        if upload:
+            widgets.append("image")  # the upload button's own value, saved after every other widget
         outputs = [
             {
                 "name": name,
