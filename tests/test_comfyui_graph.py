@@ -712,3 +712,24 @@ def test_comfyui_chunks_are_small_json_text():
     assert all(len(text.encode()) < 64_000 for text in chunks.values())
     buffer = io.StringIO(chunks["prompt"])
     assert json.load(buffer) == comfyui_prompt(JOBS["inpaint"])
+
+
+def test_the_graph_leaks_no_server_path():
+    # A local folder can stand in for a repo id; the graph names files as ComfyUI users have them.
+    settings = studio_settings(model_key="sd35-custom", model_id="/srv/studio/models/my-sd35", loras=LORAS)
+    settings["loras"] = [{**lora, "source": "/srv/studio/loras/style.safetensors"} for lora in LORAS]
+    for job in (settings, *JOBS.values()):
+        chunks = comfyui_chunks(job)
+        assert "/srv" not in chunks["prompt"] and "/srv" not in chunks["workflow"]
+        files = {
+            node["inputs"]["image"]
+            for node in json.loads(chunks["prompt"]).values()
+            if node["class_type"] in ("LoadImage", "LoadImageMask")
+        }
+        assert files <= {
+            comfyui_graph.INIT_IMAGE_FILE,
+            comfyui_graph.MASK_FILE,
+            comfyui_graph.CONTROL_IMAGE_FILE,
+            comfyui_graph.CONTROL_MAP_FILE,
+        }
+    assert only(comfyui_prompt(settings), "CheckpointLoaderSimple")["inputs"]["ckpt_name"] == "my-sd35.safetensors"
