@@ -219,7 +219,10 @@ def test_the_details_dict_and_the_files(studio):
     assert details["memory_mode"]["mode"] == "bf16" and details["memory_mode"]["reason"].startswith("auto: no CUDA")
     assert details["loras"] == [] and details["tiny"] is True
     assert details["files"] == [path.name for path in outcome.paths] and len(outcome.paths) == 2
-    assert all((studio.outputs_dir / name).is_file() for name in details["files"])  # --outputs gets a copy
+    # --outputs: locally the saved history keeps a copy of each, filed by mode and day, indexed.
+    kept = [studio.history.get("local", record_id) for record_id in details["records"]]
+    assert [studio.history.path(record).name for record in kept] == details["files"]
+    assert all(studio.history.path(record).parent.parent.name == "txt2img-images" for record in kept)
     assert set(details["timings"]) >= {"load_seconds", "lora_seconds", "generate_seconds", "total_seconds"}
     assert steps == [(1, 2), (2, 2)]
     for path, seed in zip(outcome.paths, details["seeds"], strict=True):

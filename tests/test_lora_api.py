@@ -45,9 +45,10 @@ def test_load_mix_fuse_and_unload_change_exactly_what_they_should(clean_loras):
 
     # Loading alone draws nothing new; choosing it does, and records it in the PNG.
     assert np.array_equal(_draw(client)[0], base)
-    styled, summary, path = _draw(client, lora="tiny_large_style:1")
+    styled, details, path = _draw_with_details(client, lora="tiny_large_style:1")
     assert np.abs(styled - base).max() > 0
-    assert "LoRA tiny_large_style:1" in summary and "trigger words added: tinystyle" in summary
+    assert [(lora["name"], lora["weight"]) for lora in details["loras"]] == [("tiny_large_style", 1.0)]
+    assert details["trigger_words_added"] == ["tinystyle"]
     prompt, _, pairs = parse_a1111_parameters(read_png_settings(path)[0])
     assert prompt == "a red fox, tinystyle <lora:tiny_large_style:1>"
     assert pairs["Lora hashes"].startswith("tiny_large_style: ") and len(pairs["Lora hashes"].split(": ")[1]) == 12
@@ -67,8 +68,8 @@ def test_load_mix_fuse_and_unload_change_exactly_what_they_should(clean_loras):
     assert np.abs(mixed - styled).max() > 0
 
     # Fused draws what unfused draws (to rounding); leaving fuse restores the weights exactly.
-    fused, fused_summary, _ = _draw(client, lora=mix, lora_fuse=True)
-    assert "(fused)" in fused_summary and np.abs(fused - mixed).max() <= 2
+    fused, fused_details, _ = _draw_with_details(client, lora=mix, lora_fuse=True)
+    assert fused_details["lora_fused"] is True and np.abs(fused - mixed).max() <= 2
     assert np.array_equal(_draw(client)[0], base)
 
     table, note, active = client.predict(name="", model="large", active=mix, api_name="/lora_unload")

@@ -72,8 +72,8 @@ def test_shared_loras_are_read_only_for_visitors(public_app_url, public_client):
         other.predict(name="tiny_large_style", model="large", active="", api_name="/lora_unload")
     _, note, _ = other.predict(name="", model="large", active="", api_name="/lora_unload")
     assert "None of your LoRAs" in note
-    _, _, summary, *_ = other.predict("a fox", lora="tiny_large_style", **DRAW, api_name="/generate")
-    assert "LoRA tiny_large_style" in summary
+    *_, details = other.predict("a fox", lora="tiny_large_style", **DRAW, api_name="/generate")
+    assert [lora["name"] for lora in details["loras"]] == ["tiny_large_style"]
 
 
 def operator_controls(url: str) -> dict[str, bool]:
