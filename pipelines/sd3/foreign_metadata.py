@@ -70,7 +70,8 @@ class MetadataTexts:
     ``user_comment``: the EXIF UserComment (Exif IFD, or IFD0 where Fooocus puts it), decoded;
     ``exif_text``: IFD0's text tags by name (``Software``, ``Make``, ``Model``, ``ImageDescription``,
     ``Artist``); ``comment``: a JPEG's COM segment; ``xmp``: the XMP packet; ``c2pa``: the bytes of a
-    C2PA manifest store (PNG ``caBX``, JPEG APP11) or None.
+    C2PA manifest store (PNG ``caBX``, JPEG APP11) or None; ``oversized``: keywords of PNG text
+    chunks skipped unread for being over the per-chunk limit.
     """
 
     kind: str
@@ -80,6 +81,7 @@ class MetadataTexts:
     comment: str | None = None
     xmp: str | None = None
     c2pa: bytes | None = None
+    oversized: frozenset[str] = frozenset()
 
 
 @dataclass
@@ -108,6 +110,9 @@ def read_foreign(texts: MetadataTexts) -> ForeignSettings | None:
     """
     chunks = texts.chunks
     kind = texts.kind
+    for key, tool in _CHUNK_TOOLS.items():
+        if key in texts.oversized:
+            return ForeignSettings(tool, f"{kind}-{key}", "", reason=_json_too_long())
     for key, reader in (("invokeai_metadata", _invokeai_core), ("sd-metadata", _invokeai_sd_metadata)):
         if chunks.get(key):
             return _from_json(chunks[key], "InvokeAI", f"{kind}-{key}", reader)
@@ -130,6 +135,18 @@ def read_foreign(texts: MetadataTexts) -> ForeignSettings | None:
             model.removeprefix("prompt:") or None, make.removeprefix("workflow:") or None, f"{kind}-exif-comfyui"
         )
     return None
+
+
+# PNG text chunks that only one tool writes, for naming it when the chunk is too large to read.
+_CHUNK_TOOLS = {
+    "invokeai_metadata": "InvokeAI",
+    "sd-metadata": "InvokeAI",
+    "Dream": "InvokeAI",
+    "prompt": "ComfyUI",
+    "workflow": "ComfyUI",
+    "Comment": "NovelAI",
+    "parameters": "an A1111-format or JSON-writing tool",
+}
 
 
 def looks_like_json(text: str) -> bool:

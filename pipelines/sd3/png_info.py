@@ -102,8 +102,12 @@ def read_generation_settings(source: str | os.PathLike | bytes, *, name: str | N
     if foreign is not None and foreign.fields is not None:
         return foreign_settings_dict(foreign)
     # 3. Text hidden in the alpha channel (A1111's stealth extension, NovelAI), only where nothing else is.
+    unsearched = False
     if foreign is None and kind == "png" and has_alpha:
-        hidden = read_stealth_text(data, label)
+        try:
+            hidden = read_stealth_text(data, label)
+        except ImageDecodeError:  # over the decode caps or damaged: no pixel is read, and the sentence says so
+            hidden, unsearched = None, True
         if hidden is not None:
             if looks_like_json(hidden):
                 found = read_json_text(hidden, "png-stealth")
@@ -114,7 +118,7 @@ def read_generation_settings(source: str | os.PathLike | bytes, *, name: str | N
                 info = settings_dict(_bounded(hidden, label))
                 info["source"] = "png-stealth"
                 return info
-    return _nothing_found(label, kind, texts, foreign)
+    return _nothing_found(label, kind, texts, foreign, unsearched=unsearched)
 
 
 def _read_bytes(source, label: str) -> bytes:
@@ -149,9 +153,9 @@ def _metadata_texts(data: bytes, label: str) -> tuple[MetadataTexts, bool]:
     after the image data alike), a JPEG's or WebP's EXIF, XMP and comment by Pillow's lazy open.
     """
     if is_png(data):
-        chunks, exif, c2pa = _png_texts(data, label)
+        chunks, exif, c2pa, oversized = _png_texts(data, label)
         # IHDR is the first chunk (png_chunks checked it): its colour type is byte 25; 4 and 6 carry alpha.
-        return _texts_with_exif("png", chunks, exif, c2pa=c2pa), data[25] in (4, 6)
+        return _texts_with_exif("png", chunks, exif, c2pa=c2pa, oversized=oversized), data[25] in (4, 6)
     kind, info, exif, c2pa = _exif_of_other_image(data, label)
     comment = info.get("comment")
     xmp = info.get("xmp")
@@ -205,8 +209,9 @@ def _last_line(text: str, label: str) -> str:
     return _bounded(text, label).strip().rsplit("\n", 1)[-1]
 
 
-def _png_texts(data: bytes, label: str) -> tuple[dict[str, str], Image.Exif, bytes | None]:
-    """(text chunks, EXIF, C2PA bytes) of a PNG file's bytes, read from its chunks within png_chunks' limits."""
+def _png_texts(data: bytes, label: str) -> tuple[dict[str, str], Image.Exif, bytes | None, frozenset[str]]:
+    """(text chunks, EXIF, C2PA bytes, keywords of chunks too large to read) of a PNG file's bytes, read
+    from its chunks within png_chunks' limits."""
     try:
         metadata = read_png_metadata(data)
     except PngTooLargeError as error:
@@ -225,7 +230,7 @@ def _png_texts(data: bytes, label: str) -> tuple[dict[str, str], Image.Exif, byt
             exif.load(metadata.exif)
         except Exception:  # noqa: BLE001 - a broken EXIF block means "no comment", not a broken image
             exif = Image.Exif()
-    return metadata.texts, exif, metadata.c2pa
+    return metadata.texts, exif, metadata.c2pa, metadata.oversized
 
 
 def _exif_of_other_image(data: bytes, label: str) -> tuple[str, dict, Image.Exif, bytes | None]:
@@ -312,7 +317,9 @@ def decode_user_comment(raw: bytes | str) -> str:
     return bytes(raw).decode("utf-8", errors="replace")  # no prefix at all: some tools skip it
 
 
-def _nothing_found(label: str, kind: str, texts: MetadataTexts, foreign: ForeignSettings | None) -> dict:
+def _nothing_found(
+    label: str, kind: str, texts: MetadataTexts, foreign: ForeignSettings | None, *, unsearched: bool = False
+) -> dict:
     """``found: False`` with one true sentence: the tool the file names and what could not be read."""
     tool, source, raw = None, kind, ""
     if foreign is not None:
@@ -327,7 +334,13 @@ def _nothing_found(label: str, kind: str, texts: MetadataTexts, foreign: Foreign
     elif kind == "png":
         message = (
             f"{label} carries no generation settings: it has none of the texts the Studio reads (A1111, ComfyUI, "
-            "InvokeAI, NovelAI, Fooocus, SwarmUI), so its tool wrote none or they were removed."
+            "InvokeAI, NovelAI, Fooocus, SwarmUI), so its tool wrote none or they were removed"
+            + (
+                ", and its alpha channel, where some tools hide them, was not searched: the pixels could not be "
+                "decoded within the Studio's limits."
+                if unsearched
+                else "."
+            )
         )
     else:
         message = (
@@ -616,6 +629,11 @@ def generate_form_values(info: Mapping[str, Any], current_model: str, *, tiny: b
     preset = spec.image_preset
 
     prompt = str(info.get("prompt") or "")
+    # Another tool lists its LoRAs apart from the prompt: they travel as the prompt's tags, like A1111's.
+    tagged = {lora["name"] for lora in lora_tags(prompt)}
+    missing = [lora for lora in info.get("loras") or [] if lora["name"] not in tagged]
+    if missing:
+        prompt = " ".join([prompt, *(f"<lora:{lora['name']}:{lora_weight_text(lora['weight'])}>" for lora in missing)])
     if len(prompt) > settings.MAX_PROMPT_CHARS:
         prompt = prompt[: settings.MAX_PROMPT_CHARS]
         notes.append(f"The prompt was cut to {settings.MAX_PROMPT_CHARS} characters, the Generate tab's limit.")
