@@ -184,3 +184,18 @@ def test_another_tools_loras_travel_to_generate_as_prompt_tags():
     text = "a cat <lora:ink:0.5>\nSteps: 20, Seed: 1, Size: 64x64"
     values, _ = generate_form_values(read_generation_settings(png_bytes({"parameters": text})), "large")
     assert values["prompt"] == "a cat <lora:ink:0.5>"
+
+
+@pytest.mark.api
+@pytest.mark.slow
+def test_every_sample_reads_the_same_through_the_api(tiny_client):
+    """/png_info on each sample, as a visitor uploads it: the same tool and fields, or the same one sentence."""
+    from gradio_client import handle_file
+
+    for name, expected in EXPECTED.items():
+        summary, _, info = tiny_client.predict(handle_file(SAMPLES / name), api_name="/png_info")
+        assert info["found"] is expected["found"] and info["tool"] == expected["tool"], name
+        if expected["found"]:
+            assert {key: info[key] for key in FIELDS} == {key: expected[key] for key in FIELDS}, name
+        else:
+            assert info["message"].startswith(f"'{name}' ") and summary, name
