@@ -1,8 +1,9 @@
 """PNG Info tab: the generation settings an image carries, and "Send to Generate" (API ``/png_info``).
 
-Reads the Studio's PNGs (their JSON chunk, else the ``parameters`` text), A1111, Forge and
-ComfyUI's A1111-format PNGs, and JPEG/WebP files with A1111's EXIF UserComment. The parsing
-is ``pipelines.sd3.png_info``; app.py wires "Send to Generate" to the Generate tab's controls.
+Reads the Studio's PNGs (their JSON chunk, else the ``parameters`` text), A1111-format text (A1111,
+Forge, SD.Next, Civitai, ComfyUI's savers) in PNG chunks, EXIF or JPEG comments, and the formats of
+SwarmUI, Fooocus, RuinedFooocus, InvokeAI, NovelAI and ComfyUI. The parsing is
+``pipelines.sd3.png_info``; app.py wires "Send to Generate" to the Generate tab's controls.
 """
 
 from __future__ import annotations
@@ -60,7 +61,8 @@ def settings_summary(info: dict) -> str:
         shown = "—" if values.get(key) in (None, "") else str(values[key])
         rows.append(f"| {label} | {_cell(shown)} |")
     source = {"studio-json": "the Studio's JSON chunk"}.get(info["source"], info["source"].replace("-", " "))
-    lines = [f"Read from {source}.", "", *rows]
+    tool = info.get("tool")
+    lines = [f"Written by {_plain(tool)}; read from {source}." if tool else f"Read from {source}.", "", *rows]
     lines += [f"- {_plain(note)}" for note in info["notes"]]
     return "\n".join(lines)
 
@@ -118,9 +120,10 @@ def build_png_info_tab(studio: Studio) -> dict:
     def png_info(image):
         """The generation settings ``image`` carries: a summary, the raw text and the details dict.
 
-        Studio PNGs give every setting (their JSON chunk); A1111/Forge PNGs their ``parameters``
-        text; JPEG and WebP files the EXIF UserComment A1111 writes. An image without settings
-        gets ``found: False`` and one sentence in ``message``.
+        Studio PNGs give every setting (their JSON chunk); other tools' files their own text (A1111
+        format, SwarmUI, Fooocus, InvokeAI, NovelAI, ...), with ``tool`` naming the writer. An image
+        without settings gets ``found: False`` and one sentence in ``message`` naming its tool where
+        the file says (ComfyUI, GIMP, ChatGPT, ...).
         """
         if image is None:  # the upload was cleared
             return "", "", None, None
@@ -128,9 +131,10 @@ def build_png_info_tab(studio: Studio) -> dict:
         return settings_summary(info), info.get("raw", ""), info, info
 
     gr.Markdown(
-        "Drop an image made by the Studio, AUTOMATIC1111, Forge or ComfyUI (A1111-format saver) to read the "
-        "prompt and settings it was made with; **Send to Generate** fills the Generate tab with them. A Studio "
-        "PNG redraws the same pixels; another tool's settings carry over, but its sampler and noise differ."
+        "Drop an image made by the Studio, AUTOMATIC1111, Forge, SD.Next, SwarmUI, Fooocus, InvokeAI, NovelAI, "
+        "Civitai or ComfyUI to read the prompt and settings it was made with; **Send to Generate** fills the "
+        "Generate tab with them. A Studio PNG redraws the same pixels; another tool's settings carry over, but "
+        "its sampler and noise differ."
     )
     with gr.Row():
         with gr.Column(scale=1):

@@ -4,7 +4,8 @@ Pillow parses the text chunks that come before the image data when it opens a PN
 ones after it (some writers put them there) only when it decodes every pixel: ``image.text``
 and ``getexif()`` call ``load()``, so an 8000x8000 PNG of 249 kB costs 256 MB to read 60 bytes
 of text. This module walks the chunk list instead (PNG spec, section 5) and reads only the
-chunks it needs: ``tEXt``, ``zTXt`` and ``iTXt`` before and after ``IDAT``, and ``eXIf``.
+chunks it needs: ``tEXt``, ``zTXt`` and ``iTXt`` before and after ``IDAT``, ``eXIf``, and ``caBX``
+(C2PA Content Credentials, whose issuer names the tool that made an AI image).
 
 Everything is bounded before the work starts: the number of chunks walked, each chunk's
 declared length against the bytes present, each text chunk's size once inflated (a zTXt is
@@ -46,13 +47,15 @@ class PngMetadata:
     """What ``read_png_metadata`` found. ``texts``: keyword -> text of every text chunk, a later
     chunk replacing an earlier one of the same keyword (as Pillow does); ``oversized``: keywords
     of text chunks skipped because they were over the per-chunk limit; ``exif``: the ``eXIf``
-    chunk's bytes or None; ``width`` and ``height`` from ``IHDR``."""
+    chunk's bytes or None; ``width`` and ``height`` from ``IHDR``; ``c2pa``: the first ``caBX``
+    chunk's bytes (a C2PA manifest store) or None."""
 
     texts: dict[str, str]
     oversized: frozenset[str]
     exif: bytes | None
     width: int
     height: int
+    c2pa: bytes | None = None
 
 
 def is_png(data: bytes) -> bool:
@@ -82,6 +85,7 @@ def read_png_metadata(
     texts: dict[str, str] = {}
     oversized: set[str] = set()
     exif = None
+    c2pa = None
     size = None
     text_left = max_text_bytes
     position = len(PNG_SIGNATURE)
@@ -98,7 +102,7 @@ def read_png_metadata(
             raise PngDamagedError("its first chunk is not IHDR")
         if kind == b"IEND":
             break
-        wanted = kind == b"IHDR" or kind == b"eXIf" or kind in TEXT_CHUNKS
+        wanted = kind in (b"IHDR", b"eXIf", b"caBX") or kind in TEXT_CHUNKS
         if not wanted:
             continue
         # 2. A chunk to read: check its CRC (over type and data) first.
@@ -112,6 +116,9 @@ def read_png_metadata(
         elif kind == b"eXIf":
             if length <= max_chunk_bytes:
                 exif = bytes(chunk)
+        elif kind == b"caBX":
+            if c2pa is None and length <= max_chunk_bytes:
+                c2pa = bytes(chunk)
         else:
             # 3. A text chunk, read up to what is left of the file's text budget. Inflating counts against
             # the budget even when the chunk turns out too big and is skipped, so the work stays bounded.
@@ -126,7 +133,7 @@ def read_png_metadata(
                 texts[keyword] = text.decode("utf-8" if kind == b"iTXt" else "latin-1", errors="replace")
     else:
         raise PngTooLargeError(f"it has more than {max_chunks:,} chunks")
-    return PngMetadata(texts=texts, oversized=frozenset(oversized), exif=exif, width=size[0], height=size[1])
+    return PngMetadata(texts=texts, oversized=frozenset(oversized), exif=exif, width=size[0], height=size[1], c2pa=c2pa)
 
 
 def _name(kind: bytes) -> str:

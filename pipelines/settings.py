@@ -69,6 +69,9 @@ PNG_MAX_TEXT_BYTES = 8 * 1024 * 1024
 # The A1111 ``parameters`` text that is parsed (from a PNG chunk or an EXIF UserComment). A1111's own
 # runs to a few kB (a long prompt, ~20 settings, LoRA hashes); 64 kB leaves room for any real one.
 MAX_PARAMETERS_CHARS = 65_536
+# A settings text written as JSON (SwarmUI, Fooocus, InvokeAI, NovelAI, a ComfyUI graph) that is parsed:
+# a ComfyUI workflow runs to a few hundred kB, so the per-chunk limit leaves room for any real one.
+MAX_SETTINGS_JSON_CHARS = PNG_MAX_TEXT_CHUNK_BYTES
 
 
 # --- BLIP captioning (pipelines/blip/captioner) -------------------------------------

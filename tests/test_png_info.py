@@ -256,11 +256,12 @@ def test_a_jpeg_without_settings_gets_one_sentence():
 
 
 def test_a_png_without_settings_gets_one_sentence():
-    info = read_generation_settings(png_bytes({"Software": "GIMP"}), name="plain.png")
+    info = read_generation_settings(png_bytes({"Title": "holiday"}), name="plain.png")
     assert info == {
         "found": False,
         "message": info["message"],
         "source": "png",
+        "tool": None,
         "raw": "",
         "notes": [],
     }

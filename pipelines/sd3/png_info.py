@@ -22,22 +22,35 @@ import math
 import os
 import re
 import warnings
+import zlib
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 from PIL import Image
 
 from pipelines import settings
 from pipelines.catalog import CATALOG, SD3_SHORT_NAMES
-from pipelines.images import ImageDecodeError
+from pipelines.images import ImageDecodeError, load_image
 from pipelines.png_chunks import PngChunkError, PngTooLargeError, is_png, read_png_metadata
+from pipelines.sd3.foreign_metadata import (
+    ForeignSettings,
+    MetadataTexts,
+    describe_origin,
+    looks_like_json,
+    read_foreign,
+    read_json_text,
+)
 from pipelines.sd3.lora_tags import LORA_TAG
-from pipelines.sd3.png_metadata import PARAMETERS_KEY, STUDIO_KEY, parse_a1111_parameters
+from pipelines.sd3.png_metadata import PARAMETERS_KEY, STUDIO_KEY, parse_a1111_parameters, settings_pairs
 from pipelines.sd3.text_to_image import SIZE_MULTIPLE, lora_weight_text, size_limits, snap
 
+_STEALTH_PLAIN, _STEALTH_GZIP = b"stealth_pnginfo", b"stealth_pngcomp"  # alpha-channel signatures
 _EXIF_FORMATS = ("JPEG", "WEBP")  # the ones Pillow opens here (a PNG is read by pipelines.png_chunks)
 EXIF_IFD_TAG = 0x8769  # the Exif sub-IFD, which holds UserComment
 USER_COMMENT_TAG = 0x9286
+# IFD0 text tags that name a file's tool or hold settings (ComfyUI's WebP saver: "prompt:" in Model, "workflow:" in Make).
+_EXIF_TEXT_TAGS = {0x0131: "Software", 0x010F: "Make", 0x0110: "Model", 0x010E: "ImageDescription", 0x013B: "Artist"}
 _SIZE = re.compile(r"^\s*(\d+)\s*x\s*(\d+)\s*$")
 # SD3.5 checkpoints as A1111/Forge/ComfyUI name them ("sd3.5_large_turbo.safetensors") and as the
 # Studio does ("stable-diffusion-3.5-large"), once lowercased with everything but letters and digits out.
@@ -53,14 +66,23 @@ _STUDIO_MODEL_NAMES = {CATALOG[key].repo_id.rsplit("/", 1)[-1] for key in SD3_SH
 def read_generation_settings(source: str | os.PathLike | bytes, *, name: str | None = None) -> dict:
     """The settings ``source`` (a path or the file's bytes) carries, as a dict (see ``settings_dict``).
 
-    A file with no settings gives ``found: False`` and a one-sentence ``message``. A file that is
-    not a PNG, JPEG or WebP image, or is damaged, raises ImageDecodeError with a sentence.
+    Read in this order: the Studio's JSON chunk; an A1111-format text (``parameters`` chunk, EXIF
+    UserComment, JPEG comment); another tool's own format (``pipelines.sd3.foreign_metadata``); and,
+    for a PNG with an alpha channel and nothing else, A1111's or NovelAI's "stealth" text in the
+    alpha channel's lowest bits (the one reader that decodes pixels, within the decode caps).
+    ``tool`` names the writer. A file with no settings gives ``found: False`` and a one-sentence
+    ``message`` naming its tool where the file says. A file that is not a PNG, JPEG or WebP image,
+    or is damaged, raises ImageDecodeError with a sentence.
     """
     if name is None and not isinstance(source, bytes | bytearray):
         name = os.path.basename(os.fspath(source))
     label = f"'{name}'" if name else "The file"
     data = _read_bytes(source, label)
-    parameters, studio_text, where = _settings_texts(data, label)
+    texts, has_alpha = _metadata_texts(data, label)
+    kind = texts.kind
+    # 1. The Studio's JSON and A1111-format text.
+    studio_text = texts.chunks.get(STUDIO_KEY)
+    parameters, where = _a1111_text(texts, label)
     studio = None
     notes: list[str] = []
     if studio_text:
@@ -70,12 +92,33 @@ def read_generation_settings(source: str | os.PathLike | bytes, *, name: str | N
             notes.append("The Studio's JSON chunk is damaged; the settings come from the parameters text.")
         if not isinstance(studio, dict):
             studio = None
-    if not parameters and studio is None:
-        return _nothing_found(label, where)
-    info = settings_dict(parameters or "", studio)
-    info["source"] = where if studio is None else "studio-json"
-    info["notes"] = notes + info["notes"]
-    return info
+    if parameters or studio is not None:
+        info = settings_dict(parameters or "", studio)
+        info["source"] = where if studio is None else "studio-json"
+        info["notes"] = notes + info["notes"]
+        return info
+    # 2. Another tool's format.
+    foreign = read_foreign(texts)
+    if foreign is not None and foreign.fields is not None:
+        return foreign_settings_dict(foreign)
+    # 3. Text hidden in the alpha channel (A1111's stealth extension, NovelAI), only where nothing else is.
+    unsearched = False
+    if foreign is None and kind == "png" and has_alpha:
+        try:
+            hidden = read_stealth_text(data, label)
+        except ImageDecodeError:  # over the decode caps or damaged: no pixel is read, and the sentence says so
+            hidden, unsearched = None, True
+        if hidden is not None:
+            if looks_like_json(hidden):
+                found = read_json_text(hidden, "png-stealth")
+                if found.fields is not None:
+                    return foreign_settings_dict(found)
+                foreign = found
+            else:
+                info = settings_dict(_bounded(hidden, label))
+                info["source"] = "png-stealth"
+                return info
+    return _nothing_found(label, kind, texts, foreign, unsearched=unsearched)
 
 
 def _read_bytes(source, label: str) -> bytes:
@@ -103,31 +146,72 @@ def _read_bytes(source, label: str) -> bytes:
     return data
 
 
-def _settings_texts(data: bytes, label: str) -> tuple[str | None, str | None, str]:
-    """(parameters text, studio JSON text, where they came from) of an image file's bytes.
+def _metadata_texts(data: bytes, label: str) -> tuple[MetadataTexts, bool]:
+    """(every text the image file ``data`` carries, whether it is a PNG with an alpha channel).
 
     No pixel is decoded: a PNG's chunks are read by ``pipelines.png_chunks`` (text before and
-    after the image data alike), a JPEG's or WebP's EXIF by Pillow's lazy open.
+    after the image data alike), a JPEG's or WebP's EXIF, XMP and comment by Pillow's lazy open.
     """
     if is_png(data):
-        kind, chunks, exif = "PNG", *_png_texts(data, label)
-    else:
-        kind, chunks, exif = _exif_of_other_image(data, label)
-    comment = _user_comment(exif)
-    parameters = chunks.get(PARAMETERS_KEY)
-    if parameters:
-        return _bounded(parameters, label), chunks.get(STUDIO_KEY), f"{kind.lower()}-parameters"
-    if comment:
-        return _bounded(comment, label), None, f"{kind.lower()}-exif"
+        chunks, exif, c2pa, oversized = _png_texts(data, label)
+        # IHDR is the first chunk (png_chunks checked it): its colour type is byte 25; 4 and 6 carry alpha.
+        return _texts_with_exif("png", chunks, exif, c2pa=c2pa, oversized=oversized), data[25] in (4, 6)
+    kind, info, exif, c2pa = _exif_of_other_image(data, label)
+    comment = info.get("comment")
+    xmp = info.get("xmp")
     return (
-        None,
-        chunks.get(STUDIO_KEY),
-        kind.lower() + ("-comfyui" if "workflow" in chunks or "prompt" in chunks else ""),
+        _texts_with_exif(
+            kind.lower(),
+            {key: value for key, value in info.items() if isinstance(value, str)},
+            exif,
+            comment=_decoded(comment) if isinstance(comment, bytes | str) else None,
+            xmp=_decoded(xmp) if isinstance(xmp, bytes | str) else None,
+            c2pa=c2pa,
+        ),
+        False,
     )
 
 
-def _png_texts(data: bytes, label: str) -> tuple[dict[str, str], Image.Exif]:
-    """(text chunks, EXIF) of a PNG file's bytes, read from its chunks within the limits of png_chunks."""
+def _texts_with_exif(kind: str, chunks: dict, exif: Image.Exif, **extra) -> MetadataTexts:
+    text_tags = {}
+    for tag, tag_name in _EXIF_TEXT_TAGS.items():
+        value = exif.get(tag)
+        if isinstance(value, bytes):
+            value = value.decode("utf-8", errors="replace")
+        if isinstance(value, str) and value.strip("\x00").strip():
+            text_tags[tag_name] = value.strip("\x00")[: settings.MAX_SETTINGS_JSON_CHARS + 1]
+    return MetadataTexts(kind=kind, chunks=chunks, user_comment=_user_comment(exif), exif_text=text_tags, **extra)
+
+
+def _decoded(value: bytes | str) -> str | None:
+    text = value.decode("utf-8", errors="replace") if isinstance(value, bytes) else value
+    text = text[: settings.MAX_SETTINGS_JSON_CHARS + 1].strip("\x00").strip()
+    return text or None
+
+
+def _a1111_text(texts: MetadataTexts, label: str) -> tuple[str | None, str]:
+    """(an A1111-format settings text, where it was) from the parameters chunk, the EXIF UserComment or a
+    JPEG comment; (None, kind) when none holds one (a JSON text there is another tool's format)."""
+    kind = texts.kind
+    for where, text in (
+        ("parameters", texts.chunks.get(PARAMETERS_KEY)),
+        ("exif", texts.user_comment),
+        ("comment", texts.comment if kind == "jpeg" else None),
+    ):
+        if text and not looks_like_json(text):
+            if where == "comment" and len(settings_pairs(_last_line(text, label))) < 3:
+                continue  # a JPEG comment that is no settings text ("Created with GIMP")
+            return _bounded(text, label), f"{kind}-{where}"
+    return None, kind
+
+
+def _last_line(text: str, label: str) -> str:
+    return _bounded(text, label).strip().rsplit("\n", 1)[-1]
+
+
+def _png_texts(data: bytes, label: str) -> tuple[dict[str, str], Image.Exif, bytes | None, frozenset[str]]:
+    """(text chunks, EXIF, C2PA bytes, keywords of chunks too large to read) of a PNG file's bytes, read
+    from its chunks within png_chunks' limits."""
     try:
         metadata = read_png_metadata(data)
     except PngTooLargeError as error:
@@ -146,21 +230,30 @@ def _png_texts(data: bytes, label: str) -> tuple[dict[str, str], Image.Exif]:
             exif.load(metadata.exif)
         except Exception:  # noqa: BLE001 - a broken EXIF block means "no comment", not a broken image
             exif = Image.Exif()
-    return metadata.texts, exif
+    return metadata.texts, exif, metadata.c2pa, metadata.oversized
 
 
-def _exif_of_other_image(data: bytes, label: str) -> tuple[str, dict[str, str], Image.Exif]:
-    """(format, text entries, EXIF) of a JPEG or WebP. Pillow's open reads headers only; nothing here calls load()."""
+def _exif_of_other_image(data: bytes, label: str) -> tuple[str, dict, Image.Exif, bytes | None]:
+    """(format, Pillow's info entries, EXIF, C2PA bytes) of a JPEG or WebP.
+
+    Pillow's open reads the headers only (a JPEG's segments up to its scan: EXIF, XMP, COM and the
+    APP11 segments that hold C2PA, each at most 64 kB); nothing here calls load().
+    """
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data), formats=_EXIF_FORMATS) as image:
-                chunks = {key: value for key, value in image.info.items() if isinstance(value, str)}
+                info = dict(image.info)
                 try:
                     exif = image.getexif()
                 except Exception:  # noqa: BLE001 - a broken EXIF block means "no comment", not a broken image
                     exif = Image.Exif()
-                return image.format, chunks, exif
+                # C2PA in JPEG: JUMBF boxes in APP11 segments ("JP" + box headers); one is enough to name the issuer.
+                c2pa = next(
+                    (body for marker, body in getattr(image, "applist", []) if marker == "APP11" and b"c2pa" in body),
+                    None,
+                )
+                return image.format, info, exif, c2pa
     except Image.UnidentifiedImageError:
         raise ImageDecodeError(
             f"{label} is not a PNG, JPEG or WebP image, the formats that carry generation settings; "
@@ -190,9 +283,12 @@ def _parameters_too_long(label: str) -> ImageDecodeError:
 
 
 def _user_comment(exif: Image.Exif) -> str | None:
-    """The EXIF UserComment text (A1111's place for settings in JPEG and WebP), or None."""
+    """The EXIF UserComment text (A1111's place for settings in JPEG and WebP; Fooocus writes it in
+    IFD0 rather than the Exif IFD), or None."""
     try:
         raw = exif.get_ifd(EXIF_IFD_TAG).get(USER_COMMENT_TAG)
+        if raw is None:
+            raw = exif.get(USER_COMMENT_TAG)
     except Exception:  # noqa: BLE001 - a broken EXIF block means "no comment", not a broken image
         return None
     text = decode_user_comment(raw) if raw is not None else ""
@@ -221,24 +317,78 @@ def decode_user_comment(raw: bytes | str) -> str:
     return bytes(raw).decode("utf-8", errors="replace")  # no prefix at all: some tools skip it
 
 
-def _nothing_found(label: str, where: str) -> dict:
-    kind = where.split("-")[0].upper()
-    if where.endswith("-comfyui"):
+def _nothing_found(
+    label: str, kind: str, texts: MetadataTexts, foreign: ForeignSettings | None, *, unsearched: bool = False
+) -> dict:
+    """``found: False`` with one true sentence: the tool the file names and what could not be read."""
+    tool, source, raw = None, kind, ""
+    if foreign is not None:
+        tool, source, raw = foreign.tool, foreign.source, foreign.raw
+        if foreign.tool in foreign.reason or foreign.tool == "an unknown tool":
+            message = f"{label} {foreign.reason}."
+        else:
+            message = f"{label}, written by {foreign.tool}, {foreign.reason}."
+    elif (origin := describe_origin(texts)) is not None:
+        tool, reason = origin
+        message = f"{label} {reason}."
+    elif kind == "png":
         message = (
-            f"{label} holds a ComfyUI workflow but no A1111-format parameters; save it with an A1111-format "
-            "saver node, or open the workflow in ComfyUI."
-        )
-    elif kind == "PNG":
-        message = (
-            f"{label} carries no generation settings (no parameters text chunk); it was not saved by the Studio, "
-            "A1111 or Forge, or a tool removed its metadata."
+            f"{label} carries no generation settings: it has none of the texts the Studio reads (A1111, ComfyUI, "
+            "InvokeAI, NovelAI, Fooocus, SwarmUI), so its tool wrote none or they were removed"
+            + (
+                ", and its alpha channel, where some tools hide them, was not searched: the pixels could not be "
+                "decoded within the Studio's limits."
+                if unsearched
+                else "."
+            )
         )
     else:
         message = (
-            f"{label} carries no generation settings (no EXIF UserComment with parameters); A1111 and Forge "
-            f"write them there, but most tools strip EXIF from {kind} files."
+            f"{label} carries no generation settings (no EXIF UserComment or other settings text); A1111, Forge "
+            f"and SwarmUI write them there, but most tools and sites strip metadata from {kind.upper()} files."
         )
-    return {"found": False, "message": message, "source": where, "raw": "", "notes": []}
+    if len(raw) > settings.MAX_PARAMETERS_CHARS:
+        raw = ""  # a graph or JSON too long to show; the sentence says what it was
+    return {"found": False, "message": message, "source": source, "tool": tool, "raw": raw, "notes": []}
+
+
+def read_stealth_text(data: bytes, label: str) -> str | None:
+    """The text A1111's stealth-pnginfo extension (alpha mode) or NovelAI hid in a PNG's alpha channel, or None.
+
+    The format (sd_webui_stealth_pnginfo): the lowest bit of each pixel's alpha, pixels taken column
+    by column (x outer, y inner), spells ``stealth_pnginfo`` (plain UTF-8 follows) or
+    ``stealth_pngcomp`` (gzip follows), then the payload's length in bits (32 bits, big-endian), then
+    the payload. The pixels come from the safe decoder (``load_image``: its pixel and memory caps, no
+    downscaling here, since that would scramble the bits); the payload is capped at
+    ``settings.PNG_MAX_TEXT_CHUNK_BYTES`` and inflates no further than that.
+    """
+    image = load_image(data, name=label.strip("'"), keep_alpha=True, max_side=settings.MAX_DECODE_PIXELS)
+    alpha = np.asarray(image.getchannel("A"))
+    image.close()
+    header_bits = 8 * len(_STEALTH_PLAIN) + 32
+    if alpha.size < header_bits:
+        return None
+    # The first columns hold the header: transpose only as many as it needs.
+    columns = -(-header_bits // alpha.shape[0])
+    header = np.packbits(alpha[:, :columns].T.reshape(-1)[:header_bits] & 1).tobytes()
+    signature, length_bits = header[: len(_STEALTH_PLAIN)], int.from_bytes(header[len(_STEALTH_PLAIN) :], "big")
+    if signature not in (_STEALTH_PLAIN, _STEALTH_GZIP):
+        return None
+    limit = settings.PNG_MAX_TEXT_CHUNK_BYTES
+    if length_bits % 8 or length_bits // 8 > limit or header_bits + length_bits > alpha.size:
+        return None  # a length the image cannot hold or over the text limit: no stealth text
+    columns = -(-(header_bits + length_bits) // alpha.shape[0])
+    bits = alpha[:, :columns].T.reshape(-1)[header_bits : header_bits + length_bits] & 1
+    payload = np.packbits(bits).tobytes()
+    if signature == _STEALTH_GZIP:
+        inflater = zlib.decompressobj(wbits=31)  # gzip framing
+        try:
+            payload = inflater.decompress(payload, limit + 1)
+        except zlib.error:
+            return None
+        if len(payload) > limit or not inflater.eof:
+            return None
+    return payload.decode("utf-8", errors="replace") or None
 
 
 # ----------------------------------------------------------------------------- the settings dict
@@ -247,40 +397,77 @@ def _nothing_found(label: str, where: str) -> dict:
 def settings_dict(parameters: str, studio: Mapping[str, Any] | None = None) -> dict:
     """Settings from a ``parameters`` text and, when given, the Studio's JSON (which wins).
 
-    Keys: ``found``, ``prompt`` (as the image's tool wrote it, ``<lora:name:w>`` tags kept),
-    ``negative_prompt``, ``seed``, ``steps``, ``guidance``, ``width``, ``height`` (None where
-    absent), ``model`` (the Studio's name for it, else the name as given), ``model_key``
-    (catalog key or None), ``model_given``, ``loras`` (``name``, ``weight``), ``sampler``,
-    ``max_sequence_length``, ``skip_layer_guidance_layers``, ``settings`` (every ``Key: value``
-    pair as text), ``studio`` (the JSON or None), ``raw`` (the text), ``notes``.
+    Keys: ``found``, ``tool`` (who wrote it, from the text's ``Version``/``App`` pairs), ``prompt``
+    (as the image's tool wrote it, ``<lora:name:w>`` tags kept), ``negative_prompt``, ``seed``,
+    ``steps``, ``guidance``, ``width``, ``height`` (None where absent), ``model`` (the Studio's name
+    for it, else the name as given), ``model_key`` (catalog key or None), ``model_given``, ``loras``
+    (``name``, ``weight``), ``sampler``, ``max_sequence_length``, ``skip_layer_guidance_layers``,
+    ``settings`` (every ``Key: value`` pair as text), ``studio`` (the JSON or None), ``raw`` (the
+    text), ``notes``. Keys are matched as A1111 writes them, else in any case (``CFG Scale``).
     """
     parameters = parameters.replace("\r\n", "\n")  # written on Windows, or pasted from there
     prompt, negative, pairs = parse_a1111_parameters(parameters) if parameters else ("", "", {})
-    notes: list[str] = []
-    width, height = _size(pairs.get("Size"))
+    folded = {key.casefold(): value for key, value in pairs.items()}
+
+    def pair(key: str) -> str | None:
+        return pairs[key] if key in pairs else folded.get(key.casefold())
+
+    width, height = _size(pair("Size"))
     info = {
         "found": True,
+        "tool": "the Studio" if studio is not None else _a1111_tool(pair),
         "prompt": prompt,
         "negative_prompt": negative,
-        "seed": _number(pairs.get("Seed"), int),
-        "steps": _number(pairs.get("Steps"), int),
-        "guidance": _number(pairs.get("CFG scale"), float),
+        "seed": _number(pair("Seed"), int),
+        "steps": _number(pair("Steps"), int),
+        "guidance": _number(pair("CFG scale"), float),
         "width": width,
         "height": height,
-        "sampler": " ".join(filter(None, [pairs.get("Sampler"), pairs.get("Schedule type")])) or None,
-        "max_sequence_length": _number(pairs.get("T5 tokens"), int),
-        "skip_layer_guidance_layers": _layers(pairs.get("SLG layers")),
+        "sampler": " ".join(filter(None, [pair("Sampler"), pair("Schedule type")])) or None,
+        "max_sequence_length": _number(pair("T5 tokens"), int),
+        "skip_layer_guidance_layers": _layers(pair("SLG layers")),
         "loras": lora_tags(prompt),
-        "lora_hashes": pairs.get("Lora hashes"),
-        "model_given": pairs.get("Model"),
-        "model_hash": pairs.get("Model hash"),
+        "lora_hashes": pair("Lora hashes"),
+        "model_given": pair("Model"),
+        "model_hash": pair("Model hash"),
         "settings": pairs,
         "studio": dict(studio) if studio is not None else None,
         "raw": parameters,
-        "notes": notes,
+        "notes": [],
     }
     if studio is not None:
         _apply_studio_json(info, studio)
+    stopped = bool(pair("Interrupted at step")) or bool((studio or {}).get("stopped"))
+    return _with_model_and_notes(info, studio, stopped)
+
+
+def foreign_settings_dict(found: ForeignSettings) -> dict:
+    """``settings_dict``'s keys from another tool's format (``pipelines.sd3.foreign_metadata``)."""
+    fields = found.fields
+    info = {
+        "found": True,
+        "tool": found.tool,
+        **{key: fields[key] for key in ("seed", "steps", "guidance", "width", "height", "sampler")},
+        "prompt": fields["prompt"] or "",
+        "negative_prompt": fields["negative_prompt"] or "",
+        "max_sequence_length": None,
+        "skip_layer_guidance_layers": [],
+        "loras": fields["loras"] or lora_tags(fields["prompt"] or ""),
+        "lora_hashes": None,
+        "model_given": fields["model_given"],
+        "model_hash": fields["model_hash"],
+        "settings": fields["settings"],
+        "studio": None,
+        "raw": found.raw if len(found.raw) <= settings.MAX_PARAMETERS_CHARS else "",
+        "notes": list(found.notes),
+        "source": found.source,
+    }
+    return _with_model_and_notes(info, None, False)
+
+
+def _with_model_and_notes(info: dict, studio: Mapping[str, Any] | None, stopped: bool) -> dict:
+    """``info`` with ``model_key`` and ``model`` (the Studio's name when it serves that checkpoint) and the notes."""
+    notes = info["notes"]
     key = studio_model_key(info["model_given"])
     if studio is not None and studio.get("model_key") in _SHORT_NAME_BY_KEY:
         key = studio["model_key"]
@@ -299,10 +486,31 @@ def settings_dict(parameters: str, studio: Mapping[str, Any] | None = None) -> d
             "Settings from another tool: prompt and settings carry over, but its sampler and noise differ, "
             "so the same seed draws a different image here."
         )
-    if pairs.get("Interrupted at step") or (studio or {}).get("stopped"):
+    if stopped:
         notes.append("This image was stopped early; drawing it again runs every step, so it comes out finished.")
     info["notes"] = [note for note in notes if note]
     return info
+
+
+def _a1111_tool(pair) -> str:
+    """Who wrote an A1111-format text, from the ``Version`` and ``App`` pairs the tools add."""
+    version, app = pair("Version") or "", pair("App") or ""
+    if app:
+        return app  # SD.Next writes "App: SD.Next"
+    if pair("Civitai resources") or pair("Civitai metadata"):
+        return "Civitai"
+    for needle, tool in (
+        ("ComfyUI", "ComfyUI (A1111-format saver)"),
+        ("RuinedFooocus", "RuinedFooocus"),
+        ("Fooocus", "Fooocus"),
+    ):
+        if needle in version:
+            return tool
+    if version[:1] == "f" and version[1:2].isdigit():
+        return "Forge"
+    if version[:1] == "v" and version[1:2].isdigit():
+        return "AUTOMATIC1111"
+    return "an A1111-format tool"
 
 
 def _apply_studio_json(info: dict, studio: Mapping[str, Any]) -> None:
@@ -421,6 +629,11 @@ def generate_form_values(info: Mapping[str, Any], current_model: str, *, tiny: b
     preset = spec.image_preset
 
     prompt = str(info.get("prompt") or "")
+    # Another tool lists its LoRAs apart from the prompt: they travel as the prompt's tags, like A1111's.
+    tagged = {lora["name"] for lora in lora_tags(prompt)}
+    missing = [lora for lora in info.get("loras") or [] if lora["name"] not in tagged]
+    if missing:
+        prompt = " ".join([prompt, *(f"<lora:{lora['name']}:{lora_weight_text(lora['weight'])}>" for lora in missing)])
     if len(prompt) > settings.MAX_PROMPT_CHARS:
         prompt = prompt[: settings.MAX_PROMPT_CHARS]
         notes.append(f"The prompt was cut to {settings.MAX_PROMPT_CHARS} characters, the Generate tab's limit.")

@@ -53,25 +53,31 @@ def a1111_parameters(prompt: str, negative_prompt: str, settings: dict) -> str:
 def parse_a1111_parameters(text: str) -> tuple[str, str, dict[str, str]]:
     """(prompt, negative prompt, settings) from a ``parameters`` text; values stay strings.
 
-    Time linear in the text's length (see ``settings_pairs``); the caller bounds the length.
+    Whitespace as A1111's ``parse_generation_parameters`` (modules/infotext_utils.py) reads it: the
+    text is stripped, then every prompt line on its own (``'quality, \\n1girl'`` reads as
+    ``'quality,\\n1girl'``), and the negative prompt after its ``Negative prompt:`` label. Time
+    linear in the text's length (see ``settings_pairs``); the caller bounds the length.
     """
-    lines = text.strip("\n").split("\n")
+    lines = text.strip().split("\n")
     # As A1111: the last line holds the settings when it has at least 3 "Key: value" pairs.
     pairs = settings_pairs(lines[-1]) if len(lines) > 1 else []
     if len(pairs) >= 3:
         lines.pop()
     else:
         pairs = []
-    negative_lines: list[str] = []
     prompt_lines: list[str] = []
+    negative_lines: list[str] = []
+    label = _NEGATIVE_PREFIX.rstrip()
+    done_with_prompt = False
     for line in lines:
+        line = line.strip()
         # A1111 also reads "Negative prompt:" with nothing after it (an empty negative prompt).
-        if line.startswith(_NEGATIVE_PREFIX.rstrip()) or negative_lines:
-            negative_lines.append(
-                line.removeprefix(_NEGATIVE_PREFIX.rstrip()).removeprefix(" ") if not negative_lines else line
-            )
-        else:
-            prompt_lines.append(line)
+        if line.startswith(label):
+            done_with_prompt = True
+            line = line[len(label) :].strip()
+        kept = negative_lines if done_with_prompt else prompt_lines
+        if line or kept:  # A1111 joins a line break only after some text, so leading empty lines vanish
+            kept.append(line)
     settings: dict[str, str] = {}
     for key, value in pairs:
         key, value = key.strip(), value.strip()
