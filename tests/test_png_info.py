@@ -365,3 +365,21 @@ def test_send_to_generate_resets_the_image_count_and_an_earlier_control_image_an
     values = pending_form_values(pending, after_preset=False)
     assert values[GENERATE_FIELDS.index("num_images")] == 1 and values[GENERATE_FIELDS.index("control_image")] is None
     assert any("ControlNet (canny, scale 0.7) is recorded, but its map is not in the PNG" in note for note in notes)
+
+
+def test_a_studio_pngs_comfyui_chunk_alone_gives_its_settings_back(tiny_manager, tmp_path):
+    from pipelines.png_chunks import read_png_metadata
+
+    request = GenerationRequest(
+        prompt="a red kite over dunes", negative_prompt="fog", seed=31, steps=3, width=64, height=64
+    )
+    (path,) = GenerationService(tiny_manager)(request, folder=tmp_path).paths
+    chunks = read_png_metadata(path.read_bytes()).texts
+    assert {"parameters", "studio", "prompt", "workflow"} <= set(chunks)  # A1111, the Studio's JSON, ComfyUI's two
+    comfy_only = png_bytes({"prompt": chunks["prompt"], "workflow": chunks["workflow"]})
+    info = read_generation_settings(comfy_only, name="dropped.png")
+    studio = json.loads(chunks["studio"])
+    assert info["found"] and info["tool"] == "ComfyUI"
+    assert (info["prompt"], info["negative_prompt"]) == (studio["prompt"], "fog")
+    assert (info["seed"], info["steps"], info["guidance"]) == (31, 3, studio["guidance"])
+    assert (info["width"], info["height"], info["model_key"]) == (64, 64, "sd35-large")

@@ -143,7 +143,7 @@ def test_an_unknown_json_text_is_named_by_its_keys():
 
 def test_the_comfyui_graph_reader_is_wired_in_one_place(monkeypatch):
     """Once _comfyui_settings calls settings_from_comfyui, a ComfyUI PNG gives the graph's settings."""
-    graph = EXPECTED["comfyui.png"]["graph"]
+    graph = EXPECTED["comfyui.png"]  # what the sample graph holds (the real reader gives it too)
     seen = []
 
     def reader(prompt_text, workflow_text):
@@ -167,7 +167,7 @@ def test_the_comfyui_graph_reader_is_wired_in_one_place(monkeypatch):
     monkeypatch.setattr(foreign_metadata, "_comfyui_settings", reader)
     info = read_generation_settings(SAMPLES / "comfyui.png")
     assert info["found"] and info["tool"] == "ComfyUI" and seen[0]["3"]["class_type"] == "KSampler"
-    assert {key: info[key] for key in FIELDS} == graph
+    assert {key: info[key] for key in FIELDS} == {key: graph[key] for key in FIELDS}
     assert info["model_key"] == "sd35-large" and info["loras"] == [{"name": "ink", "weight": 0.5}]
     assert "read from the KSampler" in info["notes"]
     # Civitai's graph fills what its site summary leaves out (seed and size).

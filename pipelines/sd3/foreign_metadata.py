@@ -53,6 +53,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipelines import settings
+from pipelines.sd3.comfyui_graph import settings_from_comfyui
 
 # Fields every reader here fills (None where the file does not say), as png_info's settings dict names them.
 FIELDS = ("prompt", "negative_prompt", "seed", "steps", "guidance", "width", "height", "sampler", "model_given")
@@ -202,8 +203,8 @@ def comfyui(prompt_text: str | None, workflow_text: str | None, source: str, *, 
             source,
             raw,
             reason=(
-                "holds a ComfyUI workflow but no A1111-format parameters, and the Studio cannot read settings "
-                "from a node graph yet; open it in ComfyUI, or save it with an A1111-format saver node"
+                "holds a ComfyUI workflow but no API graph with a sampler the Studio can follow (the editor's "
+                "workflow alone is not read); open it in ComfyUI and save it again, or use an A1111-format saver node"
             ),
         )
     return _finish("ComfyUI", source, raw, _from_comfyui_graph(graph))
@@ -215,10 +216,16 @@ def _comfyui_settings(prompt_text: str | None, workflow_text: str | None) -> dic
     The one place a graph is read: it becomes one call to ``settings_from_comfyui(prompt: dict)``
     (pipelines/sd3/comfyui_graph.py), whose dict has prompt, negative_prompt, seed, steps, cfg,
     width, height, sampler, scheduler, model, loras, denoise and notes. Both texts arrive bounded
-    (settings.MAX_SETTINGS_JSON_CHARS). Until that reader lands, a graph gives None: the file is
-    named as ComfyUI's, with a sentence saying its settings were not read.
+    (settings.MAX_SETTINGS_JSON_CHARS). A file with only the editor's ``workflow`` (no API graph) gives
+    None: the file is named as ComfyUI's, with a sentence saying its settings were not read.
     """
-    return None
+    if not prompt_text:
+        return None
+    try:
+        graph = settings_from_comfyui(json.loads(prompt_text))
+    except (ValueError, RecursionError):  # not JSON, not a graph, or past the reader's bounds
+        return None
+    return graph if graph.get("found") else None
 
 
 def _from_comfyui_graph(graph: Mapping[str, Any]) -> dict:

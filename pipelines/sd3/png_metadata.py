@@ -26,6 +26,7 @@ from PIL import Image, PngImagePlugin
 
 from pipelines import settings
 from pipelines.png_chunks import is_png, read_png_metadata
+from pipelines.sd3.comfyui_graph import comfyui_chunks
 
 PARAMETERS_KEY = "parameters"
 STUDIO_KEY = "studio"
@@ -142,10 +143,15 @@ def _quoted_end(line: str, start: int) -> int:
 
 
 def save_png(image: Image.Image, path: Path, parameters: str, studio_settings: dict) -> Path:
-    """Save ``image`` as PNG with both text chunks; returns ``path``."""
+    """Save ``image`` as PNG with its text chunks (A1111's ``parameters``, the Studio's JSON, ComfyUI's
+    ``prompt`` and ``workflow``); returns ``path``."""
     info = PngImagePlugin.PngInfo()
     info.add_text(PARAMETERS_KEY, parameters)
     info.add_text(STUDIO_KEY, json.dumps(studio_settings, ensure_ascii=False, sort_keys=True))
+    # ComfyUI's own chunks: dropped on its canvas, the PNG opens as the same SD3.5 job's graph.
+    with contextlib.suppress(ValueError):  # settings that are no drawn job (no steps, say) have no graph
+        for key, text in comfyui_chunks(studio_settings).items():
+            info.add_text(key, text)
     image.save(path, format="PNG", pnginfo=info, compress_level=settings.PNG_COMPRESS_LEVEL)
     return Path(path)
 
