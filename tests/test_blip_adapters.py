@@ -248,6 +248,28 @@ def test_an_uploaded_adapter_is_its_visitors_alone(tiny_root, adapter_dir, image
     assert captioner.adapter_names() == ["decoder-only"]
 
 
+def test_an_uploaded_adapter_unpacks_with_its_visitors_files_under_the_work_root(tiny_root, adapter_dir, tmp_path):
+    """Not in the system temp folder, unowned: in the visitor's session folder, so it goes when their files go
+    (page closed, swept by age) and with the work root of a killed process at the next start."""
+    import tempfile
+
+    from pipelines import workspace
+
+    before = {path.name for path in Path(tempfile.gettempdir()).glob("studio-blip-adapters-*")}
+    captioner = fresh_captioner(tiny_root)
+    adapters = BlipAdapterSet(adapter_dir)  # no work_dir: the app's way
+    kept = adapters.load(captioner, uploads=two_files(adapter_dir), name="kept", visitor="alice-uploads")
+    removed = adapters.load(captioner, uploads=two_files(adapter_dir), name="removed", visitor="alice-uploads")
+    session = workspace.session_folder("alice-uploads")
+    assert kept.folder.is_relative_to(session) and removed.folder.is_relative_to(session)
+    assert session.is_relative_to(workspace.work_root())
+    assert {path.name for path in Path(tempfile.gettempdir()).glob("studio-blip-adapters-*")} == before
+    adapters.remove(captioner, "removed", visitor="alice-uploads", shared=False)
+    assert not removed.folder.exists() and kept.folder.is_dir()
+    workspace.forget_session("alice-uploads")  # the page closed
+    assert not kept.folder.exists()
+
+
 def test_adapter_uploads_are_capped_per_visitor_and_the_least_recently_used_makes_room(
     tiny_root, adapter_dir, images, tmp_path, monkeypatch
 ):

@@ -269,7 +269,9 @@ def test_a_finished_blip_run_loads_as_its_owners_own_adapter(tiny_manager, tiny_
     adapters = studio.blip_adapters
     assert loaded.as_dict()["name"] == "alices-words" and adapters.names("alice") == ["alices-words"]
     listed = adapters.describe("alice")["loaded"]
-    assert [(entry["kind"], entry["shared"], entry["source"]) for entry in listed] == [("run", False, "run:alices-words")]
+    assert [(entry["kind"], entry["shared"], entry["source"]) for entry in listed] == [
+        ("run", False, "run:alices-words")
+    ]
     assert studio.load_training_result(run).name == "alices-words" and len(adapters.names("alice")) == 1
     # Bob: not listed, not usable, not removable, not loadable by a folder name.
     assert adapters.names("bob") == [] and adapters.describe("bob")["loaded"] == []
