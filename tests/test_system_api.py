@@ -73,3 +73,59 @@ def test_unload_refuses_an_unknown_model(tiny_client):
 
     with pytest.raises(AppError, match="choose one of"):
         tiny_client.predict("sd35-huge", api_name="/unload")
+
+
+def _strings(value):
+    """Every string in a JSON answer, dict keys included."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from _strings(key)
+            yield from _strings(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _strings(item)
+
+
+def test_no_server_path_in_system_caption_or_adapter_list(tiny_client, tiny_root, tmp_path):
+    """Visitors read placeholders (``<models>/blip-caption``, ``blip-adapters/``); the log keeps the real folders."""
+    import os
+    import tempfile
+    import zipfile
+
+    from gradio_client.exceptions import AppError
+
+    from pipelines.blip.tiny_adapter import ensure_tiny_demo_adapter
+    from pipelines.workspace import ABSOLUTE_PATH
+
+    folder = ensure_tiny_demo_adapter(tmp_path / "made", tiny_root / "blip-caption")
+    archive = tmp_path / "paths-adapter.zip"
+    with zipfile.ZipFile(archive, "w") as zipped:
+        for file in sorted(folder.iterdir()):
+            zipped.write(file, f"paths-adapter/{file.name}")
+    photo = handle_file(str(EXAMPLES / "chelsea.png"))
+    name, _, loaded_listing = tiny_client.predict("", [handle_file(str(archive))], api_name="/blip_adapter_load")
+    answers = {
+        "/blip_adapter_load": loaded_listing,
+        "/blip_adapter_list": tiny_client.predict(api_name="/blip_adapter_list"),
+        "/caption": tiny_client.predict(photo, strategy="greedy", adapter=name, api_name="/caption"),
+    }
+    tiny_client.predict("a fox", model="large", steps=2, width=64, height=64, preview_every=0, api_name="/generate")
+    answers["/system"] = tiny_client.predict(api_name="/system")
+    with pytest.raises(AppError) as refused:
+        tiny_client.predict("no-such-folder", api_name="/blip_adapter_load")
+    answers["/blip_adapter_load refused"] = str(refused.value)
+    try:
+        *_, details = answers["/caption"]
+        assert details["model"] == "<models>/blip-caption" and details["adapter"] == name
+        assert answers["/blip_adapter_list"]["adapter_dir"] == "blip-adapters/"
+        assert "<models>/blip-caption" in [item["source"] for item in answers["/system"][-1]["loaded_models"]]
+        roots = {tempfile.gettempdir(), str(Path(__file__).resolve().parent.parent), str(tiny_root)}
+        roots |= {os.path.realpath(root) for root in roots} | ({str(Path.home())} - {"/"})
+        for endpoint, answer in answers.items():
+            for text in _strings(answer):
+                assert not [root for root in roots if root in text], (endpoint, text)
+                assert not ABSOLUTE_PATH.search(text), (endpoint, text)
+    finally:
+        tiny_client.predict(name, api_name="/blip_adapter_unload")
