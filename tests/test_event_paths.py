@@ -17,87 +17,18 @@ they exist.
 
 from __future__ import annotations
 
-import json
 import secrets
 import tempfile
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
 
+from tests.event_calls import as_file, call_event, file_payloads, get_bytes, page_defaults, read_config
+
 pytestmark = pytest.mark.api
 
 APP_PY = Path(__file__).resolve().parent.parent / "app.py"
-REQUEST_TIMEOUT_S = 60
 MAX_CALLS = 1200  # a bound on the walk, far above what today's ~50 events need
-
-
-def post_json(url: str, payload: dict) -> tuple[int, dict | None]:
-    request = urllib.request.Request(
-        url, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"}, method="POST"
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=REQUEST_TIMEOUT_S) as response:
-            return response.status, json.loads(response.read() or b"null")
-    except urllib.error.HTTPError as error:
-        body = error.read()
-        try:
-            return error.code, json.loads(body or b"null")
-        except ValueError:
-            return error.code, None
-
-
-def queue_call(base_url: str, payload: dict) -> tuple[int, list]:
-    """Join the queue as the browser does and read the session's stream until this event completes.
-
-    Returns the status of the join and every message's ``output`` (generators stream several).
-    """
-    status, joined = post_json(base_url + "gradio_api/queue/join", payload)
-    if status != 200 or not isinstance(joined, dict):
-        return status, [joined]
-    event_id = joined["event_id"]
-    stream_url = f"{base_url}gradio_api/queue/data?session_hash={payload['session_hash']}"
-    outputs = []
-    with urllib.request.urlopen(stream_url, timeout=REQUEST_TIMEOUT_S) as stream:
-        for raw in stream:
-            line = raw.decode(errors="replace").strip()
-            if not line.startswith("data:"):
-                continue
-            message = json.loads(line[len("data:") :])
-            if message.get("event_id") != event_id:
-                continue
-            if "output" in message:
-                outputs.append(message["output"])
-            if message.get("msg") == "process_completed":
-                return (200 if message.get("success") else 500), outputs
-    return status, outputs
-
-
-def get_bytes(url: str) -> bytes | None:
-    try:
-        with urllib.request.urlopen(url, timeout=REQUEST_TIMEOUT_S) as response:
-            return response.read()
-    except (urllib.error.URLError, OSError):
-        return None
-
-
-def file_payloads(value) -> list[dict]:
-    """Every file object (a dict with a ``path`` or ``url``) anywhere inside a response."""
-    found = []
-    if isinstance(value, dict):
-        if isinstance(value.get("path"), str) or (isinstance(value.get("url"), str) and "file=" in value["url"]):
-            found.append(value)
-        for item in value.values():
-            found += file_payloads(item)
-    elif isinstance(value, list | tuple):
-        for item in value:
-            found += file_payloads(item)
-    return found
-
-
-def as_file(path: Path) -> dict:
-    return {"path": str(path), "orig_name": path.name, "meta": {"_type": "gradio.FileData"}}
 
 
 @pytest.fixture
@@ -111,11 +42,10 @@ def secret_file():
 
 @pytest.mark.slow  # over 3 s: the full suite runs it, the fast lane does not
 def test_no_event_hands_back_a_file_the_client_named(tiny_app_url, secret_file):
-    config = json.loads(get_bytes(tiny_app_url + "config"))
+    config = read_config(tiny_app_url)
     dependencies = config["dependencies"]
     assert len(dependencies) >= 30  # the whole app, private events included
     assert any(dependency.get("api_visibility") == "private" for dependency in dependencies)
-    predict_url = tiny_app_url + "gradio_api/run/predict"
     session = "guard-" + secrets.token_hex(6)
     forbidden_paths = {str(secret_file), str(secret_file.resolve()), str(APP_PY), str(APP_PY.resolve())}
     forbidden_bytes = {secret_file.read_bytes(), APP_PY.read_bytes()}
@@ -125,27 +55,16 @@ def test_no_event_hands_back_a_file_the_client_named(tiny_app_url, secret_file):
         {"value": {"image": as_file(secret_file), "caption": None}, "index": 0},
         {"value": str(APP_PY), "index": 0},
     ]
-    defaults = {component["id"]: component.get("props", {}).get("value") for component in config["components"]}
+    defaults = page_defaults(config)
     calls, leaks, answered, files_seen = 0, [], 0, 0
 
     def call(dependency: dict, data: list, event_data) -> None:
         nonlocal calls, answered, files_seen
         calls += 1
         assert calls <= MAX_CALLS, "the walk is bounded; raise MAX_CALLS only with a reason"
-        targets = dependency.get("targets") or [[None, None]]
-        payload = {
-            "data": data,
-            "event_data": event_data,
-            "fn_index": dependency["id"],
-            "trigger_id": targets[0][0],
-            "session_hash": session,
-        }
         # Queued events go through the queue, as the browser sends them (every yield of a generator
-        # is seen); the others through /run/predict.
-        if dependency.get("queue"):
-            status, body = queue_call(tiny_app_url, payload)
-        else:
-            status, body = post_json(predict_url, payload)
+        # is seen); the others through /run/predict. One session throughout, so state persists.
+        status, body = call_event(tiny_app_url, dependency, data, event_data, session_hash=session)
         if status == 200:
             answered += 1
         payloads = file_payloads(body)
