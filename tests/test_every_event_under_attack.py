@@ -2,13 +2,14 @@
 
 It reads the running app's ``/config`` and walks EVERY dependency (fn_index), private and js-only ones
 included, so an event added tomorrow is attacked without anyone listing it. Each event gets payloads
-chosen by the type of each input: long single lines (A1111-shaped ``a: b, `` pairs, a megabyte of
-control and bidirectional characters), numbers (1e308, -1, "NaN", a 5000-digit integer), JSON nested
-10,000 deep and dicts declaring huge counts, and files uploaded through Gradio's upload route as a
-client would: a PNG declaring 100000x100000 pixels, a 1 kB PNG whose zTXt chunk inflates to a megabyte
-of ``a: b, `` text, a zip declaring 4 GB unpacked, an image editor value with a thousand layers, and a
-FileData naming ``/etc/passwd`` directly. Sizes are declared, never real: the whole walk sends a few
-tens of megabytes.
+chosen by the type of each input: long single lines (384 kB of A1111-shaped ``a: b, `` pairs, a
+parameters text whose settings line is a megabyte of words without a colon, a megabyte of control and
+bidirectional characters), numbers (1e308, -1, "NaN", a 5000-digit integer), JSON nested 10,000 deep
+and dicts declaring huge counts, and files uploaded through Gradio's upload route as a client would: a
+PNG declaring 100000x100000 pixels, a 1 kB PNG whose zTXt ``parameters`` chunk inflates to that
+megabyte of words, a zip declaring 4 GB unpacked, an image editor value with a thousand layers, one
+file more than a Batch run takes, and a FileData naming ``/etc/passwd`` directly. Sizes are declared,
+never real: the whole walk sends a few tens of megabytes.
 
 Time is the point here (a hung or quadratic event is a denial of service), so the test measures it,
 with a generous limit: each call must complete within ANSWER_LIMIT_S, and while it is in flight a
@@ -61,8 +62,8 @@ BYSTANDER_EVENT = "forget_visitor"  # queued, no inputs, its own concurrency gro
 # Event name -> why it fails today. Strict: once the fix is merged the test passes, xpasses, and fails
 # until the entry is removed.
 KNOWN_FAILURES: dict[str, str] = {
-    "png_info": "the A1111 parameters regex is quadratic: a zTXt chunk inflating to 1 MB of 'a: b, ' "
-    "holds the server (and its bystanders) far past the limit",
+    "png_info": "the A1111 'key: value' regex backtracks quadratically: a zTXt parameters chunk whose "
+    "settings line is 1 MB of words holds the server (and its bystanders) far past the limit",
 }
 
 # Input component types, grouped by the payloads that fit them.
@@ -76,6 +77,9 @@ FILE = {"file", "uploadbutton"}
 EDITOR = {"imageeditor"}
 
 A_B_LINE = "a: b, " * 65_536  # 384 kB on one line, shaped like A1111's "Steps: 20, Sampler: ..." line
+# A parameters text (prompt, then the settings line) whose settings line is 1 MB of words without a colon:
+# a backtracking "key: value" pattern retries every start position over the whole line.
+WORDS_TEXT = "a prompt\n" + "a " * 500_000
 CONTROL_LINE = ("a\u202eb\u2066c\x00d\x1b[2J\re\u200f" * 100_000)[:1_000_000]  # 1 MB, no newline
 DEEP = 10_000  # nesting depth of the deep JSON: past Python's recursion limit
 # Placeholders spliced into the request's JSON text: values Python's json cannot write.
@@ -138,9 +142,8 @@ def png(width: int, height: int, *chunks: bytes) -> bytes:
 
 
 def ztxt_png() -> bytes:
-    """A 1x1 PNG whose zTXt ``parameters`` chunk inflates to 1 MB of ``a: b, `` (Pillow's text cap is 1 MiB)."""
-    text = ("a: b, " * 200_000)[:1_000_000].encode()
-    return png(1, 1, png_chunk(b"zTXt", b"parameters\x00\x00" + zlib.compress(text, 9)))
+    """A 1x1 PNG whose zTXt ``parameters`` chunk inflates to WORDS_TEXT, 1 MB (Pillow's text cap is 1 MiB)."""
+    return png(1, 1, png_chunk(b"zTXt", b"parameters\x00\x00" + zlib.compress(WORDS_TEXT.encode(), 9)))
 
 
 def zip_declaring_4_gb() -> bytes:
@@ -191,6 +194,11 @@ def rounds(files: dict[str, dict]) -> list[Round]:
             alone={"textbox"},
         ),
         Round(
+            "a parameters text whose settings line is 1 MB of words",
+            {**dict.fromkeys(TEXT, WORDS_TEXT), **dict.fromkeys(CHOICES, [WORDS_TEXT])},
+            {"index": 0, "value": WORDS_TEXT},
+        ),
+        Round(
             "a 1 MB line of control and bidi characters",
             {**dict.fromkeys(TEXT, CONTROL_LINE), **dict.fromkeys(CHOICES, [CONTROL_LINE])},
             {"index": 0, "value": CONTROL_LINE},
@@ -223,7 +231,7 @@ def rounds(files: dict[str, dict]) -> list[Round]:
             {"index": [10**18, 10**18], "value": HUGE_COUNTS, "selected": True},
         ),
         Round("a PNG declaring 100000x100000", for_files(huge_png)),
-        Round("a 1 kB PNG whose zTXt inflates to 1 MB of 'a: b, '", for_files(bomb_png), alone=IMAGE | FILE),
+        Round("a 1 kB PNG whose zTXt parameters inflate to 1 MB of words", for_files(bomb_png), alone=IMAGE | FILE),
         Round("a zip declaring 4 GB unpacked", for_files(big_zip)),
         Round(
             "/etc/passwd named directly",
