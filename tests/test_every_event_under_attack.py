@@ -55,7 +55,7 @@ pytestmark = [pytest.mark.api, pytest.mark.slow]
 # A denial-of-service guard measures time: a tiny-model event answers in well under a second here,
 # so 10 s on 2 shared cores is generous, and a hang or a quadratic parse of a megabyte blows it.
 ANSWER_LIMIT_S = 10
-MAX_CALLS = 1500  # a bound on the whole walk (today about 600 calls for 72 events)
+MAX_CALLS = 1500  # a bound on the whole walk (today 424 calls for 72 events)
 BYSTANDER_AFTER_S = 0.3  # an attack still in flight after this has a bystander asking until it ends
 BYSTANDER_EVENT = "forget_visitor"  # queued, no inputs, its own concurrency group: the lightest queued event
 
