@@ -2,13 +2,14 @@
 
 It reads the running app's ``/config`` and walks EVERY dependency (fn_index), private and js-only ones
 included, so an event added tomorrow is attacked without anyone listing it. Each event gets payloads
-chosen by the type of each input: long single lines (A1111-shaped ``a: b, `` pairs, a megabyte of
-control and bidirectional characters), numbers (1e308, -1, "NaN", a 5000-digit integer), JSON nested
-10,000 deep and dicts declaring huge counts, and files uploaded through Gradio's upload route as a
-client would: a PNG declaring 100000x100000 pixels, a 1 kB PNG whose zTXt chunk inflates to a megabyte
-of ``a: b, `` text, a zip declaring 4 GB unpacked, an image editor value with a thousand layers, and a
-FileData naming ``/etc/passwd`` directly. Sizes are declared, never real: the whole walk sends a few
-tens of megabytes.
+chosen by the type of each input: long single lines (384 kB of A1111-shaped ``a: b, `` pairs, a
+parameters text whose settings line is a megabyte of words without a colon, a megabyte of control and
+bidirectional characters), numbers (1e308, -1, "NaN", a 5000-digit integer), JSON nested 10,000 deep
+and dicts declaring huge counts, and files uploaded through Gradio's upload route as a client would: a
+PNG declaring 100000x100000 pixels, a 1 kB PNG whose zTXt ``parameters`` chunk inflates to that
+megabyte of words, a zip declaring 4 GB unpacked, an image editor value with a thousand layers, one
+file more than a Batch run takes, and a FileData naming ``/etc/passwd`` directly. Sizes are declared,
+never real: the whole walk sends a few tens of megabytes.
 
 Time is the point here (a hung or quadratic event is a denial of service), so the test measures it,
 with a generous limit: each call must complete within ANSWER_LIMIT_S, and while it is in flight a
@@ -16,8 +17,8 @@ bystander (``GET /config`` and a light queued event) must be answered within the
 answer may be a refusal; what fails is a hang, a stalled bystander, a server that died, or an answer
 holding a file whose path the client sent.
 
-Every event is walked by ``test_every_other_event_answers_in_time``; the first version of this guard
-found ``/png_info`` holding the server for hours on a zTXt chunk (now fixed and guarded here too).
+Every event is walked by ``test_every_event_answers_in_time``; its first version found ``/png_info``
+holding the server far past the limit on a zTXt chunk (fixed since, and guarded here).
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ pytestmark = [pytest.mark.api, pytest.mark.slow]
 # A denial-of-service guard measures time: a tiny-model event answers in well under a second here,
 # so 10 s on 2 shared cores is generous, and a hang or a quadratic parse of a megabyte blows it.
 ANSWER_LIMIT_S = 10
-MAX_CALLS = 1500  # a bound on the whole walk (today about 600 calls for 72 events)
+MAX_CALLS = 1500  # a bound on the whole walk (today 424 calls for 72 events)
 BYSTANDER_AFTER_S = 0.3  # an attack still in flight after this has a bystander asking until it ends
 BYSTANDER_EVENT = "forget_visitor"  # queued, no inputs, its own concurrency group: the lightest queued event
 
@@ -70,6 +71,9 @@ FILE = {"file", "uploadbutton"}
 EDITOR = {"imageeditor"}
 
 A_B_LINE = "a: b, " * 65_536  # 384 kB on one line, shaped like A1111's "Steps: 20, Sampler: ..." line
+# A parameters text (prompt, then the settings line) whose settings line is 1 MB of words without a colon:
+# a backtracking "key: value" pattern retries every start position over the whole line.
+WORDS_TEXT = "a prompt\n" + "a " * 500_000
 CONTROL_LINE = ("a\u202eb\u2066c\x00d\x1b[2J\re\u200f" * 100_000)[:1_000_000]  # 1 MB, no newline
 DEEP = 10_000  # nesting depth of the deep JSON: past Python's recursion limit
 # Placeholders spliced into the request's JSON text: values Python's json cannot write.
@@ -99,7 +103,9 @@ HUGE_TABLE = {
     "metadata": None,
 }
 EDITOR_LAYERS = 1000  # the editor reads at most settings.MAX_MASK_LAYERS brush layers
-MANY_FILES = max(settings.MAX_BATCH_FILES, settings.MAX_TRAINING_IMAGES) + 1  # one more than any run takes
+# One more than a Batch run takes. Not more: Gradio checks and caches every FileData of a request in its
+# event loop before the app sees it, which stalls every other request about 2 ms per file here.
+MANY_FILES = settings.MAX_BATCH_FILES + 1
 
 
 def encode_with_raw_values(payload: dict) -> str:
@@ -130,9 +136,8 @@ def png(width: int, height: int, *chunks: bytes) -> bytes:
 
 
 def ztxt_png() -> bytes:
-    """A 1x1 PNG whose zTXt ``parameters`` chunk inflates to 1 MB of ``a: b, `` (Pillow's text cap is 1 MiB)."""
-    text = ("a: b, " * 200_000)[:1_000_000].encode()
-    return png(1, 1, png_chunk(b"zTXt", b"parameters\x00\x00" + zlib.compress(text, 9)))
+    """A 1x1 PNG whose zTXt ``parameters`` chunk inflates to WORDS_TEXT, 1 MB (Pillow's text cap is 1 MiB)."""
+    return png(1, 1, png_chunk(b"zTXt", b"parameters\x00\x00" + zlib.compress(WORDS_TEXT.encode(), 9)))
 
 
 def zip_declaring_4_gb() -> bytes:
@@ -183,6 +188,11 @@ def rounds(files: dict[str, dict]) -> list[Round]:
             alone={"textbox"},
         ),
         Round(
+            "a parameters text whose settings line is 1 MB of words",
+            {**dict.fromkeys(TEXT, WORDS_TEXT), **dict.fromkeys(CHOICES, [WORDS_TEXT])},
+            {"index": 0, "value": WORDS_TEXT},
+        ),
+        Round(
             "a 1 MB line of control and bidi characters",
             {**dict.fromkeys(TEXT, CONTROL_LINE), **dict.fromkeys(CHOICES, [CONTROL_LINE])},
             {"index": 0, "value": CONTROL_LINE},
@@ -215,7 +225,7 @@ def rounds(files: dict[str, dict]) -> list[Round]:
             {"index": [10**18, 10**18], "value": HUGE_COUNTS, "selected": True},
         ),
         Round("a PNG declaring 100000x100000", for_files(huge_png)),
-        Round("a 1 kB PNG whose zTXt inflates to 1 MB of 'a: b, '", for_files(bomb_png), alone=IMAGE | FILE),
+        Round("a 1 kB PNG whose zTXt parameters inflate to 1 MB of words", for_files(bomb_png), alone=IMAGE | FILE),
         Round("a zip declaring 4 GB unpacked", for_files(big_zip)),
         Round(
             "/etc/passwd named directly",
