@@ -315,7 +315,7 @@ def build_batch_tab(studio: Studio) -> dict:
         "Caption a dataset for LoRA training. Drop images or a .zip; get a zip with one `<stem>.txt` per image "
         "(kohya-ss, taggui), `metadata.jsonl` (Hugging Face `imagefolder`), `captions.csv` and "
         "`captioning.json` (model, adapter, settings). "
-        "For folders on disk use `python -m pipelines.blip.caption_folder DIR` (see the README)."
+        "For folders on disk use `python -m pipelines.blip.caption_folder DIR` (see docs/caption-folder.md)."
     )
     with gr.Row():
         with gr.Column(scale=1):
