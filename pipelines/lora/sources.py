@@ -187,16 +187,12 @@ def _resolve_hub(
     operator's HF_TOKEN is never sent), None (the registry's own repos: HF_TOKEN if set).
     """
     from huggingface_hub import HfApi, constants, hf_hub_download
-    from huggingface_hub.utils import validate_repo_id
 
     repo = (repo or "").strip()
     weight_name = (weight_name or "").strip()
     try:
-        validate_repo_id(repo)
+        _check_repo_file(repo, weight_name)
         if weight_name:
-            _check_suffix(weight_name, repr(weight_name))
-            if PurePosixPath(weight_name).is_absolute() or ".." in PurePosixPath(weight_name).parts:
-                raise ValueError(f"{weight_name!r} must be a file name inside the repo {repo}.")
             # 1. Already downloaded: no network needed.
             try:
                 path = hf_hub_download(repo, weight_name, cache_dir=cache_dir, local_files_only=True, token=token)
@@ -234,6 +230,18 @@ def _resolve_hub(
         if sentence is None:
             raise ValueError(f"{repo}: the LoRA could not be fetched ({type(error).__name__}: {error}).") from error
         raise ValueError(sentence) from error
+
+
+def _check_repo_file(repo: str, weight_name: str) -> None:
+    """ValueError unless ``repo`` is a valid repo id and ``weight_name`` (if given) a .safetensors file
+    name inside it: no absolute path, no ``..``. Checked before the Hub is asked anything."""
+    from huggingface_hub.utils import validate_repo_id
+
+    validate_repo_id(repo)
+    if weight_name:
+        _check_suffix(weight_name, repr(weight_name))
+        if PurePosixPath(weight_name).is_absolute() or ".." in PurePosixPath(weight_name).parts:
+            raise ValueError(f"{weight_name!r} must be a file name inside the repo {repo}.")
 
 
 def check_hub_file_size(label: str, size: int | None, limit: int, what: str) -> None:
@@ -312,13 +320,7 @@ def _resolve_visitor_hub(
     repo = (repo or "").strip()
     weight_name = (weight_name or "").strip()
     try:
-        from huggingface_hub.utils import validate_repo_id
-
-        validate_repo_id(repo)
-        if weight_name:
-            _check_suffix(weight_name, repr(weight_name))
-            if PurePosixPath(weight_name).is_absolute() or ".." in PurePosixPath(weight_name).parts:
-                raise ValueError(f"{weight_name!r} must be a file name inside the repo {repo}.")
+        _check_repo_file(repo, weight_name)
         # 1-2. Public, there, and small enough.
         commit, weight_name, size = _public_file(repo, weight_name)
         _check_suffix(weight_name, repr(weight_name))
