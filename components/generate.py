@@ -276,13 +276,10 @@ def guidance_note(model, guidance_text) -> str:
     """The sentence beside the negative prompt for ``model`` at ``guidance_text`` (empty: the preset):
     it does not apply without classifier-free guidance; "" when it does."""
     preset = CATALOG[model_key(model or "large")].image_preset
-    if str(guidance_text or "").strip() == "":
-        uses_cfg = preset.guidance > 1.0
-    else:
-        uses_cfg = _number_or(guidance_text, preset.guidance) > 1.0
-    if uses_cfg:
+    text = "" if guidance_text is None else str(guidance_text).strip()
+    if (preset.guidance if text == "" else _number_or(text, preset.guidance)) > 1.0:
         return ""
-    if str(guidance_text or "").strip() == "":
+    if text == "":
         return "Large Turbo runs 4 steps without classifier-free guidance: the negative prompt does not apply."
     return "Without classifier-free guidance (guidance ≤ 1) the negative prompt does not apply."
 
