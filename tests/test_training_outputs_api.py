@@ -12,7 +12,6 @@ from __future__ import annotations
 import shutil
 import time
 import uuid
-import zipfile
 from pathlib import Path
 
 import pytest
@@ -22,25 +21,16 @@ from gradio_client.exceptions import AppError
 from pipelines.blip.tiny_adapter import TINY_ADAPTER_DIR
 from pipelines.lora.sources import list_lora_files, sanitize_lora_name
 from pipelines.tiny import tiny_lora_dir
+from tests import test_train_api
 from tests.app_server import tiny_app
-from tests.test_train_blip_lora import make_dataset
+
+# tests/test_train_api.py's fixture: the Batch tab's export layout, zipped.
+dataset_zip = test_train_api.dataset_zip
 
 pytestmark = [pytest.mark.api, pytest.mark.slow]  # trains in background processes; one app of its own
 
 DRAW = {"model": "large", "seed": 3, "steps": 2, "width": 64, "height": 64, "preview_every": 0}
 PHOTO = "assets/examples/chelsea.png"
-
-
-@pytest.fixture(scope="module")
-def dataset_zip(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("outputs-upload")
-    folder = make_dataset(root / "dataset")
-    archive = root / "dataset.zip"
-    with zipfile.ZipFile(archive, "w") as zipped:
-        for path in sorted(folder.iterdir()):
-            zipped.write(path, f"dataset/{path.name}")
-    shutil.rmtree(folder)
-    return archive
 
 
 @pytest.fixture(scope="module")
