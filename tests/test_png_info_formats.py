@@ -199,3 +199,12 @@ def test_every_sample_reads_the_same_through_the_api(tiny_client):
             assert {key: info[key] for key in FIELDS} == {key: expected[key] for key in FIELDS}, name
         else:
             assert info["message"].startswith(f"'{name}' ") and summary, name
+
+
+def test_a_comfyui_graph_past_the_readers_bounds_gets_a_true_sentence():
+    from pipelines.sd3.comfyui_graph import MAX_GRAPH_NODES
+
+    nodes = {str(index): {"class_type": "KSampler", "inputs": {}} for index in range(MAX_GRAPH_NODES + 1)}
+    info = read_generation_settings(png_bytes({"prompt": json.dumps(nodes)}), name="huge-graph.png")
+    assert not info["found"] and info["tool"] == "ComfyUI"
+    assert "could not read" in info["message"] and "past the reader's bounds" in info["message"]

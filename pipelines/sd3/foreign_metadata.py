@@ -203,8 +203,9 @@ def comfyui(prompt_text: str | None, workflow_text: str | None, source: str, *, 
             source,
             raw,
             reason=(
-                "holds a ComfyUI workflow but no API graph with a sampler the Studio can follow (the editor's "
-                "workflow alone is not read); open it in ComfyUI and save it again, or use an A1111-format saver node"
+                "holds a ComfyUI workflow whose settings the Studio could not read (no API graph with a sampler "
+                "to follow, only the editor's workflow, or a graph past the reader's bounds); open it in ComfyUI "
+                "and save it again, or use an A1111-format saver node"
             ),
         )
     return _finish("ComfyUI", source, raw, _from_comfyui_graph(graph))
